@@ -1,0 +1,1 @@
+"""Models: two-tower retrieval, multi-task ranker, training, evaluation, ANN index."""

@@ -1,0 +1,1 @@
+"""Data pipelines: generator and importers, ETL, batch and stream features, Prefect flows."""

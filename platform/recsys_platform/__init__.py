@@ -1,0 +1,1 @@
+"""Platform ground floor (settings, contracts, features, errors) plus serving and the CLI."""

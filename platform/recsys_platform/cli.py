@@ -1,0 +1,172 @@
+"""The ``recsys`` command line: one entry point for every stage of the platform.
+
+Settings are loaded here, once, from ``--profile``/``--config`` and the environment; logging is
+configured here too. Commands only parse arguments and call plain functions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import date
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import yaml
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from recsys_platform.errors import RecsysError
+from recsys_platform.online import resolve_online_store
+from recsys_platform.settings import Settings, load_settings
+
+app = typer.Typer(help="Recommendation platform: data, features, training, serving.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+data_app = typer.Typer(help="Generate synthetic events and import real datasets.",
+                       no_args_is_help=True)
+config_app = typer.Typer(help="Inspect the resolved configuration.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(config_app, name="config")
+
+console = Console()
+logger = logging.getLogger(__name__)
+
+DEFAULT_MOVIELENS = Path("../shared/datasets/ml-latest-small")
+
+
+class _State:
+    settings: Settings | None = None
+
+
+def settings() -> Settings:
+    """The settings loaded by the top-level callback."""
+    if _State.settings is None:
+        _State.settings = load_settings()
+    return _State.settings
+
+
+@app.callback()
+def _main(
+    profile: Annotated[str | None, typer.Option(help="local | services | k8s "
+                                                     "(default: $RECSYS_PROFILE or local)")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML file overriding the profile.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    _State.settings = load_settings(profile, config)
+
+
+@config_app.command("show")
+def config_show(
+    check_online: Annotated[bool, typer.Option(help="Probe Redis for the online store.")] = True,
+) -> None:
+    """Prints the resolved settings as YAML and which online store is in use."""
+    s = settings()
+    console.print(yaml.safe_dump(json.loads(s.model_dump_json()), sort_keys=False), end="")
+    if check_online:
+        choice = resolve_online_store(s)
+        console.print(f"# online store: {choice.kind} ({choice.reason})")
+
+
+@data_app.command("generate")
+def data_generate(
+    events: Annotated[int, typer.Option(help="Approximate number of events.")] = 200_000,
+    days: Annotated[int, typer.Option(help="Days of traffic.")] = 14,
+    start: Annotated[str, typer.Option(help="First day, YYYY-MM-DD.")] = "2026-11-01",
+    users: Annotated[int, typer.Option(help="Users at the start.")] = 2_000,
+    items: Annotated[int, typer.Option(help="Items at the start.")] = 5_000,
+    dirt_rate: Annotated[float, typer.Option(help="Fraction of rows per kind of dirt.")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 7,
+    jsonl: Annotated[bool, typer.Option(help="Also write newline-JSON for the stream.")] = False,
+    out: Annotated[Path | None, typer.Option(help="Landing dir (default: <data_dir>/landing).")]
+    = None,
+) -> None:
+    """Generates synthetic events with a known ground truth into the landing area."""
+    from recsys_pipelines.generator import GeneratorConfig, generate, write_generated
+
+    s = settings()
+    cfg = GeneratorConfig(events=events, days=days, start=date.fromisoformat(start), users=users,
+                          items=items, dirt_rate=dirt_rate, seed=seed)
+    landing = out or s.landing_dir
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("generating", total=days + 2)
+        data = generate(cfg)
+        progress.advance(task)
+        result = write_generated(
+            data, landing, jsonl_dir=Path(s.path(s.flink.stream_dir)) if jsonl else None,
+            progress=lambda _: progress.advance(task),
+        )
+    _print_generated(result)
+
+
+def _print_generated(result: object) -> None:
+    from recsys_pipelines.generator import GenerateResult
+
+    assert isinstance(result, GenerateResult)
+    table = Table(title=f"Generated into {result.landing_dir}")
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    rows = [("events (as landed)", result.events), ("clean events", result.clean_events),
+            ("users", result.users), ("items", result.items),
+            ("date partitions", len(result.partitions)), ("duplicates", result.dirt.duplicates),
+            ("late", result.dirt.late), ("malformed", result.dirt.malformed_total)]
+    for name, value in rows:
+        table.add_row(name, f"{value:,}")
+    console.print(table)
+
+
+@data_app.command("import-movielens")
+def data_import_movielens(
+    path: Annotated[Path, typer.Option(help="Folder with ratings.csv and movies.csv.")]
+    = DEFAULT_MOVIELENS,
+    out: Annotated[Path | None, typer.Option(help="Output dir (default: <data_dir>/movielens).")]
+    = None,
+) -> None:
+    """Imports MovieLens ratings and movies as events, items and users (Parquet)."""
+    from recsys_pipelines.movielens import load_movielens, write_movielens
+
+    s = settings()
+    target = out or s.data_dir / "movielens"
+    with console.status(f"importing {path}"):
+        summary = write_movielens(load_movielens(path), target)
+    table = Table(title=f"MovieLens imported into {target}")
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    for name, value in summary.items():
+        table.add_row(name, f"{value:,}")
+    console.print(table)
+
+
+@app.command("demo")
+def demo(
+    events: Annotated[int, typer.Option(help="Synthetic events to generate.")] = 200_000,
+    movielens: Annotated[Path, typer.Option(help="MovieLens folder.")] = DEFAULT_MOVIELENS,
+) -> None:
+    """Runs the end-to-end demo on embedded defaults and prints a summary."""
+    console.rule("1. synthetic events")
+    data_generate(events=events, days=14, start="2026-11-01", users=2_000, items=5_000,
+                  dirt_rate=0.01, seed=7, jsonl=False, out=None)
+    console.rule("2. MovieLens")
+    data_import_movielens(path=movielens, out=None)
+    console.rule("3. configuration")
+    choice = resolve_online_store(settings())
+    console.print(f"profile={settings().profile} online store: {choice.kind} ({choice.reason})")
+
+
+def main() -> None:
+    """Console-script entry point: domain errors become one line on stderr and exit code 2."""
+    try:
+        app()
+    except RecsysError as exc:
+        sys.stderr.write(f"error: {exc}\n")  # one line, never wrapped
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

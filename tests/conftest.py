@@ -1,0 +1,23 @@
+"""Session-wide fixtures shared by every test folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DIR = Path(os.environ.get("RECSYS_SHARED_DIR", REPO_ROOT.parent / "shared"))
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def movielens_dir() -> Path:
+    path = SHARED_DIR / "datasets" / "ml-latest-small"
+    assert (path / "ratings.csv").is_file(), f"MovieLens not found at {path}"
+    return path

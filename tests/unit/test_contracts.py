@@ -1,0 +1,59 @@
+"""Validation splits raw events into typed valid rows and rejected rows with reasons."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from recsys_platform.contracts import (
+    EVENT_SCHEMA,
+    REASON_BAD_TIME,
+    REASON_BAD_TYPE,
+    REASON_NEGATIVE_WATCH,
+    split_duplicates,
+    to_table,
+    validate_events,
+)
+from recsys_platform.errors import ContractError
+
+
+def _raw(**overrides: object) -> dict[str, object]:
+    row: dict[str, object] = {
+        "event_id": "e1", "event_time": "2026-11-01T10:00:00.000Z", "user_id": "u1",
+        "item_id": "i1", "event_type": "watch", "watch_time_ms": 1000,
+        "item_duration_ms": 2000, "surface": "feed", "device": "ios", "request_id": "r1",
+        "model_version": None,
+    }
+    row.update(overrides)
+    return row
+
+
+def test_each_rule_gives_its_reason() -> None:
+    raw = pd.DataFrame([
+        _raw(),
+        _raw(event_id="e2", user_id=None),
+        _raw(event_id="e3", item_id=""),
+        _raw(event_id="e4", event_time="soon"),
+        _raw(event_id="e5", event_type="purchase"),
+        _raw(event_id="e6", watch_time_ms=-5),
+    ])
+    valid, rejected = validate_events(raw)
+    assert list(valid["event_id"]) == ["e1"]
+    assert list(rejected["reason"]) == [
+        "missing user_id", "missing item_id", REASON_BAD_TIME, REASON_BAD_TYPE,
+        REASON_NEGATIVE_WATCH,
+    ]
+    assert len(valid) + len(rejected) == len(raw)
+    assert str(valid["event_time"].dtype) == "datetime64[ms, UTC]"
+    to_table(valid, EVENT_SCHEMA)  # the typed rows fit the lake contract
+
+
+def test_missing_column_is_a_contract_error() -> None:
+    with pytest.raises(ContractError, match=r"missing required columns \['user_id'\]"):
+        validate_events(pd.DataFrame([_raw()]).drop(columns="user_id"))
+
+
+def test_duplicates_keep_first() -> None:
+    frame = pd.DataFrame([_raw(), _raw(), _raw(event_id="e2")])
+    unique, dups = split_duplicates(frame)
+    assert list(unique["event_id"]) == ["e1", "e2"] and len(dups) == 1
