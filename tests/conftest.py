@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+# Session fixtures live in tests/fixtures/, one module per real component.
+pytest_plugins = ["tests.fixtures.ray_cluster"]
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = Path(os.environ.get("RECSYS_SHARED_DIR", REPO_ROOT.parent / "shared"))
 

@@ -1,0 +1,1 @@
+"""CLI command groups, one module per area; ``recsys_platform.cli`` registers them."""
