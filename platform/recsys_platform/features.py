@@ -147,12 +147,17 @@ ITEM_TRENDING = FeatureGroup(
 
 # Non-windowed features.
 USER_HISTORY = "user_history"  # last HISTORY_LENGTH engaged item ids, newest first
+USER_RECENT_ITEMS = "user_recent_items"  # stream: last HISTORY_LENGTH engaged, newest first
 USER_TOP_CATEGORIES = "user_top_categories"  # TOP_CATEGORIES most engaged categories (30d)
 ITEM_METADATA: tuple[str, ...] = ("category", "creator_id", "tags", "duration_ms", "published_at")
 ITEM_AGE_DAYS = "item_age_days"
 
 BATCH_GROUPS: tuple[FeatureGroup, ...] = (USER_BATCH, ITEM_BATCH)
 STREAM_GROUPS: tuple[FeatureGroup, ...] = (USER_STREAM, ITEM_TRENDING)
+
+# Feast value types of each kind of feature: count -> Int64, sum -> Int64, ratio -> Float64,
+# item-id lists -> Array(String). Windowed views carry ``window_end`` as their event timestamp.
+WINDOW_END = "window_end"
 
 # Versioned feature services: what each model reads.
 FEATURE_SERVICES: dict[str, tuple[str, ...]] = {
