@@ -1,0 +1,110 @@
+"""Wires a :class:`Recommender` from settings: registry, Feast store, caches, impression log."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from recsys_platform.serving.bundle_manager import BundleManager
+from recsys_platform.serving.impressions import ImpressionLogger
+from recsys_platform.serving.metrics import ServingMetrics
+from recsys_platform.serving.online_features import FeastFeatureSource, ItemCache
+from recsys_platform.serving.recommender import Recommender, ServingOptions
+from recsys_platform.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+CHAMPION = "champion"
+
+
+def smoke_test(bundle: Any) -> None:
+    """Raises unless the bundle answers a cold user's query with finite scores."""
+    users = pd.DataFrame([{"user_id": "__smoke__", "user_history": []}])
+    ids, scores = bundle.search(bundle.encode_users(users), 10)
+    if len(ids[0]) == 0 or not np.isfinite(np.asarray(scores, dtype=float)).all():
+        raise ValueError("smoke query returned no candidates or non-finite scores")
+    items = pd.DataFrame({"item_id": list(ids[0])})
+    ranked = bundle.rank(pd.concat([users] * len(items), ignore_index=True), items)
+    if not np.isfinite(np.asarray(ranked["score"], dtype=float)).all():
+        raise ValueError("smoke ranking returned non-finite scores")
+
+
+def registry_manager(settings: Settings, metrics: ServingMetrics,
+                     alias: str = CHAMPION) -> BundleManager:
+    """A manager that follows ``models:/<model_name>@<alias>`` in the MLflow registry."""
+    from mlflow import MlflowClient
+    from recsys_models.bundle import load_bundle
+
+    name = settings.mlflow.model_name
+    client = MlflowClient(tracking_uri=settings.mlflow_tracking_uri,
+                          registry_uri=settings.mlflow_tracking_uri)
+
+    def resolve() -> str | None:
+        try:
+            return str(client.get_model_version_by_alias(name, alias).version)
+        except Exception as exc:
+            if "not found" in str(exc).lower() or "RESOURCE_DOES_NOT_EXIST" in str(exc):
+                return None
+            raise
+
+    def load(version: str) -> Any:
+        import mlflow
+
+        mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+        mlflow.set_registry_uri(settings.mlflow_tracking_uri)
+        return load_bundle(f"models:/{name}/{version}")
+
+    return BundleManager(resolve, load, smoke_test, metrics)
+
+
+def catalog_ids(settings: Settings, manager: BundleManager) -> Sequence[str]:
+    """Item ids of the serving catalog: the bundle's items plus the landed catalog snapshot."""
+    ids: list[str] = []
+    current = manager.current
+    if current is not None:
+        ids.extend(str(i) for i in current.bundle.item_ids)
+    snapshot = settings.landing_dir / "catalog" / "items.parquet"
+    if snapshot.is_file():
+        ids.extend(pq.read_table(snapshot, columns=["item_id"]).column(0).to_pylist())
+    return ids
+
+
+def index_new_items(manager: BundleManager, catalog: Path) -> None:
+    """Adds catalog items the current bundle has never seen to its index (cold start)."""
+    current = manager.current
+    if current is None or not catalog.is_file():
+        return
+    items = pq.read_table(catalog).to_pandas()
+    known = set(map(str, current.bundle.item_ids))
+    fresh = items[~items["item_id"].isin(known)]
+    if not fresh.empty:
+        current.bundle.add_items(fresh)
+        logger.info("indexed %d new items into bundle %s", len(fresh), current.version)
+
+
+def build_recommender(settings: Settings) -> tuple[Recommender, ItemCache]:
+    """Builds the whole serving object graph and starts its background refreshers."""
+    from recsys_pipelines.feature_store import load_store
+
+    metrics = ServingMetrics()
+    manager = registry_manager(settings, metrics)
+    manager.refresh()
+    manager.start(settings.serving.poll_interval_s)
+    store = load_store(settings)
+    cache = ItemCache(store, lambda: catalog_ids(settings, manager))
+    catalog = settings.landing_dir / "catalog" / "items.parquet"
+    cache.on_refresh.append(lambda _: index_new_items(manager, catalog))
+    cache.refresh()
+    cache.start()
+    impressions = ImpressionLogger(settings.landing_dir, flush_every=500)
+    options = ServingOptions(candidates=settings.serving.candidates,
+                             user_features_timeout_s=settings.redis.timeout_ms / 1000)
+    recommender = Recommender(manager, FeastFeatureSource(store, cache), impressions, metrics,
+                              options)
+    return recommender, cache

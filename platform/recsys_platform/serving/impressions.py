@@ -1,0 +1,127 @@
+"""Writes every response as impression events to the raw landing area.
+
+Two outputs, both written atomically (a hidden temp name, then a rename):
+
+- ``landing/events/date=YYYY-MM-DD/served-<stamp>-<pid>-<n>.parquet``: impression events in the
+  raw event contract, which the ETL ingests and joins with later clicks and watches;
+- ``landing/served/date=YYYY-MM-DD/...parquet``: the full response (position, score, source,
+  bundle version), and with ``stream_dir`` set, the same impressions as newline-JSON for the
+  stream job.
+
+Records are buffered and flushed every ``flush_every`` rows or on :meth:`flush`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from recsys_platform.contracts import RAW_EVENT_SCHEMA
+
+logger = logging.getLogger(__name__)
+
+SERVED_SCHEMA = pa.schema(
+    [
+        pa.field("request_id", pa.string()),
+        pa.field("user_id", pa.string()),
+        pa.field("item_id", pa.string()),
+        pa.field("position", pa.int32()),
+        pa.field("score", pa.float64()),
+        pa.field("source", pa.string()),
+        pa.field("bundle_version", pa.string()),
+        pa.field("served_at", pa.timestamp("ms", tz="UTC")),
+    ]
+)
+
+
+def _atomic_parquet(rows: list[dict[str, Any]], schema: pa.Schema, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
+    os.replace(tmp, path)
+
+
+class ImpressionLogger:
+    """Buffers served items and writes them as impression events."""
+
+    def __init__(self, landing_dir: Path, stream_dir: Path | None = None,
+                 flush_every: int = 1000) -> None:
+        self._landing = landing_dir
+        self._stream = stream_dir
+        self._flush_every = flush_every
+        self._served: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._files = 0
+
+    def log(self, request_id: str, user_id: str, items: list[tuple[str, float, str]],
+            bundle_version: str | None, surface: str, device: str) -> None:
+        """Records one response: ``items`` are ``(item_id, score, source)`` in served order."""
+        now = datetime.now(UTC)
+        rows = [
+            {"request_id": request_id, "user_id": user_id, "item_id": item_id, "position": pos,
+             "score": score, "source": source, "bundle_version": bundle_version,
+             "served_at": now, "surface": surface, "device": device}
+            for pos, (item_id, score, source) in enumerate(items)
+        ]
+        with self._lock:
+            self._served.extend(rows)
+            full = len(self._served) >= self._flush_every
+        if full:
+            self.flush()
+
+    def flush(self) -> int:
+        """Writes buffered rows; returns how many were written."""
+        with self._lock:
+            rows, self._served = self._served, []
+            self._files += 1
+            n = self._files
+        if not rows:
+            return 0
+        stamp = f"{int(time.time() * 1000)}-{os.getpid()}-{n}"
+        by_day: dict[str, list[dict[str, Any]]] = {}
+        for row in rows:
+            by_day.setdefault(row["served_at"].date().isoformat(), []).append(row)
+        for day, day_rows in by_day.items():
+            events = [self._event(r) for r in day_rows]
+            _atomic_parquet(events, RAW_EVENT_SCHEMA,
+                            self._landing / "events" / f"date={day}" / f"served-{stamp}.parquet")
+            _atomic_parquet(day_rows, SERVED_SCHEMA,
+                            self._landing / "served" / f"date={day}" / f"served-{stamp}.parquet")
+            if self._stream is not None:
+                self._write_jsonl(events, self._stream / f"served-{day}-{stamp}.jsonl")
+        return len(rows)
+
+    @staticmethod
+    def _event(row: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "event_id": f"{row['request_id']}-{row['position']}",
+            "event_time": row["served_at"].isoformat(timespec="milliseconds").replace(
+                "+00:00", "Z"),
+            "user_id": row["user_id"],
+            "item_id": row["item_id"],
+            "event_type": "impression",
+            "watch_time_ms": None,
+            "item_duration_ms": None,
+            "surface": row["surface"],
+            "device": row["device"],
+            "request_id": row["request_id"],
+            "model_version": row["bundle_version"],
+        }
+
+    @staticmethod
+    def _write_jsonl(events: list[dict[str, Any]], path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        with tmp.open("w") as fh:
+            for event in events:
+                fh.write(json.dumps(event) + "\n")
+        os.replace(tmp, path)

@@ -1,0 +1,177 @@
+"""Online features for serving, read through Feast from the online store.
+
+- User features: one ``get_online_features`` call per request (batch + stream views and the
+  engagement history), run under a timeout budget by the caller.
+- Item features: never on the request path. :class:`ItemCache` reads every catalog item's
+  features in the background every ``ttl_s`` and serves lookups from memory; it also derives
+  the cold-start lists (trending from the stream view, fresh from publication time, popular
+  from the batch view). When a refresh fails, the previous snapshot keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pandas as pd
+
+from recsys_platform.features import (
+    HISTORY_LENGTH,
+    ITEM_AGE_DAYS,
+    ITEM_KEY,
+    USER_HISTORY,
+    USER_KEY,
+    USER_RECENT_ITEMS,
+)
+
+logger = logging.getLogger(__name__)
+
+USER_VIEWS: tuple[str, ...] = ("user_batch", "user_stream", "user_history")
+ITEM_VIEWS: tuple[str, ...] = ("item_batch", "item_trending", "item_metadata")
+LIST_SIZE = 200
+
+
+def feature_refs(store: Any, views: Sequence[str]) -> list[str]:
+    """``view:feature`` references of the views registered in the store (missing views skipped)."""
+    refs: list[str] = []
+    for name in views:
+        try:
+            view = store.get_feature_view(name)
+        except Exception:
+            try:
+                view = store.get_stream_feature_view(name)
+            except Exception:
+                logger.warning("feature view %s is not registered; skipping it", name)
+                continue
+        refs.extend(f"{name}:{f.name}" for f in view.features)
+    return refs
+
+
+def merge_history(recent: Sequence[str] | None, history: Sequence[str] | None) -> list[str]:
+    """Stream items first (fresher), then batch history, without repeats, newest first."""
+    merged: list[str] = []
+    for item in list(recent or []) + list(history or []):
+        if item and item not in merged:
+            merged.append(item)
+    return merged[:HISTORY_LENGTH]
+
+
+class FeastUserFeatures:
+    """Reads one user's online features through Feast."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self._refs = feature_refs(store, USER_VIEWS)
+
+    def __call__(self, user_id: str) -> dict[str, Any] | None:
+        values = self._store.get_online_features(
+            features=self._refs, entity_rows=[{USER_KEY: user_id}]
+        ).to_dict()
+        row = {k: v[0] for k, v in values.items() if k != USER_KEY}
+        if all(v is None or v == [] for v in row.values()):
+            return None  # unknown to both the batch and the stream store
+        row[USER_HISTORY] = merge_history(row.pop(USER_RECENT_ITEMS, None),
+                                          row.get(USER_HISTORY))
+        return {k: v for k, v in row.items() if v is not None}
+
+
+class ItemCache:
+    """Item features for the whole catalog, refreshed in the background."""
+
+    def __init__(self, store: Any, item_ids: Callable[[], Sequence[str]], ttl_s: float = 30.0,
+                 chunk: int = 2000) -> None:
+        self._store = store
+        self._item_ids = item_ids
+        self._ttl_s = ttl_s
+        self._chunk = chunk
+        self._refs = feature_refs(store, ITEM_VIEWS)
+        self._frame = pd.DataFrame(index=pd.Index([], name=ITEM_KEY))
+        self._lists: dict[str, list[str]] = {"trending": [], "fresh": [], "popular": []}
+        self._loaded_at: float | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.on_refresh: list[Callable[[pd.DataFrame], None]] = []
+
+    def refresh(self) -> bool:
+        """Reads every item's features; keeps the old snapshot on failure."""
+        try:
+            ids = list(dict.fromkeys(self._item_ids()))
+            parts = []
+            for start in range(0, len(ids), self._chunk):
+                rows = [{ITEM_KEY: i} for i in ids[start: start + self._chunk]]
+                parts.append(pd.DataFrame(self._store.get_online_features(
+                    features=self._refs, entity_rows=rows).to_dict()))
+            frame = (pd.concat(parts, ignore_index=True) if parts
+                     else pd.DataFrame(columns=[ITEM_KEY])).set_index(ITEM_KEY)
+        except Exception as exc:
+            logger.warning("item feature refresh failed, keeping the old snapshot: %s", exc)
+            return False
+        self._lists = cold_start_lists(frame)
+        self._frame = frame  # atomic swap of the snapshot
+        self._loaded_at = time.monotonic()
+        for callback in self.on_refresh:
+            try:
+                callback(frame)
+            except Exception as exc:
+                logger.warning("item refresh callback failed: %s", exc)
+        return True
+
+    def age_s(self) -> float | None:
+        return None if self._loaded_at is None else time.monotonic() - self._loaded_at
+
+    def frame(self, item_ids: list[str]) -> pd.DataFrame:
+        return self._frame.reindex(item_ids).rename_axis(ITEM_KEY)
+
+    def lists(self) -> dict[str, list[str]]:
+        return self._lists
+
+    def start(self) -> None:
+        def loop() -> None:
+            while not self._stop.wait(self._ttl_s):
+                self.refresh()
+
+        self._thread = threading.Thread(target=loop, name="item-cache", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _top(frame: pd.DataFrame, column: str, n: int = LIST_SIZE, ascending: bool = False
+         ) -> list[str]:
+    if column not in frame.columns:
+        return []
+    values = pd.to_numeric(frame[column], errors="coerce").dropna()
+    if not ascending:
+        values = values[values > 0]
+    return [str(i) for i in values.sort_values(ascending=ascending, kind="stable").index[:n]]
+
+
+def cold_start_lists(frame: pd.DataFrame) -> dict[str, list[str]]:
+    """Trending (stream clicks in the last hour), fresh (youngest items), popular (7-day clicks)."""
+    popular = _top(frame, "item_clicks_7d") or _top(frame, "item_impressions_7d")
+    return {
+        "trending": _top(frame, "item_clicks_1h") or _top(frame, "item_impressions_1h"),
+        "fresh": _top(frame, ITEM_AGE_DAYS, n=LIST_SIZE, ascending=True),
+        "popular": popular,
+    }
+
+
+class FeastFeatureSource:
+    """The serving :class:`~recsys_platform.serving.recommender.FeatureSource` over Feast."""
+
+    def __init__(self, store: Any, items: ItemCache) -> None:
+        self._user = FeastUserFeatures(store)
+        self.items = items
+
+    def user_features(self, user_id: str) -> dict[str, Any] | None:
+        return self._user(user_id)
+
+    def item_frame(self, item_ids: list[str]) -> pd.DataFrame:
+        return self.items.frame(item_ids)
+
+    def lists(self) -> dict[str, list[str]]:
+        return self.items.lists()

@@ -1,0 +1,201 @@
+"""Pure serving logic: candidate merging, diversity, atomic bundle swaps, fallbacks.
+
+These use small in-memory stand-ins for the bundle and the feature source; the real components
+are exercised in tests/integration/serving.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from recsys_platform.serving.bundle_manager import BundleManager
+from recsys_platform.serving.candidates import Candidate, diversify, merge_sources
+from recsys_platform.serving.metrics import ServingMetrics
+from recsys_platform.serving.recommender import Recommender, ServingOptions
+from recsys_platform.serving.schemas import RecommendRequest
+
+
+class TinyBundle:
+    """Scores items by a fixed vector; ``fail_rank`` makes the ranker raise."""
+
+    def __init__(self, version: str, n_items: int = 30, fail_rank: bool = False) -> None:
+        self.version = version
+        self.item_ids = np.array([f"i{i}" for i in range(n_items)], dtype=object)
+        self.fail_rank = fail_rank
+        self.ranked_versions: list[str] = []
+
+    def encode_users(self, users: pd.DataFrame) -> np.ndarray:
+        return np.ones((len(users), 4))
+
+    def search(self, emb: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        ids = self.item_ids[:n]
+        return ids[None, :], np.linspace(1, 0, len(ids))[None, :]
+
+    def rank(self, users: pd.DataFrame, items: pd.DataFrame) -> pd.DataFrame:
+        if self.fail_rank:
+            raise RuntimeError("ranker exploded")
+        self.ranked_versions.append(self.version)
+        score = items["item_id"].str.slice(1).astype(float).to_numpy()  # higher id, higher score
+        return pd.DataFrame({"p_click": score, "watch_time_ms_pred": score, "score": score})
+
+
+class Features:
+    def __init__(self, known: bool = True, down: bool = False) -> None:
+        self.known, self.down = known, down
+
+    def user_features(self, user_id: str) -> dict[str, Any] | None:
+        if self.down:
+            raise ConnectionError("redis unreachable")
+        return {"user_history": ["i29"], "user_ctr_7d": 0.1} if self.known else None
+
+    def item_frame(self, item_ids: list[str]) -> pd.DataFrame:
+        frame = pd.DataFrame({"creator_id": [f"cr{int(i[1:]) % 3}" for i in item_ids],
+                              "category": [f"cat{int(i[1:]) % 2}" for i in item_ids]},
+                             index=pd.Index(item_ids, name="item_id"))
+        return frame
+
+    def lists(self) -> dict[str, list[str]]:
+        if self.down:
+            return {"trending": [], "fresh": [], "popular": ["i1", "i2", "i3"]}
+        return {"trending": ["i100"], "fresh": ["i101"], "popular": ["i1", "i2", "i3"]}
+
+
+def _manager(versions: dict[str, TinyBundle], alias: list[str]) -> BundleManager:
+    def load(v: str) -> TinyBundle:
+        bundle = versions[v]
+        if bundle.version == "broken":
+            raise OSError("artifact missing")
+        return bundle
+
+    def smoke(bundle: TinyBundle) -> None:
+        if bundle.fail_rank:
+            raise ValueError("smoke ranking failed")
+
+    manager = BundleManager(lambda: alias[0], load, smoke, ServingMetrics())
+    manager.refresh()
+    return manager
+
+
+def test_merge_keeps_first_source_and_limit() -> None:
+    merged = merge_sources([("retrieval", ["a", "b"], [0.9, 0.8]), ("popular", ["b", "c"], None)],
+                           limit=3)
+    assert [(c.item_id, c.source) for c in merged] == [
+        ("a", "retrieval"), ("b", "retrieval"), ("c", "popular")]
+
+
+def test_diversify_caps_creator_then_backfills() -> None:
+    ranked = [(Candidate(f"i{i}", "retrieval", 0.0), 10.0 - i) for i in range(5)]
+    meta = {f"i{i}": ("same", f"c{i}") for i in range(5)}
+    top = diversify(ranked, meta, k=3, max_per_creator=1, max_per_category=5)
+    assert [c.item_id for c, _ in top] == ["i0", "i1", "i2"]  # backfilled after the cap
+    top2 = diversify(ranked, {**meta, "i3": ("other", "c3")}, k=2, max_per_creator=1,
+                     max_per_category=5)
+    assert [c.item_id for c, _ in top2] == ["i0", "i3"]
+
+
+def test_model_path_ranks_filters_seen_and_excluded() -> None:
+    rec = Recommender(_manager({"1": TinyBundle("1")}, ["1"]), Features(), None, ServingMetrics(),
+                      ServingOptions(candidates=20, max_per_creator=10, max_per_category=10))
+    resp = rec.recommend(RecommendRequest(user_id="u1", k=5, exclude=["i15"]))
+    ids = [i.item_id for i in resp.items]
+    assert resp.source == "model" and resp.bundle_version == "1" and not resp.degraded
+    assert "i29" not in ids and "i15" not in ids  # seen and excluded
+    # 16 retrieval slots (i0..i15) + 4 cold-start; ranked by the (fake) ranker score
+    assert ids == ["i101", "i100", "i14", "i13", "i12"]
+    assert {i.source for i in resp.items} == {"fresh", "trending", "retrieval"}
+
+
+def test_unknown_user_gets_cold_start_sources() -> None:
+    rec = Recommender(_manager({"1": TinyBundle("1")}, ["1"]), Features(known=False), None,
+                      ServingMetrics())
+    resp = rec.recommend(RecommendRequest(user_id="new", k=5))
+    assert {i.source for i in resp.items} <= {"trending", "fresh", "popular"}
+    assert len(resp.items) == 5
+
+
+def test_redis_down_and_ranker_failure_degrade_without_error() -> None:
+    bundle = TinyBundle("1", fail_rank=False)
+    manager = _manager({"1": bundle}, ["1"])
+    bundle.fail_rank = True  # fails after it passed the smoke test
+    rec = Recommender(manager, Features(down=True), None, ServingMetrics())
+    resp = rec.recommend(RecommendRequest(user_id="u1", k=3))
+    assert resp.source == "retrieval_order"
+    assert "user_features" in resp.degraded and "ranker" in resp.degraded
+    assert [i.item_id for i in resp.items] == ["i1", "i2", "i3"]  # popular, retrieval order
+
+
+def test_no_bundle_serves_popular() -> None:
+    manager = BundleManager(lambda: None, lambda v: None, lambda b: None, ServingMetrics())
+    rec = Recommender(manager, Features(), None, ServingMetrics())
+    resp = rec.recommend(RecommendRequest(user_id="u1", k=2))
+    assert resp.source == "popular" and "bundle" in resp.degraded and resp.bundle_version is None
+
+
+def test_bad_versions_are_rejected_and_old_keeps_serving() -> None:
+    alias = ["1"]
+    versions = {"1": TinyBundle("1"), "2": TinyBundle("broken"),
+                "3": TinyBundle("3", fail_rank=True), "4": TinyBundle("4")}
+    manager = _manager(versions, alias)
+    for bad in ("2", "3"):
+        alias[0] = bad
+        assert manager.refresh() is False
+        assert manager.current is not None and manager.current.version == "1"
+    assert manager.rejected_versions == {"2", "3"}
+    alias[0] = "4"
+    assert manager.refresh() is True and manager.current.version == "4"
+
+
+def test_swap_never_mixes_versions_mid_request() -> None:
+    alias = ["1"]
+    versions = {"1": TinyBundle("1"), "2": TinyBundle("2")}
+    manager = _manager(versions, alias)
+    rec = Recommender(manager, Features(), None, ServingMetrics())
+    prepared = rec.prepare(RecommendRequest(user_id="u1", k=3))
+    alias[0] = "2"
+    assert manager.refresh()
+    scores = rec.rank(prepared)  # ranked with the version the request started with
+    resp = rec.finish(prepared, scores)
+    assert resp.bundle_version == "1" and versions["1"].ranked_versions == ["1"]
+    assert versions["2"].ranked_versions == []
+
+
+def test_concurrent_requests_during_swaps_never_fail() -> None:
+    alias = ["1"]
+    versions = {str(v): TinyBundle(str(v)) for v in range(1, 6)}
+    manager = _manager(versions, alias)
+    rec = Recommender(manager, Features(), None, ServingMetrics())
+    errors: list[BaseException] = []
+    seen: set[str | None] = set()
+
+    def client() -> None:
+        for _ in range(40):
+            try:
+                resp = rec.recommend(RecommendRequest(user_id="u1", k=3))
+                seen.add(resp.bundle_version)
+                assert resp.source == "model"
+            except BaseException as exc:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for v in range(2, 6):
+        alias[0] = str(v)
+        manager.refresh()
+    for t in threads:
+        t.join()
+    assert not errors and manager.current is not None and manager.current.version == "5"
+
+
+@pytest.mark.parametrize("body", [{"user_id": "u", "k": 0}, {"user_id": "u", "k": 201},
+                                  {"user_id": "u", "colour": "red"}, {"k": 3}])
+def test_request_validation(body: dict[str, Any]) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        RecommendRequest(**body)
