@@ -19,6 +19,8 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from recsys_platform.commands import serve as serve_commands
+from recsys_platform.commands.context import current_settings, set_settings
 from recsys_platform.errors import RecsysError
 from recsys_platform.online import resolve_online_store
 from recsys_platform.settings import Settings, load_settings
@@ -30,6 +32,7 @@ data_app = typer.Typer(help="Generate synthetic events and import real datasets.
 config_app = typer.Typer(help="Inspect the resolved configuration.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(config_app, name="config")
+app.add_typer(serve_commands.app, name="serve")
 
 console = Console()
 logger = logging.getLogger(__name__)
@@ -37,15 +40,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_MOVIELENS = Path("../shared/datasets/ml-latest-small")
 
 
-class _State:
-    settings: Settings | None = None
-
-
 def settings() -> Settings:
     """The settings loaded by the top-level callback."""
-    if _State.settings is None:
-        _State.settings = load_settings()
-    return _State.settings
+    return current_settings()
 
 
 @app.callback()
@@ -59,7 +56,7 @@ def _main(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    _State.settings = load_settings(profile, config)
+    set_settings(load_settings(profile, config))
 
 
 @config_app.command("show")

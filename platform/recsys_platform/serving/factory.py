@@ -39,6 +39,7 @@ def registry_manager(settings: Settings, metrics: ServingMetrics,
                      alias: str = CHAMPION) -> BundleManager:
     """A manager that follows ``models:/<model_name>@<alias>`` in the MLflow registry."""
     from mlflow import MlflowClient
+
     from recsys_models.bundle import load_bundle
 
     name = settings.mlflow.model_name
