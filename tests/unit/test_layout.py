@@ -50,7 +50,10 @@ def _imports(path: Path) -> set[str]:
         if isinstance(node, ast.Import):
             names.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
+            if node.module in PACKAGES:  # `from recsys_platform import features`
+                names.update(f"{node.module}.{a.name}" for a in node.names)
+            else:
+                names.add(node.module)
     return {n for n in names if n.split(".")[0] in PACKAGES}
 
 
