@@ -215,9 +215,15 @@ class Recommender:
             return self.finish(prepared, scores, error)
 
 
+_METADATA = ("category", "creator_id", "tags", "duration_ms", "published_at", "title")
+
+
 def _pairs(prepared: Prepared) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Aligned user and item rows: row i pairs the user with candidate i."""
     items = prepared.items.reindex([c.item_id for c in prepared.candidates])
+    # Metadata comes from the bundle's own catalog (new items are added to it at index
+    # refresh), so a stale cache row can never disagree with the index.
+    items = items.drop(columns=[c for c in _METADATA if c in items.columns])
     items = items.rename_axis("item_id").reset_index()
     users = pd.concat([prepared.users] * len(items), ignore_index=True)
     return users, items
