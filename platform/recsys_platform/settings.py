@@ -92,6 +92,11 @@ class ServingSettings(_Section):
     max_queued_requests: int = Field(default=64, ge=1)
 
 
+class PrivacySettings(_Section):
+    pseudonymize: bool = False  # keyed-hash user ids before the lake and the stream
+    key: str = "local-development-key"  # set RECSYS_PRIVACY__KEY from a secret in production
+
+
 class Settings(BaseSettings):
     """The whole platform configuration. Unknown keys are errors at every level."""
 
@@ -108,6 +113,7 @@ class Settings(BaseSettings):
     ray: RaySettings = RaySettings()
     flink: FlinkSettings = FlinkSettings()
     serving: ServingSettings = ServingSettings()
+    privacy: PrivacySettings = PrivacySettings()
 
     @classmethod
     def settings_customise_sources(
