@@ -1,0 +1,71 @@
+"""`make bench`: runs every benchmarks/bench_*.py and records their output in docs/benchmarks.md.
+
+Each script prints its own measurements next to a floor measured in the same run; this runner
+only times them and writes one table (machine, date, each script's lines) into the section
+between the markers below, leaving the hand-written sections of the file alone.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "benchmarks.md"
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+TIMEOUT_S = int(os.environ.get("BENCH_TIMEOUT_S", "900"))
+
+
+def run(script: Path) -> tuple[str, float, list[str]]:
+    start = time.perf_counter()
+    try:
+        out = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True,
+                             text=True, timeout=TIMEOUT_S)
+        lines = [ln for ln in out.stdout.splitlines() if ln.strip()]
+        status = "ok" if out.returncode == 0 else f"failed (exit {out.returncode})"
+        if out.returncode != 0:
+            lines += out.stderr.strip().splitlines()[-3:]
+    except subprocess.TimeoutExpired:
+        status, lines = f"timed out after {TIMEOUT_S}s", []
+    return status, time.perf_counter() - start, lines
+
+
+def main() -> int:
+    scripts = sorted(p for p in (ROOT / "benchmarks").glob("bench_*.py"))
+    rows = []
+    failed = 0
+    for script in scripts:
+        print(f"== {script.name}", flush=True)
+        status, seconds, lines = run(script)
+        failed += status != "ok"
+        for line in lines:
+            print("   " + line)
+        cell = "<br>".join(line.replace("|", "\\|") for line in lines) or "-"
+        rows.append(f"| `{script.name}` | {status} | {seconds:.0f} s | {cell} |")
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    table = "\n".join([
+        BEGIN,
+        f"Last `make bench`: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine}.",
+        "",
+        "| script | status | wall | output (ratios are against the floor of the same run) |",
+        "|---|---|---|---|",
+        *rows,
+        END,
+    ])
+    text = DOC.read_text()
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + table + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip() + "\n\n## Latest run of every benchmark\n\n" + table + "\n"
+    DOC.write_text(text)
+    print(f"wrote {DOC.relative_to(ROOT)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
