@@ -1,0 +1,113 @@
+{{/*
+Names. Service names are fixed by the `k8s` settings profile (platform/recsys_platform/profiles/
+k8s.yaml): the ConfigMap tells every pod to reach `recsys-redis` and `recsys-mlflow`, so the
+prefix is `fullnameOverride` (default "recsys"), not the release name.
+*/}}
+{{- define "recsys.fullname" -}}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "recsys.name" -}}
+{{- printf "%s-%s" (include "recsys.fullname" .root) .component | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "recsys.labels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{/* Labels of one component; call with (dict "root" $ "component" "mlflow"). */}}
+{{- define "recsys.componentLabels" -}}
+{{ include "recsys.labels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "recsys.selectorLabels" -}}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{/* An image reference from {repository, tag, digest}; the schema forbids an empty tag. */}}
+{{- define "recsys.image" -}}
+{{- if .digest -}}
+{{- printf "%s:%s@%s" .repository .tag .digest -}}
+{{- else -}}
+{{- printf "%s:%s" .repository .tag -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Pod security context; call with (dict "root" $ "uid" 1000). */}}
+{{- define "recsys.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: {{ .uid }}
+runAsGroup: {{ .gid | default .uid }}
+fsGroup: {{ .gid | default .uid }}
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{/* Container security context; call with (dict "uid" 1000 "readOnly" true). */}}
+{{- define "recsys.containerSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: {{ .uid }}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: {{ .readOnly }}
+capabilities:
+  drop: ["ALL"]
+{{- end -}}
+
+{{/* The settings ConfigMap as environment (RECSYS_*), shared by every platform container. */}}
+{{- define "recsys.configEnvFrom" -}}
+- configMapRef:
+    name: {{ include "recsys.name" (dict "root" . "component" "config") }}
+{{- end -}}
+
+{{/* Labels that let a pod through the NetworkPolicies of Redis and MLflow. */}}
+{{- define "recsys.clientLabels" -}}
+recsys.io/redis-client: "true"
+recsys.io/mlflow-client: "true"
+{{- end -}}
+
+{{/*
+A Ray pod template (head or worker) on the platform image.
+Call with (dict "root" $ "account" "serve" "container" "ray-head" "resources" {...} "ports" list).
+Ray writes its session under /tmp and unpacks runtime envs under $HOME, so the root file system
+stays writable; privileges and capabilities are dropped all the same.
+*/}}
+{{- define "recsys.rayPodTemplate" -}}
+{{- $root := .root -}}
+metadata:
+  labels:
+    {{- include "recsys.clientLabels" . | nindent 4 }}
+spec:
+  serviceAccountName: {{ include "recsys.name" (dict "root" $root "component" .account) }}
+  securityContext:
+    {{- include "recsys.podSecurityContext" (dict "uid" 1000 "gid" 100) | nindent 4 }}
+  {{- with $root.Values.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  containers:
+    - name: {{ .container }}
+      image: {{ include "recsys.image" $root.Values.images.platform }}
+      imagePullPolicy: {{ $root.Values.imagePullPolicy }}
+      envFrom:
+        {{- include "recsys.configEnvFrom" $root | nindent 8 }}
+      {{- with .ports }}
+      ports:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      resources:
+        {{- toYaml .resources | nindent 8 }}
+      securityContext:
+        {{- include "recsys.containerSecurityContext" (dict "uid" 1000 "readOnly" false) | nindent 8 }}
+      volumeMounts:
+        - name: ray-tmp
+          mountPath: /tmp/ray
+  volumes:
+    - name: ray-tmp
+      emptyDir: {}
+{{- end -}}
