@@ -96,6 +96,8 @@ spec:
       imagePullPolicy: {{ $root.Values.imagePullPolicy }}
       envFrom:
         {{- include "recsys.configEnvFrom" $root | nindent 8 }}
+      env:
+        {{- include "recsys.secretEnv" $root | nindent 8 }}
       {{- with .ports }}
       ports:
         {{- toYaml . | nindent 8 }}
@@ -110,4 +112,19 @@ spec:
   volumes:
     - name: ray-tmp
       emptyDir: {}
+{{- end -}}
+
+{{/*
+Credentials among the settings (`recsys deploy render-config` leaves them out of the ConfigMap),
+read from an existing Secret whose keys are the variable names. A missing Secret stops the pod
+rather than letting it run with a development default.
+*/}}
+{{- define "recsys.secretEnv" -}}
+{{- range .Values.platformSecret.env }}
+- name: {{ . }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $.Values.platformSecret.name }}
+      key: {{ . }}
+{{- end }}
 {{- end -}}
