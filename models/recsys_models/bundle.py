@@ -1,0 +1,249 @@
+"""The serving bundle: everything one model version needs, saved and loaded as one unit.
+
+A bundle holds the user tower, the item embeddings of the whole catalog with their HNSW
+index, the ranker, the encoder spec, the feature-service name and the training-snapshot id, so
+that serving can never mix parts of different versions. On disk::
+
+    bundle.json          version, feature_service, snapshot_id, configs, spec, blend
+    weights.pt           two-tower and ranker state dicts
+    catalog.parquet      item metadata in index order (item_ids == catalog order)
+    item_embeddings.npy  (n_items, dim) float32, index order
+    known_items.npy      item ids seen in training (others are embedded from metadata)
+    index/               hnswlib index + its item ids
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from recsys_models.ann import HnswConfig, HnswIndex
+from recsys_models.data import EncoderSpec, catalog_frame, encode_items, encode_rows, encode_users
+from recsys_models.errors import BundleFormatError
+from recsys_models.ranker import Blend, Ranker, RankerConfig, predict
+from recsys_models.two_tower import Retriever, TwoTowerConfig, TwoTowerModel, embed_item_batch
+
+logger = logging.getLogger(__name__)
+
+FORMAT = 1
+CATALOG_COLUMNS = ("item_id", "category", "creator_id", "tags", "duration_ms", "published_at")
+
+
+@dataclass
+class Bundle:
+    """One model version for serving.
+
+    ``rank(users, items)`` scores ALIGNED rows: row i of the result is (users row i, items row
+    i); a one-row ``users`` frame is broadcast against every item row (one user, many
+    candidates). Use :meth:`cross` to build the aligned frames of users x candidates.
+
+    Example:
+        >>> bundle = load_bundle("models:/recsys-bundle@champion")
+        >>> ids, scores = bundle.search(bundle.encode_users(users), 100)
+        >>> ranked = bundle.rank(users.iloc[[0]], pd.DataFrame({"item_id": ids[0]}))
+    """
+
+    version: str
+    feature_service: str
+    snapshot_id: str
+    spec: EncoderSpec
+    two_tower: TwoTowerModel
+    ranker: Ranker
+    index: HnswIndex
+    item_embeddings: np.ndarray  # (n_items, dim), index order
+    catalog: pd.DataFrame  # CATALOG_COLUMNS + item_age_days, index order
+    known_items: frozenset[str]
+    as_of: pd.Timestamp  # reference time for item ages
+    blend: Blend = field(default_factory=Blend)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def item_ids(self) -> np.ndarray:
+        return self.index.item_ids
+
+    @property
+    def dim(self) -> int:
+        return int(self.item_embeddings.shape[1])
+
+    def encode_users(self, users: pd.DataFrame) -> np.ndarray:
+        """User embeddings (n, dim) from ``user_id``, ``user_history`` and numeric features."""
+        return Retriever(self.two_tower.user_tower, self.index).embed(
+            encode_users(users, self.spec))
+
+    def search(self, user_emb: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``n`` item ids and scores per user embedding: (n_users, n) each."""
+        return self.index.search(np.atleast_2d(user_emb), n)
+
+    def _item_rows(self, items: pd.DataFrame) -> pd.DataFrame:
+        missing = [c for c in ("category", "creator_id", "tags") if c not in items.columns]
+        if not missing and "item_age_days" in items.columns:
+            return items.reset_index(drop=True)
+        meta = self.catalog.drop_duplicates("item_id").set_index("item_id")
+        base = items.reset_index(drop=True)
+        add = [c for c in meta.columns if c not in base.columns]
+        return base.join(meta[add], on="item_id")
+
+    def rank(self, users: pd.DataFrame, items: pd.DataFrame) -> pd.DataFrame:
+        """``user_id, item_id, p_click, watch_time_ms_pred, score`` per aligned row."""
+        items = self._item_rows(items)
+        users = users.reset_index(drop=True)
+        if len(users) == 1 and len(items) != 1:
+            users = users.loc[np.zeros(len(items), dtype=np.int64)].reset_index(drop=True)
+        if len(users) != len(items):
+            raise ValueError(f"rank: users has {len(users)} rows and items {len(items)}; "
+                             "pass aligned frames or one user row")
+        frame = items.copy()
+        for col in users.columns:
+            frame[col] = users[col].to_numpy()
+        frame["item_id"] = items["item_id"].to_numpy()
+        for col, default in (("clicked", 0), ("watch_time_ms", np.nan),
+                             ("event_time", self.as_of)):
+            if col not in frame.columns:
+                frame[col] = default
+        batch = encode_rows(frame, self.spec)
+        known = frame["item_id"].isin(self.known_items).to_numpy()
+        batch["item_hash"] = np.where(known, batch["item_hash"], 0)
+        p, watch = predict(self.ranker, batch)
+        return pd.DataFrame({
+            "user_id": frame["user_id"].to_numpy(), "item_id": frame["item_id"].to_numpy(),
+            "p_click": p, "watch_time_ms_pred": watch, "score": self.blend.score(p, watch),
+        })
+
+    @staticmethod
+    def cross(users: pd.DataFrame, item_ids: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """Aligned frames for ``rank`` from users and a (n_users, n) candidate matrix."""
+        n = item_ids.shape[1]
+        u = users.loc[users.index.repeat(n)].reset_index(drop=True)
+        return u, pd.DataFrame({"item_id": item_ids.reshape(-1)})
+
+    def add_items(self, items: pd.DataFrame) -> None:
+        """Embeds catalog items (unseen ones from metadata alone) and adds them to the index."""
+        new = items[~items["item_id"].isin(set(self.item_ids))]
+        if new.empty:
+            return
+        rows = catalog_frame(new[list(CATALOG_COLUMNS)], self.as_of)
+        emb = embed_items_frame(self, rows)
+        self.index.add(rows["item_id"].to_numpy(), emb)
+        self.item_embeddings = np.concatenate([self.item_embeddings, emb])
+        self.catalog = pd.concat([self.catalog, rows], ignore_index=True)
+        logger.info("added %d items to bundle %s", len(rows), self.version)
+
+    def recommend(self, users: pd.DataFrame, k: int, candidates: int = 200,
+                  exclude: dict[str, set[str]] | None = None) -> pd.DataFrame:
+        """Two stages: retrieve ``candidates`` per user, rank them, keep the top ``k``.
+
+        Returns ``user_id, rank, item_id, score, p_click, watch_time_ms_pred``.
+        """
+        exclude = exclude or {}
+        extra = max((len(v) for v in exclude.values()), default=0)
+        ids, _ = self.search(self.encode_users(users), candidates + extra)
+        out = []
+        for i, user in enumerate(users.itertuples(index=False)):
+            seen = exclude.get(user.user_id, set())
+            cand = [x for x in ids[i] if x not in seen][:candidates]
+            ranked = self.rank(users.iloc[[i]], pd.DataFrame({"item_id": cand}))
+            top = ranked.sort_values("score", ascending=False, kind="stable").head(k)
+            out.append(top.assign(rank=np.arange(1, len(top) + 1)))
+        cols = ["user_id", "rank", "item_id", "score", "p_click", "watch_time_ms_pred"]
+        if not out:
+            return pd.DataFrame(columns=cols)
+        return pd.concat(out, ignore_index=True)[cols]
+
+
+def embed_items_frame(bundle_or_parts: Bundle, rows: pd.DataFrame) -> np.ndarray:
+    known = rows["item_id"].isin(bundle_or_parts.known_items).to_numpy()
+    encoded = encode_items(rows, bundle_or_parts.spec, known=known)
+    return embed_item_batch(bundle_or_parts.two_tower.item_tower, encoded)
+
+
+def build_bundle(
+    two_tower: TwoTowerModel, ranker: Ranker, spec: EncoderSpec, items: pd.DataFrame,
+    known_items: set[str], *, version: str, feature_service: str, snapshot_id: str,
+    as_of: pd.Timestamp, blend: Blend | None = None, hnsw: HnswConfig | None = None,
+) -> Bundle:
+    """Embeds the whole catalog with the item tower and builds the HNSW index over it."""
+    rows = catalog_frame(items[list(CATALOG_COLUMNS)].drop_duplicates("item_id"), as_of)
+    known = rows["item_id"].isin(known_items).to_numpy()
+    emb = embed_item_batch(two_tower.item_tower, encode_items(rows, spec, known=known))
+    index = HnswIndex.build(rows["item_id"].to_numpy(), emb, hnsw)
+    return Bundle(version=version, feature_service=feature_service, snapshot_id=snapshot_id,
+                  spec=spec, two_tower=two_tower.eval(), ranker=ranker.eval(), index=index,
+                  item_embeddings=emb, catalog=rows, known_items=frozenset(known_items),
+                  as_of=as_of, blend=blend or Blend())
+
+
+def save_bundle(bundle: Bundle, directory: Path | str) -> Path:
+    """Writes the bundle under ``directory`` (created); returns the directory."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "format": FORMAT, "version": bundle.version, "feature_service": bundle.feature_service,
+        "snapshot_id": bundle.snapshot_id, "as_of": bundle.as_of.isoformat(),
+        "spec": bundle.spec.to_dict(), "two_tower": bundle.two_tower.cfg.to_dict(),
+        "ranker": bundle.ranker.cfg.to_dict(), "blend": bundle.blend.to_dict(),
+        "hnsw": vars(bundle.index.cfg), "metrics": bundle.metrics,
+    }
+    (out / "bundle.json").write_text(json.dumps(meta, indent=2, default=str))
+    torch.save({"two_tower": bundle.two_tower.state_dict(), "ranker": bundle.ranker.state_dict()},
+               out / "weights.pt")
+    bundle.catalog.to_parquet(out / "catalog.parquet", index=False)
+    np.save(out / "item_embeddings.npy", bundle.item_embeddings)
+    np.save(out / "known_items.npy", np.asarray(sorted(bundle.known_items), dtype=str))
+    bundle.index.save(out / "index")
+    return out
+
+
+def _read_dir(path: Path) -> Bundle:
+    meta_path = path / "bundle.json"
+    if not meta_path.is_file():
+        raise BundleFormatError(str(path), "bundle.json is missing")
+    meta: dict[str, Any] = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT:
+        raise BundleFormatError(str(path), f"format {meta.get('format')} != {FORMAT}")
+    spec = EncoderSpec.from_dict(meta["spec"])
+    tt_cfg = replace(TwoTowerConfig(**meta["two_tower"]), sparse=False)
+    rk_cfg = replace(RankerConfig(**meta["ranker"]), sparse=False)
+    two_tower, ranker = TwoTowerModel(spec, tt_cfg), Ranker(spec, rk_cfg)
+    weights = torch.load(path / "weights.pt", weights_only=True)
+    two_tower.load_state_dict(weights["two_tower"])
+    ranker.load_state_dict(weights["ranker"])
+    emb = np.load(path / "item_embeddings.npy")
+    index = HnswIndex.load(path / "index", emb.shape[1], HnswConfig(**meta["hnsw"]))
+    return Bundle(
+        version=meta["version"], feature_service=meta["feature_service"],
+        snapshot_id=meta["snapshot_id"], spec=spec, two_tower=two_tower.eval(),
+        ranker=ranker.eval(), index=index, item_embeddings=emb,
+        catalog=pd.read_parquet(path / "catalog.parquet"),
+        known_items=frozenset(np.load(path / "known_items.npy").tolist()),
+        as_of=pd.Timestamp(meta["as_of"]), blend=Blend(**meta["blend"]),
+        metrics=dict(meta.get("metrics", {})),
+    )
+
+
+def load_bundle(path_or_models_uri: str | Path, tracking_uri: str | None = None) -> Bundle:
+    """Loads a bundle from a directory or an MLflow URI (``models:/<name>@<alias>``,
+    ``models:/<name>/<version>``, ``runs:/...``) through the registered pyfunc model."""
+    text = str(path_or_models_uri)
+    if "://" not in text and ":/" not in text:
+        return _read_dir(Path(text))
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    if tracking_uri is not None:
+        mlflow.set_tracking_uri(tracking_uri)
+    try:
+        model = mlflow.pyfunc.load_model(text)
+    finally:
+        mlflow.set_tracking_uri(previous)
+    inner = model.unwrap_python_model()
+    bundle = getattr(inner, "bundle", None)
+    if not isinstance(bundle, Bundle):
+        raise BundleFormatError(text, "the MLflow model is not a recsys bundle pyfunc")
+    return bundle

@@ -1,0 +1,237 @@
+"""Offline evaluation on a time-based holdout, with the same code for every model.
+
+Protocol (docs/evaluation.md): rows before a time cutoff train, rows after it are the
+holdout. A holdout user's relevant items are those they clicked in the holdout; the query is the
+user's state at their first holdout impression (history of clicks before it, numeric features
+as of then). Items the user clicked in training are excluded from every model's list. Retrieval
+lists (two-tower, popularity, anything else) go through :func:`retrieval_metrics`; ranker
+predictions on every holdout impression go through :func:`ranking_metrics`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from sklearn.metrics import roc_auc_score  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+KS: tuple[int, ...] = (10, 50, 100)
+Recommender = Callable[[pd.DataFrame, int, dict[str, set[str]]], np.ndarray]
+
+
+@dataclass
+class HoldoutQueries:
+    """What every retrieval model is asked, and what counts as a hit."""
+
+    users: pd.DataFrame  # one row per holdout user: user_id, user_history, features
+    relevant: list[set[str]]  # clicked holdout items, aligned with users
+    exclude: dict[str, set[str]]  # training clicks per user
+
+
+def holdout_queries(train: pd.DataFrame, holdout: pd.DataFrame) -> HoldoutQueries:
+    """Holdout users with at least one click, queried at their first holdout impression."""
+    clicked = holdout[holdout["clicked"] == 1]
+    relevant = clicked.groupby("user_id")["item_id"].agg(set)
+    first = holdout.sort_values("event_time", kind="stable").drop_duplicates("user_id")
+    users = first[first["user_id"].isin(relevant.index)].reset_index(drop=True)
+    seen = train[train["clicked"] == 1].groupby("user_id")["item_id"].agg(set)
+    exclude = {u: seen.get(u, set()) for u in users["user_id"]}
+    return HoldoutQueries(users, [relevant[u] for u in users["user_id"]], exclude)
+
+
+def popularity_recommender(train: pd.DataFrame) -> Recommender:
+    """Most-clicked training items, minus the user's excluded items."""
+    ranked = train.loc[train["clicked"] == 1, "item_id"].value_counts().index.to_numpy()
+
+    def recommend(users: pd.DataFrame, k: int, exclude: dict[str, set[str]]) -> np.ndarray:
+        out = np.empty((len(users), k), dtype=object)
+        for i, uid in enumerate(users["user_id"]):
+            seen = exclude.get(uid, set())
+            top = [x for x in ranked[: k + len(seen)] if x not in seen][:k]
+            out[i] = top + [None] * (k - len(top))
+        return out
+
+    return recommend
+
+
+def retrieval_metrics(recs: np.ndarray, relevant: Sequence[set[str]],
+                      ks: Sequence[int] = KS) -> dict[str, float]:
+    """Mean Recall@K and NDCG@K (binary relevance) over users; ``recs`` is (n_users, >=max K)."""
+    out: dict[str, float] = {}
+    if len(relevant) == 0:
+        return {f"{m}@{k}": 0.0 for k in ks for m in ("recall", "ndcg")}
+    discounts = 1.0 / np.log2(np.arange(2, max(ks) + 2))
+    for k in ks:
+        recalls, ndcgs = [], []
+        for row, rel in zip(recs, relevant, strict=True):
+            hits = np.fromiter((x in rel for x in row[:k]), dtype=bool, count=min(k, len(row)))
+            recalls.append(hits.sum() / len(rel))
+            ideal = discounts[: min(len(rel), k)].sum()
+            ndcgs.append((discounts[: len(hits)] * hits).sum() / ideal)
+        out[f"recall@{k}"] = float(np.mean(recalls))
+        out[f"ndcg@{k}"] = float(np.mean(ndcgs))
+    return out
+
+
+def recall_curve(recs: np.ndarray, relevant: Sequence[set[str]], max_k: int) -> np.ndarray:
+    """Recall@k for k = 1..max_k: (max_k,)."""
+    hits = np.array([[x in rel for x in row[:max_k]] for row, rel in
+                     zip(recs, relevant, strict=True)], dtype=float)
+    sizes = np.array([len(r) for r in relevant], dtype=float)[:, None]
+    return (np.cumsum(hits, axis=1) / sizes).mean(axis=0) if len(hits) else np.zeros(max_k)
+
+
+def evaluate_retrieval(recommenders: dict[str, Recommender], queries: HoldoutQueries,
+                       ks: Sequence[int] = KS) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Metrics ``<model>/<metric>@K`` for each recommender, plus their recall curves."""
+    metrics: dict[str, float] = {}
+    curves: dict[str, np.ndarray] = {}
+    for name, recommend in recommenders.items():
+        recs = recommend(queries.users, max(ks), queries.exclude)
+        for key, value in retrieval_metrics(recs, queries.relevant, ks).items():
+            metrics[f"{name}/{key}"] = value
+        curves[name] = recall_curve(recs, queries.relevant, max(ks))
+    return metrics, curves
+
+
+def _gauc(user_ids: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> float:
+    """Impression-weighted mean of per-user AUC over users with both classes."""
+    frame = pd.DataFrame({"u": user_ids, "y": labels, "s": scores})
+    total, weight = 0.0, 0
+    for _, g in frame.groupby("u", sort=False):
+        if 0 < g["y"].sum() < len(g):
+            total += roc_auc_score(g["y"], g["s"]) * len(g)
+            weight += len(g)
+    return total / weight if weight else float("nan")
+
+
+def calibration_curve(labels: np.ndarray, probs: np.ndarray,
+                      bins: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per equal-width bin: mean prediction, observed rate, count."""
+    idx = np.minimum((probs * bins).astype(int), bins - 1)
+    count = np.bincount(idx, minlength=bins)
+    pred = np.bincount(idx, probs, minlength=bins) / np.maximum(count, 1)
+    rate = np.bincount(idx, labels, minlength=bins) / np.maximum(count, 1)
+    return pred, rate, count
+
+
+def ranking_metrics(user_ids: np.ndarray, labels: np.ndarray, probs: np.ndarray,
+                    watch_true_ms: np.ndarray, watch_pred_ms: np.ndarray) -> dict[str, float]:
+    """AUC, GAUC, log loss, expected calibration error, and watch-time errors where known."""
+    eps = 1e-7
+    p = np.clip(probs, eps, 1 - eps)
+    out = {
+        "auc": float(roc_auc_score(labels, p)) if 0 < labels.sum() < len(labels) else float("nan"),
+        "gauc": _gauc(user_ids, labels, p),
+        "logloss": float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p))),
+    }
+    pred, rate, count = calibration_curve(labels, p)
+    out["ece"] = float(np.sum(count * np.abs(pred - rate)) / max(count.sum(), 1))
+    out["mean_p_click"], out["ctr"] = float(p.mean()), float(labels.mean())
+    known = ~np.isnan(watch_true_ms)
+    out["watch_rows"] = float(known.sum())
+    if known.any():
+        err = watch_pred_ms[known] - watch_true_ms[known]
+        out["watch_mae_ms"] = float(np.abs(err).mean())
+        out["watch_mae_log"] = float(np.abs(np.log1p(watch_pred_ms[known] / 1000)
+                                            - np.log1p(watch_true_ms[known] / 1000)).mean())
+    return out
+
+
+@dataclass
+class EvaluationReport:
+    """All metrics of one evaluation plus the curves behind the plots."""
+
+    metrics: dict[str, float]
+    recall_curves: dict[str, np.ndarray]
+    calibration: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def figures(self) -> dict[str, Figure]:
+        """Recall@K curve, calibration curve and training curves, for MLflow artifacts."""
+        figs: dict[str, Figure] = {}
+        fig, ax = plt.subplots(figsize=(5, 4))
+        for name, curve in self.recall_curves.items():
+            ax.plot(np.arange(1, len(curve) + 1), curve, label=name)
+        ax.set(xlabel="K", ylabel="Recall@K", title="Retrieval recall on the holdout")
+        ax.legend()
+        figs["recall_at_k.png"] = fig
+        if self.calibration is not None:
+            pred, rate, count = self.calibration
+            fig, ax = plt.subplots(figsize=(5, 4))
+            ok = count > 0
+            ax.plot([0, 1], [0, 1], "--", color="grey")
+            ax.plot(pred[ok], rate[ok], "o-")
+            ax.set(xlabel="predicted P(click)", ylabel="observed click rate",
+                   title="Ranker calibration")
+            figs["calibration.png"] = fig
+        if self.history:
+            fig, ax = plt.subplots(figsize=(5, 4))
+            epochs = [h["epoch"] for h in self.history]
+            for key in ("retrieval_loss", "ranker_loss"):
+                ax.plot(epochs, [h.get(key, np.nan) for h in self.history], "o-", label=key)
+            ax.set(xlabel="epoch", ylabel="loss", title="Training curves")
+            ax.legend()
+            figs["training_curves.png"] = fig
+        return figs
+
+
+def evaluate_bundle(bundle: Any, train: pd.DataFrame, holdout: pd.DataFrame,
+                    ks: Sequence[int] = KS, extra: dict[str, Recommender] | None = None,
+                    history: list[dict[str, float]] | None = None) -> EvaluationReport:
+    """Evaluates a :class:`~recsys_models.bundle.Bundle` and popularity on the same holdout.
+
+    Metric keys: ``two_tower/recall@K``, ``popularity/recall@K`` (and ``ndcg``), ``ranker/auc``,
+    ``ranker/gauc``, ``ranker/logloss``, ``ranker/ece``, ``ranker/watch_mae_ms``; also the
+    ``ann/recall@100`` of the index against exact search for the holdout users.
+    """
+    from recsys_models.ann import recall_vs_exact
+
+    queries = holdout_queries(train, holdout)
+    recommenders: dict[str, Recommender] = {
+        "two_tower": bundle_recommender(bundle), "popularity": popularity_recommender(train),
+        **(extra or {}),
+    }
+    metrics, curves = evaluate_retrieval(recommenders, queries, ks)
+    ranked = bundle.rank(holdout, holdout[["item_id"]])
+    labels = holdout["clicked"].to_numpy(dtype=float)
+    watch = pd.to_numeric(holdout["watch_time_ms"], errors="coerce").to_numpy(dtype=float)
+    p = ranked["p_click"].to_numpy()
+    for key, value in ranking_metrics(holdout["user_id"].to_numpy(), labels, p, watch,
+                                      ranked["watch_time_ms_pred"].to_numpy()).items():
+        metrics[f"ranker/{key}"] = value
+    if len(queries.users):
+        user_emb = bundle.encode_users(queries.users)
+        metrics["ann/recall@100"] = recall_vs_exact(bundle.index, bundle.item_embeddings,
+                                                    user_emb, 100)
+    metrics["holdout/users"] = float(len(queries.users))
+    metrics["holdout/rows"] = float(len(holdout))
+    return EvaluationReport(metrics, curves, calibration_curve(labels, np.clip(p, 0, 1)),
+                            history or [])
+
+
+def bundle_recommender(bundle: Any) -> Recommender:
+    """The bundle's retrieval stage (user tower + HNSW) as a recommender."""
+
+    def recommend(users: pd.DataFrame, k: int, exclude: dict[str, set[str]]) -> np.ndarray:
+        extra = max((len(v) for v in exclude.values()), default=0)
+        ids, _ = bundle.search(bundle.encode_users(users), k + extra)
+        out = np.empty((len(users), k), dtype=object)
+        for i, uid in enumerate(users["user_id"]):
+            seen = exclude.get(uid, set())
+            top = [x for x in ids[i] if x not in seen][:k]
+            out[i] = top + [None] * (k - len(top))
+        return out
+
+    return recommend

@@ -1,0 +1,388 @@
+"""Training: a ``train_func(config)`` Ray Train worker, a thin TorchTrainer driver, and an
+in-process loop that shares the same step code (for notebooks, tests and single-process runs).
+
+Each epoch trains the two-tower on the clicked rows (its own dataset shard) and the ranker on
+every impression; rank 0 writes a checkpoint every epoch (models, optimizers, per-epoch metrics),
+and a restarted worker group resumes from the last one (``FailureConfig``). Workers use DDP over
+gloo on CPU and NCCL when ``use_gpu`` (embeddings are then dense: NCCL has no sparse all-reduce).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from recsys_models.data import Batch, EncoderSpec, encode_items, encode_rows
+from recsys_models.errors import EmptyTrainingSetError, TrainingFailedError
+from recsys_models.ranker import Ranker, RankerConfig, ranker_loss
+from recsys_models.two_tower import RetrievalTask, TwoTowerConfig, TwoTowerModel
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "state.pt"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What and how long to train; every field has a working default."""
+
+    epochs: int = 2
+    batch_size: int = 1024
+    lr: float = 3e-3  # Adam, dense parameters
+    sparse_lr: float = 3e-2  # SparseAdam, embedding tables
+    seed: int = 7
+    two_tower: TwoTowerConfig = field(default_factory=TwoTowerConfig)
+    ranker: RankerConfig = field(default_factory=RankerConfig)
+    train_ranker: bool = True
+    max_steps_per_epoch: int | None = None  # cap (smoke runs and the DDP check)
+    shuffle_buffer: int = 20_000  # Ray Data local shuffle buffer (rows)
+    threads_per_worker: int = 1
+    trace_dir: str | None = None  # per-worker diagnostics: heartbeat, params, rows seen
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TrainedModels:
+    """The result of training, wherever it ran."""
+
+    two_tower: TwoTowerModel
+    ranker: Ranker
+    spec: EncoderSpec
+    cfg: TrainConfig
+    history: list[dict[str, float]] = field(default_factory=list)  # one entry per epoch
+    restores: int = 0  # how many times training resumed from a checkpoint
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_models(spec: EncoderSpec, cfg: TrainConfig) -> tuple[TwoTowerModel, Ranker]:
+    seed_everything(cfg.seed)
+    return TwoTowerModel(spec, cfg.two_tower), Ranker(spec, cfg.ranker)
+
+
+def make_optimizers(module: nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
+    """SparseAdam for sparse embedding tables, Adam for everything else."""
+    sparse_ids: set[int] = set()
+    for m in module.modules():
+        if isinstance(m, nn.Embedding | nn.EmbeddingBag) and m.sparse:
+            sparse_ids.add(id(m.weight))
+    sparse = [p for p in module.parameters() if id(p) in sparse_ids]
+    dense = [p for p in module.parameters() if id(p) not in sparse_ids]
+    opts: list[torch.optim.Optimizer] = [torch.optim.Adam(dense, lr=cfg.lr)]
+    if sparse:
+        opts.append(torch.optim.SparseAdam(sparse, lr=cfg.sparse_lr))
+    return opts
+
+
+def step(loss_fn: Callable[[], Tensor], optimizers: list[torch.optim.Optimizer]) -> float:
+    """One optimisation step; returns the loss value."""
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    loss = loss_fn()
+    loss.backward()
+    for opt in optimizers:
+        opt.step()
+    return float(loss.detach())
+
+
+def to_tensors(batch: dict[str, Any], device: torch.device | None = None) -> dict[str, Tensor]:
+    out = {}
+    for k, v in batch.items():
+        t = torch.as_tensor(v)
+        out[k] = t.to(device) if device is not None else t
+    return out
+
+
+@dataclass
+class _Loops:
+    """The two training tasks and their optimizers (plain or DDP-wrapped models)."""
+
+    retrieval: RetrievalTask
+    ranker: nn.Module
+    retrieval_opts: list[torch.optim.Optimizer]
+    ranker_opts: list[torch.optim.Optimizer]
+    cfg: TrainConfig
+
+    def run_epoch(
+        self, retrieval_batches: Iterable[dict[str, Tensor]],
+        ranking_batches: Iterable[dict[str, Tensor]],
+        on_step: Callable[[str, int, dict[str, Tensor]], None] | None = None,
+    ) -> dict[str, float]:
+        cap = self.cfg.max_steps_per_epoch
+        self.retrieval.train()
+        self.ranker.train()
+        losses: dict[str, list[float]] = {"retrieval_loss": [], "ranker_loss": []}
+        rows = 0
+        for i, b in enumerate(retrieval_batches):
+            if cap is not None and i >= cap:
+                break
+            losses["retrieval_loss"].append(step(partial(self.retrieval, b),
+                                                 self.retrieval_opts))
+            rows += len(b["item_hash"])
+            if on_step:
+                on_step("retrieval", i, b)
+        if self.cfg.train_ranker:
+            w = self.cfg.ranker.watch_loss_weight
+            for i, b in enumerate(ranking_batches):
+                if cap is not None and i >= cap:
+                    break
+                losses["ranker_loss"].append(step(partial(ranker_loss, self.ranker, b, w),
+                                                  self.ranker_opts))
+                if on_step:
+                    on_step("ranking", i, b)
+        out = {k: float(np.mean(v)) if v else float("nan") for k, v in losses.items()}
+        out["retrieval_rows"] = float(rows)
+        return out
+
+
+def _numpy_batches(data: Batch, batch_size: int, seed: int) -> Iterator[dict[str, Tensor]]:
+    n = len(data["item_hash"])
+    order = np.random.default_rng(seed).permutation(n)
+    for start in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
+        idx = order[start:start + batch_size]
+        yield to_tensors({k: v[idx] for k, v in data.items()})
+
+
+def fit_local(
+    rows: pd.DataFrame, catalog: pd.DataFrame, spec: EncoderSpec, cfg: TrainConfig,
+    log_q: tuple[dict[str, float], float] | None = None,
+) -> TrainedModels:
+    """Trains both models in this process (same step code as the Ray Train worker)."""
+    from recsys_models.data import item_log_q
+
+    torch.set_num_threads(cfg.threads_per_worker)
+    lq, default = log_q or item_log_q(rows.loc[rows["clicked"] == 1, "item_id"])
+    encoded = encode_rows(rows, spec, lq, default)
+    positives = {k: v[encoded["clicked"] == 1] for k, v in encoded.items()}
+    if len(positives["item_hash"]) < 2:
+        raise EmptyTrainingSetError("fewer than two clicked rows")
+    two_tower, ranker = build_models(spec, cfg)
+    loops = _make_loops(two_tower, ranker, two_tower, cfg, _catalog_tensors(catalog, spec, cfg))
+    history = []
+    for epoch in range(cfg.epochs):
+        seed = cfg.seed + epoch
+        metrics = loops.run_epoch(_numpy_batches(positives, cfg.batch_size, seed),
+                                  _numpy_batches(encoded, cfg.batch_size, seed))
+        history.append({"epoch": float(epoch), **metrics})
+        logger.info("epoch %d: %s", epoch, metrics)
+    return TrainedModels(two_tower.eval(), ranker.eval(), spec, cfg, history)
+
+
+def _catalog_tensors(catalog: pd.DataFrame | None, spec: EncoderSpec,
+                     cfg: TrainConfig) -> dict[str, Tensor] | None:
+    if catalog is None or cfg.two_tower.random_negatives <= 0:
+        return None
+    return to_tensors(encode_items(catalog, spec))
+
+
+def _make_loops(two_tower: nn.Module, ranker: nn.Module, raw_two_tower: TwoTowerModel,
+                cfg: TrainConfig, catalog: dict[str, Tensor] | None) -> _Loops:
+    return _Loops(
+        retrieval=RetrievalTask(two_tower, cfg.two_tower, catalog),
+        ranker=ranker,
+        retrieval_opts=make_optimizers(raw_two_tower, cfg),
+        ranker_opts=make_optimizers(ranker, cfg),
+        cfg=cfg,
+    )
+
+
+# --------------------------------------------------------------------------- Ray Train worker
+
+
+def _trace(cfg: TrainConfig, rank: int, record: dict[str, Any]) -> None:
+    if cfg.trace_dir is None:
+        return
+    path = Path(cfg.trace_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / f".rank-{rank}.json.tmp"
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, path / f"rank-{rank}.json")
+
+
+def _flat_params(module: nn.Module) -> np.ndarray:
+    return torch.cat([p.detach().flatten().cpu() for p in module.parameters()]).numpy()
+
+
+def train_func(config: dict[str, Any]) -> None:
+    """Ray Train worker: builds the models, resumes from a checkpoint, trains, reports.
+
+    ``config`` holds ``cfg`` (:class:`TrainConfig`), ``spec`` (:class:`EncoderSpec`) and
+    ``catalog`` (catalog frame, for random negatives, or None). Datasets ``retrieval`` and
+    ``ranking`` come from the trainer (encoded rows).
+    """
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    cfg: TrainConfig = config["cfg"]
+    spec: EncoderSpec = config["spec"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.threads_per_worker)
+    two_tower, ranker = build_models(spec, cfg)
+    loops_state: dict[str, Any] | None = None
+    start_epoch, history, restores = 0, [], 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            loops_state = torch.load(Path(d) / STATE_FILE, weights_only=False)
+        assert loops_state is not None
+        two_tower.load_state_dict(loops_state["two_tower"])
+        ranker.load_state_dict(loops_state["ranker"])
+        start_epoch = int(loops_state["epoch"]) + 1
+        history = list(loops_state["history"])
+        restores = int(loops_state["restores"]) + 1
+        logger.info("rank %d resumed from epoch %d", rank, start_epoch - 1)
+    device = ray.train.torch.get_device()
+    wrapped_tt = ray.train.torch.prepare_model(two_tower)
+    wrapped_rk = ray.train.torch.prepare_model(ranker)
+    catalog = _catalog_tensors(config.get("catalog"), spec, cfg)
+    if catalog is not None:
+        catalog = {k: v.to(device) for k, v in catalog.items()}
+    loops = _make_loops(wrapped_tt, wrapped_rk, two_tower, cfg, catalog)
+    if loops_state is not None:
+        for opt, s in zip(loops.retrieval_opts + loops.ranker_opts, loops_state["optimizers"],
+                          strict=True):
+            opt.load_state_dict(s)
+    retrieval_shard = ray.train.get_dataset_shard("retrieval")
+    ranking_shard = ray.train.get_dataset_shard("ranking")
+
+    for epoch in range(start_epoch, cfg.epochs):
+        seen: list[np.ndarray] = []
+
+        def on_step(task: str, i: int, b: dict[str, Tensor], epoch: int = epoch,
+                    seen: list[np.ndarray] = seen) -> None:
+            if task == "retrieval":
+                seen.append(b["row_key"].cpu().numpy())
+            _trace(cfg, rank, {"pid": os.getpid(), "epoch": epoch, "task": task, "step": i,
+                               "restores": restores})
+
+        def batches(shard: Any, epoch: int = epoch) -> Iterator[dict[str, Tensor]]:
+            return iter(shard.iter_torch_batches(
+                batch_size=cfg.batch_size, drop_last=True, device=device,
+                local_shuffle_buffer_size=cfg.shuffle_buffer or None,
+                local_shuffle_seed=cfg.seed + epoch + 1000 * rank,
+            ))
+
+        metrics = loops.run_epoch(batches(retrieval_shard), batches(ranking_shard), on_step)
+        if world > 1:
+            values = torch.tensor([metrics["retrieval_loss"], metrics["ranker_loss"]])
+            torch.distributed.all_reduce(values)
+            metrics["retrieval_loss"], metrics["ranker_loss"] = (values / world).tolist()
+        record = {"epoch": float(epoch), **metrics}
+        history.append(record)
+        if cfg.trace_dir is not None:
+            np.savez(Path(cfg.trace_dir) / f"rank-{rank}-epoch-{epoch}.npz",
+                     params=_flat_params(two_tower),
+                     row_keys=np.concatenate(seen) if seen else np.zeros(0, np.int64))
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                torch.save({"two_tower": two_tower.state_dict(), "ranker": ranker.state_dict(),
+                            "optimizers": [o.state_dict() for o in
+                                           loops.retrieval_opts + loops.ranker_opts],
+                            "epoch": epoch, "history": history, "restores": restores},
+                           Path(tmp) / STATE_FILE)
+                ckpt = Checkpoint.from_directory(tmp)
+            # V2: Result.metrics is only filled from reports that carry a checkpoint.
+            ray.train.report({**record, "restores": float(restores)}, checkpoint=ckpt)
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _encode_fn(spec: EncoderSpec, log_q: dict[str, float], default: float,
+               positives_only: bool) -> Callable[[pd.DataFrame], Batch]:
+    def encode(frame: pd.DataFrame) -> Batch:
+        if positives_only:
+            frame = frame[pd.to_numeric(frame["clicked"]).fillna(0) == 1]
+        return encode_rows(frame, spec, log_q, default)
+
+    return encode
+
+
+def prepare_datasets(rows: Any, spec: EncoderSpec,
+                     log_q: tuple[dict[str, float], float]) -> dict[str, Any]:
+    """Encodes a Ray Dataset of training rows into the two training datasets (materialized,
+    so that the encoding does not compete with the training workers for CPUs)."""
+    lq, default = log_q
+    out = {}
+    for name, positives in (("retrieval", True), ("ranking", False)):
+        ds = rows.map_batches(_encode_fn(spec, lq, default, positives), batch_format="pandas",
+                              batch_size=4096)
+        out[name] = ds.materialize()
+    if out["retrieval"].count() < 2:
+        raise EmptyTrainingSetError("fewer than two clicked rows")
+    return out
+
+
+def fit(
+    datasets: dict[str, Any], spec: EncoderSpec, cfg: TrainConfig, *,
+    num_workers: int, storage_path: str, name: str, use_gpu: bool = False,
+    max_failures: int = 1, catalog: pd.DataFrame | None = None,
+) -> TrainedModels:
+    """Runs :func:`train_func` on ``num_workers`` Ray Train workers and loads the result.
+
+    Raises:
+        TrainingFailedError: Training ended without a checkpoint.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if use_gpu:  # NCCL cannot all-reduce sparse gradients
+        cfg = replace(cfg, two_tower=replace(cfg.two_tower, sparse=False),
+                      ranker=replace(cfg.ranker, sparse=False))
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config={"cfg": cfg, "spec": spec, "catalog": catalog},
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(
+            name=name, storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        datasets=datasets,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise TrainingFailedError(f"no checkpoint (error: {result.error})")
+    return load_checkpoint(result.checkpoint.path, spec, cfg,
+                           filesystem=result.checkpoint.filesystem)
+
+
+def load_checkpoint(path: str, spec: EncoderSpec, cfg: TrainConfig,
+                    filesystem: Any = None) -> TrainedModels:
+    """Loads the models and the per-epoch history from a checkpoint directory."""
+    from ray.train import Checkpoint
+
+    checkpoint = Checkpoint(path=path, filesystem=filesystem)
+    with checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / STATE_FILE, weights_only=False)
+    cpu_cfg = replace(cfg, two_tower=replace(cfg.two_tower, sparse=False),
+                      ranker=replace(cfg.ranker, sparse=False))
+    two_tower, ranker = build_models(spec, cpu_cfg)
+    two_tower.load_state_dict(state["two_tower"])
+    ranker.load_state_dict(state["ranker"])
+    return TrainedModels(two_tower.eval(), ranker.eval(), spec, cfg, list(state["history"]),
+                         int(state["restores"]))

@@ -1,0 +1,220 @@
+"""Two-tower retrieval: the model, its training task (loss) and a retrieval wrapper.
+
+- :class:`TwoTowerModel` holds a user tower (hashed user id + mean-pooled recent history +
+  numeric user features) and an item tower (hashed item id + category + creator + tags +
+  duration and age). Both output L2-normalised vectors, so a dot product is a cosine.
+- :class:`RetrievalTask` is the in-batch sampled softmax with logQ (popularity) correction and a
+  temperature, optionally mixed with uniformly drawn catalog negatives.
+- :class:`Retriever` wraps a trained user tower and an item index for top-N search.
+
+Items are trained with id dropout (the id embedding is zeroed for a fraction of rows), so the
+item tower also learns to embed an item from metadata alone: a brand-new item gets id bucket 0
+and still lands near items like it (cold start).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from recsys_models.data import EncoderSpec
+
+
+@dataclass(frozen=True)
+class TwoTowerConfig:
+    """Architecture and loss settings."""
+
+    dim: int = 32  # output embedding size
+    id_dim: int = 32  # hashed id embedding size
+    meta_dim: int = 16  # category / creator / tag embedding size
+    hidden: int = 64  # MLP width in each tower
+    temperature: float = 0.1  # softmax temperature on cosine scores
+    logq_correction: bool = True
+    random_negatives: int = 0  # extra uniform catalog negatives per batch
+    id_dropout: float = 0.2  # fraction of training rows whose item id embedding is zeroed
+    sparse: bool = True  # sparse embedding gradients (SparseAdam): ~3.5x faster on CPU
+    share_item_embeddings: bool = True  # history pooling reads the item tower's id table
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _mlp(inp: int, hidden: int, out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(inp, hidden), nn.ReLU(), nn.Linear(hidden, out))
+
+
+class UserTower(nn.Module):
+    """Hashed user id + mean of history item embeddings + numeric features -> (B, dim)."""
+
+    def __init__(self, spec: EncoderSpec, cfg: TwoTowerConfig) -> None:
+        super().__init__()
+        self.user_emb = nn.Embedding(spec.user_buckets, cfg.id_dim, padding_idx=0,
+                                     sparse=cfg.sparse)
+        self.history_emb = nn.EmbeddingBag(spec.item_buckets, cfg.id_dim, mode="mean",
+                                           padding_idx=0, sparse=cfg.sparse)
+        n_num = len(spec.user_features)
+        self.mlp = _mlp(2 * cfg.id_dim + n_num, cfg.hidden, cfg.dim)
+
+    def forward(self, user_hash: Tensor, history: Tensor, user_num: Tensor) -> Tensor:
+        u = self.user_emb(user_hash)  # (B, id_dim)
+        h = self.history_emb(history)  # (B, id_dim); all-padding rows give zeros
+        x = torch.cat([u, h, user_num], dim=1)  # (B, 2*id_dim + U)
+        return F.normalize(self.mlp(x), dim=1)  # (B, dim)
+
+
+class ItemTower(nn.Module):
+    """Hashed item id + category + creator + tags + dense metadata -> (B, dim)."""
+
+    def __init__(self, spec: EncoderSpec, cfg: TwoTowerConfig) -> None:
+        super().__init__()
+        self.item_emb = nn.Embedding(spec.item_buckets, cfg.id_dim, padding_idx=0,
+                                     sparse=cfg.sparse)
+        self.category_emb = nn.Embedding(len(spec.categories) + 1, cfg.meta_dim)
+        self.creator_emb = nn.Embedding(spec.creator_buckets, cfg.meta_dim, padding_idx=0,
+                                        sparse=cfg.sparse)
+        self.tag_emb = nn.EmbeddingBag(spec.tag_buckets, cfg.meta_dim, mode="mean",
+                                       padding_idx=0, sparse=cfg.sparse)
+        width = cfg.id_dim + 3 * cfg.meta_dim + spec.item_dense_dim
+        self.dim = cfg.dim
+        self.mlp = _mlp(width, cfg.hidden, cfg.dim)
+
+    def forward(
+        self, item_hash: Tensor, category: Tensor, creator: Tensor, tags: Tensor, dense: Tensor
+    ) -> Tensor:
+        x = torch.cat(
+            [
+                self.item_emb(item_hash),  # (B, id_dim)
+                self.category_emb(category),  # (B, meta_dim)
+                self.creator_emb(creator),  # (B, meta_dim)
+                self.tag_emb(tags),  # (B, meta_dim)
+                dense,  # (B, item_dense_dim)
+            ],
+            dim=1,
+        )
+        return F.normalize(self.mlp(x), dim=1)  # (B, dim)
+
+
+class TwoTowerModel(nn.Module):
+    """Both towers; ``forward`` embeds the users and items of a batch.
+
+    Example:
+        >>> model = TwoTowerModel(spec, TwoTowerConfig())
+        >>> u, v = model(batch)  # (B, dim), (B, dim)
+    """
+
+    def __init__(self, spec: EncoderSpec, cfg: TwoTowerConfig) -> None:
+        super().__init__()
+        self.spec, self.cfg = spec, cfg
+        self.user_tower = UserTower(spec, cfg)
+        self.item_tower = ItemTower(spec, cfg)
+        if cfg.share_item_embeddings:  # one id table: history items and candidates agree
+            self.user_tower.history_emb.weight = self.item_tower.item_emb.weight
+
+    def embed_users(self, b: dict[str, Tensor]) -> Tensor:
+        return self.user_tower(b["user_hash"], b["history"], b["user_num"])
+
+    def embed_items(self, b: dict[str, Tensor]) -> Tensor:
+        return self.item_tower(b["item_hash"], b["category"], b["creator"], b["tags"],
+                               b["item_dense"])
+
+    def forward(self, b: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        item_hash = b["item_hash"]
+        if self.training and self.cfg.id_dropout > 0:
+            keep = torch.rand(item_hash.shape, device=item_hash.device) >= self.cfg.id_dropout
+            b = {**b, "item_hash": item_hash * keep}
+        return self.embed_users(b), self.embed_items(b)
+
+
+ITEM_KEYS: tuple[str, ...] = ("item_hash", "category", "creator", "tags", "item_dense")
+
+
+class RetrievalTask(nn.Module):
+    """In-batch sampled softmax with logQ correction, temperature and optional random negatives.
+
+    For a batch of B (user, positive item) pairs the logits are ``u_i . v_j / T - log q_j``
+    (j over the batch's items, plus R uniform catalog items with ``log q = log(R / N)``); rows
+    where item j is the same item as the positive i (j != i) are masked out. The loss is the
+    cross entropy of the diagonal.
+    """
+
+    def __init__(self, model: nn.Module, cfg: TwoTowerConfig,
+                 catalog: dict[str, Tensor] | None = None) -> None:
+        super().__init__()
+        self.model, self.cfg = model, cfg
+        self.catalog = catalog  # encoded catalog items, for random negatives
+
+    def forward(self, b: dict[str, Tensor]) -> Tensor:
+        u, v = self.model(b)  # (B, dim), (B, dim)
+        logits = u @ v.T / self.cfg.temperature  # (B, B)
+        if self.cfg.logq_correction:
+            logits = logits - b["log_q"][None, :]
+        same = b["item_hash"][:, None] == b["item_hash"][None, :]
+        eye = torch.eye(len(u), dtype=torch.bool, device=u.device)
+        logits = logits.masked_fill(same & ~eye, float("-inf"))
+        n_rand = self.cfg.random_negatives
+        if n_rand > 0 and self.catalog is not None:
+            n_cat = self.catalog["item_hash"].shape[0]
+            pick = torch.randint(0, n_cat, (n_rand,), device=u.device)
+            neg = {k: self.catalog[k][pick] for k in ITEM_KEYS}
+            inner = self.model.module if isinstance(
+                self.model, nn.parallel.DistributedDataParallel) else self.model
+            v_neg = inner.embed_items(neg)  # type: ignore[operator]
+            extra = u @ v_neg.T / self.cfg.temperature  # (B, R)
+            if self.cfg.logq_correction:
+                extra = extra - float(np.log(n_rand / n_cat))
+            extra = extra.masked_fill(b["item_hash"][:, None] == neg["item_hash"][None, :],
+                                      float("-inf"))
+            logits = torch.cat([logits, extra], dim=1)  # (B, B + R)
+        target = torch.arange(len(u), device=u.device)
+        return F.cross_entropy(logits, target)
+
+
+class ItemIndex(Protocol):
+    """What :class:`Retriever` needs from an index (see :mod:`recsys_models.ann`)."""
+
+    def search(self, queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class Retriever:
+    """A trained user tower plus an item index: user inputs in, top-N item ids out.
+
+    Example:
+        >>> retriever = Retriever(model.user_tower, index)
+        >>> ids, scores = retriever.retrieve(encode_users(users, spec), n=100)
+    """
+
+    def __init__(self, user_tower: UserTower, index: ItemIndex) -> None:
+        self.user_tower = user_tower.eval()
+        self.index = index
+
+    @torch.no_grad()
+    def embed(self, users: dict[str, np.ndarray]) -> np.ndarray:
+        t = {k: torch.as_tensor(users[k]) for k in ("user_hash", "history", "user_num")}
+        out = self.user_tower(t["user_hash"], t["history"], t["user_num"].float())
+        return out.numpy().astype(np.float32)  # (n, dim)
+
+    def retrieve(self, users: dict[str, np.ndarray], n: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.index.search(self.embed(users), n)
+
+
+@torch.no_grad()
+def embed_item_batch(item_tower: ItemTower, items: dict[str, np.ndarray],
+                     batch_size: int = 8192) -> np.ndarray:
+    """Item-tower embeddings of encoded items, in chunks: (n, dim) float32."""
+    item_tower.eval()
+    n = len(items["item_hash"])
+    out = []
+    for start in range(0, n, batch_size):
+        sl = slice(start, start + batch_size)
+        t = {k: torch.as_tensor(items[k][sl]) for k in ITEM_KEYS}
+        out.append(item_tower(t["item_hash"], t["category"], t["creator"], t["tags"],
+                              t["item_dense"].float()).numpy())
+    if not out:
+        return np.zeros((0, item_tower.dim), np.float32)
+    return np.concatenate(out).astype(np.float32)
+
