@@ -235,13 +235,15 @@ def load_bundle(path_or_models_uri: str | Path, tracking_uri: str | None = None)
         return _read_dir(Path(text))
     import mlflow
 
-    previous = mlflow.get_tracking_uri()
+    previous, previous_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     if tracking_uri is not None:
         mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(tracking_uri)
     try:
         model = mlflow.pyfunc.load_model(text)
     finally:
         mlflow.set_tracking_uri(previous)
+        mlflow.set_registry_uri(previous_registry)
     inner = model.unwrap_python_model()
     bundle = getattr(inner, "bundle", None)
     if not isinstance(bundle, Bundle):

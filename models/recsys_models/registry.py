@@ -54,14 +54,14 @@ def pip_requirements() -> list[str]:
 @contextmanager
 def tracking(uri: str) -> Iterator[MlflowClient]:
     """Points MLflow at ``uri`` for the duration of the block (restores the previous URI)."""
-    previous = mlflow.get_tracking_uri()
+    previous, previous_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
         yield MlflowClient(uri, registry_uri=uri)
     finally:
         mlflow.set_tracking_uri(previous)
-        mlflow.set_registry_uri(previous)
+        mlflow.set_registry_uri(previous_registry)
 
 
 class BundleModel(mlflow.pyfunc.PythonModel):  # type: ignore[name-defined,misc]

@@ -4,11 +4,19 @@ these helpers stand in for ``recsys_pipelines.training_set`` on small data."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from recsys_models.bundle import Bundle, build_bundle
+from recsys_models.data import EncoderSpec, time_split
+from recsys_models.ranker import Ranker
+from recsys_models.train import TrainConfig, fit_local
+from recsys_models.two_tower import TwoTowerConfig, TwoTowerModel
+from recsys_pipelines.generator import GeneratorConfig, generate
 from recsys_platform.features import HISTORY_LENGTH
 
 
@@ -91,3 +99,53 @@ def write_snapshot(rows: pd.DataFrame, data_dir: Path, snapshot_id: str,
     for i, chunk in enumerate(np.array_split(np.arange(len(rows)), parts)):
         rows.iloc[chunk].to_parquet(out / f"part-{i}.parquet", index=False)
     return out
+
+
+@dataclass
+class Case:
+    """A synthetic dataset split by time, with its encoder spec and ground truth."""
+
+    rows: pd.DataFrame
+    items: pd.DataFrame
+    train: pd.DataFrame
+    holdout: pd.DataFrame
+    cutoff: pd.Timestamp
+    spec: EncoderSpec
+    user_categories: dict[str, str]  # ground-truth primary favourite category per user
+
+
+TINY_SPEC = {"user_buckets": 5_000, "item_buckets": 5_000, "creator_buckets": 1_000,
+             "tag_buckets": 500}
+
+
+@lru_cache(maxsize=4)
+def synthetic_case(events: int = 60_000, seed: int = 7) -> Case:
+    """Generator data (400 users, 800 items, 10 categories, 7 days), 80/20 split by time."""
+    g = generate(GeneratorConfig(events=events, days=7, users=400, items=800,
+                                 new_users_per_day=5, new_items_per_day=10, categories=10,
+                                 seed=seed))
+    rows = synthetic_rows(g.events, g.items)
+    train, holdout, cutoff = time_split(rows, 0.2)
+    spec = EncoderSpec.from_catalog(g.items, list(rows.columns), **TINY_SPEC)
+    favourites = {uid: f"cat{cats[0]}"
+                  for uid, cats in zip(g.users["user_id"], g.user_categories, strict=True)}
+    return Case(rows, g.items, train, holdout, cutoff, spec, favourites)
+
+
+SMALL_TRAIN = TrainConfig(epochs=3, batch_size=256,
+                          two_tower=TwoTowerConfig(dim=16, id_dim=16, hidden=32))
+
+
+@lru_cache(maxsize=4)
+def trained_bundle(events: int = 60_000, seed: int = 7, version: str = "test") -> Bundle:
+    """A bundle trained in-process on :func:`synthetic_case` (train split only)."""
+    case = synthetic_case(events, seed)
+    models = fit_local(case.train, case.items, case.spec, SMALL_TRAIN)
+    return make_bundle(case, models.two_tower, models.ranker, version)
+
+
+def make_bundle(case: Case, two_tower: TwoTowerModel, ranker: Ranker, version: str) -> Bundle:
+    catalog = case.items[pd.to_datetime(case.items["published_at"], utc=True) < case.cutoff]
+    return build_bundle(two_tower, ranker, case.spec, catalog, set(case.train["item_id"]),
+                        version=version, feature_service="retrieval_v1",
+                        snapshot_id=f"synthetic-{version}", as_of=case.cutoff)

@@ -1,0 +1,93 @@
+"""Registry round trip and promotion gate against real MLflow stores (SQLite and a
+PostgreSQL-backed ``mlflow server``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from recsys_models.bundle import load_bundle
+from recsys_models.registry import (
+    CHALLENGER,
+    CHAMPION,
+    alias_version,
+    list_versions,
+    load_alias,
+    promote,
+    register_bundle,
+)
+from recsys_models.train import TrainConfig, build_models
+from recsys_platform.settings import MlflowSettings, Settings, load_settings
+from tests.fixtures.mlflow_store import MlflowStore
+from tests.model.snapshots import make_bundle, synthetic_case, trained_bundle
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _settings(store: MlflowStore, tmp_path: Path) -> Settings:
+    base = load_settings("local")
+    mlflow = MlflowSettings(tracking_uri=store.tracking_uri,
+                            artifact_location=str(store.artifact_dir), experiment="registry-test",
+                            model_name=f"bundle-{store.kind}", promotion_tolerance=0.01)
+    return base.model_copy(update={"data_dir": tmp_path, "mlflow": mlflow})
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest) -> MlflowStore:
+    name = "mlflow_sqlite_store" if request.param == "sqlite" else "mlflow_postgres_store"
+    return request.getfixturevalue(name)
+
+
+def test_bundle_round_trips_and_gate_refuses_a_worse_challenger(
+    store: MlflowStore, tmp_path: Path
+) -> None:
+    settings = _settings(store, tmp_path)
+    case = synthetic_case()
+    good = trained_bundle()
+
+    first = register_bundle(settings, good, params={"epochs": 3}, run_name="good")
+    assert alias_version(settings, CHALLENGER) == first.version
+    decision = promote(settings, case.train, case.holdout, why="first model", who="ci")
+    assert decision.promoted and alias_version(settings, CHAMPION) == first.version
+
+    # Same scores through models:/<name>@champion as from the in-memory bundle.
+    champion = load_bundle(f"models:/{settings.mlflow.model_name}@champion",
+                           tracking_uri=settings.mlflow_tracking_uri)
+    users = case.holdout.drop_duplicates("user_id").head(20)
+    np.testing.assert_allclose(champion.encode_users(users), good.encode_users(users), atol=1e-6)
+    ids_a, s_a = good.search(good.encode_users(users), 10)
+    ids_b, s_b = champion.search(champion.encode_users(users), 10)
+    assert (ids_a == ids_b).all()
+    np.testing.assert_allclose(s_a, s_b, atol=1e-5)
+    rows = case.holdout.head(200)
+    np.testing.assert_allclose(champion.rank(rows, rows[["item_id"]])["score"],
+                               good.rank(rows, rows[["item_id"]])["score"], atol=1e-6)
+    assert champion.feature_service == "retrieval_v1"
+    assert champion.snapshot_id == good.snapshot_id
+    assert list(champion.item_ids) == list(good.item_ids)
+
+    # An untrained model is worse: the gate refuses and champion stays.
+    untrained_tt, untrained_rk = build_models(case.spec, TrainConfig(seed=99))
+    worse = make_bundle(case, untrained_tt, untrained_rk, "untrained")
+    second = register_bundle(settings, worse, run_name="worse")
+    assert alias_version(settings, CHALLENGER) == second.version
+    refused = promote(settings, case.train, case.holdout, why="should fail", who="ci")
+    assert not refused.promoted and refused.reasons
+    assert alias_version(settings, CHAMPION) == first.version
+    assert load_alias(settings, CHAMPION).version == good.version
+
+    uri = settings.mlflow_tracking_uri
+    client = MlflowClient(uri, registry_uri=uri)
+    tags_first = client.get_model_version(settings.mlflow.model_name, first.version).tags
+    assert tags_first["promoted_by"] == "ci" and tags_first["promotion_reason"] == "first model"
+    assert tags_first["gate.decision"] == "promoted"
+    tags_second = client.get_model_version(settings.mlflow.model_name, second.version).tags
+    assert tags_second["gate.decision"] == "refused"
+    assert json.loads(tags_second["gate.what"])["previous_champion"] == first.version
+    listed = list_versions(settings)
+    assert list(listed["version"]) == [second.version, first.version]
+    assert "champion" in listed.iloc[1]["aliases"]
