@@ -48,10 +48,12 @@ def test_bundle_round_trips_and_gate_refuses_a_worse_challenger(
     settings = _settings(store, tmp_path)
     case = synthetic_case()
     good = trained_bundle()
+    users = case.holdout["user_id"].drop_duplicates().head(120)
+    holdout = case.holdout[case.holdout["user_id"].isin(users)]  # small: the gate runs 3 evals
 
     first = register_bundle(settings, good, params={"epochs": 3}, run_name="good")
     assert alias_version(settings, CHALLENGER) == first.version
-    decision = promote(settings, case.train, case.holdout, why="first model", who="ci")
+    decision = promote(settings, case.train, holdout, why="first model", who="ci")
     assert decision.promoted and alias_version(settings, CHAMPION) == first.version
 
     # Same scores through models:/<name>@champion as from the in-memory bundle.
@@ -75,7 +77,7 @@ def test_bundle_round_trips_and_gate_refuses_a_worse_challenger(
     worse = make_bundle(case, untrained_tt, untrained_rk, "untrained")
     second = register_bundle(settings, worse, run_name="worse")
     assert alias_version(settings, CHALLENGER) == second.version
-    refused = promote(settings, case.train, case.holdout, why="should fail", who="ci")
+    refused = promote(settings, case.train, holdout, why="should fail", who="ci")
     assert not refused.promoted and refused.reasons
     assert alias_version(settings, CHAMPION) == first.version
     assert load_alias(settings, CHAMPION).version == good.version
