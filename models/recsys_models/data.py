@@ -230,14 +230,16 @@ def catalog_frame(items: pd.DataFrame, as_of: pd.Timestamp) -> pd.DataFrame:
 
 
 def snapshot_dir(data_dir: Path, snapshot_id: str | None = None) -> Path:
-    """The directory of a snapshot (the newest by name when ``snapshot_id`` is None)."""
+    """The directory of a snapshot (the most recently written when ``snapshot_id`` is None;
+    snapshot ids are content hashes, so names do not sort by time)."""
     root = Path(data_dir) / "training"
     if snapshot_id is not None:
         path = root / snapshot_id
         if not any(path.glob("*.parquet")):
             raise SnapshotNotFoundError(str(path))
         return path
-    candidates = sorted(p for p in root.glob("*") if p.is_dir() and any(p.glob("*.parquet")))
+    candidates = sorted((p for p in root.glob("*") if p.is_dir() and any(p.glob("*.parquet"))),
+                        key=lambda p: (max(f.stat().st_mtime for f in p.glob("*.parquet")), p.name))
     if not candidates:
         raise SnapshotNotFoundError(str(root))
     return candidates[-1]

@@ -1,0 +1,146 @@
+"""End-to-end steps the CLI and the demo call: train + evaluate + register, and holdouts.
+
+Thin orchestration over the plain functions of the other modules; all of it takes the typed
+settings and a snapshot id, and returns plain results.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from recsys_models.bundle import Bundle, build_bundle
+from recsys_models.data import CategoryIndex, EncoderSpec, item_log_q, read_snapshot, snapshot_dir
+from recsys_models.evaluate import EvaluationReport, evaluate_bundle
+from recsys_models.registry import Registered, register_bundle
+from recsys_models.train import TrainConfig, TrainedModels, fit, prepare_datasets
+from recsys_platform.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+HOLDOUT_FRACTION = 0.2
+EVAL_COLUMNS = ["user_id", "item_id", "event_time", "clicked"]
+
+
+def ensure_ray(settings: Settings) -> None:
+    """Connects to (or starts) Ray as the settings say; a no-op when already connected."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=settings.ray.address, num_cpus=settings.ray.num_cpus,
+                 include_dashboard=False, configure_logging=False)
+
+
+def load_catalog(settings: Settings, rows: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The item catalog: the lake's or landing's ``catalog/items.parquet``, else the item
+    metadata found in the snapshot rows."""
+    for base in (settings.lake_dir, settings.landing_dir):
+        path = Path(base) / "catalog" / "items.parquet"
+        if path.is_file():
+            return pd.read_parquet(path)
+    if rows is None:
+        raise FileNotFoundError(f"no catalog under {settings.lake_dir} or {settings.landing_dir}")
+    items = rows.drop_duplicates("item_id", keep="last").copy()
+    items["published_at"] = pd.to_datetime(items["event_time"], utc=True) - pd.to_timedelta(
+        items["item_age_days"].fillna(0), unit="D")
+    return items[["item_id", "category", "creator_id", "tags", "duration_ms", "published_at"]]
+
+
+@dataclass
+class Split:
+    """A snapshot split by time: Ray Data train rows, pandas holdout, pandas train labels."""
+
+    snapshot_id: str
+    cutoff: pd.Timestamp
+    train: Any  # ray.data.Dataset
+    train_labels: pd.DataFrame  # EVAL_COLUMNS of the train rows (popularity, exclusions)
+    holdout: pd.DataFrame
+
+
+def split_snapshot(settings: Settings, snapshot_id: str | None = None,
+                   holdout_fraction: float = HOLDOUT_FRACTION) -> Split:
+    """Reads a snapshot with Ray Data and splits it at a time quantile."""
+    path = snapshot_dir(settings.data_dir, snapshot_id)
+    ds = read_snapshot(path)
+    times = pd.to_datetime(ds.select_columns(["event_time"]).to_pandas()["event_time"], utc=True)
+    cutoff = times.quantile(1.0 - holdout_fraction)
+
+    def before(frame: pd.DataFrame) -> pd.DataFrame:
+        return frame[pd.to_datetime(frame["event_time"], utc=True) < cutoff]
+
+    def after(frame: pd.DataFrame) -> pd.DataFrame:
+        return frame[pd.to_datetime(frame["event_time"], utc=True) >= cutoff]
+
+    train = ds.map_batches(before, batch_format="pandas")
+    holdout = ds.map_batches(after, batch_format="pandas").to_pandas()
+    labels = train.select_columns(EVAL_COLUMNS).to_pandas()
+    return Split(path.name, cutoff, train, labels, holdout.reset_index(drop=True))
+
+
+@dataclass
+class TrainOutcome:
+    """What :func:`train_evaluate_register` produced."""
+
+    trained: TrainedModels
+    bundle: Bundle
+    report: EvaluationReport
+    registered: Registered | None
+    split: Split
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def train_evaluate_register(
+    settings: Settings, cfg: TrainConfig, *, snapshot_id: str | None = None,
+    workers: int | None = None, register: bool = True, spec_overrides: dict[str, Any] | None =
+    None,
+) -> TrainOutcome:
+    """Trains both models on Ray Train, builds the bundle, evaluates it and registers it."""
+    ensure_ray(settings)
+    t0 = datetime.now(UTC)
+    split = split_snapshot(settings, snapshot_id)
+    catalog = load_catalog(settings, split.holdout)
+    spec = EncoderSpec.from_catalog(catalog, list(split.holdout.columns), **(spec_overrides or {}))
+    CategoryIndex(spec)  # validates the vocabulary early
+    positives = split.train_labels.loc[split.train_labels["clicked"] == 1, "item_id"]
+    datasets = prepare_datasets(split.train, spec, item_log_q(positives))
+    t1 = datetime.now(UTC)
+    run_name = f"train-{t1:%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+    trained = fit(datasets, spec, cfg, num_workers=workers or settings.ray.train_workers,
+                  use_gpu=settings.ray.use_gpu,
+                  storage_path=str((settings.data_dir / "ray_results").resolve()),
+                  name=run_name, catalog=catalog)
+    t2 = datetime.now(UTC)
+    published = pd.to_datetime(catalog["published_at"], utc=True)
+    bundle = build_bundle(
+        trained.two_tower, trained.ranker, spec, catalog[published < split.cutoff],
+        set(split.train_labels["item_id"]), version=run_name,
+        feature_service=settings.feast.retrieval_service, snapshot_id=split.snapshot_id,
+        as_of=split.cutoff)
+    report = evaluate_bundle(bundle, split.train_labels, split.holdout, history=trained.history)
+    t3 = datetime.now(UTC)
+    registered = None
+    if register:
+        params = {"workers": workers or settings.ray.train_workers, **_flat(cfg.to_dict()),
+                  "snapshot_id": split.snapshot_id, "cutoff": split.cutoff.isoformat()}
+        registered = register_bundle(settings, bundle, params=params, history=trained.history,
+                                     report=report, run_name=run_name)
+    t4 = datetime.now(UTC)
+    seconds = {"prepare": (t1 - t0).total_seconds(), "fit": (t2 - t1).total_seconds(),
+               "evaluate": (t3 - t2).total_seconds(), "register": (t4 - t3).total_seconds()}
+    return TrainOutcome(trained, bundle, report, registered, split, seconds)
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

@@ -1,0 +1,180 @@
+"""``recsys train | evaluate | recommend`` and ``recsys models list | promote``.
+
+Commands parse arguments and call plain functions of ``recsys_models``; nothing else.
+Wire with ``models.register(app)`` (adds the top-level commands and the ``models`` group).
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import pandas as pd
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from recsys_platform.commands.context import current_settings
+from recsys_platform.settings import Settings
+
+app = typer.Typer(help="Model registry: list versions, promote the challenger.",
+                  no_args_is_help=True)
+console = Console()
+logger = logging.getLogger(__name__)
+
+
+def _print_metrics(title: str, metrics: dict[str, float]) -> None:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in sorted(metrics):
+        table.add_row(key, f"{metrics[key]:.4f}")
+    console.print(table)
+
+
+def train(
+    workers: Annotated[int | None, typer.Option(help="Ray Train workers "
+                                                     "(default: settings.ray.train_workers).")]
+    = None,
+    epochs: Annotated[int, typer.Option(help="Epochs.")] = 2,
+    batch_size: Annotated[int, typer.Option(help="Rows per step per worker.")] = 1024,
+    snapshot: Annotated[str | None, typer.Option(help="Snapshot id (default: newest).")] = None,
+    register: Annotated[bool, typer.Option(help="Register the bundle in MLflow.")] = True,
+) -> None:
+    """Trains the two-tower and the ranker on Ray Train, evaluates, registers a challenger."""
+    from recsys_models.train import TrainConfig
+    from recsys_models.workflow import train_evaluate_register
+
+    s = current_settings()
+    with console.status("training on Ray Train"):
+        out = train_evaluate_register(s, TrainConfig(epochs=epochs, batch_size=batch_size),
+                                      snapshot_id=snapshot, workers=workers, register=register)
+    _print_metrics(f"bundle {out.bundle.version} (snapshot {out.bundle.snapshot_id})",
+                   {k: v for k, v in out.report.metrics.items() if "@100" not in k})
+    if out.registered is not None:
+        console.print(f"registered {out.registered.uri} as challenger")
+    console.print(f"seconds: {json.dumps({k: round(v, 1) for k, v in out.seconds.items()})}")
+
+
+def evaluate(
+    alias: Annotated[str, typer.Option(help="Registry alias to evaluate.")] = "champion",
+    snapshot: Annotated[str | None, typer.Option(help="Snapshot id (default: newest).")] = None,
+) -> None:
+    """Evaluates a registered bundle and popularity on the snapshot's time holdout."""
+    from recsys_models.evaluate import evaluate_bundle
+    from recsys_models.registry import load_alias
+    from recsys_models.workflow import ensure_ray, split_snapshot
+
+    s = current_settings()
+    ensure_ray(s)
+    split = split_snapshot(s, snapshot)
+    report = evaluate_bundle(load_alias(s, alias), split.train_labels, split.holdout)
+    _print_metrics(f"{alias} on snapshot {split.snapshot_id}", report.metrics)
+
+
+def recommend(
+    users: Annotated[Path, typer.Option(help="Parquet/CSV/JSONL with user_id "
+                                             "(+ optional user_history).")],
+    out: Annotated[Path, typer.Option(help="Output file (.parquet or .csv).")],
+    k: Annotated[int, typer.Option(help="Items per user.")] = 10,
+    alias: Annotated[str, typer.Option(help="Registry alias.")] = "champion",
+    bundle_path: Annotated[Path | None, typer.Option("--bundle", help="Bundle directory "
+                                                     "instead of the registry.")] = None,
+) -> None:
+    """Writes the top-K items per user from a registered bundle (offline evaluation)."""
+    from recsys_models.bundle import load_bundle
+    from recsys_models.registry import load_alias
+
+    s = current_settings()
+    frame = _read_users(users)
+    bundle = load_bundle(bundle_path) if bundle_path else load_alias(s, alias)
+    recs = bundle.recommend(frame, k, candidates=max(s.serving.candidates, k))
+    recs.insert(0, "model_version", bundle.version)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    recs.to_csv(out, index=False) if out.suffix == ".csv" else recs.to_parquet(out, index=False)
+    console.print(f"wrote {len(recs)} rows for {frame['user_id'].nunique()} users to {out}")
+
+
+def _read_users(path: Path) -> pd.DataFrame:
+    if path.suffix == ".parquet":
+        frame = pd.read_parquet(path)
+    elif path.suffix in (".jsonl", ".json"):
+        frame = pd.read_json(path, lines=path.suffix == ".jsonl")
+    else:
+        frame = pd.read_csv(path)
+    if "user_history" not in frame.columns:
+        frame["user_history"] = [[] for _ in range(len(frame))]
+    frame["user_history"] = [json.loads(h) if isinstance(h, str) else list(h)
+                             for h in frame["user_history"]]
+    return frame
+
+
+@app.command("list")
+def list_models() -> None:
+    """Lists registered bundle versions with aliases, metrics and promotion tags."""
+    from recsys_models.registry import list_versions
+
+    frame = list_versions(current_settings())
+    table = Table(title="registered bundles")
+    for col in frame.columns:
+        table.add_column(col)
+    for row in frame.astype(str).itertuples(index=False):
+        table.add_row(*row)
+    console.print(table)
+
+
+@app.command("promote")
+def promote_cmd(
+    why: Annotated[str, typer.Option(help="Reason, recorded on the version.")],
+    snapshot: Annotated[str | None, typer.Option(help="Holdout snapshot (default: newest).")]
+    = None,
+    force: Annotated[bool, typer.Option(help="Promote even if the gate refuses.")] = False,
+) -> None:
+    """Promotes the challenger to champion if it is not worse on the same holdout."""
+    from recsys_models.errors import PromotionRefusedError
+    from recsys_models.registry import promote
+    from recsys_models.workflow import ensure_ray, split_snapshot
+
+    s = current_settings()
+    ensure_ray(s)
+    split = split_snapshot(s, snapshot)
+    result = promote(s, split.train_labels, split.holdout, why=why, who=getpass.getuser(),
+                     force=force)
+    if not result.promoted:
+        raise PromotionRefusedError(result.challenger, result.reasons)
+    console.print(f"champion -> version {result.challenger} (was {result.champion})")
+
+
+app.command("train")(train)
+app.command("evaluate")(evaluate)
+app.command("recommend")(recommend)
+
+
+def register(root: typer.Typer) -> None:
+    """Adds ``train``, ``evaluate``, ``recommend`` at the top level and the ``models`` group."""
+    root.command("train")(train)
+    root.command("evaluate")(evaluate)
+    root.command("recommend")(recommend)
+    root.add_typer(app, name="models")
+
+
+def demo_step(settings: Settings, console: Console) -> None:
+    """Demo: short training on 2 Ray Train workers, evaluate, register, promote."""
+    from recsys_models.registry import promote
+    from recsys_models.train import TrainConfig
+    from recsys_models.workflow import train_evaluate_register
+
+    console.rule("models: train on 2 Ray Train workers, evaluate, register, promote")
+    out = train_evaluate_register(settings, TrainConfig(epochs=2, batch_size=1024), workers=2)
+    m = out.report.metrics
+    console.print(
+        f"two-tower recall@50 {m['two_tower/recall@50']:.3f} vs popularity "
+        f"{m['popularity/recall@50']:.3f}; ranker AUC {m['ranker/auc']:.3f}; "
+        f"ANN recall@100 {m['ann/recall@100']:.3f}; fit {out.seconds['fit']:.0f}s")
+    result = promote(settings, out.split.train_labels, out.split.holdout, why="make demo",
+                     who="demo")
+    state = "promoted to champion" if result.promoted else "refused: " + "; ".join(result.reasons)
+    console.print(f"version {result.challenger}: {state}")
