@@ -40,6 +40,11 @@ GATED_METRICS: tuple[str, ...] = ("two_tower/recall@50", "ranker/auc")  # higher
 _REQUIREMENTS = ("torch", "numpy", "pandas", "pyarrow", "hnswlib", "mlflow", "scikit-learn")
 
 
+def metric_key(name: str) -> str:
+    """MLflow metric names may not contain '@': ``recall@50`` is logged as ``recall_at_50``."""
+    return name.replace("@", "_at_")
+
+
 def pip_requirements() -> list[str]:
     """Explicit pins (MLflow's inference of requirements costs seconds per log_model)."""
     pins = []
@@ -123,7 +128,8 @@ def register_bundle(
                 mlflow.log_metrics({f"train/{k}": v for k, v in h.items()
                                     if k != "epoch" and v == v}, step=int(h["epoch"]))
             if report is not None:
-                mlflow.log_metrics({k: v for k, v in report.metrics.items() if v == v})
+                mlflow.log_metrics({metric_key(k): v for k, v in report.metrics.items()
+                                    if v == v})
                 for fname, fig in report.figures().items():
                     mlflow.log_figure(fig, f"plots/{fname}")
                 bundle.metrics = dict(report.metrics)

@@ -11,6 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from recsys_models.bundle import load_bundle
+from recsys_models.evaluate import evaluate_bundle
 from recsys_models.registry import (
     CHALLENGER,
     CHAMPION,
@@ -51,7 +52,9 @@ def test_bundle_round_trips_and_gate_refuses_a_worse_challenger(
     users = case.holdout["user_id"].drop_duplicates().head(120)
     holdout = case.holdout[case.holdout["user_id"].isin(users)]  # small: the gate runs 3 evals
 
-    first = register_bundle(settings, good, params={"epochs": 3}, run_name="good")
+    report = evaluate_bundle(good, case.train, holdout)
+    first = register_bundle(settings, good, params={"epochs": 3}, report=report,
+                            history=[{"epoch": 0.0, "retrieval_loss": 1.0}], run_name="good")
     assert alias_version(settings, CHALLENGER) == first.version
     decision = promote(settings, case.train, holdout, why="first model", who="ci")
     assert decision.promoted and alias_version(settings, CHAMPION) == first.version
@@ -90,6 +93,11 @@ def test_bundle_round_trips_and_gate_refuses_a_worse_challenger(
     tags_second = client.get_model_version(settings.mlflow.model_name, second.version).tags
     assert tags_second["gate.decision"] == "refused"
     assert json.loads(tags_second["gate.what"])["previous_champion"] == first.version
+    run = client.get_run(first.run_id)
+    assert run.data.metrics["two_tower/recall_at_50"] == pytest.approx(
+        report.metrics["two_tower/recall@50"])
+    artifacts = {a.path for a in client.list_artifacts(first.run_id, "plots")}
+    assert "plots/recall_at_k.png" in artifacts
     listed = list_versions(settings)
     assert list(listed["version"]) == [second.version, first.version]
     assert "champion" in listed.iloc[1]["aliases"]
