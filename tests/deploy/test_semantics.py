@@ -12,6 +12,7 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
+from recsys_platform.settings import load_settings
 from tests.conftest import REPO_ROOT
 from tests.deploy.conftest import VALUES_FILES, Manifest, by_kind, one
 
@@ -70,8 +71,7 @@ def containers(pod: dict[str, Any]) -> list[dict[str, Any]]:
     return [*pod.get("initContainers", []), *pod.get("containers", [])]
 
 
-def all_objects() -> list[str]:
-    return sorted(VALUES_FILES)
+VALUES_NAMES = sorted(VALUES_FILES)
 
 
 def test_serve_config_parses_and_import_path_exists(rendered: dict[str, list[Manifest]]) -> None:
@@ -132,7 +132,7 @@ def _images(objects: list[Manifest]) -> Iterator[tuple[str, str]]:
                     yield f"{where} {pod_where} {container['name']}", container["image"]
 
 
-@pytest.mark.parametrize("name", all_objects())
+@pytest.mark.parametrize("name", VALUES_NAMES)
 def test_every_image_tag_is_pinned(rendered: dict[str, list[Manifest]], name: str) -> None:
     images = list(_images(rendered[name]))
     assert len(images) >= 5
@@ -147,7 +147,7 @@ def _effective(pod: dict[str, Any], container: dict[str, Any], key: str) -> Any:
     return container.get("securityContext", {}).get(key, pod.get("securityContext", {}).get(key))
 
 
-@pytest.mark.parametrize("name", all_objects())
+@pytest.mark.parametrize("name", VALUES_NAMES)
 def test_every_container_has_limits_and_runs_as_non_root(
         rendered: dict[str, list[Manifest]], name: str) -> None:
     checked = 0
@@ -178,7 +178,7 @@ def test_every_container_has_limits_and_runs_as_non_root(
     assert checked >= 8
 
 
-@pytest.mark.parametrize("name", all_objects())
+@pytest.mark.parametrize("name", VALUES_NAMES)
 def test_no_secret_values_in_the_chart(rendered: dict[str, list[Manifest]], name: str) -> None:
     assert not by_kind(rendered[name], "Secret"), "the chart must not ship Secrets"
     for obj in rendered[name]:
@@ -193,7 +193,7 @@ def test_no_secret_values_in_the_chart(rendered: dict[str, list[Manifest]], name
     assert "secretKeyRef" in env["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]
 
 
-@pytest.mark.parametrize("name", all_objects())
+@pytest.mark.parametrize("name", VALUES_NAMES)
 def test_service_names_match_the_configmap_addresses(
         rendered: dict[str, list[Manifest]], name: str) -> None:
     data = one(rendered[name], "ConfigMap", "recsys-config")["data"]
@@ -205,7 +205,7 @@ def test_service_names_match_the_configmap_addresses(
         assert url.port in ports, f"{key}={data[key]}: Service ports {ports}"
 
 
-@pytest.mark.parametrize("name", all_objects())
+@pytest.mark.parametrize("name", VALUES_NAMES)
 def test_rbac_is_namespaced_and_least(rendered: dict[str, list[Manifest]], name: str) -> None:
     objects = rendered[name]
     assert not by_kind(objects, "ClusterRole") and not by_kind(objects, "ClusterRoleBinding")
@@ -225,7 +225,7 @@ def test_rbac_is_namespaced_and_least(rendered: dict[str, list[Manifest]], name:
         assert flink[0]["spec"]["serviceAccount"] in bound
 
 
-@pytest.mark.parametrize("name", all_objects())
+@pytest.mark.parametrize("name", VALUES_NAMES)
 def test_network_policies_guard_stateful_services(
         rendered: dict[str, list[Manifest]], name: str) -> None:
     policies = {p["metadata"]["name"]: p for p in by_kind(rendered[name], "NetworkPolicy")}
@@ -252,3 +252,12 @@ def _pod_labels(obj: Manifest) -> dict[str, str]:
     if obj["kind"] == "FlinkDeployment":
         return dict(spec["podTemplate"].get("metadata", {}).get("labels", {}))
     return {}
+
+
+def test_default_autoscaling_is_the_k8s_profile(rendered: dict[str, list[Manifest]]) -> None:
+    serving = load_settings("k8s").serving
+    config = yaml.safe_load(one(rendered["default"], "RayService")["spec"]["serveConfigV2"])
+    autoscaling = config["applications"][0]["deployments"][0]["autoscaling_config"]
+    assert autoscaling == {"min_replicas": serving.min_replicas,
+                           "max_replicas": serving.max_replicas,
+                           "target_ongoing_requests": serving.target_ongoing_requests}

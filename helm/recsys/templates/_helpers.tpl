@@ -65,10 +65,12 @@ capabilities:
     name: {{ include "recsys.name" (dict "root" . "component" "config") }}
 {{- end -}}
 
-{{/* Labels that let a pod through the NetworkPolicies of Redis and MLflow. */}}
+{{/* Labels that let a pod through the NetworkPolicies of Redis, MLflow and PostgreSQL
+(Ray and Flink pods read the Feast SQL registry). */}}
 {{- define "recsys.clientLabels" -}}
 recsys.io/redis-client: "true"
 recsys.io/mlflow-client: "true"
+recsys.io/postgresql-client: "true"
 {{- end -}}
 
 {{/*
