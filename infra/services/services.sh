@@ -22,7 +22,9 @@ BIN="$(dirname "$PYTHON")"
 MLFLOW_DB_URI="${RECSYS_MLFLOW_DB_URI:-postgresql+psycopg://postgres@127.0.0.1:5432/recsys_mlflow}"
 TIMEOUT_S="${SERVICES_TIMEOUT_S:-120}"
 
-eval "$("$PYTHON" infra/services/services_config.py env)"
+config="$("$PYTHON" infra/services/services_config.py env)" || {
+  echo "services: cannot read the services settings profile" >&2; exit 1; }
+eval "$config"
 STATE_DIR="$DATA_DIR/services"
 MLFLOW_URL="http://$MLFLOW_HOST:$MLFLOW_PORT"
 
