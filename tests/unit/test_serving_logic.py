@@ -126,7 +126,9 @@ def test_redis_down_and_ranker_failure_degrade_without_error() -> None:
     resp = rec.recommend(RecommendRequest(user_id="u1", k=3))
     assert resp.source == "retrieval_order"
     assert "user_features" in resp.degraded and "ranker" in resp.degraded
-    assert [i.item_id for i in resp.items] == ["i1", "i2", "i3"]  # popular, retrieval order
+    # retrieval still runs, with default features, and its order is kept
+    assert [i.item_id for i in resp.items] == ["i0", "i1", "i2"]
+    assert {i.source for i in resp.items} == {"retrieval"}
 
 
 def test_no_bundle_serves_popular() -> None:
@@ -199,3 +201,30 @@ def test_request_validation(body: dict[str, Any]) -> None:
 
     with pytest.raises(ValidationError):
         RecommendRequest(**body)
+
+
+def test_impression_log_writes_contract_rows_and_keeps_rows_on_failure(tmp_path: Any) -> None:
+    import pyarrow.parquet as pq
+
+    from recsys_platform.contracts import validate_events
+    from recsys_platform.serving.impressions import ImpressionLogger
+
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where a folder should be")
+    failing = ImpressionLogger(blocked, flush_every=10_000)
+    failing.log("r1", "u1", [("i1", 0.5, "retrieval")], "3", "feed", "ios")
+    with pytest.raises(OSError):
+        failing.flush()
+    assert len(failing._served) == 1  # kept for the next flush
+
+    log = ImpressionLogger(tmp_path / "landing", stream_dir=tmp_path / "stream",
+                           flush_every=10_000)
+    log.log("r1", "u1", [("i1", 0.5, "retrieval"), ("i2", 0.4, "popular")], "3", "feed", "ios")
+    assert log.flush() == 2
+    events = pq.read_table(next((tmp_path / "landing" / "events").rglob("*.parquet"))).to_pandas()
+    valid, rejected = validate_events(events)
+    assert rejected.empty and list(valid["event_id"]) == ["r1-0", "r1-1"]
+    assert set(valid["model_version"]) == {"3"}
+    served = pq.read_table(next((tmp_path / "landing" / "served").rglob("*.parquet")))
+    assert served.column("position").to_pylist() == [0, 1]
+    assert len(list((tmp_path / "stream").glob("*.jsonl"))) == 1

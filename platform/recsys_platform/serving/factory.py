@@ -103,7 +103,11 @@ def build_recommender(settings: Settings) -> tuple[Recommender, ItemCache]:
     cache.on_refresh.append(lambda _: index_new_items(manager, catalog))
     cache.refresh()
     cache.start()
-    impressions = ImpressionLogger(settings.landing_dir, flush_every=500)
+    stream_dir = Path(settings.path(settings.flink.stream_dir))
+    impressions = ImpressionLogger(settings.landing_dir,
+                                   stream_dir if settings.flink.source == "file" else None,
+                                   flush_every=500)
+    impressions.start()
     options = ServingOptions(candidates=settings.serving.candidates,
                              user_features_timeout_s=settings.redis.timeout_ms / 1000)
     recommender = Recommender(manager, FeastFeatureSource(store, cache), impressions, metrics,

@@ -61,6 +61,25 @@ class ImpressionLogger:
         self._served: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self._files = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, interval_s: float = 5.0) -> None:
+        """Flushes in a daemon thread every ``interval_s`` until :meth:`stop`."""
+
+        def loop() -> None:
+            while not self._stop.wait(interval_s):
+                try:
+                    self.flush()
+                except OSError as exc:  # rows stay buffered for the next try
+                    logger.error("impression log flush failed: %s", exc)
+
+        self._thread = threading.Thread(target=loop, name="impression-log", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.flush()
 
     def log(self, request_id: str, user_id: str, items: list[tuple[str, float, str]],
             bundle_version: str | None, surface: str, device: str) -> None:
@@ -86,7 +105,15 @@ class ImpressionLogger:
             n = self._files
         if not rows:
             return 0
-        stamp = f"{int(time.time() * 1000)}-{os.getpid()}-{n}"
+        try:
+            self._write(rows, f"{int(time.time() * 1000)}-{os.getpid()}-{n}")
+        except Exception:
+            with self._lock:  # nothing is lost: the rows go back to the buffer
+                self._served[:0] = rows
+            raise
+        return len(rows)
+
+    def _write(self, rows: list[dict[str, Any]], stamp: str) -> None:
         by_day: dict[str, list[dict[str, Any]]] = {}
         for row in rows:
             by_day.setdefault(row["served_at"].date().isoformat(), []).append(row)
@@ -98,7 +125,6 @@ class ImpressionLogger:
                             self._landing / "served" / f"date={day}" / f"served-{stamp}.parquet")
             if self._stream is not None:
                 self._write_jsonl(events, self._stream / f"served-{day}-{stamp}.jsonl")
-        return len(rows)
 
     @staticmethod
     def _event(row: dict[str, Any]) -> dict[str, Any]:

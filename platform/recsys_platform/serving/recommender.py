@@ -99,21 +99,24 @@ class Recommender:
         logger.warning("stage %s fell back: %s", stage, exc)
 
     def _user_row(self, user_id: str, degraded: list[str]) -> tuple[pd.DataFrame, bool]:
+        """One user row and whether retrieval should run for it.
+
+        A user the store does not know is a cold-start user (no retrieval); when the store
+        cannot answer in time, the user is served by retrieval with default features.
+        """
         with self._stage("user_features"):
             try:
                 future = self._pool.submit(self.features.user_features, user_id)
                 found = future.result(timeout=self.options.user_features_timeout_s)
-            except FutureTimeout as exc:
+                known = found is not None
+            except (FutureTimeout, Exception) as exc:  # Redis down or slow, Feast error
                 self._fallback(degraded, "user_features", exc)
-                found = None
-            except Exception as exc:  # Redis down, Feast error: serve with defaults
-                self._fallback(degraded, "user_features", exc)
-                found = None
+                found, known = None, True
         row = dict(found or {})
         history = list(row.get("user_history") or [])[:HISTORY_LENGTH]
         row["user_history"] = history
         row["user_id"] = user_id
-        return pd.DataFrame([row]), found is not None
+        return pd.DataFrame([row]), known
 
     def _lists(self, degraded: list[str]) -> dict[str, list[str]]:
         try:
