@@ -99,7 +99,11 @@ spec:
       envFrom:
         {{- include "recsys.configEnvFrom" $root | nindent 8 }}
       env:
-        {{- include "recsys.secretEnv" $root | nindent 8 }}
+        - name: RAY_USAGE_STATS_ENABLED   # no usage reports from inside the cluster
+          value: "0"
+        {{- with include "recsys.secretEnv" $root | trim }}
+        {{- . | nindent 8 }}
+        {{- end }}
       {{- with .ports }}
       ports:
         {{- toYaml . | nindent 8 }}
