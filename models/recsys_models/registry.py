@@ -151,7 +151,7 @@ def register_bundle(
             client.set_model_version_tag(name, version, key, value)
         if report is not None:
             for metric in GATED_METRICS:
-                client.set_model_version_tag(name, version, metric,
+                client.set_model_version_tag(name, version, metric_key(metric),
                                              f"{report.metrics.get(metric, float('nan')):.6f}")
         client.set_registered_model_alias(name, CHALLENGER, version)
     logger.info("registered %s version %s (run %s) as %s", name, version, run.info.run_id,
@@ -272,6 +272,6 @@ def list_versions(settings: Settings) -> pd.DataFrame:
         rows.append({"version": str(v.version), "aliases": ",".join(aliases.get(str(v.version),
                                                                                  [])),
                      "created": pd.Timestamp(v.creation_timestamp, unit="ms", tz="UTC"),
-                     **{c: v.tags.get(c, "") for c in cols[3:]}})
+                     **{c: v.tags.get(metric_key(c), "") for c in cols[3:]}})
     frame = pd.DataFrame(rows, columns=cols)
     return frame.sort_values("version", key=lambda s: s.astype(int), ascending=False)

@@ -168,7 +168,7 @@ def demo_step(settings: Settings, console: Console) -> None:
     from recsys_models.workflow import train_evaluate_register
 
     console.rule("models: train on 2 Ray Train workers, evaluate, register, promote")
-    out = train_evaluate_register(settings, TrainConfig(epochs=2, batch_size=1024), workers=2)
+    out = train_evaluate_register(settings, TrainConfig(epochs=3, batch_size=256), workers=2)
     m = out.report.metrics
     console.print(
         f"two-tower recall@50 {m['two_tower/recall@50']:.3f} vs popularity "
