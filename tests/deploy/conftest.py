@@ -37,7 +37,8 @@ def helm_template(helm: Path, values: list[str], *extra: str) -> list[Manifest]:
     Raises:
         AssertionError: helm failed; the message carries its stderr.
     """
-    args = ["template", "recsys", ".", "--namespace", "recsys"]
+    args = ["template", "recsys", ".", "--namespace", "recsys",
+            "--kube-version", f"{KUBERNETES_VERSION}.0"]
     for name in values:
         args += ["-f", name]
     done = helm_run(helm, *args, *extra)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.deploy.conftest import VALUES_FILES, Manifest, helm_run
+from tests.deploy.conftest import KUBERNETES_VERSION, VALUES_FILES, Manifest, helm_run
 from tests.deploy.helm import helm_version
 
 
@@ -16,7 +16,7 @@ def test_helm_is_real(helm: Path) -> None:
 
 @pytest.mark.parametrize("name", sorted(VALUES_FILES))
 def test_helm_lint_strict(helm: Path, name: str) -> None:
-    args = ["lint", "--strict", "."]
+    args = ["lint", "--strict", ".", "--kube-version", f"{KUBERNETES_VERSION}.0"]
     for values in VALUES_FILES[name]:
         args += ["-f", values]
     done = helm_run(helm, *args)
