@@ -13,9 +13,10 @@ FROM ${PYTHON_IMAGE}
 ARG FLINK_VERSION=2.3.0
 # Kafka connector for Flink 2.x, from Maven Central; verified against its published SHA-1.
 ARG KAFKA_CONNECTOR_VERSION=4.0.1-2.0
-# What the stream job imports (the floor-0 platform modules and the Flink job), not the whole
-# project: no torch, no Ray in the Flink image. Keep in step with recsys_pipelines.stream.
-ARG STREAM_REQUIREMENTS="apache-flink==2.3.0 redis pydantic pydantic-settings pyyaml pyarrow pandas numpy"
+# What the stream job imports (PyFlink, the floor-0 platform modules, Feast's Redis key and
+# value encoding), not the whole project: no torch, no Ray in the Flink image. Keep in step
+# with the imports of recsys_pipelines.stream.
+ARG STREAM_REQUIREMENTS="apache-flink==2.3.0 feast[redis] protobuf redis pydantic pydantic-settings pyyaml pyarrow pandas numpy"
 
 RUN apt-get update \
  && apt-get install -y --no-install-recommends openjdk-17-jre-headless curl gosu \
@@ -47,7 +48,7 @@ COPY models ./models
 RUN pip install --no-cache-dir -c constraints.txt ${STREAM_REQUIREMENTS} \
  && pip install --no-cache-dir --no-deps . \
  && rm -rf platform pipelines models \
- && python -c "import pyflink, recsys_pipelines, recsys_platform.settings"
+ && python -c "import pyflink, recsys_pipelines.stream.job"
 
 USER 9999:9999
 WORKDIR /opt/flink

@@ -107,8 +107,8 @@ def test_flink_job_module_exists_and_jar_matches_pyflink(
     for objects in rendered.values():
         job = one(objects, "FlinkDeployment")["spec"]["job"]
         assert job["entryClass"] == "org.apache.flink.client.python.PythonDriver"
-        flag, module = job["args"][0], job["args"][1]
-        assert flag == "-pym"
+        flag, module, *rest = job["args"]
+        assert flag == "-pym" and rest == ["--profile", "k8s"]
         assert module_file(module) == REPO_ROOT / "pipelines/recsys_pipelines/stream/job.py", (
             f"Flink job module {module} has no file in the repository")
         assert job["jarURI"].endswith(f"/flink-python-{flink_version}.jar")
