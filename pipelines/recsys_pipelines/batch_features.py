@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -85,32 +86,45 @@ def ensure_ray(settings: Settings) -> None:
              include_dashboard=False, log_to_driver=False, configure_logging=False)
 
 
-def _partials(batch: pd.DataFrame, key: str, bases: Sequence[_Base]) -> pd.DataFrame:
-    """Per-event contributions of each base; Ray Data sums them per (entity, day)."""
-    out = pd.DataFrame({key: batch[key].to_numpy(), _BUCKET: bucket_of(batch["event_time"])})
+def _partials(batch: pd.DataFrame, keys: Sequence[str], bases: Sequence[_Base]) -> pd.DataFrame:
+    """Per-event contributions of each base, once per entity key (stacked, ``_kind`` = key).
+
+    Ray Data then sums them per ``(_kind, _id, _day)``.
+    """
+    day = bucket_of(batch["event_time"])
+    values: dict[str, np.ndarray] = {}
     for base in bases:
         hit = batch["event_type"].isin(base.event_types).to_numpy()
         if base.kind == "count":
-            out[base.name] = hit.astype(np.int64)
+            values[base.name] = hit.astype(np.int64)
         else:
             assert base.column is not None
-            values = batch[base.column].fillna(0).to_numpy(dtype=np.int64)
-            out[base.name] = np.where(hit, values, 0)
-    return out
+            column = batch[base.column].fillna(0).to_numpy(dtype=np.int64)
+            values[base.name] = np.where(hit, column, 0)
+    frames = [pd.DataFrame({"_kind": key, "_id": batch[key].to_numpy(), _BUCKET: day, **values})
+              for key in keys]
+    return pd.concat(frames, ignore_index=True)
 
 
-def daily_partials(lake_files: list[str], key: str, bases: Sequence[_Base]) -> pd.DataFrame:
-    """Ray Data: per (entity, day bucket) sums of every base. Columns: key, ``_day``, bases."""
-    import ray.data
+def daily_partials(ds: Any, keys: Sequence[str], bases: Sequence[_Base]) -> dict[str, pd.DataFrame]:
+    """Ray Data: per (entity, day bucket) sums of every base, for each entity key.
 
-    columns = sorted({key, "event_time", "event_type"} | {b.column for b in bases if b.column})
-    ds = ray.data.read_parquet(lake_files, columns=columns)
-    ds = ds.map_batches(
-        _partials, batch_format="pandas", fn_kwargs={"key": key, "bases": bases}  # type: ignore[arg-type]
-    )
+    Args:
+        ds: A Ray dataset of lake events.
+        keys: Entity key columns (``user_id``, ``item_id``).
+        bases: What to count or sum.
+
+    Returns:
+        For each key, a frame with columns key, ``_day`` and one column per base.
+    """
     names = [b.name for b in bases]
-    daily = ds.groupby([key, _BUCKET]).sum(names).to_pandas()
-    return daily.rename(columns={f"sum({n})": n for n in names})
+    stacked = ds.map_batches(
+        _partials, batch_format="pandas", fn_kwargs={"keys": keys, "bases": bases}
+    )
+    daily = stacked.groupby(["_kind", "_id", _BUCKET]).sum(names).to_pandas()
+    daily = daily.rename(columns={f"sum({n})": n for n in names})
+    return {key: daily[daily["_kind"] == key].drop(columns="_kind").rename(columns={"_id": key})
+            for key in keys}
 
 
 def _engaged_only(batch: pd.DataFrame) -> pd.DataFrame:
@@ -258,24 +272,24 @@ def compute_features(lake_dir: Path, start: date, end: date) -> FeatureTables:
     if not files:
         raise EmptyLakeError(lake_dir, start, end)
     last_bucket = _day_index(end)
+    import ray.data
+
+    columns = sorted({"event_id", "event_time", "event_type", F.USER_KEY, F.ITEM_KEY}
+                     | {a.column for g in F.BATCH_GROUPS for a in g.aggregates if a.column})
+    ds = ray.data.read_parquet(files, columns=columns).materialize()  # read once, used twice
+    bases = sorted({_base(a) for g in F.BATCH_GROUPS for a in g.aggregates},
+                   key=lambda b: b.name)
+    keys = [F.ENTITY_KEYS[g.entity] for g in F.BATCH_GROUPS]
+    partials = daily_partials(ds, keys, bases)
     frames: dict[str, pd.DataFrame] = {}
     firsts: dict[str, pd.Series] = {}
     for group in F.BATCH_GROUPS:
         key = F.ENTITY_KEYS[group.entity]
-        bases = sorted({_base(a) for a in group.aggregates}, key=lambda b: b.name)
-        daily = daily_partials(files, key, bases)
+        daily = partials[key]
         daily = daily[daily[_BUCKET] <= last_bucket]
         firsts[group.entity] = _first_days(daily, key)
         frames[group.name] = windowed_features(daily, key, group, out_days)
-
-    import ray.data
-
-    engaged = (
-        ray.data.read_parquet(files, columns=["event_id", "event_time", "user_id", "item_id",
-                                              "event_type"])
-        .map_batches(_engaged_only, batch_format="pandas")
-        .to_pandas()
-    )
+    engaged = ds.map_batches(_engaged_only, batch_format="pandas").to_pandas()
     engaged = engaged[bucket_of(engaged["event_time"]) <= last_bucket]
     items = read_catalog(lake_dir)
     categories = items.set_index(F.ITEM_KEY)["category"]

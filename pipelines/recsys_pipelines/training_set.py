@@ -35,7 +35,12 @@ IMPRESSION_COLUMNS: tuple[str, ...] = (
     "user_id", "item_id", "event_time", "clicked", "watch_time_ms", "item_duration_ms",
 )
 WATCH_TYPES: tuple[str, ...] = ("watch", "skip")  # both carry the watched time
-TRAINING_VIEWS: tuple[str, ...] = (*F.FEATURE_SERVICES["ranking_v1"], "user_history")
+# Stream views are online-only (the Flink job writes Redis; their offline tables stay empty),
+# so training reads the batch views of ranking_v1 plus the history.
+STREAM_VIEWS: tuple[str, ...] = tuple(g.name for g in F.STREAM_GROUPS)
+TRAINING_VIEWS: tuple[str, ...] = (
+    *(v for v in F.FEATURE_SERVICES["ranking_v1"] if v not in STREAM_VIEWS), "user_history"
+)
 _KEY = ["user_id", "item_id", "request_id"]
 
 
@@ -75,27 +80,26 @@ def label_impressions(events: pd.DataFrame, window: timedelta = LABEL_WINDOW) ->
 
 
 def feature_refs(store: FeatureStore) -> list[str]:
-    """``view:feature`` references of the ranking service plus the user history."""
+    """``view:feature`` references of :data:`TRAINING_VIEWS` (the ranking service's views)."""
+    service = {p.name for p in store.get_feature_service("ranking_v1").feature_view_projections}
     refs: list[str] = []
-    service = store.get_feature_service("ranking_v1")
-    for projection in service.feature_view_projections:
-        refs += [f"{projection.name}:{f.name}" for f in projection.features]
-    history = store.get_feature_view("user_history")
-    refs += [f"user_history:{f.name}" for f in history.features if f"user_history:{f.name}"
-             not in refs]
+    for view in TRAINING_VIEWS:
+        if view != "user_history" and view not in service:
+            continue
+        refs += [f"{view}:{f.name}" for f in store.get_feature_view(view).features]
     return refs
 
 
 def build_training_set(store: FeatureStore, impressions: pd.DataFrame) -> pd.DataFrame:
-    """Joins labelled impressions to their features as of each impression's time.
+    """Joins labelled impressions to their batch features as of each impression's time.
 
     Args:
         store: The platform's Feast store (definitions applied, offline tables written).
         impressions: Output of :func:`label_impressions`.
 
     Returns:
-        The impressions, in their order, with one column per feature of ``ranking_v1`` and
-        ``user_history``; a feature is null when no row of its view is at or before the
+        The impressions, in their order, with one column per feature of
+        :data:`TRAINING_VIEWS`; a feature is null when no row of its view is at or before the
         impression within the view's TTL.
 
     Raises:
@@ -107,8 +111,20 @@ def build_training_set(store: FeatureStore, impressions: pd.DataFrame) -> pd.Dat
     entity_df = impressions.rename(columns={"event_time": "event_timestamp"}).copy()
     entity_df["event_timestamp"] = pd.to_datetime(entity_df["event_timestamp"], utc=True)
     entity_df["_row"] = np.arange(len(entity_df))
-    job = store.get_historical_features(entity_df=entity_df, features=feature_refs(store))
-    frame = job.to_df().sort_values("_row").drop(columns="_row").reset_index(drop=True)
+    frame = entity_df
+    by_view: dict[str, list[str]] = {}
+    for ref in feature_refs(store):
+        by_view.setdefault(ref.split(":")[0], []).append(ref)
+    # One retrieval per view, merged back on the row number: Feast's file (dask) offline
+    # store drops an entity row outright when its entity has rows but none inside
+    # [t - ttl, t], and a dropped row would also lose the features of the other views.
+    for view, refs in by_view.items():
+        key = F.ENTITY_KEYS["user" if view.startswith("user") else "item"]
+        query = entity_df[[key, "event_timestamp", "_row"]]
+        joined = store.get_historical_features(entity_df=query, features=refs).to_df()
+        columns = [ref.split(":")[1] for ref in refs]
+        frame = frame.merge(joined[["_row", *columns]], on="_row", how="left")
+    frame = frame.sort_values("_row").drop(columns="_row").reset_index(drop=True)
     frame = frame.rename(columns={"event_timestamp": "event_time"})
     logger.info("training set: %d rows, %d columns", len(frame), frame.shape[1])
     return frame
