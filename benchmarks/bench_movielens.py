@@ -82,15 +82,30 @@ def warm(train: pd.DataFrame, holdout: pd.DataFrame) -> pd.DataFrame:
     return holdout[holdout["user_id"].isin(liked)]
 
 
+def per_user_split(rows: pd.DataFrame, fraction: float
+                   ) -> tuple[pd.DataFrame, pd.DataFrame, pd.Timestamp]:
+    """Each user's last ``fraction`` of rows (by time) is their holdout."""
+    ordered = rows.sort_values(["user_id", "event_time"], kind="stable")
+    pos = ordered.groupby("user_id").cumcount()
+    size = ordered.groupby("user_id")["item_id"].transform("size")
+    is_holdout = pos >= np.ceil(size * (1 - fraction))
+    train = ordered[~is_holdout].sort_values("event_time", kind="stable")
+    holdout = ordered[is_holdout].sort_values("event_time", kind="stable")
+    return train.reset_index(drop=True), holdout.reset_index(drop=True), rows["event_time"].max()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--path", type=Path, default=Path("../shared/datasets/ml-latest-small"))
+    parser.add_argument("--protocol", choices=("global", "per-user"), default="global",
+                        help="global time cutoff, or each user's last 20%% by time")
     args = parser.parse_args()
     t0 = time.perf_counter()
     ml = load_movielens(args.path)
     rows = movielens_rows(ml.interactions, ml.items)
-    train, holdout, cutoff = time_split(rows, 0.2)
-    fit_rows, val_rows, val_cut = time_split(train, 0.1)
+    split = time_split if args.protocol == "global" else per_user_split
+    train, holdout, cutoff = split(rows, 0.2)
+    fit_rows, val_rows, val_cut = split(train, 0.1)
     print(f"rows {len(rows)}, train {len(train)}, holdout {len(holdout)}, cutoff {cutoff}")
 
     tt_grid = [(TwoTowerConfig(dim=32, temperature=t, id_dropout=0.1), e)
