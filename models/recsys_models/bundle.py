@@ -91,7 +91,12 @@ class Bundle:
         return base.join(meta[add], on="item_id")
 
     def rank(self, users: pd.DataFrame, items: pd.DataFrame) -> pd.DataFrame:
-        """``user_id, item_id, p_click, watch_time_ms_pred, score`` per aligned row."""
+        """``user_id, item_id, p_click, watch_time_ms_pred, score`` per aligned row.
+
+        From ``users`` only ``user_id``, ``user_history`` and numeric user features are read;
+        ``items`` needs ``item_id`` (metadata columns are taken from the bundle's catalog when
+        absent).
+        """
         items = self._item_rows(items)
         users = users.reset_index(drop=True)
         if len(users) == 1 and len(items) != 1:
@@ -100,9 +105,9 @@ class Bundle:
             raise ValueError(f"rank: users has {len(users)} rows and items {len(items)}; "
                              "pass aligned frames or one user row")
         frame = items.copy()
-        for col in users.columns:
-            frame[col] = users[col].to_numpy()
-        frame["item_id"] = items["item_id"].to_numpy()
+        for col in ("user_id", "user_history", *self.spec.user_features):
+            if col in users.columns:
+                frame[col] = users[col].to_numpy()
         for col, default in (("clicked", 0), ("watch_time_ms", np.nan),
                              ("event_time", self.as_of)):
             if col not in frame.columns:
@@ -157,10 +162,11 @@ class Bundle:
         return pd.concat(out, ignore_index=True)[cols]
 
 
-def embed_items_frame(bundle_or_parts: Bundle, rows: pd.DataFrame) -> np.ndarray:
-    known = rows["item_id"].isin(bundle_or_parts.known_items).to_numpy()
-    encoded = encode_items(rows, bundle_or_parts.spec, known=known)
-    return embed_item_batch(bundle_or_parts.two_tower.item_tower, encoded)
+def embed_items_frame(bundle: Bundle, rows: pd.DataFrame) -> np.ndarray:
+    """Item-tower embeddings of catalog rows; items unseen in training use metadata only."""
+    known = rows["item_id"].isin(bundle.known_items).to_numpy()
+    encoded = encode_items(rows, bundle.spec, known=known)
+    return embed_item_batch(bundle.two_tower.item_tower, encoded)
 
 
 def build_bundle(

@@ -204,7 +204,7 @@ def evaluate_bundle(bundle: Any, train: pd.DataFrame, holdout: pd.DataFrame,
         **(extra or {}),
     }
     metrics, curves = evaluate_retrieval(recommenders, queries, ks)
-    ranked = bundle.rank(holdout, holdout[["item_id"]])
+    ranked = bundle.rank(holdout, holdout)  # aligned: each impression with its own item
     labels = holdout["clicked"].to_numpy(dtype=float)
     watch = pd.to_numeric(holdout["watch_time_ms"], errors="coerce").to_numpy(dtype=float)
     p = ranked["p_click"].to_numpy()

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from recsys_models.bundle import Bundle, build_bundle
 from recsys_models.data import CategoryIndex, EncoderSpec, item_log_q, read_snapshot, snapshot_dir
@@ -63,6 +65,13 @@ class Split:
     holdout: pd.DataFrame
 
 
+def _utc(table: pa.Table) -> pa.ChunkedArray:
+    column = table.column("event_time")
+    if pa.types.is_timestamp(column.type) and column.type.tz is None:
+        column = pc.assume_timezone(column, "UTC")
+    return pc.cast(column, pa.timestamp("us", tz="UTC"))
+
+
 def split_snapshot(settings: Settings, snapshot_id: str | None = None,
                    holdout_fraction: float = HOLDOUT_FRACTION) -> Split:
     """Reads a snapshot with Ray Data and splits it at a time quantile."""
@@ -71,14 +80,16 @@ def split_snapshot(settings: Settings, snapshot_id: str | None = None,
     times = pd.to_datetime(ds.select_columns(["event_time"]).to_pandas()["event_time"], utc=True)
     cutoff = times.quantile(1.0 - holdout_fraction)
 
-    def before(frame: pd.DataFrame) -> pd.DataFrame:
-        return frame[pd.to_datetime(frame["event_time"], utc=True) < cutoff]
+    # Filter in Arrow: a pandas round trip of list columns (history, tags) through Ray Data's
+    # tensor extension fails on the ragged arrays the Feast join returns.
+    def before(table: pa.Table) -> pa.Table:
+        return table.filter(pc.less(_utc(table), pa.scalar(cutoff, _utc(table).type)))
 
-    def after(frame: pd.DataFrame) -> pd.DataFrame:
-        return frame[pd.to_datetime(frame["event_time"], utc=True) >= cutoff]
+    def after(table: pa.Table) -> pa.Table:
+        return table.filter(pc.greater_equal(_utc(table), pa.scalar(cutoff, _utc(table).type)))
 
-    train = ds.map_batches(before, batch_format="pandas")
-    holdout = ds.map_batches(after, batch_format="pandas").to_pandas()
+    train = ds.map_batches(before, batch_format="pyarrow")
+    holdout = ds.map_batches(after, batch_format="pyarrow").to_pandas()
     labels = train.select_columns(EVAL_COLUMNS).to_pandas()
     return Split(path.name, cutoff, train, labels, holdout.reset_index(drop=True))
 
