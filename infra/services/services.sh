@@ -106,7 +106,11 @@ stop_one() {  # name: SIGTERM to the process group, SIGKILL after 20 s
   log "$name stopped"
 }
 
-stop() { stop_one prefect; stop_one mlflow; }
+stop() {  # both at once: each waits for its own process group
+  stop_one prefect & local prefect_stop=$!
+  stop_one mlflow
+  wait "$prefect_stop"
+}
 
 status() {
   local code=0
