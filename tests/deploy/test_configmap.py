@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from recsys_platform.commands.deploy import app
@@ -87,3 +88,8 @@ def test_credentials_come_from_the_secret_not_the_configmap(
             env = {e["name"]: e for e in container["env"]}
             for name in secret_env:
                 assert env[name]["valueFrom"]["secretKeyRef"]["key"] == name
+
+
+def test_chart_lists_exactly_the_secret_settings(clean_env: None) -> None:
+    values = yaml.safe_load((REPO_ROOT / "helm/recsys/values.yaml").read_text())
+    assert values["platformSecret"]["env"] == secret_env_names(load_settings("k8s"))
