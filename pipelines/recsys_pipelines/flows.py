@@ -10,6 +10,8 @@ ephemeral API unless ``PREFECT_API_URL`` points at a server (``services`` profil
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -61,8 +63,24 @@ def sync_snapshot(name: str, source: sources.SnapshotSource, lake_dir: Path) -> 
     return asdict(sync)
 
 
-def _settings(profile: str | None, config_file: str | None) -> Settings:
+def _settings(
+    profile: str | None, config_file: str | None, settings: Settings | None = None
+) -> Settings:
+    if settings is not None:
+        return settings
     return load_settings(profile, Path(config_file) if config_file else None)
+
+
+@contextmanager
+def prefect_api(settings: Settings) -> Iterator[None]:
+    """Runs flows against ``settings.prefect.api_url`` when set, else the ephemeral API."""
+    if not settings.prefect.api_url:
+        yield
+        return
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: settings.prefect.api_url}):
+        yield
 
 
 def _default_range(start: date | None, end: date | None) -> tuple[date, date]:
@@ -81,6 +99,7 @@ def etl_flow(
     profile: str | None = None,
     config_file: str | None = None,
     retry_delay_s: float = RETRY_DELAY_S,
+    settings: Settings | None = None,
 ) -> dict[str, Any]:
     """Landing -> validated, deduplicated, date-partitioned lake (idempotent per date).
 
@@ -93,11 +112,12 @@ def etl_flow(
             default: the Parquet snapshots in the landing area.
         profile: Settings profile; config_file: optional YAML overriding it.
         retry_delay_s: Back-off factor of I/O retries.
+        settings: Already loaded settings (the CLI); wins over ``profile``/``config_file``.
 
     Returns:
         The :class:`~recsys_pipelines.etl.EtlResult` counts plus the snapshot syncs.
     """
-    settings = _settings(profile, config_file)
+    settings = _settings(profile, config_file, settings)
     start, end = _default_range(start, end)
     etl.check_range(start, end)
     log = get_run_logger()
@@ -156,9 +176,10 @@ def features_flow(
     profile: str | None = None,
     config_file: str | None = None,
     retry_delay_s: float = RETRY_DELAY_S,
+    settings: Settings | None = None,
 ) -> dict[str, Any]:
     """Lake -> batch feature tables -> ``feast apply`` -> materialize the range online."""
-    settings = _settings(profile, config_file)
+    settings = _settings(profile, config_file, settings)
     start, end = _default_range(start, end)
     etl.check_range(start, end)
     backoff = exponential_backoff(retry_delay_s)
@@ -176,9 +197,10 @@ def materialize_flow(
     end: datetime | None = None,
     profile: str | None = None,
     config_file: str | None = None,
+    settings: Settings | None = None,
 ) -> dict[str, Any]:
     """Hourly: ``materialize-incremental`` of the batch views up to ``end`` (default now)."""
-    settings = _settings(profile, config_file)
+    settings = _settings(profile, config_file, settings)
     result = materialize_incremental_task(settings, end or datetime.now(UTC))
     return result
 

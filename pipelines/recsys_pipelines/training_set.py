@@ -16,7 +16,7 @@ import io
 import logging
 import os
 import shutil
-from datetime import timedelta
+from datetime import date, timedelta
 
 import numpy as np
 import pandas as pd
@@ -154,3 +154,18 @@ def write_training_snapshot(frame: pd.DataFrame, settings: Settings) -> str:
     os.replace(tmp, target)
     logger.info("training snapshot %s: %d rows at %s", sid, len(frame), target)
     return sid
+
+
+def build_snapshot(
+    settings: Settings, store: FeatureStore, start: date | None = None, end: date | None = None
+) -> tuple[str, int]:
+    """Labels the lake's impressions in ``[start, end]``, joins features, writes a snapshot.
+
+    Returns:
+        ``(snapshot_id, rows)``.
+    """
+    from recsys_pipelines.etl import read_lake_events
+
+    impressions = label_impressions(read_lake_events(settings.lake_dir, start, end))
+    frame = build_training_set(store, impressions)
+    return write_training_snapshot(frame, settings), len(frame)
