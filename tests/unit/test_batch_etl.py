@@ -87,3 +87,22 @@ def test_snapshot_upsert_keeps_the_newest_row_and_advances_the_watermark(tmp_pat
     lake = pd.read_parquet(tmp_path / "catalog" / "users.parquet")
     assert lake.set_index("user_id").loc["u1", "updated_at"] == pd.Timestamp("2026-11-03",
                                                                              tz="UTC")
+
+
+def test_a_sql_catalog_is_read_incrementally_by_updated_at(tmp_path: Path) -> None:
+    import sqlalchemy as sa
+
+    from recsys_pipelines.sources import SnapshotSource, read_snapshot_since
+
+    url = f"sqlite:///{tmp_path / 'catalog.db'}"
+    stamps = pd.to_datetime(["2026-11-01", "2026-11-03"], utc=True)
+    users = pd.DataFrame({"user_id": ["u1", "u2"], "signup_at": stamps, "country": "US",
+                          "age_bucket": "18-24", "updated_at": stamps})
+    engine = sa.create_engine(url)
+    users.to_sql("users", engine, index=False)
+    engine.dispose()
+    source = SnapshotSource("sql", url, "users")
+    assert len(read_snapshot_since(source, None)) == 2
+    changed = read_snapshot_since(source, pd.Timestamp("2026-11-02", tz="UTC").to_pydatetime())
+    assert list(changed["user_id"]) == ["u2"]
+    assert str(changed["updated_at"].dt.tz) == "UTC"
