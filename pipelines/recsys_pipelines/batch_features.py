@@ -87,9 +87,9 @@ def ensure_ray(settings: Settings) -> None:
 
 
 def _partials(batch: pd.DataFrame, keys: Sequence[str], bases: Sequence[_Base]) -> pd.DataFrame:
-    """Per-event contributions of each base, once per entity key (stacked, ``_kind`` = key).
+    """Sums of each base per ``(_kind, _id, _day)`` within one batch (map-side combine).
 
-    Ray Data then sums them per ``(_kind, _id, _day)``.
+    Every event contributes once per entity key; ``_kind`` names the key.
     """
     day = bucket_of(batch["event_time"])
     values: dict[str, np.ndarray] = {}
@@ -103,7 +103,8 @@ def _partials(batch: pd.DataFrame, keys: Sequence[str], bases: Sequence[_Base]) 
             values[base.name] = np.where(hit, column, 0)
     frames = [pd.DataFrame({"_kind": key, "_id": batch[key].to_numpy(), _BUCKET: day, **values})
               for key in keys]
-    return pd.concat(frames, ignore_index=True)
+    stacked = pd.concat(frames, ignore_index=True)
+    return stacked.groupby(["_kind", "_id", _BUCKET], as_index=False, sort=False).sum()
 
 
 def daily_partials(ds: Any, keys: Sequence[str], bases: Sequence[_Base]) -> dict[str, pd.DataFrame]:
@@ -118,11 +119,14 @@ def daily_partials(ds: Any, keys: Sequence[str], bases: Sequence[_Base]) -> dict
         For each key, a frame with columns key, ``_day`` and one column per base.
     """
     names = [b.name for b in bases]
-    stacked = ds.map_batches(
-        _partials, batch_format="pandas", fn_kwargs={"keys": keys, "bases": bases}
-    )
-    daily = stacked.groupby(["_kind", "_id", _BUCKET]).sum(names).to_pandas()
-    daily = daily.rename(columns={f"sum({n})": n for n in names})
+    # Map-side combine in the Ray tasks; the combined partials (entities x days, orders of
+    # magnitude fewer rows than events) are summed once more on the driver. A Ray hash
+    # shuffle of the raw contributions was far slower on a small cluster.
+    combined = ds.map_batches(
+        _partials, batch_format="pandas", batch_size=None,
+        fn_kwargs={"keys": keys, "bases": bases},  # type: ignore[arg-type]
+    ).to_pandas()
+    daily = combined.groupby(["_kind", "_id", _BUCKET], as_index=False, sort=False)[names].sum()
     return {key: daily[daily["_kind"] == key].drop(columns="_kind").rename(columns={"_id": key})
             for key in keys}
 
@@ -189,6 +193,25 @@ def _recent_distinct(items: np.ndarray, stop: int, length: int) -> list[str]:
     return list(seen)
 
 
+def top_categories(
+    engaged: pd.DataFrame, bucket: np.ndarray, out_days: list[date]
+) -> dict[tuple[str, int], list[str]]:
+    """Per (user, day index): the most engaged categories over the last 30 days, ties by name."""
+    window = timedelta(days=30).days
+    daily = (engaged.assign(_day=bucket).groupby(["user_id", "_cat", "_day"]).size()
+             .rename("n").reset_index())
+    out: dict[tuple[str, int], list[str]] = {}
+    for day in out_days:
+        d = _day_index(day)
+        recent = daily[(daily["_day"] > d - window) & (daily["_day"] <= d)]
+        counts = recent.groupby(["user_id", "_cat"], as_index=False)["n"].sum()
+        counts = counts.sort_values(["user_id", "n", "_cat"], ascending=[True, False, True])
+        top = counts.groupby("user_id").head(F.TOP_CATEGORIES)
+        for user, cats in top.groupby("user_id", sort=False)["_cat"]:
+            out[(str(user), d)] = [str(c) for c in cats]
+    return out
+
+
 def user_history(
     engaged: pd.DataFrame, users_first: pd.Series, out_days: list[date], categories: pd.Series
 ) -> pd.DataFrame:
@@ -201,28 +224,21 @@ def user_history(
     engaged = engaged.sort_values(["user_id", "event_time", "event_id"], kind="stable")
     engaged = engaged.assign(_cat=engaged["item_id"].map(categories).fillna("unknown"))
     bucket = bucket_of(engaged["event_time"])
-    by_user = {u: idx for u, idx in engaged.groupby("user_id", sort=False).indices.items()}
+    tops = top_categories(engaged, bucket, out_days)
+    by_user = engaged.groupby("user_id", sort=False).indices
     items_all = engaged["item_id"].to_numpy()
-    cats_all = engaged["_cat"].to_numpy()
-    window = timedelta(days=30).days
     rows: list[tuple[str, pd.Timestamp, list[str], list[str]]] = []
     for user, first in users_first.items():
         idx = by_user.get(user)
+        items = items_all[idx] if idx is not None else items_all[:0]
+        b = bucket[idx] if idx is not None else bucket[:0]
         for day in out_days:
             d = _day_index(day)
             if first > d:
                 continue
-            history: list[str] = []
-            top: list[str] = []
-            if idx is not None:
-                b = bucket[idx]
-                stop = int(np.searchsorted(b, d, side="right"))
-                history = _recent_distinct(items_all[idx], stop, F.HISTORY_LENGTH)
-                begin = int(np.searchsorted(b, d - window, side="right"))
-                counts = pd.Series(cats_all[idx][begin:stop]).value_counts()
-                ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-                top = [str(c) for c, _ in ranked[: F.TOP_CATEGORIES]]
-            rows.append((str(user), day_end(day), history, top))
+            stop = int(np.searchsorted(b, d, side="right"))
+            history = _recent_distinct(items, stop, F.HISTORY_LENGTH)
+            rows.append((str(user), day_end(day), history, tops.get((str(user), d), [])))
     return pd.DataFrame(
         rows, columns=[F.USER_KEY, F.WINDOW_END, F.USER_HISTORY, F.USER_TOP_CATEGORIES]
     )

@@ -124,6 +124,9 @@ def read_snapshot_since(source: SnapshotSource, watermark: datetime | None) -> p
     for column in ("updated_at", "published_at", "signup_at"):
         if column in frame.columns:
             frame[column] = pd.to_datetime(frame[column], utc=True).dt.as_unit("ms")
+    if watermark is not None and not frame.empty:
+        # Again in pandas: SQLite compares timestamps as text, which is not always right.
+        frame = frame[frame["updated_at"] > pd.Timestamp(watermark)].reset_index(drop=True)
     return frame
 
 

@@ -73,3 +73,19 @@ def test_an_unknown_entity_has_no_online_values(features_state: Any, batch_env: 
     store = feature_store.load_store(batch_env.settings)
     online = feature_store.online_features(store, "user", ["u-never-seen"], ("user_batch",))
     assert online[F.USER_BATCH.feature_names].isna().all(axis=None)
+
+
+def test_feasts_own_cli_reads_the_generated_repository(
+    features_state: Any, batch_env: BatchEnv
+) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    feast = Path(sys.executable).parent / "feast"
+    repo = feature_store.repo_path(batch_env.settings)
+    out = subprocess.run([str(feast), "-c", str(repo), "feature-views", "list"],
+                         capture_output=True, text=True, timeout=120, check=True)
+    for view in ("user_batch", "item_batch", "user_history", "item_metadata", "user_stream",
+                 "item_trending"):
+        assert view in out.stdout
