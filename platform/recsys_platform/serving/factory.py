@@ -55,11 +55,7 @@ def registry_manager(settings: Settings, metrics: ServingMetrics,
             raise
 
     def load(version: str) -> Any:
-        import mlflow
-
-        mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
-        mlflow.set_registry_uri(settings.mlflow_tracking_uri)
-        return load_bundle(f"models:/{name}/{version}")
+        return load_bundle(f"models:/{name}/{version}", tracking_uri=settings.mlflow_tracking_uri)
 
     return BundleManager(resolve, load, smoke_test, metrics)
 
