@@ -3,8 +3,10 @@
 Protocol (docs/evaluation.md): ratings sorted by time, the last 20% (global time cutoff) are
 the holdout; positives are ratings >= 4. Holdout users with at least one positive in the
 holdout AND one in training are evaluated; items a user liked in training are excluded for
-every model. Hyper-parameters of both learned models are tuned on a validation split (the last
-10% of the training period) with the same budget of configs, then refit on all training rows.
+every model. Candidates are the items rated at least once in training, for every model (ALS
+cannot score others). Hyper-parameters of both learned models are tuned on a validation split
+(the last 10% of the training period) with the same budget of configs, then refit on all
+training rows. ``--protocol per-user`` holds out each user's last 20% by time instead.
 
 Run: ``.venv/bin/python benchmarks/bench_movielens.py [--path ../shared/datasets/ml-latest-small]``
 """
@@ -71,8 +73,10 @@ def two_tower(train: pd.DataFrame, catalog: pd.DataFrame, cutoff: pd.Timestamp,
                                     item_buckets=50_000, creator_buckets=100, tag_buckets=500)
     cfg = TrainConfig(epochs=epochs, batch_size=256, two_tower=tt, train_ranker=False)
     models = fit_local(train, catalog, spec, cfg)
-    bundle = build_bundle(models.two_tower, models.ranker, spec, catalog,
-                          set(train["item_id"]), version="ml", feature_service="retrieval_v1",
+    seen = set(train["item_id"])  # same candidate set as ALS: items with training ratings
+    bundle = build_bundle(models.two_tower, models.ranker, spec,
+                          catalog[catalog["item_id"].isin(seen)], seen, version="ml",
+                          feature_service="retrieval_v1",
                           snapshot_id="movielens", as_of=cutoff)
     return bundle_recommender(bundle)
 
@@ -108,8 +112,8 @@ def main() -> None:
     fit_rows, val_rows, val_cut = split(train, 0.1)
     print(f"rows {len(rows)}, train {len(train)}, holdout {len(holdout)}, cutoff {cutoff}")
 
-    tt_grid = [(TwoTowerConfig(dim=32, temperature=t, id_dropout=0.1), e)
-               for t in (0.05, 0.1) for e in (5, 10)]
+    tt_grid = [(TwoTowerConfig(dim=32, temperature=t, id_dropout=0.1, logq_correction=q), e)
+               for t in (0.05, 0.1) for e in (5, 15) for q in (True, False)]
     als_grid = [(f, r, a) for f in (32, 64, 128) for r in (0.01, 0.1) for a in (1.0, 10.0)]
     val_q = holdout_queries(fit_rows, warm(fit_rows, val_rows))
 

@@ -47,8 +47,9 @@ def test_ddp_two_workers_identical_params_after_one_step_on_different_rows(
 def test_worker_killed_mid_epoch_resumes_from_checkpoint(ray_cluster: Any, tmp_path: Path) -> None:
     case = synthetic_case()
     trace = tmp_path / "trace"
-    cfg = TrainConfig(epochs=2, batch_size=128, shuffle_buffer=0, trace_dir=str(trace))
-    killed: dict[str, int] = {}
+    # Small batches make an epoch long (hundreds of steps), so the kill lands mid-epoch.
+    cfg = TrainConfig(epochs=2, batch_size=32, shuffle_buffer=0, trace_dir=str(trace))
+    killed: dict[str, Any] = {}
 
     def kill_rank1_in_second_epoch() -> None:
         deadline = time.monotonic() + 240
@@ -58,9 +59,14 @@ def test_worker_killed_mid_epoch_resumes_from_checkpoint(ray_cluster: Any, tmp_p
             except (OSError, ValueError):
                 time.sleep(0.01)
                 continue
-            if beat["epoch"] == 1 and beat["restores"] == 0 and beat["step"] >= 3:
+            # Ray Train registers a reported checkpoint asynchronously (the controller polls
+            # the workers); kill only once epoch 0's checkpoint is registered.
+            committed = (tmp_path / "ray" / "fault-test" /
+                         "checkpoint_manager_snapshot.json").exists()
+            early = beat["task"] == "retrieval" or beat["step"] <= 150
+            if beat["epoch"] == 1 and beat["restores"] == 0 and early and committed:
                 os.kill(beat["pid"], signal.SIGKILL)
-                killed["pid"] = beat["pid"]
+                killed.update(pid=beat["pid"], beat=beat)
             time.sleep(0.01)
 
     watcher = threading.Thread(target=kill_rank1_in_second_epoch, daemon=True)
@@ -69,7 +75,7 @@ def test_worker_killed_mid_epoch_resumes_from_checkpoint(ray_cluster: Any, tmp_p
                   storage_path=str(tmp_path / "ray"), name="fault-test", max_failures=1)
     watcher.join(timeout=5)
     assert killed, "the worker was never killed: training finished too fast"
-    assert trained.restores == 1
+    assert trained.restores == 1, killed["beat"]
     assert [h["epoch"] for h in trained.history] == [0.0, 1.0]
     final = json.loads((trace / "rank-1.json").read_text())
     assert final["pid"] != killed["pid"] and final["restores"] == 1

@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import mlflow.pyfunc
 import numpy as np
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -20,6 +22,7 @@ from recsys_models.registry import (
     load_alias,
     promote,
     register_bundle,
+    tracking,
 )
 from recsys_models.train import TrainConfig, build_models
 from recsys_platform.settings import MlflowSettings, Settings, load_settings
@@ -71,6 +74,13 @@ def test_bundle_round_trips_and_gate_refuses_a_worse_challenger(
     rows = case.holdout.head(200)
     np.testing.assert_allclose(champion.rank(rows, rows[["item_id"]])["score"],
                                good.rank(rows, rows[["item_id"]])["score"], atol=1e-6)
+    pyfunc_input = pd.DataFrame({"user_id": users["user_id"].head(3).tolist(),
+                                 "user_history": [json.dumps(list(h)) for h in
+                                                  users["user_history"].head(3)]})
+    with tracking(settings.mlflow_tracking_uri):
+        pyfunc = mlflow.pyfunc.load_model(f"models:/{settings.mlflow.model_name}@champion")
+        top = pyfunc.predict(pyfunc_input, params={"k": 5})
+    assert len(top) == 15 and set(top["user_id"]) == set(pyfunc_input["user_id"])
     assert champion.feature_service == "retrieval_v1"
     assert champion.snapshot_id == good.snapshot_id
     assert list(champion.item_ids) == list(good.item_ids)
