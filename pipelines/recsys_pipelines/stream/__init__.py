@@ -1,0 +1,10 @@
+"""Streaming features: a PyFlink job that keeps the online store fresh.
+
+The job aggregates in Flink SQL (event-time ``HOP`` windows built from
+:mod:`recsys_platform.features`) and writes Feast's Redis layout from a batched Python sink.
+Malformed lines go to a dead-letter file and late rows to a late file, both counted.
+
+Modules: :mod:`.sql` (the SQL text, pure), :mod:`.layout` (Feast's Redis layout),
+:mod:`.sink` (the batched Redis writer and its Flink UDF), :mod:`.job` (the entrypoint),
+:mod:`.status` (checkpoints, counters, dead letters).
+"""

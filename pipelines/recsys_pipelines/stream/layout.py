@@ -1,0 +1,87 @@
+"""Feast's Redis online-store layout, written with Feast's own helpers so it cannot drift.
+
+One Redis hash per entity: key ``serialize_entity_key(entity) + project``; a field
+``mmh3("<view>:<feature>")`` per feature holding a serialized ``ValueProto``, and
+``_ts:<view>`` holding the event timestamp (here the window end) as a protobuf ``Timestamp``.
+This is what :class:`feast.infra.online_stores.redis.RedisOnlineStore` reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from functools import lru_cache
+
+from feast.infra.online_stores.helpers import _mmh3, _redis_key
+from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
+from feast.protos.feast.types.Value_pb2 import StringList
+from feast.protos.feast.types.Value_pb2 import Value as ValueProto
+from google.protobuf.timestamp_pb2 import Timestamp
+
+FeatureValue = int | float | list[str]
+
+
+def entity_key(join_key: str, entity_id: str, project: str, serialization_version: int) -> bytes:
+    """The Redis key of one entity's hash (string join keys, as ``user_id``/``item_id``)."""
+    proto = EntityKeyProto(join_keys=[join_key], entity_values=[ValueProto(string_val=entity_id)])
+    key: bytes = _redis_key(project, proto, entity_key_serialization_version=serialization_version)
+    return key
+
+
+@lru_cache(maxsize=1_024)
+def feature_field(view: str, feature: str) -> bytes:
+    """The hash field of one feature of a view."""
+    field: bytes = _mmh3(f"{view}:{feature}")
+    return field
+
+
+def timestamp_field(view: str) -> str:
+    return f"_ts:{view}"
+
+
+@lru_cache(maxsize=65_536)
+def _encode_scalar(is_int: bool, value: int | float) -> bytes:
+    # ``is_int`` is part of the cache key: 1 == 1.0 must not share an encoding.
+    proto = ValueProto(int64_val=int(value)) if is_int else ValueProto(double_val=float(value))
+    encoded: bytes = proto.SerializeToString()
+    return encoded
+
+
+def encode_value(value: FeatureValue) -> bytes:
+    """Serializes a value with the Feast type convention: int -> Int64, float -> Float64,
+    list of str -> Array(String)."""
+    if isinstance(value, bool):
+        raise TypeError("booleans are not a stream feature type")
+    if isinstance(value, int | float):
+        # Counts repeat a lot: serialize each value once.
+        return _encode_scalar(isinstance(value, int), value)
+    proto = ValueProto(string_list_val=StringList(val=list(value)))
+    encoded: bytes = proto.SerializeToString()
+    return encoded
+
+
+@lru_cache(maxsize=4_096)
+def encode_timestamp(epoch_ms: int) -> bytes:
+    ts = Timestamp()
+    ts.FromDatetime(datetime.fromtimestamp(epoch_ms / 1000, tz=UTC))
+    encoded: bytes = ts.SerializeToString()
+    return encoded
+
+
+def decode_timestamp_ms(raw: bytes | None) -> int:
+    """The stored window end in epoch ms, 0 when the view was never written."""
+    if not raw:
+        return 0
+    ts = Timestamp()
+    ts.ParseFromString(raw)
+    return ts.seconds * 1000 + ts.nanos // 1_000_000
+
+
+def row_mapping(
+    view: str, names: Sequence[str], values: Sequence[FeatureValue], window_end_ms: int
+) -> dict[str | bytes, bytes]:
+    """The hash fields written for one row of a view."""
+    mapping: dict[str | bytes, bytes] = {timestamp_field(view): encode_timestamp(window_end_ms)}
+    for name, value in zip(names, values, strict=True):
+        mapping[feature_field(view, name)] = encode_value(value)
+    return mapping

@@ -1,0 +1,305 @@
+"""The stream job's Flink SQL, built from the shared feature definitions (pure functions).
+
+Every per-row step runs in SQL (the measured fast path); Python only writes the aggregated
+window rows to Redis. The text is built from :mod:`recsys_platform.features` and
+:mod:`recsys_platform.contracts`, so window sizes, feature names and rejection reasons have
+one definition.
+
+Window semantics: a feature at time ``t`` covers ``t - w < event_time <= t`` (see
+:mod:`recsys_platform.features`). Flink windows are ``[start, end)``, so the job's rowtime is
+``event_time - 1 ms``: then ``start <= rowtime < end`` is exactly ``start < event_time <= end``
+and a window's ``window_end`` is the feature timestamp. A group is one ``HOP`` window of its
+longest aggregate, sliding by ``group.slide`` (or its shortest window); a shorter aggregate
+filters on ``rowtime >= window_end - w`` inside it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date, timedelta
+from typing import Literal
+
+from recsys_platform.contracts import (
+    EVENT_TYPES,
+    RAW_EVENT_SCHEMA,
+    REASON_BAD_TIME,
+    REASON_BAD_TYPE,
+    REASON_MISSING,
+    REASON_NEGATIVE_DURATION,
+    REASON_NEGATIVE_WATCH,
+)
+from recsys_platform.features import (
+    ENGAGEMENT_TYPES,
+    ENTITY_KEYS,
+    Aggregate,
+    FeatureGroup,
+)
+
+REASON_NOT_JSON = "line is not a JSON object"
+REASON_BAD_NUMBER = "watch_time_ms or item_duration_ms is not an integer"
+# Accepted event_time spellings (UTC, as the generator and the serving log write them).
+TIME_FORMATS: tuple[str, ...] = ("yyyy-MM-dd'T'HH:mm:ss.SSS'Z'", "yyyy-MM-dd'T'HH:mm:ss'Z'")
+# Separators of the recent-items list a window row carries: "time|event_id|item_id;..."
+RECENT_SEP = ";"
+RECENT_FIELD_SEP = "|"
+RECENT_COLUMN = "recent"
+EVENTS_COLUMN = "events_in_slide"
+
+SOURCE_TABLE = "stream_events"
+LINES_TABLE = "stream_lines"
+PARSED_VIEW = "stream_parsed"
+VALID_VIEW = "stream_valid"
+LATE_VIEW = "stream_late"
+DEADLETTER_TABLE = "stream_deadletter"
+LATE_TABLE = "stream_late_sink"
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """How one feature group is computed: a HOP window of ``size`` sliding by ``slide``."""
+
+    group: FeatureGroup
+    size: timedelta
+    slide: timedelta
+    recent_items: bool  # also carry the engaged items of the last slide (user groups)
+
+    @property
+    def key(self) -> str:
+        return ENTITY_KEYS[self.group.entity]
+
+    @property
+    def aggregate_names(self) -> list[str]:
+        return [a.name for a in self.group.aggregates]
+
+
+def window_plan(group: FeatureGroup, recent_items: bool = False) -> WindowPlan:
+    """Derives the HOP window of a group from its aggregates.
+
+    Args:
+        group: A stream feature group.
+        recent_items: Whether rows also carry the items engaged with in the last slide.
+
+    Returns:
+        The plan: size = longest window, slide = ``group.slide`` or the shortest window.
+
+    Raises:
+        ValueError: A window is not a multiple of the slide (HOP needs whole panes).
+    """
+    windows = [a.window for a in group.aggregates]
+    size, slide = max(windows), group.slide or min(windows)
+    for w in windows:
+        if w % slide:
+            raise ValueError(
+                f"group {group.name!r}: window {w} is not a multiple of the slide {slide}; "
+                "choose a slide that divides every window in recsys_platform.features"
+            )
+    return WindowPlan(group, size, slide, recent_items)
+
+
+def _interval(span: timedelta) -> str:
+    seconds = int(span.total_seconds())
+    if seconds != span.total_seconds():
+        raise ValueError(f"window {span} is not a whole number of seconds")
+    return f"INTERVAL '{seconds}' SECOND({max(2, len(str(seconds)))})"
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _in(values: tuple[str, ...]) -> str:
+    return ", ".join(_quote(v) for v in values)
+
+
+def _event_time_expr() -> str:
+    parsed = [f"TO_TIMESTAMP(event_time, {_quote(f)})" for f in TIME_FORMATS]
+    return f"COALESCE({', '.join(parsed)})"
+
+
+def _with(options: dict[str, str]) -> str:
+    return ",\n  ".join(f"{_quote(k)} = {_quote(v)}" for k, v in options.items())
+
+
+def _source_options(
+    source: Literal["file", "kafka"],
+    stream_dir: str,
+    monitor_interval_ms: int | None,
+    kafka: dict[str, str] | None,
+    group_suffix: str = "",
+) -> dict[str, str]:
+    if source == "file":
+        options = {"connector": "filesystem", "path": stream_dir}
+        if monitor_interval_ms is not None:
+            options["source.monitor-interval"] = f"{monitor_interval_ms} ms"
+        return options
+    k = kafka or {}
+    return {
+        "connector": "kafka",
+        "topic": k.get("topic", "events"),
+        "properties.bootstrap.servers": k.get("bootstrap", "kafka:9092"),
+        "properties.group.id": k.get("group", "recsys-stream") + group_suffix,
+        "scan.startup.mode": k.get("startup", "group-offsets"),
+        "properties.auto.offset.reset": "earliest",
+    }
+
+
+def source_ddl(
+    source: Literal["file", "kafka"],
+    *,
+    stream_dir: str = "",
+    monitor_interval_ms: int | None = 200,
+    out_of_orderness: timedelta = timedelta(seconds=30),
+    kafka: dict[str, str] | None = None,
+) -> tuple[str, str]:
+    """The two source tables over the same stream: parsed events and raw lines.
+
+    Events are decoded by Flink's JSON format (fast; every field read as a string, so a
+    wrong type is a reason, not a crash). A line that is not a JSON object at all is skipped
+    by that format, so a second, raw reading of the same stream dead-letters those lines.
+
+    Args:
+        source: ``file`` (a directory of newline-JSON files) or ``kafka``.
+        stream_dir: Directory read by the file source.
+        monitor_interval_ms: How often the file source looks for new files; ``None`` reads
+            the files present and ends (a bounded replay).
+        out_of_orderness: Watermark delay behind the largest event time seen.
+        kafka: ``bootstrap``, ``topic``, ``group`` and ``startup`` (a Flink startup mode).
+
+    Returns:
+        ``(events_ddl, lines_ddl)``: two ``CREATE TABLE`` statements.
+    """
+    # Unparseable times get the epoch: such rows are dead-lettered before any window.
+    rowtime = (
+        f"COALESCE({_event_time_expr()}, TIMESTAMP '1970-01-01 00:00:00.000')"
+        " - INTERVAL '0.001' SECOND(1, 3)"
+    )
+    columns = ",\n".join(f"  {name} STRING" for name in RAW_EVENT_SCHEMA.names)
+    events = {**_source_options(source, stream_dir, monitor_interval_ms, kafka),
+              "format": "json", "json.ignore-parse-errors": "true",
+              "json.fail-on-missing-field": "false"}
+    lines = {**_source_options(source, stream_dir, monitor_interval_ms, kafka, "-lines"),
+             "format": "raw"}
+    events_ddl = (
+        f"CREATE TABLE {SOURCE_TABLE} (\n{columns},\n"
+        f"  rowtime AS {rowtime},\n"
+        f"  WATERMARK FOR rowtime AS rowtime - {_interval(out_of_orderness)}\n"
+        f") WITH (\n  {_with(events)}\n)"
+    )
+    lines_ddl = f"CREATE TABLE {LINES_TABLE} (\n  line STRING\n) WITH (\n  {_with(lines)}\n)"
+    return events_ddl, lines_ddl
+
+
+def parsed_view_sql(from_date: date | None = None) -> str:
+    """Types the event fields and names the first broken rule of each row (or NULL).
+
+    The checks and their order follow :func:`recsys_platform.contracts.validate_events`.
+    """
+    reasons = []
+    for column in ("event_id", "user_id", "item_id", "event_type"):
+        reasons.append((f"COALESCE({column}, '') = ''", REASON_MISSING.format(column=column)))
+    reasons += [
+        ("event_ts IS NULL", REASON_BAD_TIME),
+        (f"event_type NOT IN ({_in(EVENT_TYPES)})", REASON_BAD_TYPE),
+        ("(watch_raw IS NOT NULL AND watch_time_ms IS NULL) OR "
+         "(duration_raw IS NOT NULL AND item_duration_ms IS NULL)", REASON_BAD_NUMBER),
+        ("COALESCE(watch_time_ms, 0) < 0", REASON_NEGATIVE_WATCH),
+        ("COALESCE(item_duration_ms, 0) < 0", REASON_NEGATIVE_DURATION),
+    ]
+    case = "\n    ".join(f"WHEN {cond} THEN {_quote(text)}" for cond, text in reasons)
+    raw_names = {"watch_time_ms": "watch_raw", "item_duration_ms": "duration_raw"}
+    line = "JSON_OBJECT(" + ", ".join(
+        f"KEY '{c}' VALUE {raw_names.get(c, c)}" for c in RAW_EVENT_SCHEMA.names
+    ) + " ABSENT ON NULL)"
+    passthrough = ", ".join(n for n in RAW_EVENT_SCHEMA.names if n not in raw_names)
+    since = "" if from_date is None else (
+        f"\nWHERE event_ts IS NULL OR event_ts >= TIMESTAMP '{from_date.isoformat()} 00:00:00'"
+    )
+    return (
+        f"CREATE TEMPORARY VIEW {PARSED_VIEW} AS\n"
+        "SELECT rowtime, event_id, event_time, user_id, item_id, event_type,\n"
+        "  watch_time_ms, item_duration_ms,\n"
+        f"  CASE\n    {case}\n  END AS reason,\n"
+        f"  {line} AS line\n"
+        "FROM (\n"
+        f"  SELECT rowtime, {passthrough},\n"
+        "    watch_time_ms AS watch_raw, item_duration_ms AS duration_raw,\n"
+        "    TRY_CAST(watch_time_ms AS BIGINT) AS watch_time_ms,\n"
+        "    TRY_CAST(item_duration_ms AS BIGINT) AS item_duration_ms,\n"
+        f"    {_event_time_expr()} AS event_ts\n"
+        f"  FROM {SOURCE_TABLE}\n"
+        f"){since}"
+    )
+
+
+def split_views_sql() -> tuple[str, str]:
+    """On-time valid rows, and valid rows at or behind the watermark (late)."""
+    on_time = (
+        f"CREATE TEMPORARY VIEW {VALID_VIEW} AS\n"
+        f"SELECT * FROM {PARSED_VIEW}\n"
+        "WHERE reason IS NULL AND (CURRENT_WATERMARK(rowtime) IS NULL\n"
+        "  OR rowtime > CURRENT_WATERMARK(rowtime))"
+    )
+    late = (
+        f"CREATE TEMPORARY VIEW {LATE_VIEW} AS\n"
+        f"SELECT *, CAST(CURRENT_WATERMARK(rowtime) AS STRING) AS watermark_at FROM {PARSED_VIEW}\n"
+        "WHERE reason IS NULL AND rowtime <= CURRENT_WATERMARK(rowtime)"
+    )
+    return on_time, late
+
+
+def _aggregate_expr(agg: Aggregate, plan: WindowPlan) -> str:
+    cond = f"event_type IN ({_in(agg.event_types)})"
+    if agg.window != plan.size:
+        cond += f" AND rowtime >= window_end - {_interval(agg.window)}"
+    value = "1" if agg.kind == "count" else f"COALESCE({agg.column}, 0)"
+    return f"CAST(SUM(CASE WHEN {cond} THEN {value} ELSE 0 END) AS BIGINT) AS {agg.name}"
+
+
+def group_query(plan: WindowPlan) -> str:
+    """One row per (entity, window_end) with the group's aggregates (ratios are computed in
+    the sink with :func:`recsys_platform.features.ratio`)."""
+    last_slide = f"rowtime >= window_end - {_interval(plan.slide)}"
+    columns = [_aggregate_expr(a, plan) for a in plan.group.aggregates]
+    columns.append(
+        f"CAST(SUM(CASE WHEN {last_slide} THEN 1 ELSE 0 END) AS BIGINT) AS {EVENTS_COLUMN}"
+    )
+    if plan.recent_items:
+        member = (f"CONCAT(event_time, '{RECENT_FIELD_SEP}', event_id, "
+                  f"'{RECENT_FIELD_SEP}', item_id)")
+        columns.append(
+            f"LISTAGG(CASE WHEN event_type IN ({_in(ENGAGEMENT_TYPES)}) AND {last_slide} "
+            f"THEN {member} END, '{RECENT_SEP}') AS {RECENT_COLUMN}"
+        )
+    body = ",\n  ".join(columns)
+    return (
+        f"SELECT {plan.key}, window_end,\n  {body}\n"
+        f"FROM TABLE(HOP(TABLE {VALID_VIEW}, DESCRIPTOR(rowtime), "
+        f"{_interval(plan.slide)}, {_interval(plan.size)}))\n"
+        f"GROUP BY {plan.key}, window_start, window_end"
+    )
+
+
+def side_output_ddl(table: str, path: str, rollover_ms: int) -> str:
+    """A newline-JSON file sink; part files become visible when a checkpoint completes."""
+    extra = "watermark_at STRING" if table == LATE_TABLE else "reason STRING"
+    return (
+        f"CREATE TABLE {table} (\n  line STRING,\n  {extra}\n) WITH (\n"
+        f"  'connector' = 'filesystem',\n  'path' = {_quote(path)},\n  'format' = 'json',\n"
+        f"  'sink.rolling-policy.rollover-interval' = '{rollover_ms} ms',\n"
+        f"  'sink.rolling-policy.check-interval' = '{max(100, rollover_ms // 2)} ms'\n)"
+    )
+
+
+def deadletter_insert() -> str:
+    """Rows that break a rule, and lines that are not a JSON object at all."""
+    return (
+        f"INSERT INTO {DEADLETTER_TABLE}\n"
+        f"SELECT line, reason FROM {PARSED_VIEW} WHERE reason IS NOT NULL\n"
+        "UNION ALL\n"
+        f"SELECT line, {_quote(REASON_NOT_JSON)} FROM {LINES_TABLE}\n"
+        "WHERE TRIM(line) <> '' AND TRIM(line) NOT LIKE '{%}'"
+    )
+
+
+def late_insert() -> str:
+    return f"INSERT INTO {LATE_TABLE} SELECT line, watermark_at FROM {LATE_VIEW}"

@@ -1,0 +1,93 @@
+"""The stream job on a real Flink mini cluster and the real Redis, read back through Feast."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from recsys_pipelines.feature_store import apply_definitions
+from recsys_pipelines.stream.job import start
+from recsys_pipelines.stream.sql import REASON_NOT_JSON
+from recsys_platform.features import ITEM_TRENDING, USER_STREAM
+from tests.fixtures.flink import StreamEnv
+from tests.integration.stream import helpers as h
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+OUT_OF_ORDERNESS_MS = 30_000
+
+
+@pytest.fixture(scope="module")
+def burst() -> tuple[pd.DataFrame, dict[str, int]]:
+    return h.burst()
+
+
+@pytest.fixture(scope="module")
+def continuous_run(flink_jvm: Any, stream_env: StreamEnv, burst: tuple[pd.DataFrame, dict],
+                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """Runs the job in continuous mode on a burst appended as four files, until the online
+    store holds every window the watermark closed; then cancels it."""
+    raw, _ = burst
+    root = tmp_path_factory.mktemp("continuous")
+    settings = h.settings_for(stream_env, root)
+    store = apply_definitions(settings)
+    options = h.job_options(settings)
+    stream_dir = Path(options.stream_dir)
+    stream_dir.mkdir(parents=True, exist_ok=True)
+    result = start(options)
+    try:
+        h.wait_running(Path(options.checkpoint_dir))
+        h.write_files(raw, stream_dir, parts=4, pause_s=1.5)
+        h.append_line(stream_dir, "garbage.jsonl", h.NOT_JSON)
+        expected = h.expected_state(raw, h.max_event_ms(raw) - OUT_OF_ORDERNESS_MS)
+
+        def caught_up() -> bool:
+            return all(
+                h.online_state(store, view, sorted(rows)) == rows
+                for view, rows in expected.items())
+
+        h.wait_until(caught_up, 60, "the online store to hold every closed window")
+        h.wait_until(lambda: len(h.side_output_lines(Path(options.deadletter_dir))) > 0, 30,
+                     "the dead-letter file to be committed")
+        yield {"store": store, "expected": expected, "options": options, "raw": raw}
+    finally:
+        job = result.get_job_client()
+        if job is not None:
+            job.cancel().result()
+
+
+def test_online_store_holds_windowed_values_read_through_feast(
+        continuous_run: dict[str, Any]) -> None:
+    store, expected = continuous_run["store"], continuous_run["expected"]
+    users = expected[USER_STREAM.name]
+    assert len(users) >= 10 and any(v["user_clicks_10m"] > 0 for v in users.values())
+    assert any(v["user_recent_items"] for v in users.values())
+    for view, rows in expected.items():
+        assert h.online_state(store, view, sorted(rows)) == rows
+
+
+def test_stream_matches_batch_semantics_on_the_same_events(
+        continuous_run: dict[str, Any]) -> None:
+    # The expected state is the pandas reference of recsys_platform.features (t-w, t] and
+    # ratio(); compare every feature of every entity, window end included.
+    store, expected = continuous_run["store"], continuous_run["expected"]
+    for view in (USER_STREAM.name, ITEM_TRENDING.name):
+        got = pd.DataFrame.from_dict(h.online_state(store, view, sorted(expected[view])),
+                                     orient="index").sort_index()
+        want = pd.DataFrame.from_dict(expected[view], orient="index").sort_index()
+        pd.testing.assert_frame_equal(got[want.columns], want, check_dtype=False)
+
+
+def test_malformed_lines_land_in_the_dead_letter_file_with_reasons(
+        continuous_run: dict[str, Any], burst: tuple[pd.DataFrame, dict[str, int]]) -> None:
+    _, malformed = burst
+    lines = h.side_output_lines(Path(continuous_run["options"].deadletter_dir))
+    reasons = Counter(line["reason"] for line in lines)
+    assert reasons == Counter({**{k: v for k, v in malformed.items() if v}, REASON_NOT_JSON: 1})
+    assert all(line["line"] for line in lines)
+    assert h.side_output_lines(Path(continuous_run["options"].late_dir)) == []
