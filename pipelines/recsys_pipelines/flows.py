@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 RETRIES = 3
 RETRY_DELAY_S = 2.0  # back-off factor: waits 2, 4, 8 s between attempts
 _BACKOFF = exponential_backoff(RETRY_DELAY_S)
+EPHEMERAL_STARTUP_S = 120
 
 
 @task(retries=RETRIES, retry_delay_seconds=_BACKOFF, cache_policy=NO_CACHE)
@@ -73,13 +74,19 @@ def _settings(
 
 @contextmanager
 def prefect_api(settings: Settings) -> Iterator[None]:
-    """Runs flows against ``settings.prefect.api_url`` when set, else the ephemeral API."""
-    if not settings.prefect.api_url:
-        yield
-        return
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    """Runs flows against ``settings.prefect.api_url`` when set, else the ephemeral API
+    (given up to :data:`EPHEMERAL_STARTUP_S` to start: a busy machine needs more than 20 s)."""
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        temporary_settings,
+    )
 
-    with temporary_settings(updates={PREFECT_API_URL: settings.prefect.api_url}):
+    if settings.prefect.api_url:
+        updates: dict[Any, Any] = {PREFECT_API_URL: settings.prefect.api_url}
+    else:
+        updates = {PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: EPHEMERAL_STARTUP_S}
+    with temporary_settings(updates=updates):
         yield
 
 
