@@ -226,7 +226,7 @@ def test_promotion_swaps_atomically_and_bad_versions_are_rejected(
     body = {"user_id": serving_env.known_user, "k": 5}
 
     def rejected() -> bool:
-        return broken.version in call(f"{serving_env.url}/readyz")[2]["rejected_versions"]
+        return str(broken.version) in call(f"{serving_env.url}/readyz")[2]["rejected_versions"]
 
     _wait(rejected, 30, "the broken version to be rejected")
     status, _, answer = call(f"{serving_env.url}/recommend", body)
