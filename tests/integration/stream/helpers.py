@@ -136,6 +136,36 @@ def wait_until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
+def write_files_paced(raw: pd.DataFrame, folder: Path, parts: int, redis_url: str,
+                      metrics_key: str, out_of_orderness_ms: int = 30_000) -> list[Path]:
+    """Writes the files in order, each once the job consumed the previous one (its item
+    windows up to that file's watermark are in Redis). Flink's file source does not read
+    pending files in order, so a producer must not run ahead of it (see docs/stream.md)."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    slide_ms = 5 * 60_000
+    paths = []
+    try:
+        for i, chunk in enumerate(np.array_split(np.arange(len(raw)), parts)):
+            part = raw.iloc[chunk]
+            path = folder / f"events-{i:04d}.jsonl"
+            write_jsonl(part, path)
+            paths.append(path)
+            if i == parts - 1:
+                break
+            closed = (max_event_ms(part) - out_of_orderness_ms) // slide_ms * slide_ms
+
+            def consumed(closed: int = closed) -> bool:
+                value = client.hget(metrics_key, "item_trending:last_window_end_ms")
+                return value is not None and int(value) >= closed
+
+            wait_until(consumed, 60, f"the job to consume {path.name}")
+    finally:
+        client.close()
+    return paths
+
+
 def wait_running(checkpoint_dir: Path, timeout_s: float = 60) -> None:
     """Waits for the job's first completed checkpoint: every task is running, the source
     included (files present before it first lists the folder arrive in no fixed order)."""

@@ -42,7 +42,7 @@ def continuous_run(flink_jvm: Any, stream_env: StreamEnv, burst: tuple[pd.DataFr
     result = start(options)
     try:
         h.wait_running(Path(options.checkpoint_dir))
-        h.write_files(raw, stream_dir, parts=4, pause_s=1.5)
+        h.write_files_paced(raw, stream_dir, 4, settings.redis.url, options.sink.metrics_key)
         h.append_line(stream_dir, "garbage.jsonl", h.NOT_JSON)
         expected = h.expected_state(raw, h.max_event_ms(raw) - OUT_OF_ORDERNESS_MS)
 
