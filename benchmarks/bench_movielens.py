@@ -69,8 +69,12 @@ def als_recommender(train: pd.DataFrame, factors: int, reg: float, alpha: float,
 
 def two_tower(train: pd.DataFrame, catalog: pd.DataFrame, cutoff: pd.Timestamp,
               tt: TwoTowerConfig, epochs: int) -> Recommender:
+    # Ratings span 22 years while the catalog is embedded once at the cutoff: an item's age at
+    # training time is not its age at query time, so the age feature is off here (measured:
+    # Recall@50 0.10 with it, 0.21 without, per-user protocol).
     spec = EncoderSpec.from_catalog(catalog, list(train.columns), user_buckets=5_000,
-                                    item_buckets=50_000, creator_buckets=100, tag_buckets=500)
+                                    item_buckets=50_000, creator_buckets=100, tag_buckets=500,
+                                    use_item_age=False)
     cfg = TrainConfig(epochs=epochs, batch_size=256, two_tower=tt, train_ranker=False)
     models = fit_local(train, catalog, spec, cfg)
     seen = set(train["item_id"])  # same candidate set as ALS: items with training ratings
@@ -112,8 +116,8 @@ def main() -> None:
     fit_rows, val_rows, val_cut = split(train, 0.1)
     print(f"rows {len(rows)}, train {len(train)}, holdout {len(holdout)}, cutoff {cutoff}")
 
-    tt_grid = [(TwoTowerConfig(dim=32, temperature=t, id_dropout=0.1, logq_correction=q), e)
-               for t in (0.05, 0.1) for e in (5, 15) for q in (True, False)]
+    tt_grid = [(TwoTowerConfig(dim=32, temperature=t, id_dropout=0.1), e)
+               for t in (0.05, 0.1, 0.2) for e in (5, 10)]
     als_grid = [(f, r, a) for f in (32, 64, 128) for r in (0.01, 0.1) for a in (1.0, 10.0)]
     val_q = holdout_queries(fit_rows, warm(fit_rows, val_rows))
 

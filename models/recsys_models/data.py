@@ -49,6 +49,7 @@ class EncoderSpec:
     user_features: tuple[str, ...] = ()  # numeric user features present in the snapshot
     item_features: tuple[str, ...] = ()  # numeric item features present in the snapshot
     history_length: int = HISTORY_LENGTH
+    use_item_age: bool = True  # off when item embeddings must not depend on the query time
 
     @property
     def item_dense_dim(self) -> int:
@@ -165,7 +166,8 @@ def encode_items(
         item_hash = np.where(known, item_hash, 0)
     zeros = pd.Series(np.zeros(len(frame)), index=frame.index)
     duration = pd.to_numeric(frame.get("duration_ms", zeros), errors="coerce")
-    age = pd.to_numeric(frame.get("item_age_days", zeros), errors="coerce")
+    age = pd.to_numeric(frame.get("item_age_days", zeros) if spec.use_item_age else zeros,
+                        errors="coerce")
     dense = np.stack(
         [
             signed_log(np.nan_to_num(np.asarray(duration, dtype=np.float64)) / 1000.0),
