@@ -17,7 +17,7 @@ from recsys_models.data import EncoderSpec, encode_rows, hash_ids
 from recsys_models.evaluate import popularity_recommender, retrieval_metrics
 from recsys_models.ranker import Ranker, RankerConfig, ranker_loss
 from recsys_models.registry import gate, metric_key
-from recsys_models.train import to_tensors
+from recsys_models.train import TrainConfig, fit_local, to_tensors
 from recsys_models.two_tower import RetrievalTask, TwoTowerConfig, TwoTowerModel
 from tests.model.snapshots import synthetic_case, trained_bundle
 
@@ -119,3 +119,18 @@ def test_bundle_directory_round_trip_and_rank_shapes(tmp_path: Path) -> None:
         loaded.rank(rows.head(2), rows[["item_id"]].head(3))
     recs = loaded.recommend(rows.drop_duplicates("user_id").head(3), k=5)
     assert recs.groupby("user_id").size().eq(5).all()
+
+
+def test_training_is_reproducible_for_a_seed() -> None:
+    case = synthetic_case()
+    rows = case.train.head(4000)
+    cfg = TrainConfig(epochs=1, batch_size=256,
+                      two_tower=TwoTowerConfig(dim=8, id_dim=8, meta_dim=4, hidden=8))
+    a = fit_local(rows, case.items, case.spec, cfg)
+    b = fit_local(rows, case.items, case.spec, cfg)
+    c = fit_local(rows, case.items, case.spec, TrainConfig(**{**cfg.__dict__, "seed": 8}))
+    for key, value in a.two_tower.state_dict().items():
+        assert torch.equal(value, b.two_tower.state_dict()[key]), key
+    assert a.history == b.history
+    assert not torch.equal(a.two_tower.state_dict()["item_tower.mlp.0.weight"],
+                           c.two_tower.state_dict()["item_tower.mlp.0.weight"])
