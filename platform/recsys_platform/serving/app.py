@@ -13,6 +13,7 @@ requests of a replica with ``@serve.batch``.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 from pathlib import Path
@@ -25,7 +26,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import generate_latest
 from ray import serve
 
-from recsys_platform.serving.factory import build_recommender
+from recsys_platform.serving.factory import build_recommender, warm_up
 from recsys_platform.serving.recommender import Prepared, rank_many
 from recsys_platform.serving.schemas import RecommendRequest, RecommendResponse
 from recsys_platform.settings import load_settings
@@ -68,9 +69,15 @@ class RecommenderDeployment:
 
     def __init__(self, profile: str | None = None, config_file: str | None = None,
                  admission_limit: int = 24) -> None:
+        import torch
+
+        torch.set_num_threads(1)  # one replica, one thread: no OpenMP oversubscription
         settings = load_settings(profile or os.environ.get("RECSYS_PROFILE"),
                                  Path(config_file) if config_file else None)
         self.recommender, self.cache = build_recommender(settings)
+        warm_up(self.recommender)
+        gc.collect()
+        gc.freeze()  # long-lived model objects out of the GC's way: fewer p99 spikes
         self.settings = settings
         self.admission_limit = admission_limit
         self._in_flight = 0

@@ -85,15 +85,38 @@ def index_new_items(manager: BundleManager, catalog: Path) -> None:
         logger.info("indexed %d new items into bundle %s", len(fresh), current.version)
 
 
+def warm_up(recommender: Recommender, requests: int = 3) -> None:
+    """Runs a few requests through the whole path so the first real one is not slow."""
+    from recsys_platform.serving.schemas import RecommendRequest
+
+    for n in range(requests):
+        recommender.recommend(RecommendRequest(user_id=f"__warmup__{n}", k=10), log=False)
+
+
+def serving_store(settings: Settings) -> Any:
+    """The Feast store with client-side Redis timeouts, so a dead Redis fails fast."""
+    from feast import FeatureStore
+    from feast.repo_config import RepoConfig
+
+    from recsys_pipelines.feature_store import feature_store_config, repo_path
+
+    config = feature_store_config(settings)
+    online = config["online_store"]
+    if online["type"] == "redis":
+        budget = max(settings.redis.timeout_ms / 1000, 0.05)
+        online["connection_string"] += f",socket_timeout={budget},socket_connect_timeout={budget}"
+    repo_config = RepoConfig(**config)
+    repo_config.repo_path = repo_path(settings)
+    return FeatureStore(repo_path=str(repo_path(settings)), config=repo_config)
+
+
 def build_recommender(settings: Settings) -> tuple[Recommender, ItemCache]:
     """Builds the whole serving object graph and starts its background refreshers."""
-    from recsys_pipelines.feature_store import load_store
-
     metrics = ServingMetrics()
     manager = registry_manager(settings, metrics)
     manager.refresh()
     manager.start(settings.serving.poll_interval_s)
-    store = load_store(settings)
+    store = serving_store(settings)
     cache = ItemCache(store, lambda: catalog_ids(settings, manager))
     catalog = settings.landing_dir / "catalog" / "items.parquet"
     cache.on_refresh.append(lambda _: index_new_items(manager, catalog))

@@ -168,7 +168,8 @@ class Recommender:
         return result
 
     def finish(self, prepared: Prepared, scores: np.ndarray | None,
-               rank_error: BaseException | None = None) -> RecommendResponse:
+               rank_error: BaseException | None = None, log: bool = True
+               ) -> RecommendResponse:
         """Orders, diversifies, logs impressions and builds the response."""
         degraded = list(prepared.degraded)
         if prepared.loaded is None:
@@ -189,7 +190,7 @@ class Recommender:
         items = [RecommendedItem(item_id=c.item_id, score=float(s), source=c.source, position=i)
                  for i, (c, s) in enumerate(top)]  # type: ignore[arg-type]
         version = prepared.loaded.version if prepared.loaded else None
-        if self.impressions is not None:
+        if log and self.impressions is not None:
             self.impressions.log(prepared.request_id, prepared.request.user_id,
                                  [(i.item_id, i.score, i.source) for i in items], version,
                                  prepared.request.context.surface,
@@ -205,8 +206,8 @@ class Recommender:
         frame = items[["creator_id", "category"]].fillna("").astype(str)
         return {str(k): (c, g) for k, c, g in frame.itertuples(name=None)}
 
-    def recommend(self, request: RecommendRequest) -> RecommendResponse:
-        """The whole path in one call (used by tests and the offline CLI)."""
+    def recommend(self, request: RecommendRequest, log: bool = True) -> RecommendResponse:
+        """The whole path in one call (tests, warm-up, benchmarks' in-process floor)."""
         with self._stage("total"):
             prepared = self.prepare(request)
             try:
@@ -215,7 +216,7 @@ class Recommender:
                 error: BaseException | None = None
             except Exception as exc:
                 scores, error = None, exc
-            return self.finish(prepared, scores, error)
+            return self.finish(prepared, scores, error, log=log)
 
 
 _METADATA = ("category", "creator_id", "tags", "duration_ms", "published_at", "title")

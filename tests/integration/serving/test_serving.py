@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -209,9 +210,134 @@ def test_metrics_and_health(serving_env: ServingEnv) -> None:
         assert name in text
 
 
-def test_promotion_swaps_atomically_and_bad_versions_are_rejected(
-        serving_env: ServingEnv) -> None:
-    """Runs last in this module: it changes the champion."""
+class LoadLoop:
+    """A bounded closed-loop load: ``threads`` clients calling until stopped (or 120 s)."""
+
+    def __init__(self, url: str, body: dict[str, Any], threads: int = 3) -> None:
+        self.url, self.body = url, body
+        self.results: list[list[tuple[int, Any]]] = [[] for _ in range(threads)]
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(threads)]
+
+    def _run(self, i: int) -> None:
+        deadline = time.monotonic() + 120
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            status, _, answer = call(f"{self.url}/recommend", self.body)
+            self.results[i].append((status, answer))
+
+    def __enter__(self) -> LoadLoop:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+
+    @property
+    def flat(self) -> list[tuple[int, Any]]:
+        return [r for rs in self.results for r in rs]
+
+
+class TcpProxy:
+    """A loopback TCP proxy to Redis that can be cut and restored: Redis "down" for one app."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.port = _free_port()
+        self._server: socket.socket | None = None
+        self._conns: list[socket.socket] = []
+
+    def start(self) -> None:
+        server = socket.socket()
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", self.port))
+        server.listen(64)
+        self._server = server
+        threading.Thread(target=self._accept, args=(server,), daemon=True).start()
+
+    def _accept(self, server: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.upstream)
+            self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for conn in self._conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+                conn.close()
+            except OSError:
+                pass
+        self._conns.clear()
+
+
+def test_redis_outage_degrades_without_5xx_and_recovers(serving_env: ServingEnv) -> None:
+    """A second app reads Redis through a proxy that is cut mid-load, then restored."""
+    from ray import serve
+
+    from recsys_platform.serving.app import RecommenderDeployment
+
+    proxy = TcpProxy(("127.0.0.1", 6379))
+    proxy.start()
+    config = yaml.safe_load(serving_env.config_file.read_text())
+    config["redis"] = {**config.get("redis", {}),
+                       "url": f"redis://127.0.0.1:{proxy.port}/1", "timeout_ms": 100}
+    config["feast"] = {**config["feast"], "online_store": "redis"}
+    fault_config = serving_env.config_file.with_name("fault.yaml")
+    fault_config.write_text(yaml.safe_dump(config))
+    serve.run(RecommenderDeployment.options(name="recommender-fault", autoscaling_config=None,
+                                            num_replicas=1)
+              .bind(config_file=str(fault_config)),
+              name="recsys-fault", route_prefix="/fault", blocking=False)
+    url = f"{serving_env.url}/fault"
+    try:
+        _wait(lambda: call(f"{url}/readyz")[0] == 200, 120, "the fault app")
+        body = {"user_id": serving_env.known_user, "k": 5}
+        assert call(f"{url}/recommend", body)[2]["degraded"] == []
+        with LoadLoop(url, body) as load:
+            time.sleep(2)
+            proxy.stop()  # Redis unreachable
+            time.sleep(4)
+            proxy.start()  # Redis back
+            _wait(lambda: call(f"{url}/recommend", body)[2]["degraded"] == [], 30,
+                  "recovery after Redis is back")
+        statuses = [status for status, _ in load.flat]
+        assert statuses and set(statuses) == {200}, set(statuses)
+        degraded = [a for _, a in load.flat if "user_features" in a["degraded"]]
+        assert degraded and all(len(a["items"]) == 5 for a in degraded)
+        text = call(f"{url}/metrics")[2]
+        assert 'recsys_fallbacks_total{stage="user_features"}' in text
+    finally:
+        proxy.stop()
+        serve.delete("recsys-fault")
+
+
+def test_hot_swap_under_load_switches_once_and_never_fails(serving_env: ServingEnv) -> None:
+    """Changes the champion: runs after every test that expects the first version."""
     from mlflow import MlflowClient
 
     from recsys_models.registry import register_bundle
@@ -219,33 +345,38 @@ def test_promotion_swaps_atomically_and_bad_versions_are_rejected(
     settings = serving_env.settings
     name = settings.mlflow.model_name
     client = MlflowClient(settings.mlflow_tracking_uri, settings.mlflow_tracking_uri)
+    new = str(register_bundle(settings, serving_env.outcome.bundle,
+                              run_name="serving-swap").version)
+    old = serving_env.champion
+    with LoadLoop(serving_env.url, {"user_id": serving_env.known_user, "k": 10}) as load:
+        time.sleep(2)
+        client.set_registered_model_alias(name, "champion", new)  # as in the MLflow UI
+        _wait(lambda: call(f"{serving_env.url}/readyz")[2]["bundle_version"] == new, 60,
+              "the new champion to be served")
+        time.sleep(2)
+    assert load.flat and {status for status, _ in load.flat} == {200}
+    for per_client in load.results:
+        versions = [answer["bundle_version"] for _, answer in per_client]
+        assert set(versions) <= {old, new}
+        switches = sum(1 for a, b in zip(versions, versions[1:], strict=False) if a != b)
+        assert switches <= 1 and versions[-1] == new, versions  # old... then new..., once
 
-    # A broken version: its artifacts do not exist. Promoted by hand (as in the MLflow UI).
+
+def test_broken_version_is_rejected_and_previous_keeps_serving(serving_env: ServingEnv) -> None:
+    from mlflow import MlflowClient
+
+    settings = serving_env.settings
+    name = settings.mlflow.model_name
+    client = MlflowClient(settings.mlflow_tracking_uri, settings.mlflow_tracking_uri)
+    serving_now = call(f"{serving_env.url}/readyz")[2]["bundle_version"]
     broken = client.create_model_version(name, source=str(Path("/nonexistent/bundle")))
     client.set_registered_model_alias(name, "champion", broken.version)
-    body = {"user_id": serving_env.known_user, "k": 5}
 
     def rejected() -> bool:
         return str(broken.version) in call(f"{serving_env.url}/readyz")[2]["rejected_versions"]
 
-    _wait(rejected, 30, "the broken version to be rejected")
-    status, _, answer = call(f"{serving_env.url}/recommend", body)
-    assert status == 200 and answer["bundle_version"] == serving_env.champion
+    with LoadLoop(serving_env.url, {"user_id": serving_env.known_user, "k": 5}) as load:
+        _wait(rejected, 60, "the broken version to be rejected")
+    assert {status for status, _ in load.flat} == {200}
+    assert {answer["bundle_version"] for _, answer in load.flat} == {serving_now}
     assert "recsys_bundle_rejections_total 1.0" in call(f"{serving_env.url}/metrics")[2]
-
-    # A good new version, promoted by hand while clients keep calling.
-    new = register_bundle(settings, serving_env.outcome.bundle, run_name="serving-swap")
-    client.set_registered_model_alias(name, "champion", new.version)
-    versions: list[str] = []
-    statuses: list[int] = []
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        status, _, answer = call(f"{serving_env.url}/recommend", body)
-        statuses.append(status)
-        if status == 200:
-            versions.append(answer["bundle_version"])
-            if answer["bundle_version"] == str(new.version):
-                break
-    assert set(statuses) == {200}
-    assert versions[-1] == str(new.version)
-    assert set(versions) <= {serving_env.champion, str(new.version)}
