@@ -62,6 +62,7 @@ class PrefectSettings(_Section):
 
 class RaySettings(_Section):
     address: str | None = None  # None: start a local cluster
+    head_port: int = Field(default=6385, ge=1024, le=65535)  # `serve up`'s local head (not 6379)
     num_cpus: int | None = Field(default=None, ge=1)
     train_workers: int = Field(default=2, ge=1)
     use_gpu: bool = False

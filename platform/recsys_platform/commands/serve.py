@@ -1,14 +1,26 @@
-"""``recsys serve``: run the Ray Serve application locally."""
+"""``recsys serve up|down|status|recommend|run``: the Ray Serve application on this machine.
+
+``up`` starts a local Ray head (``ray start --head`` on ``ray.head_port``) unless
+``ray.address`` names a cluster, deploys the app and returns; the service keeps running in the
+Ray cluster until ``down``. ``run`` does the same in the foreground until Ctrl-C.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
-import os
+import shutil
+import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
 from recsys_platform.commands.context import current_settings
 from recsys_platform.settings import Settings
@@ -16,39 +28,173 @@ from recsys_platform.settings import Settings
 logger = logging.getLogger(__name__)
 
 app = typer.Typer(help="Real-time serving on Ray Serve.", no_args_is_help=True)
+console = Console()
+APP_NAME = "recsys"
 
 
-def start(settings: Settings, blocking: bool = False) -> str:
-    """Starts Ray (local unless settings.ray.address) and the serving app; returns its URL."""
+def _ray_bin() -> str:
+    return shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
+
+
+def cluster_address(settings: Settings) -> str:
+    return settings.ray.address or f"127.0.0.1:{settings.ray.head_port}"
+
+
+def connect(settings: Settings, start_head: bool) -> None:
+    """Connects to the configured cluster, starting a local head first when asked to."""
     import ray
+
+    if ray.is_initialized():
+        return
+    address = cluster_address(settings)
+    if settings.ray.address is None and start_head:
+        probe = subprocess.run([_ray_bin(), "status", "--address", address],
+                               capture_output=True, text=True)
+        if probe.returncode != 0:
+            cpus = ["--num-cpus", str(settings.ray.num_cpus)] if settings.ray.num_cpus else []
+            subprocess.run([_ray_bin(), "start", "--head", "--port",
+                            str(settings.ray.head_port), "--include-dashboard=false",
+                            "--disable-usage-stats", *cpus], check=True, capture_output=True)
+    ray.init(address=address, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"RECSYS_PROFILE": settings.profile,
+                                       "RECSYS_DATA_DIR": str(settings.data_dir.resolve())}})
+
+
+def deploy(settings: Settings, config_file: Path | None = None) -> str:
+    """Deploys (or updates) the app on the connected cluster; returns its base URL."""
     from ray import serve
 
     from recsys_platform.serving.app import RecommenderDeployment
 
-    os.environ.setdefault("RECSYS_PROFILE", settings.profile)
-    if not ray.is_initialized():
-        ray.init(address=settings.ray.address, include_dashboard=False,
-                 runtime_env={"env_vars": {"RECSYS_PROFILE": settings.profile,
-                                           "RECSYS_DATA_DIR": str(settings.data_dir.resolve())}})
-    serve.start(http_options={"host": settings.serving.host, "port": settings.serving.port})
     s = settings.serving
+    serve.start(http_options={"host": s.host, "port": s.port})
     deployment = RecommenderDeployment.options(  # type: ignore[attr-defined]
         max_queued_requests=s.max_queued_requests,
         autoscaling_config={"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
                             "target_ongoing_requests": s.target_ongoing_requests},
     )
-    serve.run(deployment.bind(profile=settings.profile), name="recsys", route_prefix="/",
-              blocking=blocking)
+    serve.run(deployment.bind(profile=settings.profile,
+                              config_file=str(config_file.resolve()) if config_file else None),
+              name=APP_NAME, route_prefix="/", blocking=False)
+    return f"http://{s.host}:{s.port}"
+
+
+def http(method: str, url: str, body: Any = None, timeout: float = 10) -> tuple[int, Any]:
+    """A small JSON HTTP call; returns (status, parsed body)."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"null")
+
+
+def wait_ready(url: str, timeout_s: float = 180) -> dict[str, Any]:
+    """Waits for ``/readyz`` to answer 200; returns its body."""
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            status, last = http("GET", f"{url}/readyz", timeout=5)
+            if status == 200:
+                return dict(last)
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(1)
+    raise typer.BadParameter(f"service at {url} not ready after {timeout_s:.0f}s: {last}")
+
+
+def base_url(settings: Settings) -> str:
     return f"http://{settings.serving.host}:{settings.serving.port}"
+
+
+def print_recommendations(body: dict[str, Any], title: str) -> None:
+    table = Table(title=f"{title}: bundle {body['bundle_version']}, ordered by {body['source']}"
+                        + (f", degraded: {', '.join(body['degraded'])}" if body["degraded"]
+                           else ""))
+    for column in ("#", "item", "score", "source"):
+        table.add_column(column)
+    for item in body["items"]:
+        table.add_row(str(item["position"]), item["item_id"], f"{item['score']:.4f}",
+                      item["source"])
+    console.print(table)
+
+
+@app.command("up")
+def up_command(
+    config: Annotated[Path | None, typer.Option(help="Settings YAML for the replicas.")] = None,
+) -> None:
+    """Starts the service in the background (local Ray head if needed) and waits until ready."""
+    settings = current_settings()
+    connect(settings, start_head=True)
+    url = deploy(settings, config)
+    ready = wait_ready(url)
+    console.print(f"serving on {url}: bundle {ready['bundle_version']} "
+                  "(POST /recommend, GET /readyz, GET /metrics); stop with `recsys serve down`")
+
+
+@app.command("down")
+def down_command() -> None:
+    """Stops the service and, for a local head started by `up`, the Ray cluster."""
+    settings = current_settings()
+    try:
+        connect(settings, start_head=False)
+        from ray import serve
+
+        serve.shutdown()
+    except ConnectionError as exc:
+        console.print(f"no Ray cluster at {cluster_address(settings)}: {exc}")
+    if settings.ray.address is None:
+        subprocess.run([_ray_bin(), "stop"], capture_output=True)
+    console.print("stopped")
+
+
+@app.command("status")
+def status_command() -> None:
+    """Shows the deployments' status and what the service is serving."""
+    settings = current_settings()
+    url = base_url(settings)
+    try:
+        status, body = http("GET", f"{url}/readyz", timeout=5)
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+        console.print(f"not serving at {url}: {exc}")
+        raise typer.Exit(3) from None
+    console.print(f"{url}/readyz -> {status}: {json.dumps(body)}")
+    if status != 200:
+        raise typer.Exit(1)
+
+
+@app.command("recommend")
+def recommend_command(
+    user_id: Annotated[str, typer.Argument(help="The user to recommend for.")],
+    k: Annotated[int, typer.Option(help="How many items (1..200).")] = 10,
+    exclude: Annotated[list[str] | None, typer.Option(help="Item ids to leave out.")] = None,
+) -> None:
+    """Asks the running service for one user's recommendations."""
+    status, body = http("POST", f"{base_url(current_settings())}/recommend",
+                        {"user_id": user_id, "k": k, "exclude": exclude or []})
+    if status != 200:
+        console.print(f"HTTP {status}: {body}")
+        raise typer.Exit(1)
+    print_recommendations(body, f"user {user_id}")
 
 
 @app.command("run")
 def run_command(
     config: Annotated[Path | None, typer.Option(help="Settings YAML for the replicas.")] = None,
 ) -> None:
-    """Serves POST /recommend until interrupted (Ctrl-C)."""
-    url = start(current_settings())
-    typer.echo(f"serving on {url} (POST /recommend, GET /readyz, GET /metrics)")
+    """Serves in the foreground until interrupted (Ctrl-C), then shuts down."""
+    import ray
+
+    settings = current_settings()
+    if settings.ray.address:
+        connect(settings, start_head=False)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=False)
+    url = deploy(settings, config)
+    console.print(f"serving on {url}; bundle {wait_ready(url)['bundle_version']}")
     try:
         while True:
             time.sleep(3600)
