@@ -131,13 +131,9 @@ def etl_flow(
     backoff = exponential_backoff(retry_delay_s)
     landing = Path(landing_dir) if landing_dir else settings.landing_dir
     lake = settings.lake_dir
-    landing_days = sources.days(start, end + timedelta(days=lookahead_days))
-    existing = [d for d in landing_days if sources.landing_partition(landing, d).is_dir()]
+    existing = sources.landing_days_to_read(landing, start, end, lookahead_days)
     reader = read_landing.with_options(retry_delay_seconds=backoff)
-    raw = pd.concat([reader(landing, d) for d in existing] or [pd.DataFrame()],
-                    ignore_index=True)
-    if raw.empty:
-        raw = sources.read_landing_partition(landing, start)  # typed, empty frame
+    raw = sources.concat_raw([reader(landing, d) for d in existing], landing, start)
     batch = clean(raw)
     writer = write_partition.with_options(retry_delay_seconds=backoff)
     by_date = etl.split_by_event_date(batch.clean, start, end)

@@ -38,6 +38,22 @@ def landing_partition(landing_dir: Path, day: date) -> Path:
     return landing_dir / "events" / f"date={day.isoformat()}"
 
 
+def landing_days_to_read(
+    landing_dir: Path, start: date, end: date, lookahead_days: int
+) -> list[date]:
+    """Landing partitions that exist for ``start .. end + lookahead_days`` (late rows land late)."""
+    wanted = days(start, end + timedelta(days=lookahead_days))
+    return [d for d in wanted if landing_partition(landing_dir, d).is_dir()]
+
+
+def concat_raw(frames: list[pd.DataFrame], landing_dir: Path, fallback: date) -> pd.DataFrame:
+    """One raw frame of several partitions; a typed empty frame when there are none."""
+    frames = [f for f in frames if not f.empty]
+    if not frames:
+        return read_landing_partition(landing_dir, fallback).iloc[0:0]
+    return pd.concat(frames, ignore_index=True)
+
+
 def read_landing_partition(landing_dir: Path, day: date) -> pd.DataFrame:
     """Reads one landing partition as raw strings plus a ``landing_date`` column.
 
