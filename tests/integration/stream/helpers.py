@@ -136,33 +136,39 @@ def wait_until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
-def write_files_paced(raw: pd.DataFrame, folder: Path, parts: int, redis_url: str,
-                      metrics_key: str, out_of_orderness_ms: int = 30_000) -> list[Path]:
-    """Writes the files in order, each once the job consumed the previous one (its item
-    windows up to that file's watermark are in Redis). Flink's file source does not read
-    pending files in order, so a producer must not run ahead of it (see docs/stream.md)."""
+def parts_of(raw: pd.DataFrame, parts: int) -> list[pd.DataFrame]:
+    return [raw.iloc[chunk] for chunk in np.array_split(np.arange(len(raw)), parts)]
+
+
+def wait_consumed(redis_url: str, metrics_key: str, part: pd.DataFrame,
+                  out_of_orderness_ms: int = 30_000) -> None:
+    """Waits until the job wrote the item windows that ``part`` closes."""
     import redis
 
-    client = redis.Redis.from_url(redis_url)
+    from recsys_pipelines.stream.status import wait_for_window
+
     slide_ms = 5 * 60_000
-    paths = []
+    closed = (max_event_ms(part) - out_of_orderness_ms) // slide_ms * slide_ms
+    client = redis.Redis.from_url(redis_url)
     try:
-        for i, chunk in enumerate(np.array_split(np.arange(len(raw)), parts)):
-            part = raw.iloc[chunk]
-            path = folder / f"events-{i:04d}.jsonl"
-            write_jsonl(part, path)
-            paths.append(path)
-            if i == parts - 1:
-                break
-            closed = (max_event_ms(part) - out_of_orderness_ms) // slide_ms * slide_ms
-
-            def consumed(closed: int = closed) -> bool:
-                value = client.hget(metrics_key, "item_trending:last_window_end_ms")
-                return value is not None and int(value) >= closed
-
-            wait_until(consumed, 60, f"the job to consume {path.name}")
+        assert wait_for_window(client, metrics_key, "item_trending", closed, 60), \
+            "timed out waiting for the job to consume a file"
     finally:
         client.close()
+
+
+def write_files_paced(raw: pd.DataFrame, folder: Path, parts: int, redis_url: str,
+                      metrics_key: str) -> list[Path]:
+    """Writes the files in order, each once the job consumed the previous one. Flink's file
+    source does not read pending files in order, so a producer must not run ahead of it."""
+    paths = []
+    chunks = parts_of(raw, parts)
+    for i, part in enumerate(chunks):
+        path = folder / f"events-{i:04d}.jsonl"
+        write_jsonl(part, path)
+        paths.append(path)
+        if i < len(chunks) - 1:
+            wait_consumed(redis_url, metrics_key, part)
     return paths
 
 

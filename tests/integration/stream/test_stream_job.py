@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import psutil
 import pytest
 
 from recsys_pipelines.feature_store import apply_definitions
+from recsys_pipelines.generator import write_jsonl
+from recsys_pipelines.stream.checkpoints import latest_checkpoint
 from recsys_pipelines.stream.job import start
 from recsys_pipelines.stream.sql import REASON_NOT_JSON
 from recsys_platform.features import ITEM_TRENDING, USER_STREAM
@@ -86,8 +95,76 @@ def test_stream_matches_batch_semantics_on_the_same_events(
 def test_malformed_lines_land_in_the_dead_letter_file_with_reasons(
         continuous_run: dict[str, Any], burst: tuple[pd.DataFrame, dict[str, int]]) -> None:
     _, malformed = burst
-    lines = h.side_output_lines(Path(continuous_run["options"].deadletter_dir))
-    reasons = Counter(line["reason"] for line in lines)
-    assert reasons == Counter({**{k: v for k, v in malformed.items() if v}, REASON_NOT_JSON: 1})
+    want = Counter({**{k: v for k, v in malformed.items() if v}, REASON_NOT_JSON: 1})
+    folder = Path(continuous_run["options"].deadletter_dir)
+    # Part files become visible as checkpoints complete: wait for as many lines as sent.
+    h.wait_until(lambda: len(h.side_output_lines(folder)) >= want.total(), 30,
+                 "every dead letter to be committed")
+    lines = h.side_output_lines(folder)
+    assert Counter(line["reason"] for line in lines) == want
     assert all(line["line"] for line in lines)
     assert h.side_output_lines(Path(continuous_run["options"].late_dir)) == []
+
+
+def _job_process(config: Path, *extra: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "recsys_pipelines.stream.job", "--config", str(config), *extra],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _sigkill(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the job process and its JVM child (by pid), as a crash would."""
+    children = psutil.Process(proc.pid).children(recursive=True)
+    os.kill(proc.pid, signal.SIGKILL)
+    for child in children:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            os.kill(child.pid, signal.SIGKILL)
+    proc.wait(30)
+
+
+def test_restart_after_sigkill_gives_the_values_of_an_uninterrupted_run(
+        continuous_run: dict[str, Any], stream_env: StreamEnv,
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    raw, expected = continuous_run["raw"], continuous_run["expected"]
+    root = tmp_path_factory.mktemp("restart")
+    settings = h.settings_for(stream_env, root, project=f"{stream_env.project}_restart")
+    store = apply_definitions(settings)
+    options = h.job_options(settings)
+    config, checkpoints = root / "settings.yaml", Path(options.checkpoint_dir)
+    stream_dir, url, metrics = Path(options.stream_dir), settings.redis.url, \
+        options.sink.metrics_key
+    stream_dir.mkdir(parents=True, exist_ok=True)
+    parts = h.parts_of(raw, 4)
+
+    first = _job_process(config)
+    try:
+        h.wait_running(checkpoints, timeout_s=240)
+        for i in (0, 1):
+            write_jsonl(parts[i], stream_dir / f"events-{i:04d}.jsonl")
+            h.wait_consumed(url, metrics, parts[i])
+        h.wait_running(checkpoints)  # one more checkpoint after part 1 was consumed
+        write_jsonl(parts[2], stream_dir / "events-0002.jsonl")
+        time.sleep(0.3)  # mid-stream: part 2 is being read
+    finally:
+        _sigkill(first)
+    killed_at = latest_checkpoint(checkpoints)
+
+    second = _job_process(config, "--restore", "latest")
+    try:
+        h.wait_running(checkpoints, timeout_s=240)
+        h.wait_consumed(url, metrics, parts[2])
+        write_jsonl(parts[3], stream_dir / "events-0003.jsonl")
+
+        def caught_up() -> bool:
+            return all(h.online_state(store, view, sorted(rows)) == rows
+                       for view, rows in expected.items())
+
+        h.wait_until(caught_up, 90, "the restarted job to catch up")
+    finally:
+        second.terminate()
+        second.wait(30)
+    assert killed_at.name.startswith("chk-")
+    uninterrupted = continuous_run["store"]
+    for view, rows in expected.items():
+        ids = sorted(rows)
+        assert h.online_state(store, view, ids) == h.online_state(uninterrupted, view, ids)

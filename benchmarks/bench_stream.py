@@ -1,0 +1,155 @@
+"""Stream features: sustained events/s into Redis and event-to-Redis freshness p50/p99.
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_stream.py [--events 300000] [--seconds 30]
+
+Writes to Redis DB 2 under a throw-away prefix/project and deletes it at the end.
+
+1. Floor: redis-py alone writing the same number of Feast-layout rows (one pipeline per
+   5,000 rows), measured in this run.
+2. Throughput: a bounded replay of ``--events`` generated events (squeezed into one hour of
+   event time, a realistic density) through the whole job: JSON decode, validation, HOP
+   windows, the Python sink and Redis. Reported as events/s over the job's wall time (the
+   JVM is warm: a tiny job runs first).
+3. Freshness: the job runs continuously while a producer appends a file every 200 ms whose
+   event times advance 60 s per file (a compressed clock; out-of-orderness 0). A window
+   ending at W can be written once a file with an event past W landed; freshness is the
+   time from that file's rename to the window's first write in Redis (the sink records it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import redis
+
+from recsys_pipelines.generator import GeneratorConfig, generate, write_jsonl
+from recsys_pipelines.stream import layout
+from recsys_pipelines.stream.job import JobOptions, start
+from recsys_pipelines.stream.sink import SinkConfig
+from recsys_platform.contracts import split_duplicates
+from recsys_platform.features import ITEM_TRENDING
+
+logger = logging.getLogger(__name__)
+URL = "redis://127.0.0.1:6379/2"
+
+
+def events_in_span(n: int, span: timedelta, seed: int = 3) -> pd.DataFrame:
+    data = generate(GeneratorConfig(events=n, days=1, users=max(100, n // 100),
+                                    items=max(200, n // 40), seed=seed))
+    raw, _ = split_duplicates(data.events)
+    t = pd.to_datetime(raw["event_time"], utc=True, format="ISO8601")
+    t = t.min() + (t - t.min()) * (span / timedelta(days=1))
+    raw["event_time"] = t.dt.strftime("%Y-%m-%dT%H:%M:%S.%f").str[:-3] + "Z"
+    return raw.sort_values("event_time").reset_index(drop=True)
+
+
+def floor_rows_per_s(client: redis.Redis, prefix: str, rows: int) -> float:
+    mapping = layout.row_mapping("bench", ["a", "b", "c"], [1, 2, 0.5], 1_700_000_000_000)
+    began = time.perf_counter()
+    for start_row in range(0, rows, 5000):
+        with client.pipeline(transaction=False) as pipe:
+            for i in range(start_row, min(rows, start_row + 5000)):
+                pipe.hset(f"{prefix}:floor:{i}", mapping=mapping)  # type: ignore[arg-type]
+            pipe.execute()
+    return rows / (time.perf_counter() - began)
+
+
+def options(root: Path, tag: str, **overrides: object) -> JobOptions:
+    base = JobOptions(sink=SinkConfig(URL, tag, tag), stream_dir=str(root / "in"),
+                      checkpoint_dir=str(root / "chk"), deadletter_dir=str(root / "dl"),
+                      late_dir=str(root / "late"), checkpoint_interval_ms=2000,
+                      monitor_interval_ms=50)
+    return replace(base, **overrides)  # type: ignore[arg-type]
+
+
+def throughput(root: Path, tag: str, raw: pd.DataFrame) -> tuple[float, float, int]:
+    write_jsonl(raw, root / "in" / "events-0.jsonl")
+    began = time.perf_counter()
+    start(options(root, tag, bounded=True)).wait()
+    seconds = time.perf_counter() - began
+    client = redis.Redis.from_url(URL)
+    rows = sum(int(v) for k, v in client.hgetall(f"{tag}:stream:metrics").items()
+               if k.endswith(b"rows_written") or k.endswith(b"rows_stale"))
+    client.close()
+    return len(raw) / seconds, seconds, rows
+
+
+def freshness(root: Path, tag: str, seconds: float) -> np.ndarray:
+    opts = options(root, tag, out_of_orderness_s=0, checkpoint_interval_ms=5000)
+    folder = Path(opts.stream_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    result = start(opts)
+    time.sleep(15)  # let the job deploy before the producer starts
+    files = int(seconds / 0.2)
+    raw = events_in_span(files * 100, timedelta(seconds=60 * files), seed=9)
+    landed: list[tuple[int, int]] = []  # (max event ms in file, landing wall ms)
+    for i, chunk in enumerate(np.array_split(np.arange(len(raw)), files)):
+        part = raw.iloc[chunk]
+        write_jsonl(part, folder / f"events-{i:06d}.jsonl")
+        max_ms = int(pd.Timestamp(part["event_time"].max()).value // 1_000_000)
+        landed.append((max_ms, int(time.time() * 1000)))
+        time.sleep(0.2)
+    time.sleep(5)
+    job = result.get_job_client()
+    if job is not None:
+        job.cancel().result()
+    client = redis.Redis.from_url(URL)
+    written = {int(k): int(v) for k, v in
+               client.hgetall(f"{tag}:stream:written:{ITEM_TRENDING.name}").items()}
+    client.close()
+    lags = []
+    for end, wrote in written.items():
+        closing = [w for m, w in landed if m >= end]  # the first file past the window end
+        if closing:
+            lags.append(wrote - closing[0])
+    return np.asarray(lags[1:], dtype=float)  # the first window includes the job start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--events", type=int, default=300_000)
+    parser.add_argument("--seconds", type=float, default=30.0)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    tag = f"bench_stream_{uuid.uuid4().hex[:8]}"
+    root = Path(tempfile.mkdtemp(prefix="bench_stream_"))
+    client = redis.Redis.from_url(URL)
+    try:
+        start(options(root / "warm", f"{tag}w", bounded=True)).wait()  # warm the JVM
+        raw = events_in_span(args.events, timedelta(hours=1))
+        floor = floor_rows_per_s(client, tag, 100_000)
+        rate, secs, rows = throughput(root / "tp", f"{tag}t", raw)
+        lags = freshness(root / "fr", f"{tag}f", args.seconds)
+        logger.warning("done")
+        out = [
+            f"floor: redis-py alone writes {floor:,.0f} Feast rows/s",
+            f"job: {len(raw):,} events in {secs:.1f} s = {rate:,.0f} events/s sustained into "
+            f"Redis ({rows:,} window rows; {rows / secs:,.0f} rows/s = "
+            f"{rows / secs / floor:.2f} x floor)",
+        ]
+        if lags.size:
+            out.append(f"freshness over {lags.size} windows: p50 {np.percentile(lags, 50):.0f} "
+                       f"ms, p99 {np.percentile(lags, 99):.0f} ms")
+        for line in out:
+            logger.warning(line)
+    finally:
+        for key in client.scan_iter(match=f"*{tag}*", count=1000):
+            client.delete(key)
+        client.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
