@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 
 # Session fixtures live in tests/fixtures/, one module per real component.
-pytest_plugins = ["tests.fixtures.ray_cluster"]
+pytest_plugins = [
+    "tests.fixtures.ray_cluster",
+    "tests.fixtures.prefect_harness",
+    "tests.fixtures.feast_store",
+    "tests.fixtures.batch_pipeline",
+    "tests.fixtures.mlflow_store",
+    "tests.fixtures.flink",
+]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = Path(os.environ.get("RECSYS_SHARED_DIR", REPO_ROOT.parent / "shared"))

@@ -112,9 +112,11 @@ def platform_flow(
     settings = settings or load_settings(profile, Path(config_file) if config_file else None)
     log = get_run_logger()
     run_id = _flow_run_id()
-    etl = etl_flow(start=start, end=end, settings=settings)
+    # The stage flows run inline (``.fn``): their tasks become tasks of this run. Prefect 3.5's
+    # API, on the FastAPI release it works with, refuses the task run of a nested subflow.
+    etl = etl_flow.fn(start=start, end=end, settings=settings)
     first, last = date.fromisoformat(etl["start"]), date.fromisoformat(etl["end"])
-    features = features_flow(start=first, end=last, settings=settings)
+    features = features_flow.fn(start=first, end=last, settings=settings)
     snapshot_id, rows = build_snapshot(settings, None, None)
     outcome: Any = train_and_register(settings, snapshot_id, epochs, workers)
     version = outcome.registered.version if outcome.registered else None

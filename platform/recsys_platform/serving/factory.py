@@ -93,8 +93,12 @@ def warm_up(recommender: Recommender, requests: int = 3) -> None:
         recommender.recommend(RecommendRequest(user_id=f"__warmup__{n}", k=10), log=False)
 
 
-def serving_store(settings: Settings) -> Any:
-    """The Feast store with client-side Redis timeouts, so a dead Redis fails fast."""
+def serving_store(settings: Settings, timeout_s: float | None = None) -> Any:
+    """The Feast store with client-side Redis timeouts, so a dead Redis fails fast.
+
+    ``timeout_s`` defaults to the request budget (``redis.timeout_ms``); background readers
+    such as the item cache pass a longer one.
+    """
     from feast import FeatureStore
     from feast.repo_config import RepoConfig
 
@@ -103,7 +107,8 @@ def serving_store(settings: Settings) -> Any:
     config = feature_store_config(settings)
     online = config["online_store"]
     if online["type"] == "redis":
-        budget = max(settings.redis.timeout_ms / 1000, 0.05)
+        budget = timeout_s if timeout_s is not None else max(settings.redis.timeout_ms / 1000,
+                                                             0.05)
         online["connection_string"] += f",socket_timeout={budget},socket_connect_timeout={budget}"
     repo_config = RepoConfig(**config)
     repo_config.repo_path = repo_path(settings)
@@ -117,7 +122,8 @@ def build_recommender(settings: Settings) -> tuple[Recommender, ItemCache]:
     manager.refresh()
     manager.start(settings.serving.poll_interval_s)
     store = serving_store(settings)
-    cache = ItemCache(store, lambda: catalog_ids(settings, manager))
+    cache = ItemCache(serving_store(settings, timeout_s=10.0),
+                      lambda: catalog_ids(settings, manager))
     catalog = settings.landing_dir / "catalog" / "items.parquet"
     cache.on_refresh.append(lambda _: index_new_items(manager, catalog))
     cache.refresh()

@@ -96,7 +96,7 @@ class Recommender:
     def _fallback(self, prep_degraded: list[str], stage: str, exc: BaseException) -> None:
         prep_degraded.append(stage)
         self.metrics.fallbacks.labels(stage).inc()
-        logger.warning("stage %s fell back: %s", stage, exc)
+        logger.warning("stage %s fell back: %s: %s", stage, type(exc).__name__, exc)
 
     def _user_row(self, user_id: str, degraded: list[str]) -> tuple[pd.DataFrame, bool]:
         """One user row and whether retrieval should run for it.
