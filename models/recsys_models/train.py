@@ -40,7 +40,7 @@ class TrainConfig:
     """What and how long to train; every field has a working default."""
 
     epochs: int = 2
-    batch_size: int = 1024
+    batch_size: int = 256  # per worker; 1024 gives demo-sized snapshots too few steps
     lr: float = 3e-3  # Adam, dense parameters
     sparse_lr: float = 3e-2  # SparseAdam, embedding tables
     seed: int = 7

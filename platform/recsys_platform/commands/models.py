@@ -40,7 +40,7 @@ def train(
                                                      "(default: settings.ray.train_workers).")]
     = None,
     epochs: Annotated[int, typer.Option(help="Epochs.")] = 2,
-    batch_size: Annotated[int, typer.Option(help="Rows per step per worker.")] = 1024,
+    batch_size: Annotated[int, typer.Option(help="Rows per step per worker.")] = 256,
     snapshot: Annotated[str | None, typer.Option(help="Snapshot id (default: newest).")] = None,
     register: Annotated[bool, typer.Option(help="Register the bundle in MLflow.")] = True,
 ) -> None:
