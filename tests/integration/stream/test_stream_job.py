@@ -107,9 +107,12 @@ def test_malformed_lines_land_in_the_dead_letter_file_with_reasons(
 
 
 def _job_process(config: Path, *extra: str) -> subprocess.Popen[bytes]:
+    """The job as its own process with its own JVM (no PyFlink gateway variables of ours)."""
+    env = {k: v for k, v in os.environ.items() if "PYFLINK" not in k}
+    log = (config.parent / f"job{len(list(config.parent.glob('job*.log')))}.log").open("wb")
     return subprocess.Popen(
         [sys.executable, "-m", "recsys_pipelines.stream.job", "--config", str(config), *extra],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
 def _sigkill(proc: subprocess.Popen[bytes]) -> None:
