@@ -268,3 +268,8 @@ def time_split(
     times = pd.to_datetime(frame["event_time"], utc=True)
     train, holdout = frame[times < cutoff], frame[times >= cutoff]
     return train.reset_index(drop=True), holdout.reset_index(drop=True), cutoff
+
+
+def numeric_features(frame: pd.DataFrame, names: tuple[str, ...]) -> np.ndarray:
+    """Squashed numeric feature columns (n, len(names)); absent columns are zeros."""
+    return _numeric(frame, names)

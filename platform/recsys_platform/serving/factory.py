@@ -14,7 +14,11 @@ import pyarrow.parquet as pq
 from recsys_platform.serving.bundle_manager import BundleManager
 from recsys_platform.serving.impressions import ImpressionLogger
 from recsys_platform.serving.metrics import ServingMetrics
-from recsys_platform.serving.online_features import FeastFeatureSource, ItemCache
+from recsys_platform.serving.online_features import (
+    FeastFeatureSource,
+    ItemCache,
+    RedisUserFeatures,
+)
 from recsys_platform.serving.recommender import Recommender, ServingOptions
 from recsys_platform.settings import Settings
 
@@ -135,6 +139,10 @@ def build_recommender(settings: Settings) -> tuple[Recommender, ItemCache]:
     impressions.start()
     options = ServingOptions(candidates=settings.serving.candidates,
                              user_features_timeout_s=settings.redis.timeout_ms / 1000)
-    recommender = Recommender(manager, FeastFeatureSource(store, cache), impressions, metrics,
-                              options)
+    reader = None
+    if store.config.online_store.type == "redis":
+        reader = RedisUserFeatures(store, settings.redis.url,
+                                   max(settings.redis.timeout_ms / 1000, 0.05))
+    recommender = Recommender(manager, FeastFeatureSource(store, cache, reader), impressions,
+                              metrics, options)
     return recommender, cache

@@ -21,6 +21,8 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 
+from recsys_models.bundle import Bundle
+from recsys_models.fast_rank import rank_aligned
 from recsys_platform.features import HISTORY_LENGTH
 from recsys_platform.serving.bundle_manager import BundleManager, LoadedBundle
 from recsys_platform.serving.candidates import Candidate, diversify, drop_items, merge_sources
@@ -229,8 +231,17 @@ def _pairs(prepared: Prepared) -> tuple[pd.DataFrame, pd.DataFrame]:
     # refresh), so a stale cache row can never disagree with the index.
     items = items.drop(columns=[c for c in _METADATA if c in items.columns])
     items = items.rename_axis("item_id").reset_index()
-    users = pd.concat([prepared.users] * len(items), ignore_index=True)
+    users = prepared.users.iloc[np.zeros(len(items), dtype=np.int64)].reset_index(drop=True)
     return users, items
+
+
+def _score(bundle: Any, users: pd.DataFrame, items: pd.DataFrame) -> np.ndarray:
+    """Blended scores; real bundles take the pre-encoded catalog path."""
+    if isinstance(bundle, Bundle):
+        ranked = rank_aligned(bundle, users, items)
+    else:
+        ranked = bundle.rank(users, items)
+    return np.asarray(ranked["score"], dtype=np.float64)
 
 
 def rank_many(batch: list[Prepared]) -> list[np.ndarray | Exception]:
@@ -247,9 +258,8 @@ def rank_many(batch: list[Prepared]) -> list[np.ndarray | Exception]:
         assert loaded is not None
         pairs = [_pairs(batch[i]) for i in members]
         try:
-            ranked = loaded.bundle.rank(pd.concat([u for u, _ in pairs], ignore_index=True),
-                                        pd.concat([i for _, i in pairs], ignore_index=True))
-            scores = np.asarray(ranked["score"], dtype=np.float64)
+            scores = _score(loaded.bundle, pd.concat([u for u, _ in pairs], ignore_index=True),
+                            pd.concat([i for _, i in pairs], ignore_index=True))
         except Exception as exc:  # the caller falls back to retrieval order
             for i in members:
                 results[i] = exc

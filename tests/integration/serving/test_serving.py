@@ -136,6 +136,18 @@ def test_known_user_gets_ranked_items_from_the_champion(serving_env: ServingEnv)
     assert len({i["item_id"] for i in body["items"]}) == 10 and all(s == s for s in scores)
 
 
+def test_direct_redis_read_equals_feast(serving_env: ServingEnv) -> None:
+    from recsys_platform.serving.factory import serving_store
+    from recsys_platform.serving.online_features import FeastUserFeatures, RedisUserFeatures
+
+    store = serving_store(serving_env.settings, timeout_s=5.0)
+    direct = RedisUserFeatures(store, serving_env.settings.redis.url, 5.0)
+    feast = FeastUserFeatures(store)
+    for user in (serving_env.known_user, "never-seen"):
+        assert direct(user) == feast(user)
+    assert direct(serving_env.known_user)["user_history"]
+
+
 def test_excluded_items_never_come_back(serving_env: ServingEnv) -> None:
     first = call(f"{serving_env.url}/recommend", {"user_id": serving_env.known_user, "k": 5})[2]
     banned = [i["item_id"] for i in first["items"]]
