@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -117,6 +118,12 @@ def freshness(root: Path, tag: str, seconds: float) -> np.ndarray:
     return np.asarray(lags[1:], dtype=float)  # the first window includes the job start
 
 
+def _say(line: str) -> None:
+    # Results go straight to stdout: PyFlink reconfigures logging when a job starts.
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--events", type=int, default=300_000)
@@ -127,12 +134,15 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench_stream_"))
     client = redis.Redis.from_url(URL)
     try:
-        start(options(root / "warm", f"{tag}w", bounded=True)).wait()  # warm the JVM
         raw = events_in_span(args.events, timedelta(hours=1))
         floor = floor_rows_per_s(client, tag, 100_000)
+        _say(f"floor measured: {floor:,.0f} rows/s")
+        warm = root / "warm" / "in"
+        write_jsonl(raw.head(1000), warm / "events-0.jsonl")
+        start(options(root / "warm", f"{tag}w", bounded=True)).wait()  # warm the JVM
         rate, secs, rows = throughput(root / "tp", f"{tag}t", raw)
+        _say(f"throughput measured: {rate:,.0f} events/s")
         lags = freshness(root / "fr", f"{tag}f", args.seconds)
-        logger.warning("done")
         out = [
             f"floor: redis-py alone writes {floor:,.0f} Feast rows/s",
             f"job: {len(raw):,} events in {secs:.1f} s = {rate:,.0f} events/s sustained into "
@@ -143,7 +153,7 @@ def main() -> None:
             out.append(f"freshness over {lags.size} windows: p50 {np.percentile(lags, 50):.0f} "
                        f"ms, p99 {np.percentile(lags, 99):.0f} ms")
         for line in out:
-            logger.warning(line)
+            _say(line)
     finally:
         for key in client.scan_iter(match=f"*{tag}*", count=1000):
             client.delete(key)
