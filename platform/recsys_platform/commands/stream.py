@@ -76,9 +76,20 @@ def _print_status(console: Console, settings: Settings) -> None:
     console.print(table)
 
 
-def demo_step(settings: Settings, console: Console) -> None:
+def _short(value: object) -> str:
+    if isinstance(value, list | tuple) or hasattr(value, "tolist"):
+        items = list(value)  # type: ignore[call-overload]
+        return "[" + ", ".join(map(str, items[:5])) + (", ..." if len(items) > 5 else "") + "]"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def demo_step(settings: Settings, console: Console) -> str | None:
     """Demo: start the job in the background, append two bursts of events, and show one
-    user's short-term features and one item's trending counts change in the online store."""
+    user's short-term features and one item's trending counts change in the online store.
+
+    Returns:
+        The id of the user whose stream features were shown (for the serving demo).
+    """
     import redis
 
     from recsys_pipelines.feature_store import apply_definitions, online_features
@@ -124,10 +135,12 @@ def demo_step(settings: Settings, console: Console) -> None:
                                       ("item", item, ITEM_TRENDING.name)):
                 row = online_features(store, entity, [key], (view,)).iloc[0]
                 console.print(f"  {entity} {key}: " + ", ".join(
-                    f"{k}={v}" for k, v in row.items() if k not in ("user_id", "item_id")))
+                    f"{k}={_short(v)}" for k, v in row.items()
+                    if k not in ("user_id", "item_id")))
     finally:
         client.close()
         job = result.get_job_client()
         if job is not None:
             job.cancel().result()
     _print_status(console, settings)
+    return user
