@@ -20,7 +20,10 @@ from rich.progress import Progress
 from rich.table import Table
 
 from recsys_platform.commands import deploy as deploy_commands
+from recsys_platform.commands import features as features_commands
+from recsys_platform.commands import models as models_commands
 from recsys_platform.commands import serve as serve_commands
+from recsys_platform.commands import stream as stream_commands
 from recsys_platform.commands.context import current_settings, set_settings
 from recsys_platform.errors import RecsysError
 from recsys_platform.online import resolve_online_store
@@ -33,6 +36,10 @@ data_app = typer.Typer(help="Generate synthetic events and import real datasets.
 config_app = typer.Typer(help="Inspect the resolved configuration.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(config_app, name="config")
+app.add_typer(features_commands.etl_app, name="etl")
+app.add_typer(features_commands.app, name="features")
+models_commands.register(app)  # train, evaluate, recommend + the `models` group
+app.add_typer(stream_commands.app, name="stream")
 app.add_typer(serve_commands.app, name="serve")
 app.add_typer(deploy_commands.app, name="deploy")
 
@@ -147,15 +154,36 @@ def demo(
     events: Annotated[int, typer.Option(help="Synthetic events to generate.")] = 200_000,
     movielens: Annotated[Path, typer.Option(help="MovieLens folder.")] = DEFAULT_MOVIELENS,
 ) -> None:
-    """Runs the end-to-end demo on embedded defaults and prints a summary."""
+    """Runs the end-to-end demo on embedded defaults and prints a summary.
+
+    generate -> MovieLens import -> ETL, batch features, Feast apply + materialize, training
+    snapshot -> train on Ray Train, evaluate, register, promote -> PyFlink stream job updates
+    the online store -> Ray Serve answers a known user, a new user and the stream's user.
+    """
+    s = settings()
     console.rule("1. synthetic events")
     data_generate(events=events, days=14, start="2026-11-01", users=2_000, items=5_000,
                   dirt_rate=0.01, seed=7, jsonl=False, out=None)
     console.rule("2. MovieLens")
     data_import_movielens(path=movielens, out=None)
-    console.rule("3. configuration")
-    choice = resolve_online_store(settings())
-    console.print(f"profile={settings().profile} online store: {choice.kind} ({choice.reason})")
+    choice = resolve_online_store(s)
+    console.print(f"profile={s.profile} online store: {choice.kind} ({choice.reason})")
+    features_commands.demo_step(s, console)
+    models_commands.demo_step(s, console)
+    stream_user = stream_commands.demo_step(s, console)
+    users = {"known user": _most_active_user(s), "new user": "demo-new-user"}
+    if stream_user:
+        users["user updated by the stream"] = stream_user
+    serve_commands.demo_step(s, console, users)
+    console.rule("done")
+
+
+def _most_active_user(s: Settings) -> str:
+    import pyarrow.parquet as pq
+
+    files = sorted((s.lake_dir / "events").rglob("*.parquet"))[-2:]
+    users = pq.read_table(files, columns=["user_id"]).column(0).to_pandas()
+    return str(users.value_counts().index[0])
 
 
 def main() -> None:

@@ -202,3 +202,23 @@ def run_command(
         from ray import serve
 
         serve.shutdown()
+
+
+def demo_step(settings: Settings, console: Console, users: dict[str, str]) -> None:
+    """Demo: start the service, query each ``label -> user id``, print the results, stop."""
+    from ray import serve
+
+    console.rule("serving: Ray Serve app, bundle from the MLflow registry @champion")
+    connect(settings, start_head=True)
+    url = deploy(settings)
+    try:
+        ready = wait_ready(url)
+        console.print(f"serving on {url}, bundle version {ready['bundle_version']}")
+        for label, user in users.items():
+            status, body = http("POST", f"{url}/recommend", {"user_id": user, "k": 8})
+            if status != 200:
+                console.print(f"{label}: HTTP {status} {body}")
+                continue
+            print_recommendations(body, f"{label} ({user})")
+    finally:
+        serve.delete(APP_NAME)
