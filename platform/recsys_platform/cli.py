@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import traceback
 from datetime import date
 from pathlib import Path
 from typing import Annotated
@@ -193,6 +194,11 @@ def main() -> None:
     except RecsysError as exc:
         sys.stderr.write(f"error: {exc}\n")  # one line, never wrapped
         raise SystemExit(2) from None
+    except Exception:
+        # Printed here and turned into an exit code: Ray's process-wide excepthook can hang
+        # on an uncaught exception once a local cluster was started in this process.
+        traceback.print_exc()
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

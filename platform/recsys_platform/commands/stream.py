@@ -77,9 +77,11 @@ def _print_status(console: Console, settings: Settings) -> None:
 
 
 def _short(value: object) -> str:
-    if isinstance(value, list | tuple) or hasattr(value, "tolist"):
+    if isinstance(value, list | tuple) or getattr(value, "ndim", 0) > 0:  # lists and arrays
         items = list(value)  # type: ignore[call-overload]
         return "[" + ", ".join(map(str, items[:5])) + (", ..." if len(items) > 5 else "") + "]"
+    if hasattr(value, "item"):  # numpy scalars
+        value = value.item()  # type: ignore[union-attr]
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
