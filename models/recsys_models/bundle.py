@@ -218,7 +218,11 @@ def _read_dir(path: Path) -> Bundle:
     rk_cfg = replace(RankerConfig(**meta["ranker"]), sparse=False)
     two_tower, ranker = TwoTowerModel(spec, tt_cfg), Ranker(spec, rk_cfg)
     weights = torch.load(path / "weights.pt", weights_only=True)
-    two_tower.load_state_dict(weights["two_tower"])
+    try:
+        two_tower.load_state_dict(weights["two_tower"])
+    except RuntimeError as exc:  # e.g. an item tower that still read numeric item features
+        raise BundleFormatError(str(path), "two-tower weights do not fit this code's "
+                                f"architecture; retrain the bundle ({exc})") from exc
     ranker.load_state_dict(weights["ranker"])
     emb = np.load(path / "item_embeddings.npy")
     index = HnswIndex.load(path / "index", emb.shape[1], HnswConfig(**meta["hnsw"]))

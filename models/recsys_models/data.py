@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 Batch = dict[str, np.ndarray]
 MAX_TAGS = 4
+STATIC_ITEM_DENSE = 2  # leading item_dense columns known at index time: log duration, log age
 ROW_COLUMNS: tuple[str, ...] = (
     "user_id", "item_id", "event_time", "clicked", "watch_time_ms", "user_history",
     "category", "creator_id", "tags", "duration_ms", "item_age_days",
@@ -53,7 +54,7 @@ class EncoderSpec:
 
     @property
     def item_dense_dim(self) -> int:
-        return 2 + len(self.item_features)  # log duration, log age, item features
+        return STATIC_ITEM_DENSE + len(self.item_features)  # duration, age, item features
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -159,7 +160,8 @@ def encode_items(
 
     Returns:
         ``item_hash`` (n,), ``category`` (n,), ``creator`` (n,), ``tags`` (n, MAX_TAGS),
-        ``item_dense`` (n, 2 + I).
+        ``item_dense`` (n, 2 + I): the ``STATIC_ITEM_DENSE`` metadata columns, then the numeric
+        item features (ranker only: the item tower never reads them, see ``ItemTower``).
     """
     item_hash = hash_ids(frame["item_id"].to_numpy(), spec.item_buckets, "i:")
     if known is not None:

@@ -2,7 +2,8 @@
 
 - :class:`TwoTowerModel` holds a user tower (hashed user id + mean-pooled recent history +
   numeric user features) and an item tower (hashed item id + category + creator + tags +
-  duration and age). Both output L2-normalised vectors, so a dot product is a cosine.
+  duration and age; never the numeric item features, which the catalog embedded at index time
+  does not have). Both output L2-normalised vectors, so a dot product is a cosine.
 - :class:`RetrievalTask` is the in-batch sampled softmax with logQ (popularity) correction and a
   temperature, optionally mixed with uniformly drawn catalog negatives.
 - :class:`Retriever` wraps a trained user tower and an item index for top-N search.
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from recsys_models.data import EncoderSpec
+from recsys_models.data import STATIC_ITEM_DENSE, EncoderSpec
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,14 @@ class UserTower(nn.Module):
 
 
 class ItemTower(nn.Module):
-    """Hashed item id + category + creator + tags + dense metadata -> (B, dim)."""
+    """Hashed item id + category + creator + tags + dense metadata -> (B, dim).
+
+    Only the first ``STATIC_ITEM_DENSE`` columns of ``item_dense`` (duration, age) are read.
+    The numeric item features behind them (windowed impression/click counts) exist on training
+    rows but not on the catalog rows that :func:`~recsys_models.bundle.build_bundle` embeds into
+    the index, where they are all zeros; an item tower trained on them retrieves from a
+    catalog it has never seen (on the real snapshot: Recall@50 far below popularity).
+    """
 
     def __init__(self, spec: EncoderSpec, cfg: TwoTowerConfig) -> None:
         super().__init__()
@@ -79,7 +87,7 @@ class ItemTower(nn.Module):
                                         sparse=cfg.sparse)
         self.tag_emb = nn.EmbeddingBag(spec.tag_buckets, cfg.meta_dim, mode="mean",
                                        padding_idx=0, sparse=cfg.sparse)
-        width = cfg.id_dim + 3 * cfg.meta_dim + spec.item_dense_dim
+        width = cfg.id_dim + 3 * cfg.meta_dim + STATIC_ITEM_DENSE
         self.dim = cfg.dim
         self.mlp = _mlp(width, cfg.hidden, cfg.dim)
 
@@ -92,7 +100,7 @@ class ItemTower(nn.Module):
                 self.category_emb(category),  # (B, meta_dim)
                 self.creator_emb(creator),  # (B, meta_dim)
                 self.tag_emb(tags),  # (B, meta_dim)
-                dense,  # (B, item_dense_dim)
+                dense[:, :STATIC_ITEM_DENSE],  # (B, STATIC_ITEM_DENSE)
             ],
             dim=1,
         )

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from recsys_models.ann import HnswIndex, recall_vs_exact
-from recsys_models.bundle import load_bundle, save_bundle
+from recsys_models.bundle import build_bundle, load_bundle, save_bundle
 from recsys_models.data import EncoderSpec, encode_rows, hash_ids
 from recsys_models.evaluate import popularity_recommender, retrieval_metrics
 from recsys_models.ranker import Ranker, RankerConfig, ranker_loss
@@ -134,3 +134,24 @@ def test_training_is_reproducible_for_a_seed() -> None:
     assert a.history == b.history
     assert not torch.equal(a.two_tower.state_dict()["item_tower.mlp.0.weight"],
                            c.two_tower.state_dict()["item_tower.mlp.0.weight"])
+
+
+def test_index_embeddings_match_the_item_tower_on_training_rows() -> None:
+    # Training rows carry numeric item features (windowed counts from the Feast join); the
+    # catalog rows build_bundle embeds into the index do not. The item tower must give an item
+    # the same vector in both places, or retrieval searches vectors it was never trained on.
+    spec = EncoderSpec(user_buckets=100, item_buckets=100, creator_buckets=10, tag_buckets=10,
+                       categories=("a", "b"), item_features=("item_clicks_7d", "item_ctr_7d"))
+    rows = _rows().assign(item_clicks_7d=np.arange(8) * 50.0, item_ctr_7d=0.4)
+    torch.manual_seed(0)
+    model = TwoTowerModel(spec, TwoTowerConfig(dim=8, id_dim=8, meta_dim=4, hidden=16)).eval()
+    as_of = pd.Timestamp("2026-11-01", tz="UTC")
+    catalog = rows[["item_id", "category", "creator_id", "tags", "duration_ms"]].assign(
+        published_at=as_of - pd.Timedelta(days=3))
+    bundle = build_bundle(model, Ranker(spec, RankerConfig()), spec, catalog,
+                          set(rows["item_id"]), version="t", feature_service="retrieval_v1",
+                          snapshot_id="t", as_of=as_of)
+    with torch.no_grad():
+        trained_on = model.embed_items(to_tensors(encode_rows(rows, spec))).numpy()
+    order = pd.Index(rows["item_id"]).get_indexer(bundle.item_ids)
+    np.testing.assert_allclose(bundle.item_embeddings, trained_on[order], atol=1e-5)
