@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import sys
 import traceback
 from datetime import date
@@ -47,6 +48,8 @@ app.add_typer(deploy_commands.app, name="deploy")
 console = Console()
 logger = logging.getLogger(__name__)
 
+NOISY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "prefect", "feast", "httpx",
+                 "apache_beam", "pyflink", "mlflow", "alembic", "py4j", "urllib3")
 DEFAULT_MOVIELENS = Path("../shared/datasets/ml-latest-small")
 
 
@@ -66,6 +69,9 @@ def _main(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not verbose:  # keep the platform's own progress readable
+        for noisy in NOISY_LOGGERS:
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     set_settings(load_settings(profile, config))
 
 
@@ -171,12 +177,20 @@ def demo(
     console.print(f"profile={s.profile} online store: {choice.kind} ({choice.reason})")
     features_commands.demo_step(s, console)
     models_commands.demo_step(s, console)
-    stream_user = stream_commands.demo_step(s, console)
+    # PyFlink's gRPC stack breaks an in-process Ray connection afterwards, so the stream
+    # step runs in a child process of its own.
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        stream_user = pool.apply(_stream_demo, (s,))
     users = {"known user": _most_active_user(s), "new user": "demo-new-user"}
     if stream_user:
         users["user updated by the stream"] = stream_user
     serve_commands.demo_step(s, console, users)
     console.rule("done")
+
+
+def _stream_demo(s: Settings) -> str | None:
+    logging.basicConfig(level=logging.WARNING)
+    return stream_commands.demo_step(s, Console())
 
 
 def _most_active_user(s: Settings) -> str:
