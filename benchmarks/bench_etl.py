@@ -24,6 +24,7 @@ from recsys_pipelines import batch_features, feature_store
 from recsys_pipelines.flows import etl_flow
 from recsys_pipelines.generator import GeneratorConfig, generate, write_generated
 from recsys_platform import features as F
+from recsys_platform.runtime import ensure_ray
 from recsys_platform.settings import load_settings
 
 REDIS_URL = "redis://127.0.0.1:6379/1"
@@ -82,7 +83,7 @@ def main() -> None:
             etl = etl_flow(start=start, end=end, settings=settings)
             t_etl = time.perf_counter() - t0
 
-            batch_features.ensure_ray(settings)
+            ensure_ray(settings)
             t0 = time.perf_counter()
             tables = batch_features.compute_features(settings.lake_dir, start, end)
             batch_features.write_feature_tables(tables, feature_store.offline_dir(settings))

@@ -22,21 +22,13 @@ from recsys_models.data import CategoryIndex, EncoderSpec, item_log_q, read_snap
 from recsys_models.evaluate import EvaluationReport, evaluate_bundle
 from recsys_models.registry import Registered, register_bundle
 from recsys_models.train import TrainConfig, TrainedModels, fit, prepare_datasets
+from recsys_platform.runtime import ensure_ray
 from recsys_platform.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 HOLDOUT_FRACTION = 0.2
 EVAL_COLUMNS = ["user_id", "item_id", "event_time", "clicked"]
-
-
-def ensure_ray(settings: Settings) -> None:
-    """Connects to (or starts) Ray as the settings say; a no-op when already connected."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=settings.ray.address, num_cpus=settings.ray.num_cpus,
-                 include_dashboard=False, configure_logging=False)
 
 
 def load_catalog(settings: Settings, rows: pd.DataFrame | None = None) -> pd.DataFrame:

@@ -34,7 +34,6 @@ from recsys_pipelines.etl import atomic_write_table
 from recsys_pipelines.sources import days
 from recsys_platform import features as F
 from recsys_platform.contracts import ITEM_SCHEMA
-from recsys_platform.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -74,16 +73,6 @@ def bucket_of(event_time: pd.Series) -> np.ndarray:
     """Day bucket of each event: ``b`` with ``midnight(b) < t <= midnight(b + 1)``."""
     ms = pd.to_datetime(event_time, utc=True).dt.as_unit("ms").astype("int64").to_numpy()
     return (ms - 1) // DAY_MS  # (ms - 1) puts an event at exactly midnight in the day it ends
-
-
-def ensure_ray(settings: Settings) -> None:
-    """Connects to the configured Ray cluster, or starts a local one, unless already up."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    ray.init(address=settings.ray.address, num_cpus=settings.ray.num_cpus,
-             include_dashboard=False, log_to_driver=False, configure_logging=False)
 
 
 def _partials(batch: pd.DataFrame, keys: Sequence[str], bases: Sequence[_Base]) -> pd.DataFrame:

@@ -23,6 +23,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from recsys_pipelines import batch_features, etl, feature_store, sources
+from recsys_platform.runtime import ensure_ray
 from recsys_platform.settings import Settings, load_settings
 
 logger = logging.getLogger(__name__)
@@ -152,7 +153,7 @@ def etl_flow(
 
 @task(cache_policy=NO_CACHE)
 def compute(settings: Settings, start: date, end: date) -> batch_features.FeatureTables:
-    batch_features.ensure_ray(settings)
+    ensure_ray(settings)
     return batch_features.compute_features(settings.lake_dir, start, end)
 
 

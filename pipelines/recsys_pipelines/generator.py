@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from recsys_pipelines.etl import atomic_write_table
 from recsys_platform.contracts import (
     DEVICES,
     ITEM_SCHEMA,
@@ -350,13 +350,6 @@ def _add_dirt(
     return events, report
 
 
-def _atomic_write_parquet(table: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-
-
 def write_jsonl(events: pd.DataFrame, path: Path) -> None:
     """Writes events as newline-JSON atomically: a hidden temp file, then a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -390,17 +383,17 @@ def write_generated(
         table = pa.Table.from_pandas(
             frame[RAW_EVENT_SCHEMA.names], schema=RAW_EVENT_SCHEMA, preserve_index=False
         )
-        _atomic_write_parquet(table, landing_dir / "events" / name / "part-0.parquet")
+        atomic_write_table(table, landing_dir / "events" / name / "part-0.parquet")
         if jsonl_dir is not None:
             write_jsonl(frame, jsonl_dir / f"events-{day.isoformat()}.jsonl")
         partitions.append(name)
         if progress is not None:
             progress(name)
-    _atomic_write_parquet(
+    atomic_write_table(
         pa.Table.from_pandas(data.items, schema=ITEM_SCHEMA, preserve_index=False),
         landing_dir / "catalog" / "items.parquet",
     )
-    _atomic_write_parquet(
+    atomic_write_table(
         pa.Table.from_pandas(data.users, schema=USER_SCHEMA, preserve_index=False),
         landing_dir / "catalog" / "users.parquet",
     )

@@ -66,7 +66,8 @@ def evaluate(
     """Evaluates a registered bundle and popularity on the snapshot's time holdout."""
     from recsys_models.evaluate import evaluate_bundle
     from recsys_models.registry import load_alias
-    from recsys_models.workflow import ensure_ray, split_snapshot
+    from recsys_models.workflow import split_snapshot
+    from recsys_platform.runtime import ensure_ray
 
     s = current_settings()
     ensure_ray(s)
@@ -136,7 +137,8 @@ def promote_cmd(
     """Promotes the challenger to champion if it is not worse on the same holdout."""
     from recsys_models.errors import PromotionRefusedError
     from recsys_models.registry import promote
-    from recsys_models.workflow import ensure_ray, split_snapshot
+    from recsys_models.workflow import split_snapshot
+    from recsys_platform.runtime import ensure_ray
 
     s = current_settings()
     ensure_ray(s)

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from recsys_pipelines.etl import atomic_write_table
 from recsys_platform.contracts import RAW_EVENT_SCHEMA
 
 logger = logging.getLogger(__name__)
@@ -44,10 +44,7 @@ SERVED_SCHEMA = pa.schema(
 
 
 def _atomic_parquet(rows: list[dict[str, Any]], schema: pa.Schema, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
-    os.replace(tmp, path)
+    atomic_write_table(pa.Table.from_pylist(rows, schema=schema), path)
 
 
 class ImpressionLogger:
