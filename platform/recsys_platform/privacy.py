@@ -3,12 +3,15 @@
 The same key maps a raw id to the same pseudonym everywhere (ETL, stream job, serving), so
 features and training join as before, while the lake never holds a raw id. Rotating the key
 re-identifies nobody: old pseudonyms simply stop matching.
+
+The hash is SHA-256 over ``key | user_id`` (not HMAC) because the stream job must compute the
+same value inside Flink SQL (``SHA2``), keeping Python out of the per-row path; for a
+pseudonym (no message authentication) a secret-prefixed SHA-256 is as hard to invert.
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
 
 import pandas as pd
 
@@ -19,8 +22,17 @@ def pseudonymize(user_id: str, key: str) -> str:
     """The pseudonym of one raw user id (idempotent: a pseudonym maps to itself)."""
     if user_id.startswith(PREFIX):
         return user_id
-    digest = hmac.new(key.encode(), user_id.encode(), hashlib.sha256).hexdigest()
+    digest = hashlib.sha256(f"{key}|{user_id}".encode()).hexdigest()
     return PREFIX + digest[:24]
+
+
+def pseudonym_sql(column: str, key: str) -> str:
+    """The same pseudonym as a Flink SQL expression over ``column`` (idempotent as well)."""
+    quoted = key.replace("'", "''")
+    return (f"CASE WHEN {column} IS NULL OR {column} = '' "
+            f"OR SUBSTRING({column}, 1, {len(PREFIX)}) = '{PREFIX}' "
+            f"THEN {column} ELSE CONCAT('{PREFIX}', "
+            f"SUBSTRING(SHA2(CONCAT('{quoted}|', {column}), 256), 1, 24)) END")
 
 
 def pseudonymize_series(user_ids: pd.Series, key: str) -> pd.Series:

@@ -275,6 +275,9 @@ class TcpProxy:
                 client, _ = server.accept()
             except OSError:
                 return
+            if self._server is not server:  # cut while accept() was blocked
+                client.close()
+                return
             upstream = socket.create_connection(self.upstream)
             self._conns += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):
@@ -295,9 +298,14 @@ class TcpProxy:
                     pass
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            self._server = None
+        server, self._server = self._server, None
+        if server is not None:
+            # close() alone does not wake a thread blocked in accept(): shut it down first
+            try:
+                server.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            server.close()
         for conn in self._conns:
             try:
                 conn.shutdown(socket.SHUT_RDWR)
@@ -333,7 +341,9 @@ def test_redis_outage_degrades_without_5xx_and_recovers(serving_env: ServingEnv)
         with LoadLoop(url, body) as load:
             time.sleep(2)
             proxy.stop()  # Redis unreachable
-            time.sleep(4)
+            _wait(lambda: any("user_features" in a["degraded"] for _, a in load.flat), 60,
+                  "a degraded answer while Redis is down")
+            time.sleep(2)
             proxy.start()  # Redis back
             _wait(lambda: call(f"{url}/recommend", body)[2]["degraded"] == [], 30,
                   "recovery after Redis is back")
