@@ -98,6 +98,26 @@ class PrivacySettings(_Section):
     key: str = "local-development-key"  # set RECSYS_PRIVACY__KEY from a secret in production
 
 
+class MonitoringSettings(_Section):
+    """Thresholds of the monitoring flow; a value past its threshold fails the run."""
+
+    experiment: str = "monitoring"  # MLflow experiment of the monitoring runs
+    sample_users: int = Field(default=500, ge=1)  # online feature rows read per entity kind
+    sample_items: int = Field(default=500, ge=1)
+    psi_bins: int = Field(default=10, ge=2)  # quantile bins of the PSI
+    max_feature_psi: float = Field(default=0.2, gt=0)  # training snapshot vs online, per feature
+    max_score_psi: float = Field(default=0.2, gt=0)  # served scores: this window vs the previous
+    window_hours: float = Field(default=24.0, gt=0)  # served-log window (coverage, scores)
+    min_catalog_coverage: float = Field(default=0.05, ge=0, le=1)  # share of items served
+    max_popularity_gini: float = Field(default=0.95, ge=0, le=1)  # skew of served items
+    max_stream_lag_s: float = Field(default=900.0, gt=0)  # now - newest stream window end
+    require_stream: bool = False  # True: no stream counters in Redis is a breach, not a skip
+    serving_metrics_url: str | None = None  # e.g. http://127.0.0.1:8000/metrics; None: skip
+    max_error_rate: float = Field(default=0.01, ge=0, le=1)  # 5xx per request
+    max_fallback_rate: float = Field(default=0.05, ge=0)  # degraded stages per request
+    textfile: str = "{data_dir}/monitoring/recsys_monitoring.prom"  # node-exporter textfile
+
+
 class Settings(BaseSettings):
     """The whole platform configuration. Unknown keys are errors at every level."""
 
@@ -115,6 +135,7 @@ class Settings(BaseSettings):
     flink: FlinkSettings = FlinkSettings()
     serving: ServingSettings = ServingSettings()
     privacy: PrivacySettings = PrivacySettings()
+    monitoring: MonitoringSettings = MonitoringSettings()
 
     @classmethod
     def settings_customise_sources(
