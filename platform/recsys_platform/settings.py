@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -98,6 +99,16 @@ class PrivacySettings(_Section):
     key: str = "local-development-key"  # set RECSYS_PRIVACY__KEY from a secret in production
 
 
+class LabelSettings(_Section):
+    """The delayed label join ("log and wait") of served impressions."""
+
+    window_s: int = Field(default=3_600, ge=1)  # a click/watch counts this long after an impression
+
+    @property
+    def window(self) -> timedelta:
+        return timedelta(seconds=self.window_s)
+
+
 class MonitoringSettings(_Section):
     """Thresholds of the monitoring flow; a value past its threshold fails the run."""
 
@@ -135,6 +146,7 @@ class Settings(BaseSettings):
     flink: FlinkSettings = FlinkSettings()
     serving: ServingSettings = ServingSettings()
     privacy: PrivacySettings = PrivacySettings()
+    labels: LabelSettings = LabelSettings()
     monitoring: MonitoringSettings = MonitoringSettings()
 
     @classmethod
