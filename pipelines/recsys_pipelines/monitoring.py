@@ -2,6 +2,7 @@
 
 Each check returns :class:`Check` rows; :func:`breaches` picks those past their threshold and
 :class:`MonitoringBreach` names every one of them, so a failed flow run says what drifted.
+The monitoring flow (``recsys_platform.monitoring_flow``) reads the data and calls these.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from prometheus_client.parser import text_string_to_metric_families
 
 PSI_BINS = 10
 
@@ -27,13 +29,31 @@ class Check:
     def breached(self) -> bool:
         return bool(np.isfinite(self.value)) and self.value > self.threshold
 
+    def describe(self) -> str:
+        """What the value means, e.g. ``feature drift: user_ctr_7d PSI 0.83 > 0.2``."""
+        kind, _, subject = self.name.partition(":")
+        if kind == "psi":
+            return f"feature drift: {subject} PSI {self.value:.3g} > {self.threshold:g}"
+        if kind == "rate":
+            return f"serving {subject} rate {self.value:.3%} > {self.threshold:.3%}"
+        if self.name == "score_psi":
+            return f"score drift: served-score PSI {self.value:.3g} > {self.threshold:g}"
+        if self.name == "uncovered_catalog":
+            return (f"catalog coverage: {1 - self.value:.2%} of the catalog served "
+                    f"< {1 - self.threshold:.2%}")
+        if self.name == "popularity_gini":
+            return f"popularity skew: Gini {self.value:.3f} > {self.threshold:g}"
+        if self.name == "stream_freshness_lag_s":
+            return f"stream freshness: lag {self.value:.0f} s > {self.threshold:g} s"
+        return f"{self.name} {self.value:.4g} > {self.threshold:g}"
+
 
 class MonitoringBreach(Exception):
     """Raised by the monitoring flow when checks pass their thresholds."""
 
     def __init__(self, checks: list[Check]) -> None:
-        parts = [f"{c.name}={c.value:.4f} > {c.threshold}" for c in checks]
-        super().__init__("monitoring thresholds breached: " + ", ".join(parts))
+        super().__init__("monitoring thresholds breached: "
+                         + "; ".join(c.describe() for c in checks))
         self.checks = checks
 
 
@@ -65,15 +85,33 @@ def psi(expected: np.ndarray, actual: np.ndarray, bins: int = PSI_BINS) -> float
 
 
 def feature_drift(reference: pd.DataFrame, current: pd.DataFrame, features: Iterable[str],
-                  threshold: float = 0.2) -> list[Check]:
+                  threshold: float = 0.2, bins: int = PSI_BINS) -> list[Check]:
     """PSI per numeric feature present in both frames."""
     checks = []
     for name in features:
         if name in reference.columns and name in current.columns:
             value = psi(pd.to_numeric(reference[name], errors="coerce").to_numpy(),
-                        pd.to_numeric(current[name], errors="coerce").to_numpy())
+                        pd.to_numeric(current[name], errors="coerce").to_numpy(), bins)
             checks.append(Check(f"psi:{name}", value, threshold))
     return checks
+
+
+def latest_per_entity(frame: pd.DataFrame, key: str, time_column: str = "event_time"
+                      ) -> pd.DataFrame:
+    """The newest row of each entity: a training snapshot as one row per user (or item).
+
+    A snapshot has one row per impression, so active entities would weigh more than in a
+    sample of online rows; comparing entity to entity keeps PSI about the features.
+    """
+    if frame.empty:
+        return frame
+    return frame.sort_values(time_column, kind="stable").drop_duplicates(key, keep="last")
+
+
+def score_drift(previous: np.ndarray, current: np.ndarray, threshold: float,
+                bins: int = PSI_BINS) -> Check:
+    """PSI of the served scores of this window against the previous window."""
+    return Check("score_psi", psi(previous, current, bins), threshold)
 
 
 def gini(counts: np.ndarray) -> float:
@@ -108,6 +146,24 @@ def rate_checks(counters: Mapping[str, float], requests: float,
         return []
     return [Check(f"rate:{name}", counters.get(name, 0.0) / requests, limit)
             for name, limit in thresholds.items()]
+
+
+def serving_counters(metrics_text: str) -> dict[str, float]:
+    """Request, 5xx and fallback totals from a serving replica's Prometheus exposition.
+
+    Returns:
+        ``requests``, ``errors`` (status 5xx) and ``fallbacks`` (every degraded stage).
+    """
+    totals = {"requests": 0.0, "errors": 0.0, "fallbacks": 0.0}
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name == "recsys_requests_total":
+                totals["requests"] += sample.value
+                if sample.labels.get("status", "").startswith("5"):
+                    totals["errors"] += sample.value
+            elif sample.name == "recsys_fallbacks_total":
+                totals["fallbacks"] += sample.value
+    return totals
 
 
 def freshness_check(latest_event_time: pd.Timestamp | None, now: pd.Timestamp,

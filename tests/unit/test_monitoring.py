@@ -13,8 +13,11 @@ from recsys_pipelines.monitoring import (
     feature_drift,
     freshness_check,
     gini,
+    latest_per_entity,
     psi,
+    score_drift,
     served_checks,
+    serving_counters,
 )
 
 
@@ -31,7 +34,7 @@ def test_drift_names_the_feature() -> None:
     cur = pd.DataFrame({"a": rng.normal(0, 1, 5000), "b": rng.normal(2, 1, 5000)})
     bad = breaches(feature_drift(ref, cur, ["a", "b"]))
     assert [c.name for c in bad] == ["psi:b"]
-    with pytest.raises(MonitoringBreach, match=r"psi:b="):
+    with pytest.raises(MonitoringBreach, match=r"feature drift: b PSI [0-9.]+ > 0.2"):
         raise MonitoringBreach(bad)
 
 
@@ -50,3 +53,46 @@ def test_freshness_lag() -> None:
     assert freshness_check(pd.Timestamp("2026-11-01T00:00:00Z"), now, 5).breached
     assert breaches([freshness_check(None, now, 5)])
     assert not Check("x", float("nan"), 1).breached
+
+
+def test_breach_message_says_what_drifted_for_every_kind_of_check() -> None:
+    message = str(MonitoringBreach([
+        Check("psi:user_ctr_7d", 0.83, 0.2), Check("score_psi", 0.5, 0.2),
+        Check("uncovered_catalog", 0.99, 0.95), Check("popularity_gini", 0.97, 0.95),
+        Check("stream_freshness_lag_s", 1200, 900), Check("rate:fallbacks", 0.2, 0.05),
+    ]))
+    assert "feature drift: user_ctr_7d PSI 0.83 > 0.2" in message
+    assert "score drift: served-score PSI 0.5 > 0.2" in message
+    assert "catalog coverage: 1.00% of the catalog served < 5.00%" in message
+    assert "popularity skew: Gini 0.970 > 0.95" in message
+    assert "stream freshness: lag 1200 s > 900 s" in message
+    assert "serving fallbacks rate 20.000% > 5.000%" in message
+
+
+def test_latest_per_entity_keeps_the_newest_row_of_each() -> None:
+    frame = pd.DataFrame({"user_id": ["a", "b", "a"], "x": [1, 2, 3],
+                          "event_time": pd.to_datetime(["2026-01-01", "2026-01-02",
+                                                        "2026-01-03"])})
+    latest = latest_per_entity(frame, "user_id").sort_values("user_id")
+    assert latest["x"].tolist() == [3, 2]
+
+
+def test_score_drift_compares_windows() -> None:
+    rng = np.random.default_rng(2)
+    before = rng.beta(2, 5, 4000)
+    assert not score_drift(before, rng.beta(2, 5, 4000), 0.2).breached
+    assert score_drift(before, rng.beta(5, 2, 4000), 0.2).breached
+
+
+def test_serving_counters_from_prometheus_text() -> None:
+    text = "\n".join([
+        "# HELP recsys_requests_total Requests by HTTP status.",
+        "# TYPE recsys_requests_total counter",
+        'recsys_requests_total{status="200"} 90.0',
+        'recsys_requests_total{status="503"} 10.0',
+        "# HELP recsys_fallbacks_total Stages that fell back to a default.",
+        "# TYPE recsys_fallbacks_total counter",
+        'recsys_fallbacks_total{stage="ranker"} 3.0',
+        'recsys_fallbacks_total{stage="user_features"} 2.0',
+    ]) + "\n"
+    assert serving_counters(text) == {"requests": 100.0, "errors": 10.0, "fallbacks": 5.0}
