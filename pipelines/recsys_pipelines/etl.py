@@ -14,6 +14,10 @@ Every write replaces a whole file atomically (temp file, then rename), so re-run
 dates gives byte-identical partitions. Late events (landed the day after their event date) are
 picked up because a run reads landing partitions up to ``lookahead_days`` past its range end
 and keeps rows by event date.
+
+With ``settings.privacy.pseudonymize`` on, :func:`pseudonymize_users` replaces every
+``user_id`` by its keyed pseudonym (:mod:`recsys_platform.privacy`) as the rows are read, before
+validation: clean partitions, the quarantine and the users snapshot never hold a raw id.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ from recsys_platform.contracts import (
     validate_items,
     validate_users,
 )
+from recsys_platform.privacy import pseudonymize_series
+from recsys_platform.settings import PrivacySettings
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +92,19 @@ def check_range(start: date, end: date) -> None:
     """Raises :class:`DateRangeError` when ``start`` is after ``end``."""
     if start > end:
         raise DateRangeError(start, end)
+
+
+def pseudonymize_users(frame: pd.DataFrame, privacy: PrivacySettings) -> pd.DataFrame:
+    """Replaces ``user_id`` by its keyed pseudonym when ``privacy.pseudonymize`` is on.
+
+    Nulls and empty ids stay as they are (validation rejects them); ids that already are
+    pseudonyms are kept, so pseudonymized input (the stream, serving) passes unchanged.
+    """
+    if not privacy.pseudonymize or "user_id" not in frame.columns or frame.empty:
+        return frame
+    out = frame.copy()
+    out["user_id"] = pseudonymize_series(out["user_id"], privacy.key)
+    return out
 
 
 def clean_batch(raw: pd.DataFrame) -> CleanBatch:

@@ -24,7 +24,7 @@ from prefect.tasks import exponential_backoff
 
 from recsys_pipelines import batch_features, etl, feature_store, sources
 from recsys_platform.runtime import ensure_ray
-from recsys_platform.settings import Settings, load_settings
+from recsys_platform.settings import PrivacySettings, Settings, load_settings
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +55,13 @@ def write_quarantine(quarantine: pd.DataFrame, lake_dir: Path, landing_day: date
 
 
 @task(retries=RETRIES, retry_delay_seconds=_BACKOFF, cache_policy=NO_CACHE)
-def sync_snapshot(name: str, source: sources.SnapshotSource, lake_dir: Path) -> dict[str, Any]:
+def sync_snapshot(name: str, source: sources.SnapshotSource, lake_dir: Path,
+                  privacy: PrivacySettings | None = None) -> dict[str, Any]:
     marks_path = lake_dir / "catalog" / "_watermarks.json"
     marks = sources.read_watermarks(marks_path)
     changed = sources.read_snapshot_since(source, marks.get(name))
+    if privacy is not None:
+        changed = etl.pseudonymize_users(changed, privacy)
     sync, mark = etl.upsert_snapshot(name, changed, lake_dir, marks.get(name))
     if mark is not None:
         sources.write_watermarks(marks_path, {**sources.read_watermarks(marks_path), name: mark})
@@ -135,6 +138,7 @@ def etl_flow(
     existing = sources.landing_days_to_read(landing, start, end, lookahead_days)
     reader = read_landing.with_options(retry_delay_seconds=backoff)
     raw = sources.concat_raw([reader(landing, d) for d in existing], landing, start)
+    raw = etl.pseudonymize_users(raw, settings.privacy)  # before anything reaches the lake
     batch = clean(raw)
     writer = write_partition.with_options(retry_delay_seconds=backoff)
     by_date = etl.split_by_event_date(batch.clean, start, end)
@@ -144,7 +148,7 @@ def etl_flow(
         quarantiner(batch.quarantine, lake, day)
     result = etl.summarize(start, end, existing, len(raw), batch, partitions)
     syncer = sync_snapshot.with_options(retry_delay_seconds=backoff)
-    snapshots = [syncer(name, source, lake) for name, source
+    snapshots = [syncer(name, source, lake, settings.privacy) for name, source
                  in sources.default_snapshot_sources(landing, catalog_url).items()]
     log.info("ETL %s..%s: %d clean, %d quarantined %s", start, end, result.clean_rows,
              result.quarantined_rows, result.reasons)

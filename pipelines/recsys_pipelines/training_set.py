@@ -7,6 +7,11 @@ joins each row, as of its ``event_time``, to the features of the ``ranking_v1`` 
 ``window_end <= event_time`` (and within the view's TTL), so nothing computed after the
 impression leaks into it. :func:`write_training_snapshot` stores the frame under
 ``<data_dir>/training/<snapshot_id>/`` where the id is the content hash.
+
+Labels are joined "log and wait": an impression is used only once its label window
+(``settings.labels.window_s``) has closed at the join's ``as_of`` time (the newest event in the
+lake, unless given); younger impressions stay pending for the next training set. Users on the
+forget list (``recsys privacy forget``) never enter a snapshot.
 """
 
 from __future__ import annotations
@@ -14,23 +19,29 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import math
 import os
 import shutil
-from datetime import date, timedelta
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from feast import FeatureStore
 
 from recsys_pipelines.errors import TrainingSetError
 from recsys_platform import features as F
+from recsys_platform.contracts import EVENT_SCHEMA
+from recsys_platform.privacy import FORGET_LIST, forgotten_mask, read_forget_list
 from recsys_platform.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-LABEL_WINDOW = timedelta(hours=1)  # a click/watch counts for an impression within this time
+LABEL_WINDOW = timedelta(hours=1)  # default of settings.labels.window_s
 IMPRESSION_COLUMNS: tuple[str, ...] = (
     "user_id", "item_id", "event_time", "clicked", "watch_time_ms", "item_duration_ms",
 )
@@ -44,17 +55,21 @@ TRAINING_VIEWS: tuple[str, ...] = (
 _KEY = ["user_id", "item_id", "request_id"]
 
 
-def label_impressions(events: pd.DataFrame, window: timedelta = LABEL_WINDOW) -> pd.DataFrame:
-    """Labels each impression with the later click/watch of the same user, item and request.
+@dataclass(frozen=True)
+class LabelJoin:
+    """Labelled impressions whose label window has closed, and what still waits.
 
-    Args:
-        events: Clean lake events (``EVENT_SCHEMA``).
-        window: How long after the impression a click or watch still counts.
-
-    Returns:
-        One row per impression (first per user, item and request), ordered by time:
-        :data:`IMPRESSION_COLUMNS`.
+    ``as_of`` is the time the join is made at (the newest event seen, unless given); an
+    impression is *closed* when ``event_time <= as_of - window``: every click or watch that may
+    still count for it has arrived. Open impressions wait for a later run ("log and wait").
     """
+
+    impressions: pd.DataFrame  # IMPRESSION_COLUMNS, closed impressions only
+    pending: int  # impressions whose window is still open at ``as_of``
+    as_of: pd.Timestamp | None  # None: there were no events
+
+
+def _label_all(events: pd.DataFrame, window: timedelta) -> pd.DataFrame:
     imp = events[events["event_type"] == "impression"].sort_values(["event_time", "event_id"])
     imp = imp.drop_duplicates(_KEY, keep="first")
     base = imp[[*_KEY, "event_time", "item_duration_ms"]].reset_index(drop=True)
@@ -77,6 +92,73 @@ def label_impressions(events: pd.DataFrame, window: timedelta = LABEL_WINDOW) ->
     out["item_duration_ms"] = out["item_duration_ms"].astype("float64")
     out = out.sort_values(["event_time", "_imp"], kind="stable")
     return out[list(IMPRESSION_COLUMNS)].reset_index(drop=True)
+
+
+def join_labels(
+    events: pd.DataFrame, window: timedelta = LABEL_WINDOW, as_of: datetime | None = None
+) -> LabelJoin:
+    """Labels impressions with later clicks/watches; keeps only those whose window closed.
+
+    Args:
+        events: Clean lake events (``EVENT_SCHEMA``).
+        window: How long after the impression a click or watch still counts.
+        as_of: When the join is made; default: the newest event time in ``events``. Events
+            after ``as_of`` are ignored, so a re-run with the same ``as_of`` gives the same rows.
+
+    Returns:
+        The closed, labelled impressions and the number still pending.
+    """
+    if events.empty:
+        return LabelJoin(_label_all(events, window), 0, None)
+    cut = pd.Timestamp(as_of) if as_of is not None else events["event_time"].max()
+    cut = cut.tz_localize("UTC") if cut.tzinfo is None else cut.tz_convert("UTC")
+    labelled = _label_all(events[events["event_time"] <= cut], window)
+    closed = pd.to_datetime(labelled["event_time"], utc=True) <= cut - window
+    pending = int((~closed).sum())
+    if pending:
+        logger.info("label join as of %s: %d impressions closed, %d pending (window %s)",
+                    cut.isoformat(), int(closed.sum()), pending, window)
+    return LabelJoin(labelled[closed].reset_index(drop=True), pending, cut)
+
+
+def label_impressions(
+    events: pd.DataFrame, window: timedelta = LABEL_WINDOW, as_of: datetime | None = None
+) -> pd.DataFrame:
+    """Labels each impression with the later click/watch of the same user, item and request.
+
+    Impressions whose label window has not closed at ``as_of`` (default: the newest event) are
+    left out: they are used by a later run, once their clicks had time to arrive.
+
+    Args:
+        events: Clean lake events (``EVENT_SCHEMA``).
+        window: How long after the impression a click or watch still counts.
+        as_of: When the join is made; see :func:`join_labels`.
+
+    Returns:
+        One row per closed impression (first per user, item and request), ordered by time:
+        :data:`IMPRESSION_COLUMNS`.
+    """
+    return join_labels(events, window, as_of).impressions
+
+
+def newest_event_time(lake_dir: Path) -> pd.Timestamp | None:
+    """The newest ``event_time`` in the lake (its last event partition), None when empty."""
+    for path in sorted((lake_dir / "events").glob("date=*/part-0.parquet"), reverse=True):
+        times = pq.read_table(path, columns=["event_time"], schema=EVENT_SCHEMA)
+        if times.num_rows:
+            return pd.Timestamp(pc.max(times.column("event_time")).as_py())
+    return None
+
+
+def exclude_forgotten(frame: pd.DataFrame, settings: Settings) -> pd.DataFrame:
+    """Drops rows of users on the forget list (``recsys privacy forget``)."""
+    entries = read_forget_list(settings.data_dir / FORGET_LIST)
+    if not entries or "user_id" not in frame.columns:
+        return frame
+    drop = forgotten_mask(frame["user_id"], settings.privacy.key, entries)
+    if drop.any():
+        logger.info("training set: %d rows of forgotten users left out", int(drop.sum()))
+    return frame[~drop].reset_index(drop=True)
 
 
 def feature_refs(store: FeatureStore) -> list[str]:
@@ -140,8 +222,10 @@ def snapshot_id(frame: pd.DataFrame) -> str:
 def write_training_snapshot(frame: pd.DataFrame, settings: Settings) -> str:
     """Writes the frame to ``<data_dir>/training/<snapshot_id>/part-0.parquet``, atomically.
 
+    Rows of users on the forget list are left out first (every path to a snapshot passes here).
     The same frame always gets the same id; writing it again changes nothing.
     """
+    frame = exclude_forgotten(frame, settings)
     sid = snapshot_id(frame)
     root = settings.data_dir / "training"
     target = root / sid
@@ -157,15 +241,32 @@ def write_training_snapshot(frame: pd.DataFrame, settings: Settings) -> str:
 
 
 def build_snapshot(
-    settings: Settings, store: FeatureStore, start: date | None = None, end: date | None = None
+    settings: Settings,
+    store: FeatureStore,
+    start: date | None = None,
+    end: date | None = None,
+    as_of: datetime | None = None,
 ) -> tuple[str, int]:
-    """Labels the lake's impressions in ``[start, end]``, joins features, writes a snapshot.
+    """Labels the lake's closed impressions in ``[start, end]``, joins features, writes a snapshot.
+
+    Clicks and watches are read up to one label window past ``end``, so an impression late on
+    ``end`` still gets its label. ``as_of`` defaults to the newest event time in the lake;
+    impressions whose window is still open then are counted as pending and left for a later run.
 
     Returns:
         ``(snapshot_id, rows)``.
     """
     from recsys_pipelines.etl import read_lake_events
 
-    impressions = label_impressions(read_lake_events(settings.lake_dir, start, end))
-    frame = build_training_set(store, impressions)
+    window = settings.labels.window
+    as_of = as_of or newest_event_time(settings.lake_dir)
+    until = None if end is None else end + timedelta(days=math.ceil(window / timedelta(days=1)))
+    joined = join_labels(read_lake_events(settings.lake_dir, start, until), window, as_of)
+    impressions = joined.impressions
+    if end is not None:
+        days = pd.to_datetime(impressions["event_time"], utc=True).dt.date
+        impressions = impressions[days <= end].reset_index(drop=True)
+    logger.info("training set as of %s: %d closed impressions, %d pending", joined.as_of,
+                len(impressions), joined.pending)
+    frame = exclude_forgotten(build_training_set(store, impressions), settings)
     return write_training_snapshot(frame, settings), len(frame)

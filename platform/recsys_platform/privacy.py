@@ -12,6 +12,9 @@ pseudonym (no message authentication) a secret-prefixed SHA-256 is as hard to in
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+from pathlib import Path
 
 import pandas as pd
 
@@ -47,3 +50,41 @@ def pseudonymize_series(user_ids: pd.Series, key: str) -> pd.Series:
         return cache[value]
 
     return user_ids.map(one)
+
+
+# The forget list: users removed by ``recsys privacy forget``. It holds a tombstone, a hash of
+# the pseudonym, rather than the pseudonym itself, so that nothing the pipelines write or read
+# still names the user; training sets drop rows whose user maps to a tombstone.
+FORGET_LIST = "privacy/forgotten.json"
+AUDIT_LOG = "privacy/audit.jsonl"
+
+
+def tombstone(user_id: str, key: str) -> str:
+    """The forget-list entry of a raw id or pseudonym (the same for both)."""
+    digest = hashlib.sha256(f"forget|{pseudonymize(user_id, key)}".encode()).hexdigest()
+    return "t_" + digest[:32]
+
+
+def read_forget_list(path: Path) -> set[str]:
+    """The tombstones of forgotten users (empty when nobody was forgotten)."""
+    if not path.is_file():
+        return set()
+    return set(json.loads(path.read_text())["tombstones"])
+
+
+def add_to_forget_list(path: Path, entry: str) -> None:
+    """Adds one tombstone, atomically (temp file, then rename)."""
+    entries = sorted(read_forget_list(path) | {entry})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"tombstones": entries}, indent=1))
+    os.replace(tmp, path)
+
+
+def forgotten_mask(user_ids: pd.Series, key: str, entries: set[str]) -> pd.Series:
+    """True for each row whose user (raw id or pseudonym) is on the forget list."""
+    if not entries or user_ids.empty:
+        return pd.Series(False, index=user_ids.index)
+    hits = {u for u in user_ids.dropna().unique()
+            if isinstance(u, str) and u and tombstone(u, key) in entries}
+    return user_ids.isin(hits)
