@@ -106,3 +106,15 @@ def test_a_sql_catalog_is_read_incrementally_by_updated_at(tmp_path: Path) -> No
     changed = read_snapshot_since(source, pd.Timestamp("2026-11-02", tz="UTC").to_pydatetime())
     assert list(changed["user_id"]) == ["u2"]
     assert str(changed["updated_at"].dt.tz) == "UTC"
+
+
+def test_pseudonymization_replaces_user_ids_only_when_enabled() -> None:
+    from recsys_platform.privacy import pseudonymize
+    from recsys_platform.settings import PrivacySettings
+
+    raw = pd.DataFrame({"user_id": ["u1", None, "", pseudonymize("u2", "k")], "n": [1, 2, 3, 4]})
+    assert etl.pseudonymize_users(raw, PrivacySettings()).equals(raw)  # off by default
+    out = etl.pseudonymize_users(raw, PrivacySettings(pseudonymize=True, key="k"))
+    assert out["user_id"].tolist() == [pseudonymize("u1", "k"), None, "",
+                                       pseudonymize("u2", "k")]
+    assert raw["user_id"][0] == "u1"  # the input frame is not modified

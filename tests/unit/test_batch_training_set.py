@@ -69,3 +69,43 @@ def test_missing_impression_columns_are_named(column: str) -> None:
     frame = pd.DataFrame({c: [] for c in IMPRESSION_COLUMNS if c != column})
     with pytest.raises(TrainingSetError, match=column):
         build_training_set(None, frame)  # type: ignore[arg-type]
+
+
+def test_impressions_wait_until_their_label_window_has_closed() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from recsys_pipelines.training_set import join_labels
+
+    events = _events([
+        ("e1", "2026-11-01T10:00:00Z", "impression", "i1", "r1", None),
+        ("e2", "2026-11-01T10:30:00Z", "click", "i1", "r1", None),
+        ("e3", "2026-11-01T11:00:00Z", "impression", "i2", "r2", None),  # window still open
+        ("e4", "2026-11-01T11:10:00Z", "click", "i2", "r2", None),
+        ("e5", "2026-11-01T11:20:00Z", "impression", "i3", "r3", None),
+    ])
+    joined = join_labels(events, timedelta(hours=1))  # as_of: the newest event, 11:20
+    assert joined.impressions["item_id"].tolist() == ["i1"] and joined.pending == 2
+    assert joined.impressions["clicked"].tolist() == [1]
+    assert joined.as_of == pd.Timestamp("2026-11-01T11:20:00Z")
+    later = join_labels(events, timedelta(hours=1), as_of=datetime(2026, 11, 1, 12, 30, tzinfo=UTC))
+    assert later.impressions["item_id"].tolist() == ["i1", "i2", "i3"] and later.pending == 0
+    assert later.impressions["clicked"].tolist() == [1, 1, 0]
+    # Events after an explicit as_of are ignored: the same as_of gives the same rows.
+    early = join_labels(events, timedelta(minutes=20), as_of=datetime(2026, 11, 1, 10, 25,
+                                                                      tzinfo=UTC))
+    assert early.impressions["clicked"].tolist() == [0] and early.pending == 0
+    short = label_impressions(events, timedelta(minutes=5))
+    assert short["item_id"].tolist() == ["i1", "i2"] and short["clicked"].tolist() == [0, 0]
+
+
+def test_forgotten_users_are_left_out_of_new_snapshots(tmp_path: Path) -> None:
+    from recsys_platform.privacy import FORGET_LIST, add_to_forget_list, pseudonymize, tombstone
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"data_dir": str(tmp_path)}))
+    settings = load_settings("local", config)
+    key = settings.privacy.key
+    frame = pd.DataFrame({"user_id": ["u1", pseudonymize("u2", key), "u3"], "clicked": [0, 1, 1]})
+    add_to_forget_list(tmp_path / FORGET_LIST, tombstone("u2", key))
+    sid = write_training_snapshot(frame, settings)
+    assert pd.read_parquet(tmp_path / "training" / sid)["user_id"].tolist() == ["u1", "u3"]

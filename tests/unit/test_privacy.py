@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 
 from recsys_platform.privacy import pseudonymize, pseudonymize_series
@@ -14,3 +16,56 @@ def test_pseudonyms() -> None:
     assert pseudonymize(a, "k1") == a
     out = pseudonymize_series(pd.Series(["u1", None, "", "u1"]), "k1")
     assert out[0] == a and out[3] == a and out[1] is None and out[2] == ""
+
+
+def test_tombstones_match_raw_ids_and_pseudonyms_but_do_not_name_either() -> None:
+    from recsys_platform.privacy import tombstone
+
+    p = pseudonymize("u1", "k1")
+    assert tombstone("u1", "k1") == tombstone(p, "k1") != tombstone("u2", "k1")
+    assert "u1" not in tombstone("u1", "k1") and p not in tombstone("u1", "k1")
+    assert tombstone("u1", "k1") != tombstone("u1", "k2")
+
+
+def test_forget_list_round_trip_and_mask(tmp_path: Path) -> None:
+    from recsys_platform.privacy import (
+        add_to_forget_list,
+        forgotten_mask,
+        read_forget_list,
+        tombstone,
+    )
+
+    path = tmp_path / "privacy" / "forgotten.json"
+    assert read_forget_list(path) == set()
+    add_to_forget_list(path, tombstone("u1", "k"))
+    add_to_forget_list(path, tombstone("u1", "k"))  # idempotent
+    assert read_forget_list(path) == {tombstone("u1", "k")}
+    ids = pd.Series(["u1", pseudonymize("u1", "k"), "u2", None])
+    assert forgotten_mask(ids, "k", read_forget_list(path)).tolist() == [True, True, False, False]
+    assert not forgotten_mask(ids, "k", set()).any()
+
+
+def test_forget_rewrites_parquet_and_jsonl_without_the_user(tmp_path: Path) -> None:
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from recsys_pipelines.forget import _Matcher, forget_in_jsonl, forget_in_parquet
+
+    match = _Matcher(pseudonymize("u1", "k"), "k")  # named by pseudonym, raw rows still match
+    table = pa.table({"user_id": ["u1", "u2", None, pseudonymize("u1", "k")],
+                      "n": [1, 2, 3, 4]})
+    pq.write_table(table, tmp_path / "a.parquet")
+    pq.write_table(pa.table({"item_id": ["i1"]}), tmp_path / "items.parquet")
+    assert forget_in_parquet(tmp_path / "a.parquet", match) == 2
+    back = pq.read_table(tmp_path / "a.parquet")
+    assert back.column("n").to_pylist() == [2, 3] and back.schema == table.schema
+    assert forget_in_parquet(tmp_path / "items.parquet", match) == 0
+    assert "u1" in match.seen
+    lines = [json.dumps({"user_id": u, "x": i}) for i, u in enumerate(["u2", "u1", "u3"])]
+    (tmp_path / "s.jsonl").write_text("\n".join(lines) + "\n")
+    assert forget_in_jsonl(tmp_path / "s.jsonl", match) == 1
+    kept = [json.loads(line)["user_id"] for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert kept == ["u2", "u3"]
+    assert not list(tmp_path.glob(".*"))  # no temp files left behind
