@@ -16,6 +16,7 @@ import pytest
 from recsys_platform.serving.bundle_manager import BundleManager
 from recsys_platform.serving.candidates import Candidate, diversify, merge_sources
 from recsys_platform.serving.metrics import ServingMetrics
+from recsys_platform.serving.online_features import ItemSnapshot
 from recsys_platform.serving.recommender import Recommender, ServingOptions
 from recsys_platform.serving.schemas import RecommendRequest
 
@@ -53,16 +54,14 @@ class Features:
             raise ConnectionError("redis unreachable")
         return {"user_history": ["i29"], "user_ctr_7d": 0.1} if self.known else None
 
-    def item_frame(self, item_ids: list[str]) -> pd.DataFrame:
-        frame = pd.DataFrame({"creator_id": [f"cr{int(i[1:]) % 3}" for i in item_ids],
-                              "category": [f"cat{int(i[1:]) % 2}" for i in item_ids]},
-                             index=pd.Index(item_ids, name="item_id"))
-        return frame
-
-    def lists(self) -> dict[str, list[str]]:
-        if self.down:
-            return {"trending": [], "fresh": [], "popular": ["i1", "i2", "i3"]}
-        return {"trending": ["i100"], "fresh": ["i101"], "popular": ["i1", "i2", "i3"]}
+    def items_snapshot(self) -> ItemSnapshot:
+        ids = [f"i{i}" for i in range(110)]
+        frame = pd.DataFrame({"creator_id": [f"cr{int(i[1:]) % 3}" for i in ids],
+                              "category": [f"cat{int(i[1:]) % 2}" for i in ids]},
+                             index=pd.Index(ids, name="item_id"))
+        lists = ({"trending": [], "fresh": [], "popular": ["i1", "i2", "i3"]} if self.down else
+                 {"trending": ["i100"], "fresh": ["i101"], "popular": ["i1", "i2", "i3"]})
+        return ItemSnapshot(frame, lists, ItemSnapshot.from_frame(frame).metadata)
 
 
 def _manager(versions: dict[str, TinyBundle], alias: list[str]) -> BundleManager:
@@ -228,3 +227,33 @@ def test_impression_log_writes_contract_rows_and_keeps_rows_on_failure(tmp_path:
     served = pq.read_table(next((tmp_path / "landing" / "served").rglob("*.parquet")))
     assert served.column("position").to_pylist() == [0, 1]
     assert len(list((tmp_path / "stream").glob("*.jsonl"))) == 1
+
+
+def test_pseudonymized_user_id_is_looked_up_and_logged(tmp_path: Any) -> None:
+    import pyarrow.parquet as pq
+
+    from recsys_platform.privacy import pseudonymize
+    from recsys_platform.serving.impressions import ImpressionLogger
+
+    asked: list[str] = []
+
+    class Recording(Features):
+        def user_features(self, user_id: str) -> dict[str, Any] | None:
+            asked.append(user_id)
+            return super().user_features(user_id)
+
+    log = ImpressionLogger(tmp_path / "landing", flush_every=10_000)
+    options = ServingOptions(candidates=20, pseudonym_key="secret")
+    rec = Recommender(_manager({"1": TinyBundle("1")}, ["1"]), Recording(), log,
+                      ServingMetrics(), options)
+    resp = rec.recommend(RecommendRequest(user_id="alice", k=3))
+    pseudonym = pseudonymize("alice", "secret")
+    assert asked == [pseudonym] and resp.user_id == "alice"  # the caller's own id comes back
+    assert log.flush() == 3
+    served = pq.read_table(next((tmp_path / "landing" / "served").rglob("*.parquet")))
+    assert set(served.column("user_id").to_pylist()) == {pseudonym}
+
+    plain = Recommender(_manager({"1": TinyBundle("1")}, ["1"]), Recording(), None,
+                        ServingMetrics(), ServingOptions(candidates=20))
+    plain.recommend(RecommendRequest(user_id="alice", k=3))
+    assert asked[-1] == "alice"  # off by default

@@ -2,8 +2,12 @@
 
 Measured on 2 cores, chaining deployments by handles cost ~25 ms of CPU per request against
 ~1.5 ms for the model work, so retrieval, feature reads and ranking stay in one replica and
-scale together (autoscaling on ongoing requests). The ranker is batched across concurrent
-requests of a replica with ``@serve.batch``.
+scale together (autoscaling on ongoing requests). Each request runs the whole in-process path
+(:meth:`Recommender.recommend`, ~3 ms of CPU) in one worker thread; ``batch_ranker=True``
+instead batches the ranker across concurrent requests with ``@serve.batch`` (measured in
+``benchmarks/bench_serving.py``: with a ~1 ms ranker the extra hops cost more than batching
+saves). Responses are serialized once by pydantic-core (no second validation), and Serve's
+per-request access log is off.
 
 ``serve run platform/recsys_platform/serving/serve_config.yaml`` or the import path
 ``recsys_platform.serving.app:app`` starts it; settings come from ``RECSYS_PROFILE`` /
@@ -22,7 +26,7 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import generate_latest
 from ray import serve
 
@@ -62,13 +66,14 @@ async def _invalid_request(request: Request, exc: RequestValidationError) -> JSO
         "downscale_delay_s": 60,
     },
     health_check_period_s=10,
+    logging_config={"enable_access_log": False},  # no per-request log line on the hot path
 )
 @serve.ingress(api)
 class RecommenderDeployment:
     """HTTP ingress + the in-process hot path of one replica."""
 
     def __init__(self, profile: str | None = None, config_file: str | None = None,
-                 admission_limit: int = 24) -> None:
+                 admission_limit: int = 24, batch_ranker: bool = False) -> None:
         import torch
 
         torch.set_num_threads(1)  # one replica, one thread: no OpenMP oversubscription
@@ -80,6 +85,7 @@ class RecommenderDeployment:
         gc.freeze()  # long-lived model objects out of the GC's way: fewer p99 spikes
         self.settings = settings
         self.admission_limit = admission_limit
+        self.batch_ranker = batch_ranker
         self._in_flight = 0
 
     def check_health(self) -> None:
@@ -114,11 +120,14 @@ class RecommenderDeployment:
                                 content={"error": "overloaded, retry later"})
         self._in_flight += 1
         try:
-            prepared = await asyncio.to_thread(self.recommender.prepare, body)
-            scores, error = await self._rank(prepared)
-            response = self.recommender.finish(prepared, scores, error)
+            if self.batch_ranker:
+                prepared = await asyncio.to_thread(self.recommender.prepare, body)
+                scores, error = await self._rank(prepared)
+                response = self.recommender.finish(prepared, scores, error)
+            else:
+                response = await asyncio.to_thread(self.recommender.recommend, body)
             metrics.requests.labels("200").inc()
-            return response
+            return Response(response.model_dump_json(), media_type="application/json")
         finally:
             self._in_flight -= 1
 

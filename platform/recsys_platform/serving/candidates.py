@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True)
-class Candidate:
+class Candidate(NamedTuple):
+    """One candidate item; a tuple, since hundreds are built per request."""
+
     item_id: str
     source: str
     retrieval_score: float
@@ -42,13 +43,15 @@ def drop_items(candidates: Iterable[Candidate], blocked: set[str]) -> list[Candi
 
 
 def diversify(
-    ranked: Sequence[tuple[Candidate, float]],
+    ranked: Iterable[tuple[Candidate, float]],
     metadata: Mapping[str, tuple[str, str]],
     k: int,
     max_per_creator: int,
     max_per_category: int,
 ) -> list[tuple[Candidate, float]]:
     """Takes the best ``k`` items with at most N per creator and per category.
+
+    ``ranked`` is consumed lazily, best first: only as far as the ``k`` picks need.
 
     When the caps leave fewer than ``k`` items, the skipped ones fill the rest in score order
     so a small catalog still returns ``k`` items.

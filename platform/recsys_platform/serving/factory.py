@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,12 +11,15 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from recsys_models.bundle import Bundle
+from recsys_models.fast_rank import ranking_catalog
 from recsys_platform.serving.bundle_manager import BundleManager
 from recsys_platform.serving.impressions import ImpressionLogger
 from recsys_platform.serving.metrics import ServingMetrics
 from recsys_platform.serving.online_features import (
     FeastFeatureSource,
     ItemCache,
+    ItemSnapshot,
     RedisUserFeatures,
 )
 from recsys_platform.serving.recommender import Recommender, ServingOptions
@@ -39,9 +42,13 @@ def smoke_test(bundle: Any) -> None:
         raise ValueError("smoke ranking returned non-finite scores")
 
 
-def registry_manager(settings: Settings, metrics: ServingMetrics,
-                     alias: str = CHAMPION) -> BundleManager:
-    """A manager that follows ``models:/<model_name>@<alias>`` in the MLflow registry."""
+def registry_manager(settings: Settings, metrics: ServingMetrics, alias: str = CHAMPION,
+                     prepare: Callable[[Any], None] | None = None) -> BundleManager:
+    """A manager that follows ``models:/<model_name>@<alias>`` in the MLflow registry.
+
+    ``prepare`` runs on every newly loaded bundle after its smoke test and before the swap
+    (index new items, pre-encode the ranker's catalog), so no request pays for it.
+    """
     from mlflow import MlflowClient
 
     from recsys_models.bundle import load_bundle
@@ -61,7 +68,12 @@ def registry_manager(settings: Settings, metrics: ServingMetrics,
     def load(version: str) -> Any:
         return load_bundle(f"models:/{name}/{version}", tracking_uri=settings.mlflow_tracking_uri)
 
-    return BundleManager(resolve, load, smoke_test, metrics)
+    def check(bundle: Any) -> None:
+        smoke_test(bundle)
+        if prepare is not None:
+            prepare(bundle)
+
+    return BundleManager(resolve, load, check, metrics)
 
 
 def catalog_ids(settings: Settings, manager: BundleManager) -> Sequence[str]:
@@ -76,17 +88,25 @@ def catalog_ids(settings: Settings, manager: BundleManager) -> Sequence[str]:
     return ids
 
 
-def index_new_items(manager: BundleManager, catalog: Path) -> None:
-    """Adds catalog items the current bundle has never seen to its index (cold start)."""
-    current = manager.current
-    if current is None or not catalog.is_file():
+def index_new_items(bundle: Any, catalog: Path) -> None:
+    """Adds catalog items the bundle has never seen to its index (cold start)."""
+    if bundle is None or not catalog.is_file():
         return
     items = pq.read_table(catalog).to_pandas()
-    known = set(map(str, current.bundle.item_ids))
+    known = set(map(str, bundle.item_ids))
     fresh = items[~items["item_id"].isin(known)]
     if not fresh.empty:
-        current.bundle.add_items(fresh)
-        logger.info("indexed %d new items into bundle %s", len(fresh), current.version)
+        bundle.add_items(fresh)
+        logger.info("indexed %d new items into bundle %s", len(fresh),
+                    getattr(bundle, "version", "?"))
+
+
+def prepare_bundle(bundle: Any, snapshot: ItemSnapshot, catalog: Path) -> None:
+    """Everything a bundle needs before it serves a snapshot: new items indexed, the ranker's
+    catalog inputs pre-encoded with the snapshot's item features."""
+    index_new_items(bundle, catalog)
+    if isinstance(bundle, Bundle):
+        ranking_catalog(bundle, snapshot.frame, snapshot)
 
 
 def warm_up(recommender: Recommender, requests: int = 3) -> None:
@@ -122,23 +142,38 @@ def serving_store(settings: Settings, timeout_s: float | None = None) -> Any:
 def build_recommender(settings: Settings) -> tuple[Recommender, ItemCache]:
     """Builds the whole serving object graph and starts its background refreshers."""
     metrics = ServingMetrics()
-    manager = registry_manager(settings, metrics)
+    catalog = settings.landing_dir / "catalog" / "items.parquet"
+    caches: list[ItemCache] = []  # the cache is built after the manager it reads ids from
+
+    def prepare(bundle: Any) -> None:
+        if caches:
+            prepare_bundle(bundle, caches[0].snapshot(), catalog)
+
+    manager = registry_manager(settings, metrics, prepare=prepare)
     manager.refresh()
-    manager.start(settings.serving.poll_interval_s)
     store = serving_store(settings)
     cache = ItemCache(serving_store(settings, timeout_s=10.0),
                       lambda: catalog_ids(settings, manager))
-    catalog = settings.landing_dir / "catalog" / "items.parquet"
-    cache.on_refresh.append(lambda _: index_new_items(manager, catalog))
+    caches.append(cache)
+
+    def on_refresh(snapshot: ItemSnapshot) -> None:
+        current = manager.current
+        if current is not None:
+            prepare_bundle(current.bundle, snapshot, catalog)
+
+    cache.on_refresh.append(on_refresh)
     cache.refresh()
     cache.start()
+    manager.start(settings.serving.poll_interval_s)
     stream_dir = Path(settings.path(settings.flink.stream_dir))
     impressions = ImpressionLogger(settings.landing_dir,
                                    stream_dir if settings.flink.source == "file" else None,
                                    flush_every=500)
     impressions.start()
+    privacy = settings.privacy
     options = ServingOptions(candidates=settings.serving.candidates,
-                             user_features_timeout_s=settings.redis.timeout_ms / 1000)
+                             user_features_timeout_s=settings.redis.timeout_ms / 1000,
+                             pseudonym_key=privacy.key if privacy.pseudonymize else None)
     reader = None
     if store.config.online_store.type == "redis":
         reader = RedisUserFeatures(store, settings.redis.url,

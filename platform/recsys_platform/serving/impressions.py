@@ -8,7 +8,7 @@ Two outputs, both written atomically (a hidden temp name, then a rename):
   bundle version), and with ``stream_dir`` set, the same impressions as newline-JSON for the
   stream job.
 
-Records are buffered and flushed every ``flush_every`` rows or on :meth:`flush`.
+Responses are buffered and written by a flusher thread, never on the request path.
 """
 
 from __future__ import annotations
@@ -43,29 +43,42 @@ SERVED_SCHEMA = pa.schema(
 )
 
 
+_Record = tuple[str, str, list[tuple[str, float, str]], str | None, str, str, datetime]
+
+
 def _atomic_parquet(rows: list[dict[str, Any]], schema: pa.Schema, path: Path) -> None:
     atomic_write_table(pa.Table.from_pylist(rows, schema=schema), path)
 
 
 class ImpressionLogger:
-    """Buffers served items and writes them as impression events."""
+    """Buffers served responses and writes them as impression events, off the request path.
+
+    :meth:`log` only appends one record to a buffer (microseconds); the flusher thread started
+    by :meth:`start` expands records into rows and writes the files every ``interval_s`` or as
+    soon as ``flush_every`` rows are waiting. Without a started thread, :meth:`log` flushes
+    inline when the buffer is full.
+    """
 
     def __init__(self, landing_dir: Path, stream_dir: Path | None = None,
                  flush_every: int = 1000) -> None:
         self._landing = landing_dir
         self._stream = stream_dir
         self._flush_every = flush_every
-        self._served: list[dict[str, Any]] = []
+        self._served: list[_Record] = []
+        self._rows = 0
         self._lock = threading.Lock()
         self._files = 0
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self, interval_s: float = 5.0) -> None:
-        """Flushes in a daemon thread every ``interval_s`` until :meth:`stop`."""
+        """Flushes in a daemon thread every ``interval_s`` (or when full) until :meth:`stop`."""
 
         def loop() -> None:
-            while not self._stop.wait(interval_s):
+            while not self._stop.is_set():
+                self._wake.wait(interval_s)
+                self._wake.clear()
                 try:
                     self.flush()
                 except OSError as exc:  # rows stay buffered for the next try
@@ -76,37 +89,46 @@ class ImpressionLogger:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
         self.flush()
 
     def log(self, request_id: str, user_id: str, items: list[tuple[str, float, str]],
             bundle_version: str | None, surface: str, device: str) -> None:
         """Records one response: ``items`` are ``(item_id, score, source)`` in served order."""
-        now = datetime.now(UTC)
-        rows = [
-            {"request_id": request_id, "user_id": user_id, "item_id": item_id, "position": pos,
-             "score": score, "source": source, "bundle_version": bundle_version,
-             "served_at": now, "surface": surface, "device": device}
-            for pos, (item_id, score, source) in enumerate(items)
-        ]
+        record = (request_id, user_id, items, bundle_version, surface, device, datetime.now(UTC))
         with self._lock:
-            self._served.extend(rows)
-            full = len(self._served) >= self._flush_every
+            self._served.append(record)
+            self._rows += len(items)
+            full = self._rows >= self._flush_every
         if full:
-            self.flush()
+            if self._thread is not None and self._thread.is_alive():
+                self._wake.set()
+            else:
+                self.flush()
 
     def flush(self) -> int:
         """Writes buffered rows; returns how many were written."""
         with self._lock:
-            rows, self._served = self._served, []
+            records, self._served, self._rows = self._served, [], 0
             self._files += 1
             n = self._files
+        rows = [
+            {"request_id": request_id, "user_id": user_id, "item_id": item_id, "position": pos,
+             "score": score, "source": source, "bundle_version": version, "served_at": now,
+             "surface": surface, "device": device}
+            for request_id, user_id, items, version, surface, device, now in records
+            for pos, (item_id, score, source) in enumerate(items)
+        ]
         if not rows:
             return 0
         try:
             self._write(rows, f"{int(time.time() * 1000)}-{os.getpid()}-{n}")
         except Exception:
-            with self._lock:  # nothing is lost: the rows go back to the buffer
-                self._served[:0] = rows
+            with self._lock:  # nothing is lost: the records go back to the buffer
+                self._served[:0] = records
+                self._rows += len(rows)
             raise
         return len(rows)
 

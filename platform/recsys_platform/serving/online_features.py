@@ -3,9 +3,10 @@
 - User features: one ``get_online_features`` call per request (batch + stream views and the
   engagement history), run under a timeout budget by the caller.
 - Item features: never on the request path. :class:`ItemCache` reads every catalog item's
-  features in the background every ``ttl_s`` and serves lookups from memory; it also derives
-  the cold-start lists (trending from the stream view, fresh from publication time, popular
-  from the batch view). When a refresh fails, the previous snapshot keeps serving.
+  features in the background every ``ttl_s`` into an :class:`ItemSnapshot`, which also holds
+  the diversity metadata and the cold-start lists (trending from the stream view, fresh from
+  publication time, popular from the batch view). When a refresh fails, the previous snapshot
+  keeps serving.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 import pandas as pd
@@ -127,8 +129,42 @@ class RedisUserFeatures:
         return {k: v for k, v in row.items() if v is not None}
 
 
+@dataclass(frozen=True)
+class ItemSnapshot:
+    """One refresh of the item cache: features, diversity metadata and cold-start lists.
+
+    Built once per refresh (never per request); a request reads the snapshot once and uses it
+    for its whole life. ``metadata`` maps an item to ``(creator_id, category)``.
+    """
+
+    frame: pd.DataFrame  # indexed by item_id
+    lists: dict[str, list[str]]
+    metadata: dict[str, tuple[str, str]]
+
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame) -> ItemSnapshot:
+        metadata: dict[str, tuple[str, str]] = {}
+        if {"creator_id", "category"} <= set(frame.columns):
+            meta = frame[["creator_id", "category"]].fillna("").astype(str)
+            metadata = {str(k): (c, g) for k, c, g in meta.itertuples(name=None)}
+        return cls(frame, cold_start_lists(frame), metadata)
+
+    @classmethod
+    def empty(cls) -> ItemSnapshot:
+        return cls.from_frame(pd.DataFrame(index=pd.Index([], name=ITEM_KEY)))
+
+    def rows(self, item_ids: list[str]) -> pd.DataFrame:
+        """Feature rows of ``item_ids`` (missing items: NaN rows); for non-bundle rankers."""
+        return self.frame.reindex(item_ids).rename_axis(ITEM_KEY)
+
+
 class ItemCache:
-    """Item features for the whole catalog, refreshed in the background."""
+    """Item features for the whole catalog, refreshed in the background.
+
+    Each refresh builds a new :class:`ItemSnapshot`, runs the ``on_refresh`` callbacks with it
+    (index new items, pre-encode the ranker's item inputs) and only then publishes it, so
+    requests never pay for a refresh.
+    """
 
     def __init__(self, store: Any, item_ids: Callable[[], Sequence[str]], ttl_s: float = 30.0,
                  chunk: int = 2000) -> None:
@@ -137,12 +173,11 @@ class ItemCache:
         self._ttl_s = ttl_s
         self._chunk = chunk
         self._refs = feature_refs(store, ITEM_VIEWS)
-        self._frame = pd.DataFrame(index=pd.Index([], name=ITEM_KEY))
-        self._lists: dict[str, list[str]] = {"trending": [], "fresh": [], "popular": []}
+        self._snapshot = ItemSnapshot.empty()
         self._loaded_at: float | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.on_refresh: list[Callable[[pd.DataFrame], None]] = []
+        self.on_refresh: list[Callable[[ItemSnapshot], None]] = []
 
     def refresh(self) -> bool:
         """Reads every item's features; keeps the old snapshot on failure."""
@@ -158,24 +193,21 @@ class ItemCache:
         except Exception as exc:
             logger.warning("item feature refresh failed, keeping the old snapshot: %s", exc)
             return False
-        self._lists = cold_start_lists(frame)
-        self._frame = frame  # atomic swap of the snapshot
-        self._loaded_at = time.monotonic()
+        snapshot = ItemSnapshot.from_frame(frame)
         for callback in self.on_refresh:
             try:
-                callback(frame)
+                callback(snapshot)
             except Exception as exc:
                 logger.warning("item refresh callback failed: %s", exc)
+        self._snapshot = snapshot  # atomic swap
+        self._loaded_at = time.monotonic()
         return True
 
     def age_s(self) -> float | None:
         return None if self._loaded_at is None else time.monotonic() - self._loaded_at
 
-    def frame(self, item_ids: list[str]) -> pd.DataFrame:
-        return self._frame.reindex(item_ids).rename_axis(ITEM_KEY)
-
-    def lists(self) -> dict[str, list[str]]:
-        return self._lists
+    def snapshot(self) -> ItemSnapshot:
+        return self._snapshot
 
     def start(self) -> None:
         def loop() -> None:
@@ -220,8 +252,5 @@ class FeastFeatureSource:
     def user_features(self, user_id: str) -> dict[str, Any] | None:
         return self._user(user_id)
 
-    def item_frame(self, item_ids: list[str]) -> pd.DataFrame:
-        return self.items.frame(item_ids)
-
-    def lists(self) -> dict[str, list[str]]:
-        return self.items.lists()
+    def items_snapshot(self) -> ItemSnapshot:
+        return self.items.snapshot()

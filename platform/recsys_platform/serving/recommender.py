@@ -1,9 +1,15 @@
 """The request path as plain functions: features -> retrieval -> candidates -> rank -> top-k.
 
-:class:`Recommender` has no Ray in it; the Ray Serve deployment calls :meth:`prepare` in a
-thread, batches :meth:`rank` across concurrent requests, then calls :meth:`finish`. Every stage
-that depends on something outside the process has a fallback and records it in ``degraded``;
-nothing here raises for a dependency failure.
+:class:`Recommender` has no Ray in it; the Ray Serve deployment calls :meth:`recommend` (or
+:meth:`prepare`, a batched :func:`rank_many`, then :meth:`finish`). Every stage that depends on
+something outside the process has a fallback and records it in ``degraded``; nothing here
+raises for a dependency failure.
+
+The hot path is numpy/torch only for real bundles (:mod:`recsys_models.fast_rank`): the user is
+encoded once from plain values and that encoding feeds both the user tower and the ranker; the
+ranker gathers candidate rows from item inputs pre-encoded when the item cache refreshed, and
+scores every candidate in one forward. No pandas frame is built per request. Bundles of other
+types (the unit tests' stand-ins) go through their ``encode_users``/``rank`` frame API.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -22,28 +29,37 @@ import numpy as np
 import pandas as pd
 
 from recsys_models.bundle import Bundle
-from recsys_models.fast_rank import rank_aligned
+from recsys_models.fast_rank import (
+    Query,
+    catalog_rows,
+    embed_user,
+    encode_user,
+    rank_aligned,
+    ranking_catalog,
+    score_candidates,
+)
 from recsys_platform.features import HISTORY_LENGTH
+from recsys_platform.privacy import pseudonymize
 from recsys_platform.serving.bundle_manager import BundleManager, LoadedBundle
 from recsys_platform.serving.candidates import Candidate, diversify, drop_items, merge_sources
 from recsys_platform.serving.impressions import ImpressionLogger
 from recsys_platform.serving.metrics import ServingMetrics
+from recsys_platform.serving.online_features import ItemSnapshot
 from recsys_platform.serving.schemas import RecommendedItem, RecommendRequest, RecommendResponse
 
 logger = logging.getLogger(__name__)
 
+_METADATA = ("category", "creator_id", "tags", "duration_ms", "published_at", "title")
+
 
 class FeatureSource(Protocol):
-    """Online features; implementations may raise on any dependency failure."""
+    """Online features; ``user_features`` may raise on any dependency failure."""
 
     def user_features(self, user_id: str) -> dict[str, Any] | None:
         """Numeric features plus ``user_history`` (list of item ids), None if unknown."""
 
-    def item_frame(self, item_ids: list[str]) -> pd.DataFrame:
-        """Item features and metadata indexed by ``item_id`` (missing items: default rows)."""
-
-    def lists(self) -> dict[str, list[str]]:
-        """Cold-start lists: ``trending``, ``fresh``, ``popular`` (best first)."""
+    def items_snapshot(self) -> ItemSnapshot:
+        """The current in-memory item snapshot (features, metadata, cold-start lists)."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +69,7 @@ class ServingOptions:
     max_per_creator: int = 2
     max_per_category: int = 5
     cold_start_share: float = 0.2  # of the candidate budget kept for trending/fresh/popular
+    pseudonym_key: str | None = None  # set: user ids are pseudonymized before any lookup
 
 
 @dataclass
@@ -62,11 +79,13 @@ class Prepared:
     request: RecommendRequest
     request_id: str
     loaded: LoadedBundle | None
-    users: pd.DataFrame
+    user_key: str  # the id features, model and impression log see (pseudonym when enabled)
+    user: dict[str, Any]  # numeric features + ``user_history``
     candidates: list[Candidate]
-    items: pd.DataFrame
+    items: ItemSnapshot
     degraded: list[str] = field(default_factory=list)
     known_user: bool = True
+    encoded_user: dict[str, np.ndarray] | None = None  # fast path: encode_user's output
 
 
 class Recommender:
@@ -100,66 +119,77 @@ class Recommender:
         self.metrics.fallbacks.labels(stage).inc()
         logger.warning("stage %s fell back: %s: %s", stage, type(exc).__name__, exc)
 
-    def _user_row(self, user_id: str, degraded: list[str]) -> tuple[pd.DataFrame, bool]:
-        """One user row and whether retrieval should run for it.
+    def user_key(self, user_id: str) -> str:
+        """The id used for features, the model and the impression log."""
+        key = self.options.pseudonym_key
+        return pseudonymize(user_id, key) if key is not None else user_id
+
+    def _user_row(self, user_key: str, degraded: list[str]) -> tuple[dict[str, Any], bool]:
+        """The user's features and whether retrieval should run for them.
 
         A user the store does not know is a cold-start user (no retrieval); when the store
         cannot answer in time, the user is served by retrieval with default features.
         """
         with self._stage("user_features"):
             try:
-                future = self._pool.submit(self.features.user_features, user_id)
+                future = self._pool.submit(self.features.user_features, user_key)
                 found = future.result(timeout=self.options.user_features_timeout_s)
                 known = found is not None
             except (FutureTimeout, Exception) as exc:  # Redis down or slow, Feast error
                 self._fallback(degraded, "user_features", exc)
                 found, known = None, True
         row = dict(found or {})
-        history = list(row.get("user_history") or [])[:HISTORY_LENGTH]
-        row["user_history"] = history
-        row["user_id"] = user_id
-        return pd.DataFrame([row]), known
+        row["user_history"] = list(row.get("user_history") or [])[:HISTORY_LENGTH]
+        return row, known
 
-    def _lists(self, degraded: list[str]) -> dict[str, list[str]]:
+    def _items(self, degraded: list[str]) -> ItemSnapshot:
         try:
-            return self.features.lists()
+            return self.features.items_snapshot()
         except Exception as exc:
-            self._fallback(degraded, "cold_start_lists", exc)
-            return {"trending": [], "fresh": [], "popular": []}
+            self._fallback(degraded, "item_features", exc)
+            return ItemSnapshot.empty()
+
+    def _retrieve(self, loaded: LoadedBundle, user_key: str, row: dict[str, Any], n: int,
+                  prepared_user: list[dict[str, np.ndarray]]) -> tuple[list[str], list[float]]:
+        bundle = loaded.bundle
+        if isinstance(bundle, Bundle):
+            emb = embed_user(bundle, prepared_user[0])
+        else:
+            emb = bundle.encode_users(user_frame(user_key, row))
+        ids, scores = bundle.search(emb, n)
+        return list(ids[0]), np.asarray(scores[0], dtype=np.float64).tolist()
 
     def prepare(self, request: RecommendRequest) -> Prepared:
         """Features, retrieval and candidate assembly for one request."""
         request_id = uuid.uuid4().hex
         degraded: list[str] = []
         loaded = self.manager.current  # read once: this request's version
-        users, known = self._user_row(request.user_id, degraded)
-        lists = self._lists(degraded)
+        user_key = self.user_key(request.user_id)
+        row, known = self._user_row(user_key, degraded)
+        snapshot = self._items(degraded)
+        encoded: dict[str, np.ndarray] | None = None
+        if loaded is not None and isinstance(loaded.bundle, Bundle):
+            encoded = encode_user(loaded.bundle.spec, user_key, row["user_history"], row)
         budget = self.options.candidates
         cold = max(1, int(budget * self.options.cold_start_share))
         sources: list[tuple[str, list[str], list[float] | None]] = []
         if loaded is not None and known:
             with self._stage("retrieval"):
                 try:
-                    emb = loaded.bundle.encode_users(users)
-                    ids, scores = loaded.bundle.search(emb, budget - cold)
-                    sources.append(("retrieval", list(ids[0]), list(scores[0])))
+                    ids, scores = self._retrieve(loaded, user_key, row, budget - cold,
+                                                 [encoded] if encoded is not None else [])
+                    sources.append(("retrieval", ids, scores))
                 except Exception as exc:
                     self._fallback(degraded, "retrieval", exc)
+        lists = snapshot.lists
         for name in ("trending", "fresh", "popular"):
-            sources.append((name, lists.get(name, [])[: budget], None))
+            sources.append((name, lists.get(name, [])[:budget], None))
         merged = merge_sources(sources, budget)
-        blocked = set(request.exclude) | set(users.iloc[0]["user_history"])
-        candidates = drop_items(merged, blocked)
-        for cand in candidates:
-            self.metrics.candidates.labels(cand.source).inc()
-        with self._stage("item_features"):
-            try:
-                items = self.features.item_frame([c.item_id for c in candidates])
-            except Exception as exc:
-                self._fallback(degraded, "item_features", exc)
-                items = pd.DataFrame(index=pd.Index([c.item_id for c in candidates],
-                                                    name="item_id"))
-        return Prepared(request, request_id, loaded, users, candidates, items, degraded, known)
+        candidates = drop_items(merged, set(request.exclude) | set(row["user_history"]))
+        for source, count in Counter(c.source for c in candidates).items():
+            self.metrics.candidates.labels(source).inc(count)
+        return Prepared(request, request_id, loaded, user_key, row, candidates, snapshot,
+                        degraded, known, encoded)
 
     @staticmethod
     def rank(prepared: Prepared) -> np.ndarray:
@@ -178,38 +208,36 @@ class Recommender:
             degraded.append("bundle")
             self.metrics.fallbacks.labels("bundle").inc()
         cands = prepared.candidates
+        ranked: Iterator[tuple[Candidate, float]]
         if scores is not None and len(scores) == len(cands):
-            ranked = sorted(zip(cands, scores.tolist(), strict=True), key=lambda p: -p[1])
+            order = np.argsort(-np.asarray(scores), kind="stable")
+            ranked = zip([cands[i] for i in order.tolist()],
+                         np.asarray(scores)[order].tolist(), strict=True)
             source = "model"
         else:
             if prepared.loaded is not None and cands:
                 self._fallback(degraded, "ranker", rank_error or RuntimeError("no scores"))
-            ranked = [(c, c.retrieval_score) for c in cands]  # retrieval order
+            ranked = iter([(c, c.retrieval_score) for c in cands])  # retrieval order
             source = "retrieval_order" if prepared.loaded is not None else "popular"
-        meta = self._metadata(prepared.items)
-        top = diversify(ranked, meta, prepared.request.k, self.options.max_per_creator,
-                        self.options.max_per_category)
-        items = [RecommendedItem(item_id=c.item_id, score=float(s), source=c.source, position=i)
-                 for i, (c, s) in enumerate(top)]  # type: ignore[arg-type]
+        top = diversify(ranked, prepared.items.metadata, prepared.request.k,
+                        self.options.max_per_creator, self.options.max_per_category)
+        items = [RecommendedItem.model_construct(item_id=c.item_id, score=float(s),
+                                                 source=c.source,  # type: ignore[arg-type]
+                                                 position=i)
+                 for i, (c, s) in enumerate(top)]
         version = prepared.loaded.version if prepared.loaded else None
         if log and self.impressions is not None:
-            self.impressions.log(prepared.request_id, prepared.request.user_id,
+            self.impressions.log(prepared.request_id, prepared.user_key,
                                  [(i.item_id, i.score, i.source) for i in items], version,
                                  prepared.request.context.surface,
                                  prepared.request.context.device)
-        return RecommendResponse(request_id=prepared.request_id,
-                                 user_id=prepared.request.user_id, bundle_version=version,
-                                 items=items, degraded=degraded, source=source)  # type: ignore[arg-type]
-
-    @staticmethod
-    def _metadata(items: pd.DataFrame) -> dict[str, tuple[str, str]]:
-        if items.empty or "creator_id" not in items.columns or "category" not in items.columns:
-            return {}
-        frame = items[["creator_id", "category"]].fillna("").astype(str)
-        return {str(k): (c, g) for k, c, g in frame.itertuples(name=None)}
+        return RecommendResponse.model_construct(
+            request_id=prepared.request_id, user_id=prepared.request.user_id,
+            bundle_version=version, items=items, degraded=degraded,
+            source=source)  # type: ignore[arg-type]
 
     def recommend(self, request: RecommendRequest, log: bool = True) -> RecommendResponse:
-        """The whole path in one call (tests, warm-up, benchmarks' in-process floor)."""
+        """The whole path in one call (the deployment, tests, warm-up, benchmarks)."""
         with self._stage("total"):
             prepared = self.prepare(request)
             try:
@@ -221,51 +249,71 @@ class Recommender:
             return self.finish(prepared, scores, error, log=log)
 
 
-_METADATA = ("category", "creator_id", "tags", "duration_ms", "published_at", "title")
+def user_frame(user_key: str, row: dict[str, Any]) -> pd.DataFrame:
+    """One-row user frame for the frame API of non-:class:`Bundle` rankers."""
+    return pd.DataFrame([{**row, "user_id": user_key}])
 
 
-def _pairs(prepared: Prepared) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _frames(prepared: Prepared) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Aligned user and item rows: row i pairs the user with candidate i."""
-    items = prepared.items.reindex([c.item_id for c in prepared.candidates])
+    items = prepared.items.rows([c.item_id for c in prepared.candidates])
     # Metadata comes from the bundle's own catalog (new items are added to it at index
     # refresh), so a stale cache row can never disagree with the index.
     items = items.drop(columns=[c for c in _METADATA if c in items.columns])
     items = items.rename_axis("item_id").reset_index()
-    users = prepared.users.iloc[np.zeros(len(items), dtype=np.int64)].reset_index(drop=True)
-    return users, items
+    users = user_frame(prepared.user_key, prepared.user)
+    return users.iloc[np.zeros(len(items), dtype=np.int64)].reset_index(drop=True), items
 
 
-def _score(bundle: Any, users: pd.DataFrame, items: pd.DataFrame) -> np.ndarray:
-    """Blended scores; real bundles take the pre-encoded catalog path."""
-    if isinstance(bundle, Bundle):
-        ranked = rank_aligned(bundle, users, items)
-    else:
-        ranked = bundle.rank(users, items)
-    return np.asarray(ranked["score"], dtype=np.float64)
+def _rank_frames(bundle: Any, batch: list[Prepared]) -> list[np.ndarray]:
+    pairs = [_frames(p) for p in batch]
+    users = pd.concat([u for u, _ in pairs], ignore_index=True)
+    items = pd.concat([i for _, i in pairs], ignore_index=True)
+    ranked = rank_aligned(bundle, users, items) if isinstance(bundle, Bundle) else bundle.rank(
+        users, items)
+    scores = np.asarray(ranked["score"], dtype=np.float64)
+    return list(np.split(scores, np.cumsum([len(i) for _, i in pairs])[:-1]))
+
+
+def _rank_group(bundle: Any, batch: list[Prepared]) -> list[np.ndarray]:
+    """Scores of requests sharing one bundle version (and item snapshot)."""
+    if not isinstance(bundle, Bundle):
+        return _rank_frames(bundle, batch)
+    snapshot = batch[0].items
+    catalog = ranking_catalog(bundle, snapshot.frame, snapshot)
+    out: list[np.ndarray | None] = [None] * len(batch)
+    queries: list[Query] = []
+    fast: list[int] = []
+    for i, prepared in enumerate(batch):
+        rows = catalog_rows(catalog, [c.item_id for c in prepared.candidates])
+        if rows is None or prepared.encoded_user is None:  # an item not indexed yet
+            out[i] = _rank_frames(bundle, [prepared])[0]
+        else:
+            queries.append(Query(prepared.encoded_user, rows))
+            fast.append(i)
+    for i, scores in zip(fast, score_candidates(bundle, catalog, queries), strict=True):
+        out[i] = scores
+    return [s if s is not None else np.zeros(0) for s in out]
 
 
 def rank_many(batch: list[Prepared]) -> list[np.ndarray | Exception]:
-    """Ranks several requests with one ranker call per bundle version among them."""
+    """Ranks several requests with one ranker call per (bundle version, item snapshot)."""
     results: list[np.ndarray | Exception] = [RuntimeError("not ranked")] * len(batch)
-    groups: dict[int, list[int]] = {}
+    groups: dict[tuple[int, int], list[int]] = {}
     for idx, prepared in enumerate(batch):
         if prepared.loaded is None or not prepared.candidates:
             results[idx] = RuntimeError("no bundle or no candidates to rank")
         else:
-            groups.setdefault(id(prepared.loaded), []).append(idx)
+            groups.setdefault((id(prepared.loaded), id(prepared.items)), []).append(idx)
     for members in groups.values():
         loaded = batch[members[0]].loaded
         assert loaded is not None
-        pairs = [_pairs(batch[i]) for i in members]
         try:
-            scores = _score(loaded.bundle, pd.concat([u for u, _ in pairs], ignore_index=True),
-                            pd.concat([i for _, i in pairs], ignore_index=True))
+            scores = _rank_group(loaded.bundle, [batch[i] for i in members])
         except Exception as exc:  # the caller falls back to retrieval order
             for i in members:
                 results[i] = exc
             continue
-        offset = 0
-        for i, (_, items) in zip(members, pairs, strict=True):
-            results[i] = scores[offset: offset + len(items)]
-            offset += len(items)
+        for i, s in zip(members, scores, strict=True):
+            results[i] = s
     return results
