@@ -24,6 +24,8 @@ from rich.table import Table
 from recsys_platform.commands import deploy as deploy_commands
 from recsys_platform.commands import features as features_commands
 from recsys_platform.commands import models as models_commands
+from recsys_platform.commands import monitor as monitor_commands
+from recsys_platform.commands import platform_cmd as platform_commands
 from recsys_platform.commands import privacy as privacy_commands
 from recsys_platform.commands import serve as serve_commands
 from recsys_platform.commands import stream as stream_commands
@@ -45,6 +47,8 @@ models_commands.register(app)  # train, evaluate, recommend + the `models` group
 app.add_typer(stream_commands.app, name="stream")
 app.add_typer(serve_commands.app, name="serve")
 app.add_typer(deploy_commands.app, name="deploy")
+app.add_typer(monitor_commands.app, name="monitor")
+app.add_typer(platform_commands.app, name="platform")
 app.add_typer(privacy_commands.app, name="privacy")
 
 console = Console()
