@@ -11,7 +11,8 @@ Where the user is removed (each file rewritten atomically: temp file, then renam
 - ``lake`` and ``quarantine``: clean partitions, the users catalog, rejected rows;
 - ``offline features``: the Parquet tables Feast reads (``<repo>/data``);
 - ``online store``: Feast's Redis hash of the user (batch and stream views) and the stream
-  job's recent-items key;
+  job's own keys of the user (``<key_prefix>:stream:<kind>:<user>``: recent items, late
+  events);
 - ``forget list``: training snapshots are immutable, so the user's tombstone is recorded and
   every later snapshot leaves the user out
   (:func:`recsys_pipelines.training_set.exclude_forgotten`).
@@ -162,8 +163,8 @@ def forget_online(settings: Settings, user_ids: set[str]) -> int:
     """Deletes the user's online rows; returns Redis keys (or SQLite rows) deleted.
 
     Redis: Feast's hash of each id (it holds the batch and the stream views) and the stream
-    job's recent-items key. Feast's SQLite fallback store: the rows of each id in every table
-    of the project.
+    job's own keys that end in the id (``<key_prefix>:stream:<kind>:<id>``). Feast's SQLite
+    fallback store: the rows of each id in every table of the project.
 
     Raises:
         redis.RedisError: Redis is configured but does not answer (the run fails rather than
@@ -177,15 +178,22 @@ def forget_online(settings: Settings, user_ids: set[str]) -> int:
 
     client = redis.Redis.from_url(settings.redis.url)
     try:
-        keys: list[bytes | str] = []
+        keys: list[bytes] = []
+        own = f"{settings.redis.key_prefix}:stream:"
         for uid in sorted(user_ids):
             keys.append(entity_key(F.USER_KEY, uid, settings.feast.project,
                                    SERIALIZATION_VERSION))
-            keys.append(f"{settings.redis.key_prefix}:stream:recent:{uid}")
+            # The stream job's own per-user keys (recent items, late events, ...) end in the id.
+            pattern = f"{_glob_escape(own)}*:{_glob_escape(uid)}"
+            keys += list(client.scan_iter(match=pattern, count=1_000))
         deleted: int = client.delete(*keys) if keys else 0  # type: ignore[assignment]
         return deleted
     finally:
         client.close()
+
+
+def _glob_escape(text: str) -> str:
+    return "".join(f"\\{c}" if c in "*?[]\\" else c for c in text)
 
 
 def _forget_sqlite(settings: Settings, user_ids: set[str]) -> int:

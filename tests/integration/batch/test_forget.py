@@ -28,6 +28,7 @@ from recsys_pipelines.feature_store import load_store
 from recsys_pipelines.flows import etl_flow, features_flow
 from recsys_pipelines.generator import GeneratedData
 from recsys_pipelines.stream.layout import entity_key
+from recsys_pipelines.stream.sink import SinkConfig
 from recsys_pipelines.training_set import build_snapshot
 from recsys_platform.privacy import AUDIT_LOG, pseudonymize
 from recsys_platform.serving.impressions import ImpressionLogger
@@ -107,7 +108,8 @@ def _other_users(env: LoopEnv) -> dict[str, Any]:
     client = redis.Redis.from_url(TEST_REDIS_URL)
     try:
         online = client.hgetall(entity_key("user_id", P_OTHER, env.project, 3))
-        recent = client.zrange(f"{env.settings.redis.key_prefix}:stream:recent:{P_OTHER}", 0, -1)
+        sink = SinkConfig(TEST_REDIS_URL, env.project, env.settings.redis.key_prefix)
+        recent = client.zrange(sink.recent_key(P_OTHER), 0, -1)
     finally:
         client.close()
     kept = lake[lake["user_id"] != P_TARGET]
@@ -132,9 +134,10 @@ def seeded(tmp_path_factory: pytest.TempPathFactory, repo_root: Path, prefect_ha
             log.log(request, user, [("i1", 0.9, "retrieval"), ("i2", 0.8, "popular")], "3",
                     "feed", "web")
         log.flush()
+        sink = SinkConfig(TEST_REDIS_URL, env.project, prefix)
         client = redis.Redis.from_url(TEST_REDIS_URL)  # what the stream job keeps per user
         for user in (P_TARGET, P_OTHER):
-            client.zadd(f"{prefix}:stream:recent:{user}", {"1700000000000|e1|i1": 1.7e12})
+            client.zadd(sink.recent_key(user), {"1700000000000|e1|i1": 1.7e12})
         client.close()
         yield env
     finally:
