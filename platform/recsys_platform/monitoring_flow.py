@@ -229,8 +229,9 @@ def log_to_mlflow(settings: Settings, report: MonitoringReport, flow_run_id: str
         "snapshot_id": str(report.snapshot_id), "breaches": str(len(report.breached)),
     })
     stamp = int(time.time() * 1000)
-    metrics = [Metric(metric_name(c), c.value if np.isfinite(c.value) else -1.0, stamp, 0)
-               for c in report.checks]
+    # A non-finite value (stream never wrote: lag = inf) is only in report.json.
+    metrics = [Metric(metric_name(c), c.value, stamp, 0) for c in report.checks
+               if np.isfinite(c.value)]
     metrics.append(Metric("breaches", float(len(report.breached)), stamp, 0))
     client.log_batch(run.info.run_id, metrics=metrics)
     client.log_text(run.info.run_id, json.dumps(report.to_dict(), indent=2), REPORT_ARTIFACT)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -96,3 +98,37 @@ def test_serving_counters_from_prometheus_text() -> None:
         'recsys_fallbacks_total{stage="user_features"} 2.0',
     ]) + "\n"
     assert serving_counters(text) == {"requests": 100.0, "errors": 10.0, "fallbacks": 5.0}
+
+
+def test_served_log_windows_and_prometheus_textfile(tmp_path: Path) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from recsys_platform.monitoring_flow import (
+        MonitoringReport,
+        served_log_checks,
+        write_prometheus,
+    )
+    from recsys_platform.settings import Settings
+
+    settings = Settings(monitoring={"window_hours": 1.0})  # type: ignore[arg-type]
+    now = datetime(2026, 11, 2, 12, tzinfo=UTC)
+    rng = np.random.default_rng(3)
+    served = pd.DataFrame({
+        "item_id": [f"i{i % 40}" for i in range(800)],
+        "score": np.r_[rng.beta(2, 5, 400), rng.beta(5, 2, 400)],  # the last hour scores higher
+        "served_at": [now - timedelta(minutes=90)] * 400 + [now - timedelta(minutes=20)] * 400,
+    })
+    checks, notes = served_log_checks(settings, served, catalog_size=100, now=now)
+    by_name = {c.name: c for c in checks}
+    assert notes == [] and by_name["score_psi"].breached
+    assert by_name["uncovered_catalog"].value == pytest.approx(0.6)  # 40 of 100 items served
+
+    only_recent = served[served["served_at"] > now - timedelta(hours=1)]
+    checks, notes = served_log_checks(settings, only_recent, 100, now)
+    assert "score_psi" not in {c.name for c in checks} and "score drift" in notes[0]
+
+    path = write_prometheus(tmp_path / "m" / "recsys.prom", MonitoringReport(checks=checks))
+    text = path.read_text()
+    assert 'recsys_monitoring_value{check="popularity_gini"}' in text
+    assert 'recsys_monitoring_threshold{check="uncovered_catalog"} 0.95' in text
+    assert "recsys_monitoring_breaches 0.0" in text
