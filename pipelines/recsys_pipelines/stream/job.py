@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import uuid
 from dataclasses import dataclass, replace
 from datetime import date, timedelta
 from pathlib import Path
@@ -48,7 +49,10 @@ class JobOptions:
     checkpoint_interval_ms: int = 5_000
     parallelism: int = 1
     out_of_orderness_s: int = 30
-    allowed_lateness_s: int = 300
+    allowed_lateness_s: int = 300  # late rows within it are applied; later ones: late files
+    dedupe_window_s: int = 7_200  # how long an event_id is remembered (processing time)
+    pseudonym_key: str | None = None  # set: user_id is pseudonymized at parse time
+    sink_batch_rows: int = 10_000  # window rows per Python sink call (Arrow batch)
     monitor_interval_ms: int = 200
     bounded: bool = False  # read the files present, then finish (replay)
     from_date: date | None = None
@@ -72,6 +76,8 @@ def options_from_settings(settings: Settings, **overrides: object) -> JobOptions
         parallelism=flink.parallelism,
         out_of_orderness_s=flink.max_out_of_orderness_s,
         allowed_lateness_s=flink.allowed_lateness_s,
+        dedupe_window_s=flink.dedupe_window_s,
+        pseudonym_key=settings.privacy.key if settings.privacy.pseudonymize else None,
         kafka=(("bootstrap", flink.kafka_bootstrap), ("topic", flink.kafka_topic),
                ("group", flink.kafka_group), ("startup", KAFKA_STARTUP[flink.kafka_offsets])),
     )
@@ -79,15 +85,18 @@ def options_from_settings(settings: Settings, **overrides: object) -> JobOptions
 
 
 def flink_configuration(options: JobOptions) -> Configuration:
-    """Flink settings of the job: thread mode, checkpoints retained, UTC."""
+    """Flink settings of the job: thread mode, checkpoints retained, UTC, dedupe TTL."""
     conf = Configuration()
     values = {
         "python.executable": sys.executable,
         "python.client.executable": sys.executable,
         "python.execution-mode": "thread",
         "python.fn-execution.bundle.time": "100",
-        "python.fn-execution.arrow.batch.size": "5000",
-        "python.fn-execution.bundle.size": "5000",
+        "python.fn-execution.arrow.batch.size": str(options.sink_batch_rows),
+        "python.fn-execution.bundle.size": str(options.sink_batch_rows),
+        "pipeline.object-reuse": "true",
+        # Only the event_id deduplication keeps non-window state: this bounds it.
+        "table.exec.state.ttl": f"{options.dedupe_window_s} s",
         "parallelism.default": str(options.parallelism),
         "table.local-time-zone": "UTC",
         "pipeline.name": options.job_name,
@@ -128,8 +137,10 @@ def build_job(t_env: TableEnvironment, options: JobOptions) -> StatementSet:
         kafka=dict(options.kafka),
     ):
         t_env.execute_sql(ddl)
-    t_env.execute_sql(sql.parsed_view_sql(options.from_date))
-    for view in sql.split_views_sql():
+    lateness = timedelta(seconds=options.allowed_lateness_s)
+    t_env.execute_sql(sql.parsed_view_sql(options.from_date, options.pseudonym_key))
+    t_env.execute_sql(sql.unique_view_sql())
+    for view in sql.split_views_sql(lateness):
         t_env.execute_sql(view)
     rollover = max(500, options.checkpoint_interval_ms)
     t_env.execute_sql(sql.side_output_ddl(sql.DEADLETTER_TABLE, options.deadletter_dir,
@@ -138,16 +149,18 @@ def build_job(t_env: TableEnvironment, options: JobOptions) -> StatementSet:
     t_env.execute_sql(f"CREATE TABLE {BLACKHOLE} (n BIGINT) WITH ('connector' = 'blackhole')")
 
     statements = t_env.create_statement_set()
+    sink = replace(options.sink, allowed_lateness_ms=options.allowed_lateness_s * 1000,
+                   run_id=uuid.uuid4().hex)
     for plan in (user_plan, item_plan):
         name = f"write_{plan.group.name}"
-        t_env.create_temporary_function(name, redis_sink_udf(options.sink, plan))
+        t_env.create_temporary_function(name, redis_sink_udf(sink, plan))
         t_env.create_temporary_view(f"{plan.group.name}_windows",
-                                    t_env.sql_query(sql.group_query(plan)))
+                                    t_env.sql_query(sql.sink_rows_query(plan)))
         args = ", ".join(sink_columns(plan))
         statements.add_insert_sql(
             f"INSERT INTO {BLACKHOLE} SELECT {name}({args}) FROM {plan.group.name}_windows")
     statements.add_insert_sql(sql.deadletter_insert())
-    statements.add_insert_sql(sql.late_insert())
+    statements.add_insert_sql(sql.late_insert(lateness))
     return statements
 
 

@@ -11,6 +11,15 @@ Window semantics: a feature at time ``t`` covers ``t - w < event_time <= t`` (se
 and a window's ``window_end`` is the feature timestamp. A group is one ``HOP`` window of its
 longest aggregate, sliding by ``group.slide`` (or its shortest window); a shorter aggregate
 filters on ``rowtime >= window_end - w`` inside it.
+
+Arrival rules (the watermark is ``max(rowtime) - out_of_orderness``):
+
+- duplicates: the first line of an ``event_id`` wins, later copies are dropped for
+  ``dedupe_window`` (Flink state TTL) — a replayed file is not counted twice;
+- on time (``rowtime > watermark``): into the windows;
+- late within ``allowed_lateness`` (``watermark - lateness < rowtime <= watermark``): applied
+  by the sink to the entity's windows (see :mod:`.sink`), as one row per event;
+- later than that: the late side output with a reason, counted, never dropped silently.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from recsys_platform.features import (
     Aggregate,
     FeatureGroup,
 )
+from recsys_platform.privacy import pseudonym_sql
 
 REASON_NOT_JSON = "line is not a JSON object"
 REASON_BAD_NUMBER = "watch_time_ms or item_duration_ms is not an integer"
@@ -44,11 +54,16 @@ RECENT_SEP = ";"
 RECENT_FIELD_SEP = "|"
 RECENT_COLUMN = "recent"
 EVENTS_COLUMN = "events_in_slide"
+LATE_EVENT_COLUMN = "late_event_id"  # set on the rows of late events the sink applies
+REASON_TOO_LATE = ("event_time is behind the watermark by more than the allowed lateness "
+                   "({lateness_s} s)")
 
 SOURCE_TABLE = "stream_events"
 LINES_TABLE = "stream_lines"
 PARSED_VIEW = "stream_parsed"
+UNIQUE_VIEW = "stream_unique"
 VALID_VIEW = "stream_valid"
+LATE_APPLIED_VIEW = "stream_late_applied"
 LATE_VIEW = "stream_late"
 DEADLETTER_TABLE = "stream_deadletter"
 LATE_TABLE = "stream_late_sink"
@@ -182,6 +197,7 @@ def source_ddl(
     events_ddl = (
         f"CREATE TABLE {SOURCE_TABLE} (\n{columns},\n"
         f"  rowtime AS {rowtime},\n"
+        "  arrival AS PROCTIME(),\n"
         f"  WATERMARK FOR rowtime AS rowtime - {_interval(out_of_orderness)}\n"
         f") WITH (\n  {_with(events)}\n)"
     )
@@ -189,10 +205,23 @@ def source_ddl(
     return events_ddl, lines_ddl
 
 
-def parsed_view_sql(from_date: date | None = None) -> str:
+def _line_expr() -> str:
+    """The event as one JSON line again (for the side outputs; user_id as parsed)."""
+    raw_names = {"watch_time_ms": "watch_raw", "item_duration_ms": "duration_raw"}
+    return "JSON_OBJECT(" + ", ".join(
+        f"KEY '{c}' VALUE {raw_names.get(c, c)}" for c in RAW_EVENT_SCHEMA.names
+    ) + " ABSENT ON NULL)"
+
+
+def parsed_view_sql(from_date: date | None = None, pseudonym_key: str | None = None) -> str:
     """Types the event fields and names the first broken rule of each row (or NULL).
 
     The checks and their order follow :func:`recsys_platform.contracts.validate_events`.
+
+    Args:
+        from_date: Keep only events on or after this date (a replay).
+        pseudonym_key: When set, ``user_id`` is replaced by its pseudonym
+            (:func:`recsys_platform.privacy.pseudonym_sql`) before anything else sees it.
     """
     reasons = []
     for column in ("event_id", "user_id", "item_id", "event_type"):
@@ -206,22 +235,20 @@ def parsed_view_sql(from_date: date | None = None) -> str:
         ("COALESCE(item_duration_ms, 0) < 0", REASON_NEGATIVE_DURATION),
     ]
     case = "\n    ".join(f"WHEN {cond} THEN {_quote(text)}" for cond, text in reasons)
-    raw_names = {"watch_time_ms": "watch_raw", "item_duration_ms": "duration_raw"}
-    line = "JSON_OBJECT(" + ", ".join(
-        f"KEY '{c}' VALUE {raw_names.get(c, c)}" for c in RAW_EVENT_SCHEMA.names
-    ) + " ABSENT ON NULL)"
+    raw_names = {"watch_time_ms", "item_duration_ms", "user_id"}
     passthrough = ", ".join(n for n in RAW_EVENT_SCHEMA.names if n not in raw_names)
+    user = "user_id" if pseudonym_key is None else pseudonym_sql("user_id", pseudonym_key)
     since = "" if from_date is None else (
         f"\nWHERE event_ts IS NULL OR event_ts >= TIMESTAMP '{from_date.isoformat()} 00:00:00'"
     )
     return (
         f"CREATE TEMPORARY VIEW {PARSED_VIEW} AS\n"
-        "SELECT rowtime, event_id, event_time, user_id, item_id, event_type,\n"
-        "  watch_time_ms, item_duration_ms,\n"
-        f"  CASE\n    {case}\n  END AS reason,\n"
-        f"  {line} AS line\n"
+        f"SELECT rowtime, arrival, {', '.join(RAW_EVENT_SCHEMA.names)},\n"
+        "  watch_raw, duration_raw,\n"
+        f"  CASE\n    {case}\n  END AS reason\n"
         "FROM (\n"
-        f"  SELECT rowtime, {passthrough},\n"
+        f"  SELECT rowtime, arrival, {passthrough},\n"
+        f"    {user} AS user_id,\n"
         "    watch_time_ms AS watch_raw, item_duration_ms AS duration_raw,\n"
         "    TRY_CAST(watch_time_ms AS BIGINT) AS watch_time_ms,\n"
         "    TRY_CAST(item_duration_ms AS BIGINT) AS item_duration_ms,\n"
@@ -231,20 +258,45 @@ def parsed_view_sql(from_date: date | None = None) -> str:
     )
 
 
-def split_views_sql() -> tuple[str, str]:
-    """On-time valid rows, and valid rows at or behind the watermark (late)."""
+def unique_view_sql() -> str:
+    """Valid rows, the first arrival of each ``event_id`` only (processing-time
+    deduplication: emitted at once, insert-only; its state expires after the dedupe window,
+    ``table.exec.state.ttl``)."""
+    return (
+        f"CREATE TEMPORARY VIEW {UNIQUE_VIEW} AS\n"
+        "SELECT * FROM (\n"
+        "  SELECT *,\n"
+        "    ROW_NUMBER() OVER (PARTITION BY event_id ORDER BY arrival ASC) AS arrival_rank\n"
+        f"  FROM {PARSED_VIEW} WHERE reason IS NULL\n"
+        ") WHERE arrival_rank = 1"
+    )
+
+
+def split_views_sql(allowed_lateness: timedelta = timedelta(0)) -> tuple[str, str, str]:
+    """Unique valid rows split by arrival: on time, late within ``allowed_lateness``, later.
+
+    Returns:
+        ``(on_time, late_applied, late)`` view statements.
+    """
+    wm = "CURRENT_WATERMARK(rowtime)"
+    seconds = int(allowed_lateness.total_seconds())
+    bound = f"TIMESTAMPADD(SECOND, -{seconds}, {wm})" if seconds else wm
     on_time = (
         f"CREATE TEMPORARY VIEW {VALID_VIEW} AS\n"
-        f"SELECT * FROM {PARSED_VIEW}\n"
-        "WHERE reason IS NULL AND (CURRENT_WATERMARK(rowtime) IS NULL\n"
-        "  OR rowtime > CURRENT_WATERMARK(rowtime))"
+        f"SELECT * FROM {UNIQUE_VIEW}\n"
+        f"WHERE {wm} IS NULL OR rowtime > {wm}"
+    )
+    applied = (
+        f"CREATE TEMPORARY VIEW {LATE_APPLIED_VIEW} AS\n"
+        f"SELECT * FROM {UNIQUE_VIEW}\n"
+        f"WHERE rowtime <= {wm} AND rowtime > {bound}"
     )
     late = (
         f"CREATE TEMPORARY VIEW {LATE_VIEW} AS\n"
-        f"SELECT *, CAST(CURRENT_WATERMARK(rowtime) AS STRING) AS watermark_at FROM {PARSED_VIEW}\n"
-        "WHERE reason IS NULL AND rowtime <= CURRENT_WATERMARK(rowtime)"
+        f"SELECT *, CAST({wm} AS STRING) AS watermark_at FROM {UNIQUE_VIEW}\n"
+        f"WHERE rowtime <= {bound}"
     )
-    return on_time, late
+    return on_time, applied, late
 
 
 def _aggregate_expr(agg: Aggregate, plan: WindowPlan) -> str:
@@ -253,6 +305,11 @@ def _aggregate_expr(agg: Aggregate, plan: WindowPlan) -> str:
         cond += f" AND rowtime >= window_end - {_interval(agg.window)}"
     value = "1" if agg.kind == "count" else f"COALESCE({agg.column}, 0)"
     return f"CAST(SUM(CASE WHEN {cond} THEN {value} ELSE 0 END) AS BIGINT) AS {agg.name}"
+
+
+def _member_expr() -> str:
+    return (f"CONCAT(event_time, '{RECENT_FIELD_SEP}', event_id, "
+            f"'{RECENT_FIELD_SEP}', item_id)")
 
 
 def group_query(plan: WindowPlan) -> str:
@@ -264,12 +321,11 @@ def group_query(plan: WindowPlan) -> str:
         f"CAST(SUM(CASE WHEN {last_slide} THEN 1 ELSE 0 END) AS BIGINT) AS {EVENTS_COLUMN}"
     )
     if plan.recent_items:
-        member = (f"CONCAT(event_time, '{RECENT_FIELD_SEP}', event_id, "
-                  f"'{RECENT_FIELD_SEP}', item_id)")
         columns.append(
             f"LISTAGG(CASE WHEN event_type IN ({_in(ENGAGEMENT_TYPES)}) AND {last_slide} "
-            f"THEN {member} END, '{RECENT_SEP}') AS {RECENT_COLUMN}"
+            f"THEN {_member_expr()} END, '{RECENT_SEP}') AS {RECENT_COLUMN}"
         )
+    columns.append(f"CAST(NULL AS STRING) AS {LATE_EVENT_COLUMN}")
     body = ",\n  ".join(columns)
     return (
         f"SELECT {plan.key}, window_end,\n  {body}\n"
@@ -279,9 +335,36 @@ def group_query(plan: WindowPlan) -> str:
     )
 
 
+def late_rows_query(plan: WindowPlan) -> str:
+    """One row per late event within the allowed lateness, in the columns of
+    :func:`group_query`: ``window_end`` is the event time and each aggregate holds the
+    event's own contribution (the sink adds it to every window end that covers it)."""
+    columns = []
+    for agg in plan.group.aggregates:
+        value = "1" if agg.kind == "count" else f"COALESCE({agg.column}, 0)"
+        columns.append(f"CAST(CASE WHEN event_type IN ({_in(agg.event_types)}) "
+                       f"THEN {value} ELSE 0 END AS BIGINT) AS {agg.name}")
+    columns.append(f"CAST(1 AS BIGINT) AS {EVENTS_COLUMN}")
+    if plan.recent_items:
+        columns.append(f"CASE WHEN event_type IN ({_in(ENGAGEMENT_TYPES)}) "
+                       f"THEN {_member_expr()} END AS {RECENT_COLUMN}")
+    columns.append(f"event_id AS {LATE_EVENT_COLUMN}")
+    body = ",\n  ".join(columns)
+    return (
+        f"SELECT {plan.key},\n"
+        "  CAST(rowtime + INTERVAL '0.001' SECOND(1, 3) AS TIMESTAMP(3)) AS window_end,\n"
+        f"  {body}\nFROM {LATE_APPLIED_VIEW}"
+    )
+
+
+def sink_rows_query(plan: WindowPlan) -> str:
+    """What one group's sink sees: its window rows and its late-but-allowed event rows."""
+    return f"{group_query(plan)}\nUNION ALL\n{late_rows_query(plan)}"
+
+
 def side_output_ddl(table: str, path: str, rollover_ms: int) -> str:
     """A newline-JSON file sink; part files become visible when a checkpoint completes."""
-    extra = "watermark_at STRING" if table == LATE_TABLE else "reason STRING"
+    extra = "watermark_at STRING,\n  reason STRING" if table == LATE_TABLE else "reason STRING"
     return (
         f"CREATE TABLE {table} (\n  line STRING,\n  {extra}\n) WITH (\n"
         f"  'connector' = 'filesystem',\n  'path' = {_quote(path)},\n  'format' = 'json',\n"
@@ -294,12 +377,15 @@ def deadletter_insert() -> str:
     """Rows that break a rule, and lines that are not a JSON object at all."""
     return (
         f"INSERT INTO {DEADLETTER_TABLE}\n"
-        f"SELECT line, reason FROM {PARSED_VIEW} WHERE reason IS NOT NULL\n"
+        f"SELECT {_line_expr()}, reason FROM {PARSED_VIEW} WHERE reason IS NOT NULL\n"
         "UNION ALL\n"
         f"SELECT line, {_quote(REASON_NOT_JSON)} FROM {LINES_TABLE}\n"
         "WHERE TRIM(line) <> '' AND TRIM(line) NOT LIKE '{%}'"
     )
 
 
-def late_insert() -> str:
-    return f"INSERT INTO {LATE_TABLE} SELECT line, watermark_at FROM {LATE_VIEW}"
+def late_insert(allowed_lateness: timedelta = timedelta(0)) -> str:
+    """Rows later than the allowed lateness, each with the watermark it missed and why."""
+    reason = REASON_TOO_LATE.format(lateness_s=int(allowed_lateness.total_seconds()))
+    return (f"INSERT INTO {LATE_TABLE}\n"
+            f"SELECT {_line_expr()}, watermark_at, {_quote(reason)} FROM {LATE_VIEW}")

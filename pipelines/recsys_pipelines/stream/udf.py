@@ -15,21 +15,27 @@ from pyflink.table import DataTypes
 from pyflink.table.udf import FunctionContext, ScalarFunction, UserDefinedScalarFunctionWrapper, udf
 
 from recsys_pipelines.stream.sink import FeatureWriter, SinkConfig
-from recsys_pipelines.stream.sql import EVENTS_COLUMN, RECENT_COLUMN, WindowPlan
+from recsys_pipelines.stream.sql import (
+    EVENTS_COLUMN,
+    LATE_EVENT_COLUMN,
+    RECENT_COLUMN,
+    WindowPlan,
+)
 
 logger = logging.getLogger(__name__)
 
 
 def sink_columns(plan: WindowPlan) -> list[str]:
-    """The columns the UDF is called with, in order (matches :func:`sql.group_query`)."""
+    """The columns the UDF is called with, in order (matches :func:`sql.sink_rows_query`)."""
     columns = [plan.key, "window_end", *plan.aggregate_names, EVENTS_COLUMN]
     if plan.recent_items:
         columns.append(RECENT_COLUMN)
+    columns.append(LATE_EVENT_COLUMN)
     return columns
 
 
 class RedisSinkFunction(ScalarFunction):  # type: ignore[misc]
-    """Writes each batch of window rows; returns 1 per row written, 0 per stale row."""
+    """Writes each batch of sink rows (window rows and late events); returns 1 per row."""
 
     def __init__(self, config: SinkConfig, plan: WindowPlan) -> None:
         self.config = config
@@ -43,6 +49,7 @@ class RedisSinkFunction(ScalarFunction):  # type: ignore[misc]
             self.plan.group.name)
         self.rows_written = group.counter("rows_written")
         self.rows_stale = group.counter("rows_stale")
+        self.late_applied = group.counter("late_applied")
 
     def eval(self, *columns: pd.Series) -> pd.Series:
         assert self.writer is not None, "open() was not called"
@@ -50,11 +57,12 @@ class RedisSinkFunction(ScalarFunction):  # type: ignore[misc]
         result = self.writer.write(frame)
         self.rows_written.inc(result.written)
         self.rows_stale.inc(result.stale)
+        self.late_applied.inc(result.late)
         return pd.Series([1] * result.rows, dtype="int64")
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.client.close()
+            self.writer.close()
 
     def is_deterministic(self) -> bool:
         return False  # it has a side effect: never fold or reorder it

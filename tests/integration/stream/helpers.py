@@ -157,19 +157,43 @@ def wait_consumed(redis_url: str, metrics_key: str, part: pd.DataFrame,
         client.close()
 
 
+def valid_rows(part: pd.DataFrame) -> pd.DataFrame:
+    """The rows of ``part`` that pass the event contract (as raw lines)."""
+    valid, _ = validate_events(part)
+    return part[part["event_id"].isin(set(valid["event_id"]))]
+
+
 def write_files_paced(raw: pd.DataFrame, folder: Path, parts: int, redis_url: str,
-                      metrics_key: str) -> list[Path]:
+                      metrics_key: str, duplicates: bool = False) -> list[Path]:
     """Writes the files in order, each once the job consumed the previous one. Flink's file
-    source does not read pending files in order, so a producer must not run ahead of it."""
+    source does not read pending files in order, so a producer must not run ahead of it.
+
+    With ``duplicates``, every file after the first also repeats its own valid lines (on-time
+    duplicates) and the valid lines of the previous file (a replay, behind the watermark):
+    the job must count none of them twice and send none of them to the late files."""
     paths = []
     chunks = parts_of(raw, parts)
     for i, part in enumerate(chunks):
         path = folder / f"events-{i:04d}.jsonl"
-        write_jsonl(part, path)
+        lines = part
+        if duplicates and i:
+            lines = pd.concat([part, valid_rows(part), valid_rows(chunks[i - 1])])
+        write_jsonl(lines, path)
         paths.append(path)
         if i < len(chunks) - 1:
             wait_consumed(redis_url, metrics_key, part)
     return paths
+
+
+def metric(redis_url: str, metrics_key: str, name: str) -> int:
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        value = client.hget(metrics_key, name)
+        return int(value) if value is not None else 0  # type: ignore[arg-type]
+    finally:
+        client.close()
 
 
 def wait_running(checkpoint_dir: Path, timeout_s: float = 60) -> None:

@@ -2,7 +2,8 @@
 
 ``recsys_platform.features``: an aggregate at time ``t`` over window ``w`` covers
 ``t - w < event_time <= t``; ratios use :func:`recsys_platform.features.ratio`; the recent
-items are the ``HISTORY_LENGTH`` newest engaged events at or before ``t``, newest first.
+items are the ``HISTORY_LENGTH`` newest distinct items engaged with at or before ``t``, newest
+first (ties: newer ``event_id`` first), as the batch ``user_history``.
 (The batch engineer's Ray pipeline computes day-end windows only, so the minute windows of
 the stream groups are checked against this reference.)
 """
@@ -48,7 +49,9 @@ def group_values(events: pd.DataFrame, group: FeatureGroup, entity_id: str,
     if recent:
         engaged = mine[mine["event_type"].isin(ENGAGEMENT_TYPES)]
         engaged = engaged.sort_values(["ms", "event_id"], ascending=False)
-        values[USER_RECENT_ITEMS] = engaged["item_id"].head(HISTORY_LENGTH).tolist()
+        # Distinct items by their newest engagement, like the batch user_history.
+        distinct = engaged.drop_duplicates("item_id", keep="first")
+        values[USER_RECENT_ITEMS] = distinct["item_id"].head(HISTORY_LENGTH).tolist()
     return values
 
 

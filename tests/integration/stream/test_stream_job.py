@@ -39,8 +39,9 @@ def burst() -> tuple[pd.DataFrame, dict[str, int]]:
 @pytest.fixture(scope="module")
 def continuous_run(flink_jvm: Any, stream_env: StreamEnv, burst: tuple[pd.DataFrame, dict],
                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """Runs the job in continuous mode on a burst appended as four files, until the online
-    store holds every window the watermark closed; then cancels it."""
+    """Runs the job in continuous mode on a burst appended as four files (with duplicated
+    and replayed lines), until the online store holds every window the watermark closed;
+    then cancels it."""
     raw, _ = burst
     root = tmp_path_factory.mktemp("continuous")
     settings = h.settings_for(stream_env, root)
@@ -51,7 +52,8 @@ def continuous_run(flink_jvm: Any, stream_env: StreamEnv, burst: tuple[pd.DataFr
     result = start(options)
     try:
         h.wait_running(Path(options.checkpoint_dir))
-        h.write_files_paced(raw, stream_dir, 4, settings.redis.url, options.sink.metrics_key)
+        h.write_files_paced(raw, stream_dir, 4, settings.redis.url, options.sink.metrics_key,
+                            duplicates=True)
         h.append_line(stream_dir, "garbage.jsonl", h.NOT_JSON)
         expected = h.expected_state(raw, h.max_event_ms(raw) - OUT_OF_ORDERNESS_MS)
 
@@ -103,7 +105,22 @@ def test_malformed_lines_land_in_the_dead_letter_file_with_reasons(
     lines = h.side_output_lines(folder)
     assert Counter(line["reason"] for line in lines) == want
     assert all(line["line"] for line in lines)
+    # The replayed lines of each previous file were dropped as duplicates, not sent late.
     assert h.side_output_lines(Path(continuous_run["options"].late_dir)) == []
+
+
+def test_duplicated_and_replayed_lines_are_counted_once(
+        continuous_run: dict[str, Any]) -> None:
+    # Every file after the first repeated its own valid lines and the previous file's: the
+    # online store still equals the reference on the unique events (no double count), and
+    # no late event was applied (the replayed lines were dropped before the late split).
+    store, expected = continuous_run["store"], continuous_run["expected"]
+    for view, rows in expected.items():
+        assert h.online_state(store, view, sorted(rows)) == rows
+    options = continuous_run["options"]
+    for view in expected:
+        assert h.metric(options.sink.redis_url, options.sink.metrics_key,
+                        f"{view}:late_applied") == 0
 
 
 def _job_process(config: Path, *extra: str) -> subprocess.Popen[bytes]:
