@@ -213,8 +213,8 @@ def _forget_sqlite(settings: Settings, user_ids: set[str]) -> int:
     deleted = 0
     with sqlite3.connect(path) as conn:
         tables = [row[0] for row in conn.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE ?",
-            (f"{settings.feast.project}_%",))]
+            "SELECT name FROM sqlite_master WHERE type = 'table'")
+                  if row[0].startswith(f"{settings.feast.project}_")]
         for table in tables:
             columns = {row[1] for row in conn.execute(f'PRAGMA table_info("{table}")')}
             if "entity_key" not in columns:

@@ -69,3 +69,37 @@ def test_forget_rewrites_parquet_and_jsonl_without_the_user(tmp_path: Path) -> N
     kept = [json.loads(line)["user_id"] for line in (tmp_path / "s.jsonl").read_text().splitlines()]
     assert kept == ["u2", "u3"]
     assert not list(tmp_path.glob(".*"))  # no temp files left behind
+
+
+def test_forget_deletes_the_users_rows_from_feasts_sqlite_online_store(tmp_path: Path) -> None:
+    import sqlite3
+
+    import yaml
+    from feast.infra.key_encoding_utils import serialize_entity_key
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+    from feast.protos.feast.types.Value_pb2 import Value
+
+    from recsys_pipelines.forget import forget_online
+    from recsys_platform.settings import load_settings
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"data_dir": str(tmp_path), "feast": {
+        "project": "proj", "online_store": "sqlite"}}))
+    settings = load_settings("local", config)
+
+    def key(uid: str) -> bytes:
+        proto = EntityKey(join_keys=["user_id"], entity_values=[Value(string_val=uid)])
+        return serialize_entity_key(proto, entity_key_serialization_version=3)
+
+    (tmp_path / "feast").mkdir()
+    with sqlite3.connect(tmp_path / "feast" / "online.db") as conn:
+        for table in ("proj_user_batch", "proj_user_history", "proj2_user_batch"):
+            conn.execute(f"CREATE TABLE {table} (entity_key BLOB, feature_name TEXT)")
+            for uid in ("u1", "u2"):
+                conn.executemany(f"INSERT INTO {table} VALUES (?, ?)",
+                                 [(key(uid), "a"), (key(uid), "b")])
+    assert forget_online(settings, {"u1", pseudonymize("u1", "k")}) == 4
+    with sqlite3.connect(tmp_path / "feast" / "online.db") as conn:
+        left = {t: conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
+                for t in ("proj_user_batch", "proj_user_history", "proj2_user_batch")}
+    assert left == {"proj_user_batch": 2, "proj_user_history": 2, "proj2_user_batch": 4}
