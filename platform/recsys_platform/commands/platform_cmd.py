@@ -103,6 +103,20 @@ def serve_version(settings: Settings, version: str) -> Served:
     return Served(url, str(body["bundle_version"]), started, user, body)
 
 
+def start_training_cluster(settings: Settings) -> None:
+    """Starts an in-process Ray cluster for the flow (unless ``ray.address`` names one).
+
+    ``ray.init()`` without an address joins the newest cluster on this machine, which is the
+    Serve head when the app runs: its CPUs are held by the replicas and the Ray Train workers
+    would wait for them forever. ``address="local"`` always starts a fresh one.
+    """
+    import ray
+
+    if settings.ray.address is None and not ray.is_initialized():
+        ray.init(address="local", num_cpus=settings.ray.num_cpus, include_dashboard=False,
+                 log_to_driver=False, configure_logging=False)
+
+
 def run_loop(settings: Settings, start: date | None, end: date | None, epochs: int,
              workers: int, why: str, events: int) -> Any:
     """Generates data when the landing area is empty, then runs the platform flow."""
@@ -120,6 +134,7 @@ def run_loop(settings: Settings, start: date | None, end: date | None, epochs: i
         assert found is not None
     first, last = start or found[0], end or found[1]
     console.print(f"platform flow over {first} .. {last} (epochs={epochs}, workers={workers})")
+    start_training_cluster(settings)
     with prefect_api(settings):
         return platform_flow(start=first, end=last, epochs=epochs, workers=workers, why=why,
                              settings=settings)
