@@ -10,6 +10,7 @@ Where the user is removed (each file rewritten atomically: temp file, then renam
 - ``impression log``: what serving wrote (``landing/served/``, ``served-*`` event files);
 - ``lake`` and ``quarantine``: clean partitions, the users catalog, rejected rows;
 - ``offline features``: the Parquet tables Feast reads (``<repo>/data``);
+- ``stream side outputs``: the stream job's dead-letter and late files (finished parts);
 - ``online store``: Feast's Redis hash of the user (batch and stream views) and the stream
   job's own keys of the user (``<key_prefix>:stream:<kind>:<user>``: recent items, late
   events);
@@ -51,7 +52,8 @@ from recsys_platform.settings import Settings
 logger = logging.getLogger(__name__)
 
 PLACES: tuple[str, ...] = ("landing", "impression log", "lake", "quarantine",
-                           "offline features", "online store")
+                           "offline features", "stream side outputs", "online store")
+STREAM_SIDE_OUTPUTS: tuple[str, ...] = ("deadletter", "late")  # beside the checkpoints
 SERIALIZATION_VERSION = 3  # Feast's entity_key_serialization_version (feature_store.yaml)
 
 
@@ -130,6 +132,49 @@ def forget_in_jsonl(path: Path, match: _Matcher) -> int:
         tmp.write_text("".join(kept))
         os.replace(tmp, path)
     return removed
+
+
+def forget_in_side_output(path: Path, match: _Matcher) -> int:
+    """Rewrites one stream dead-letter/late part file (JSON lines ``{"line": <raw event>,
+    ...}``) without the user's lines; returns the lines removed.
+
+    A raw line that is not a JSON object is dropped when it names the user's pseudonym or the
+    given id as a JSON string (``"<id>"``).
+    """
+    kept: list[str] = []
+    removed = 0
+    with path.open() as fh:
+        for text in fh:
+            try:
+                raw = json.loads(text).get("line") or ""
+            except (json.JSONDecodeError, AttributeError):
+                kept.append(text)
+                continue
+            try:
+                event = json.loads(raw)
+                hit = isinstance(event, dict) and match(event.get("user_id"))
+            except json.JSONDecodeError:
+                hit = any(f'"{name}"' in raw for name in match.seen)
+            if hit:
+                removed += 1
+            else:
+                kept.append(text)
+    if removed:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+    return removed
+
+
+def side_output_files(settings: Settings) -> Iterator[Path]:
+    """The stream job's finished dead-letter and late part files (in-progress ones are
+    hidden: their names start with a dot)."""
+    base = Path(settings.path(settings.flink.checkpoint_dir)).resolve().parent
+    for name in STREAM_SIDE_OUTPUTS:
+        folder = base / name
+        if folder.is_dir():
+            yield from (p for p in sorted(folder.rglob("*"))
+                        if p.is_file() and not p.name.startswith("."))
 
 
 def _place(path: Path, settings: Settings) -> str:
@@ -255,6 +300,11 @@ def forget_user(settings: Settings, user_id: str, who: str) -> ForgetReport:
             if removed:
                 report.removed[_place(path, settings)] += removed
                 report.files_rewritten += 1
+    for path in side_output_files(settings):
+        removed = forget_in_side_output(path, match)
+        if removed:
+            report.removed["stream side outputs"] += removed
+            report.files_rewritten += 1
     report.removed["online store"] = forget_online(settings, match.seen)
     audit = settings.data_dir / AUDIT_LOG
     audit.parent.mkdir(parents=True, exist_ok=True)

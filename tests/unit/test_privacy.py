@@ -103,3 +103,29 @@ def test_forget_deletes_the_users_rows_from_feasts_sqlite_online_store(tmp_path:
         left = {t: conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
                 for t in ("proj_user_batch", "proj_user_history", "proj2_user_batch")}
     assert left == {"proj_user_batch": 2, "proj_user_history": 2, "proj2_user_batch": 4}
+
+
+def test_forget_drops_the_users_lines_from_stream_side_outputs(tmp_path: Path) -> None:
+    import json
+
+    import yaml
+
+    from recsys_pipelines.forget import _Matcher, forget_in_side_output, side_output_files
+    from recsys_platform.settings import load_settings
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"data_dir": str(tmp_path)}))
+    settings = load_settings("local", config)
+    folder = tmp_path / "flink" / "deadletter" / "2026-11-01--10"
+    folder.mkdir(parents=True)
+    lines = [{"line": json.dumps({"user_id": "u1", "event_id": "e1"}), "reason": "x"},
+             {"line": json.dumps({"user_id": "u12", "event_id": "e2"}), "reason": "x"},
+             {"line": '{"user_id": "u1", broken', "reason": "not json"},
+             {"line": json.dumps({"user_id": pseudonymize("u1", "k")}), "reason": "x"}]
+    part = folder / "part-0-0"
+    part.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    (folder / ".part-0-1.inprogress").write_text("{}\n")
+    assert list(side_output_files(settings)) == [part]
+    assert forget_in_side_output(part, _Matcher("u1", "k")) == 3
+    assert [json.loads(json.loads(t)["line"])["event_id"]
+            for t in part.read_text().splitlines()] == ["e2"]
