@@ -71,7 +71,7 @@ def floor_rows_per_s(client: redis.Redis, prefix: str, rows: int) -> float:
 def options(root: Path, tag: str, **overrides: object) -> JobOptions:
     base = JobOptions(sink=SinkConfig(URL, tag, tag), stream_dir=str(root / "in"),
                       checkpoint_dir=str(root / "chk"), deadletter_dir=str(root / "dl"),
-                      late_dir=str(root / "late"), checkpoint_interval_ms=2000,
+                      late_dir=str(root / "late"), checkpoint_interval_ms=5000,
                       monitor_interval_ms=50)
     return replace(base, **overrides)  # type: ignore[arg-type]
 

@@ -77,7 +77,7 @@ class FlinkSettings(_Section):
     parallelism: int = Field(default=1, ge=1)
     max_out_of_orderness_s: int = Field(default=30, ge=0)
     allowed_lateness_s: int = Field(default=300, ge=0)
-    dedupe_window_s: int = Field(default=7_200, ge=1)  # event_id dedupe memory (stream job)
+    dedupe_window_s: int = Field(default=900, ge=1)  # event_id dedupe memory (stream job)
     kafka_bootstrap: str = "kafka:9092"
     kafka_topic: str = "events"
     kafka_group: str = "recsys-stream"

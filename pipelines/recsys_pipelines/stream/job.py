@@ -50,7 +50,7 @@ class JobOptions:
     parallelism: int = 1
     out_of_orderness_s: int = 30
     allowed_lateness_s: int = 300  # late rows within it are applied; later ones: late files
-    dedupe_window_s: int = 7_200  # how long an event_id is remembered (processing time)
+    dedupe_window_s: int = 900  # how long an event_id is remembered (processing time)
     pseudonym_key: str | None = None  # set: user_id is pseudonymized at parse time
     sink_batch_rows: int = 10_000  # window rows per Python sink call (Arrow batch)
     write_redis: bool = True  # False: the same SQL into a blackhole (the benchmark's floor)
