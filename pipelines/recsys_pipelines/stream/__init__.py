@@ -2,7 +2,9 @@
 
 The job aggregates in Flink SQL (event-time ``HOP`` windows built from
 :mod:`recsys_platform.features`) and writes Feast's Redis layout from a batched Python sink.
-Malformed lines go to a dead-letter file and late rows to a late file, both counted.
+Duplicated event ids are dropped; late rows within the allowed lateness are applied by the
+sink; malformed lines go to a dead-letter file and rows later than the lateness to a late file,
+both with reasons and counted.
 
 Modules: :mod:`.sql` (the SQL text, pure), :mod:`.layout` (Feast's Redis layout),
 :mod:`.sink` (the batched Redis writer and its Flink UDF), :mod:`.job` (the entrypoint),
