@@ -7,6 +7,7 @@ Ray cluster until ``down``. ``run`` does the same in the foreground until Ctrl-C
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -147,8 +148,43 @@ def down_command() -> None:
     except ConnectionError as exc:
         console.print(f"no Ray cluster at {cluster_address(settings)}: {exc}")
     if settings.ray.address is None:
-        subprocess.run([_ray_bin(), "stop"], capture_output=True)
+        stopped = stop_local_head(settings.ray.head_port)
+        console.print(f"local Ray head on port {settings.ray.head_port}: "
+                      f"{stopped} processes stopped")
     console.print("stopped")
+
+
+def stop_local_head(port: int, grace_s: float = 10.0) -> int:
+    """Stops the local Ray head on ``port`` and only it (``ray stop`` kills every cluster).
+
+    The head's GCS names its session directory; every process of that session (raylet,
+    monitors, dashboard) names it too, and workers are the raylet's children.
+    """
+    import psutil
+
+    session = None
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if f"--gcs_server_port={port}" in cmdline:
+            session = next((a.split("=", 1)[1] for a in cmdline
+                            if a.startswith("--session-dir=")), None)
+            break
+    if session is None:
+        return 0
+    targets: dict[int, Any] = {}
+    for proc in psutil.process_iter(["cmdline"]):
+        if any(session in arg for arg in proc.info["cmdline"] or []):
+            targets[proc.pid] = proc
+            with contextlib.suppress(psutil.Error):
+                targets.update({c.pid: c for c in proc.children(recursive=True)})
+    for proc in targets.values():
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(list(targets.values()), timeout=grace_s)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    return len(targets)
 
 
 @app.command("status")
