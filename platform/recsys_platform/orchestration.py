@@ -39,18 +39,11 @@ class PlatformRun:
 
 @task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
 def build_snapshot(settings: Settings, start: date | None, end: date | None) -> tuple[str, int]:
-    """Labels the lake's impressions and joins their features point in time."""
-    from recsys_pipelines.etl import read_lake_events
+    """Labels the lake's closed impressions (log and wait) and joins their features."""
     from recsys_pipelines.feature_store import load_store
-    from recsys_pipelines.training_set import (
-        build_training_set,
-        label_impressions,
-        write_training_snapshot,
-    )
+    from recsys_pipelines.training_set import build_snapshot as build
 
-    events = read_lake_events(settings.lake_dir, start, end)
-    frame = build_training_set(load_store(settings), label_impressions(events))
-    return write_training_snapshot(frame, settings), len(frame)
+    return build(settings, load_store(settings), start, end)
 
 
 @task(cache_policy=NO_CACHE)
