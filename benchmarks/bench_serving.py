@@ -135,10 +135,35 @@ def stage_means(recommender: Any) -> dict[str, float]:
     return {k: 1000 * sums[k] / counts[k] for k in sums if counts.get(k)}
 
 
+def serve_pids() -> dict[str, int]:
+    """Newest Serve proxy and this benchmark's replica (other Ray sessions may run too)."""
+    import subprocess
+
+    listing = subprocess.run(["ps", "-eo", "pid,args", "--sort=start_time"], check=True,
+                             capture_output=True, text=True).stdout
+    pids: dict[str, int] = {}
+    for line in listing.splitlines():
+        if "ray::ProxyActor" in line:
+            pids["proxy"] = int(line.split()[0])
+        elif "ServeReplica:bench" in line:
+            pids["replica"] = int(line.split()[0])
+    return pids
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def _post(session: aiohttp.ClientSession, url: str, user: str) -> int:
-    async with session.post(url, json={"user_id": user, "k": 20}) as resp:
-        await resp.read()
-        return resp.status
+    """The HTTP status, 0 for a timeout or a connection error."""
+    try:
+        async with session.post(url, json={"user_id": user, "k": 20}) as resp:
+            await resp.read()
+            return resp.status
+    except (TimeoutError, aiohttp.ClientError):
+        return 0
 
 
 async def closed_loop(session: aiohttp.ClientSession, url: str, users: list[str],
@@ -194,9 +219,15 @@ async def over_http(users: list[str], f50: float, f99: float, rates: list[float]
                                      timeout=aiohttp.ClientTimeout(total=30)) as session:
         await closed_loop(session, url, users, 4, 3)  # warm-up
         for c in (1, 8, 32):
+            pids = serve_pids()
+            before = {name: cpu_seconds(pid) for name, pid in pids.items()}
             lat, errors, rps = await closed_loop(session, url, users, c, 8)
+            per_request = ", ".join(
+                f"{name} {1000 * (cpu_seconds(pid) - before[name]) / max(len(lat), 1):.1f}"
+                for name, pid in pids.items())
             print(f"http closed loop c={c}: p50 {pct(lat, 50):.1f} ms, p99 {pct(lat, 99):.1f} ms, "
-                  f"{rps:.0f} req/s, non-200 {errors}; p50 vs in-process {pct(lat, 50) / f50:.1f}x")
+                  f"{rps:.0f} req/s, non-200 {errors}; p50 vs in-process {pct(lat, 50) / f50:.1f}x;"
+                  f" CPU ms per request: {per_request}")
         for rate in rates:
             await asyncio.sleep(2)
             lat, errors, rps = await open_loop(session, url, users, rate, seconds)
@@ -214,7 +245,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="open-loop duration")
     parser.add_argument("--batch-ranker", action="store_true",
                         help="rank with @serve.batch across concurrent requests")
+    parser.add_argument("--throughput-optimized", action="store_true",
+                        help="start Ray with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (Ray Serve's own "
+                        "same-loop / gRPC / log-buffer settings)")
     args = parser.parse_args()
+    if args.throughput_optimized:
+        os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"  # inherited by every Ray process
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import ray
     from ray import serve
@@ -224,7 +260,7 @@ def main() -> None:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_serving_"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         settings, config_file, users = setup(workdir)
         f50, f99 = in_process(settings, users)
         serve.start(http_options={"host": "127.0.0.1", "port": PORT},
@@ -243,6 +279,7 @@ def main() -> None:
                 pass
             time.sleep(1)
         print(f"one replica (0.5 CPU reserved), batch_ranker={args.batch_ranker}, "
+              f"throughput_optimized={args.throughput_optimized}, "
               f"pid {os.getpid()}, load average {os.getloadavg()[0]:.1f}")
         rates = [float(r) for r in args.rates.split(",") if r]
         asyncio.run(over_http(users, f50, f99, rates, args.seconds))

@@ -20,6 +20,7 @@ import asyncio
 import gc
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,8 @@ class RecommenderDeployment:
     """HTTP ingress + the in-process hot path of one replica."""
 
     def __init__(self, profile: str | None = None, config_file: str | None = None,
-                 admission_limit: int = 24, batch_ranker: bool = False) -> None:
+                 admission_limit: int = 24, batch_ranker: bool = False,
+                 hot_path_threads: int = 1) -> None:
         import torch
 
         torch.set_num_threads(1)  # one replica, one thread: no OpenMP oversubscription
@@ -86,6 +88,11 @@ class RecommenderDeployment:
         self.settings = settings
         self.admission_limit = admission_limit
         self.batch_ranker = batch_ranker
+        # Threads running the hot path (0: in the event loop itself). Few threads: requests
+        # queue for them instead of 8-32 threads fighting over the GIL.
+        self._worker = (ThreadPoolExecutor(max_workers=hot_path_threads,
+                                           thread_name_prefix="recommend")
+                        if hot_path_threads > 0 else None)
         self._in_flight = 0
 
     def check_health(self) -> None:
@@ -125,11 +132,17 @@ class RecommenderDeployment:
                 scores, error = await self._rank(prepared)
                 response = self.recommender.finish(prepared, scores, error)
             else:
-                response = await asyncio.to_thread(self.recommender.recommend, body)
+                response = await self._recommend(body)
             metrics.requests.labels("200").inc()
             return Response(response.model_dump_json(), media_type="application/json")
         finally:
             self._in_flight -= 1
+
+    async def _recommend(self, body: RecommendRequest) -> RecommendResponse:
+        if self._worker is None:
+            return self.recommender.recommend(body)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._worker, self.recommender.recommend, body)
 
     async def _rank(self, prepared: Prepared) -> tuple[np.ndarray | None, Exception | None]:
         if prepared.loaded is None or not prepared.candidates:
