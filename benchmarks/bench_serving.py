@@ -265,7 +265,8 @@ def main() -> None:
         f50, f99 = in_process(settings, users)
         serve.start(http_options={"host": "127.0.0.1", "port": PORT},
                     logging_config={"enable_access_log": False})
-        app = RecommenderDeployment.options(autoscaling_config=None, num_replicas=1).bind(
+        app = RecommenderDeployment.options(  # type: ignore[attr-defined]
+            autoscaling_config=None, num_replicas=1).bind(
             config_file=str(config_file), batch_ranker=args.batch_ranker)
         serve.run(app, name="bench", route_prefix="/", blocking=False)
         import urllib.request
