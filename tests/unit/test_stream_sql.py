@@ -33,7 +33,7 @@ def test_late_split_bounds_rows_by_watermark_minus_allowed_lateness() -> None:
     assert "rowtime > TIMESTAMPADD(SECOND, -300, CURRENT_WATERMARK(rowtime))" in applied
     assert "rowtime <= TIMESTAMPADD(SECOND, -300, CURRENT_WATERMARK(rowtime))" in late
     assert sql.UNIQUE_VIEW in on_time and sql.UNIQUE_VIEW in late  # after the dedupe
-    assert "PARTITION BY event_id" in sql.unique_view_sql()
+    assert "PARTITION BY event_id" in sql.unique_query()
 
 
 def test_recent_items_are_distinct_newest_first_like_batch_user_history() -> None:

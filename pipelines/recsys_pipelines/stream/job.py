@@ -140,7 +140,8 @@ def build_job(t_env: TableEnvironment, options: JobOptions) -> StatementSet:
         t_env.execute_sql(ddl)
     lateness = timedelta(seconds=options.allowed_lateness_s)
     t_env.execute_sql(sql.parsed_view_sql(options.from_date, options.pseudonym_key))
-    t_env.execute_sql(sql.unique_view_sql())
+    # A Table view is one shared plan node: one dedupe operator for every branch.
+    t_env.create_temporary_view(sql.UNIQUE_VIEW, t_env.sql_query(sql.unique_query()))
     for view in sql.split_views_sql(lateness):
         t_env.execute_sql(view)
     rollover = max(500, options.checkpoint_interval_ms)

@@ -258,12 +258,12 @@ def parsed_view_sql(from_date: date | None = None, pseudonym_key: str | None = N
     )
 
 
-def unique_view_sql() -> str:
+def unique_query() -> str:
     """Valid rows, the first arrival of each ``event_id`` only (processing-time
     deduplication: emitted at once, insert-only; its state expires after the dedupe window,
-    ``table.exec.state.ttl``)."""
+    ``table.exec.state.ttl``). Registered as a Table view (not SQL text) so that every branch
+    shares one deduplication operator."""
     return (
-        f"CREATE TEMPORARY VIEW {UNIQUE_VIEW} AS\n"
         "SELECT * FROM (\n"
         "  SELECT *,\n"
         "    ROW_NUMBER() OVER (PARTITION BY event_id ORDER BY arrival ASC) AS arrival_rank\n"
