@@ -147,7 +147,7 @@ ITEM_TRENDING = FeatureGroup(
 
 # Non-windowed features.
 USER_HISTORY = "user_history"  # last HISTORY_LENGTH engaged item ids, newest first
-USER_RECENT_ITEMS = "user_recent_items"  # stream: last HISTORY_LENGTH engaged, newest first
+USER_RECENT_ITEMS = "user_recent_items"  # stream: last HISTORY_LENGTH distinct engaged, newest
 USER_TOP_CATEGORIES = "user_top_categories"  # TOP_CATEGORIES most engaged categories (30d)
 ITEM_METADATA: tuple[str, ...] = ("category", "creator_id", "tags", "duration_ms", "published_at")
 ITEM_AGE_DAYS = "item_age_days"
