@@ -1,7 +1,9 @@
 """Online features for serving, read through Feast from the online store.
 
-- User features: one ``get_online_features`` call per request (batch + stream views and the
-  engagement history), run under a timeout budget by the caller.
+- User features: one pipelined ``HMGET`` of Feast's Redis layout per request
+  (:class:`RedisUserFeatures`; :class:`FeastUserFeatures` through ``get_online_features``
+  for other online stores): batch + stream views and the engagement history, run under a
+  timeout budget by the caller.
 - Item features: never on the request path. :class:`ItemCache` reads every catalog item's
   features in the background every ``ttl_s`` into an :class:`ItemSnapshot`, which also holds
   the diversity metadata and the cold-start lists (trending from the stream view, fresh from
