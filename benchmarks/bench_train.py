@@ -119,7 +119,8 @@ def ray_train(data: dict[str, np.ndarray], cfg: TrainConfig, storage: str) -> tu
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False,
+             log_to_driver=False)
     try:
         ref = {"data": data, "cfg": cfg}
         t0 = time.perf_counter()

@@ -13,6 +13,7 @@ import logging
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -184,6 +185,11 @@ def stop_local_head(port: int, grace_s: float = 10.0) -> int:
     for proc in alive:
         with contextlib.suppress(psutil.Error):
             proc.kill()
+    # What a bare ray.init() would join next: forget it when it names this head.
+    current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    with contextlib.suppress(OSError):
+        if current.read_text().strip().endswith(f":{port}"):
+            current.unlink()
     return len(targets)
 
 
@@ -228,7 +234,7 @@ def run_command(
     if settings.ray.address:
         connect(settings, start_head=False)
     else:
-        ray.init(include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
     url = deploy(settings, config)
     console.print(f"serving on {url}; bundle {wait_ready(url)['bundle_version']}")
     try:
