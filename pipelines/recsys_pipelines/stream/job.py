@@ -156,6 +156,7 @@ def build_job(t_env: TableEnvironment, options: JobOptions) -> StatementSet:
     for plan in (user_plan, item_plan):
         name = f"write_{plan.group.name}"
         t_env.create_temporary_function(name, redis_sink_udf(sink, plan))
+        t_env.create_temporary_view(sql.slices_view(plan), t_env.sql_query(sql.slice_query(plan)))
         t_env.create_temporary_view(f"{plan.group.name}_windows",
                                     t_env.sql_query(sql.sink_rows_query(plan)))
         args = ", ".join(sink_columns(plan))

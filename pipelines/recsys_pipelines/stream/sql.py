@@ -9,8 +9,9 @@ Window semantics: a feature at time ``t`` covers ``t - w < event_time <= t`` (se
 :mod:`recsys_platform.features`). Flink windows are ``[start, end)``, so the job's rowtime is
 ``event_time - 1 ms``: then ``start <= rowtime < end`` is exactly ``start < event_time <= end``
 and a window's ``window_end`` is the feature timestamp. A group is one ``HOP`` window of its
-longest aggregate, sliding by ``group.slide`` (or its shortest window); a shorter aggregate
-filters on ``rowtime >= window_end - w`` inside it.
+longest aggregate, sliding by ``group.slide`` (or its shortest window), computed in two
+levels: a ``TUMBLE`` of one slide per event (Flink slices it: one window per event), then the
+``HOP`` over those per-slide rows; a shorter aggregate sums only its last slides.
 
 Arrival rules (the watermark is ``max(rowtime) - out_of_orderness``):
 
@@ -299,12 +300,8 @@ def split_views_sql(allowed_lateness: timedelta = timedelta(0)) -> tuple[str, st
     return on_time, applied, late
 
 
-def _aggregate_expr(agg: Aggregate, plan: WindowPlan) -> str:
-    cond = f"event_type IN ({_in(agg.event_types)})"
-    if agg.window != plan.size:
-        cond += f" AND rowtime >= window_end - {_interval(agg.window)}"
-    value = "1" if agg.kind == "count" else f"COALESCE({agg.column}, 0)"
-    return f"CAST(SUM(CASE WHEN {cond} THEN {value} ELSE 0 END) AS BIGINT) AS {agg.name}"
+def _slice_column(agg: Aggregate) -> str:
+    return f"{agg.name}_slice"
 
 
 def _member_expr() -> str:
@@ -312,24 +309,67 @@ def _member_expr() -> str:
             f"'{RECENT_FIELD_SEP}', item_id)")
 
 
-def group_query(plan: WindowPlan) -> str:
-    """One row per (entity, window_end) with the group's aggregates (ratios are computed in
-    the sink with :func:`recsys_platform.features.ratio`)."""
-    last_slide = f"rowtime >= window_end - {_interval(plan.slide)}"
-    columns = [_aggregate_expr(a, plan) for a in plan.group.aggregates]
-    columns.append(
-        f"CAST(SUM(CASE WHEN {last_slide} THEN 1 ELSE 0 END) AS BIGINT) AS {EVENTS_COLUMN}"
-    )
+def slices_view(plan: WindowPlan) -> str:
+    """The view name :func:`group_query` reads :func:`slice_query` from."""
+    return f"{plan.group.name}_slices"
+
+
+def slice_query(plan: WindowPlan) -> str:
+    """First level: one row per (entity, slide) with each aggregate's partial value.
+
+    A ``TUMBLE`` of one slide whose aggregates do not read the window bounds: Flink
+    aggregates it per slice, one window per event (a ``HOP`` whose aggregates read
+    ``window_end`` would copy every event into size/slide windows first).
+    """
+    columns = []
+    for agg in plan.group.aggregates:
+        value = "1" if agg.kind == "count" else f"COALESCE({agg.column}, 0)"
+        columns.append(f"CAST(SUM(CASE WHEN event_type IN ({_in(agg.event_types)}) "
+                       f"THEN {value} ELSE 0 END) AS BIGINT) AS {_slice_column(agg)}")
+    columns.append(f"COUNT(*) AS {EVENTS_COLUMN}")
     if plan.recent_items:
         columns.append(
-            f"LISTAGG(CASE WHEN event_type IN ({_in(ENGAGEMENT_TYPES)}) AND {last_slide} "
+            f"LISTAGG(CASE WHEN event_type IN ({_in(ENGAGEMENT_TYPES)}) "
             f"THEN {_member_expr()} END, '{RECENT_SEP}') AS {RECENT_COLUMN}"
         )
+    body = ",\n  ".join(columns)
+    return (
+        f"SELECT {plan.key}, window_time AS slice_time,\n  {body}\n"
+        f"FROM TABLE(TUMBLE(TABLE {VALID_VIEW}, DESCRIPTOR(rowtime), "
+        f"{_interval(plan.slide)}))\n"
+        f"GROUP BY {plan.key}, window_start, window_end, window_time"
+    )
+
+
+def group_query(plan: WindowPlan) -> str:
+    """One row per (entity, window_end) with the group's aggregates (ratios are computed in
+    the sink with :func:`recsys_platform.features.ratio`).
+
+    Cascaded: a ``HOP`` over the per-slide rows of :func:`slice_query` (registered as
+    :func:`slices_view`). A slide ending at
+    ``S`` has ``slice_time = S - 1 ms``; it is in the window ending at ``E`` for
+    ``E - size < S <= E``, and in an aggregate of window ``w`` for ``S > E - w``, i.e.
+    ``slice_time >= E - w``.
+    """
+    def last(span: timedelta) -> str:
+        return f"slice_time >= window_end - {_interval(span)}"
+
+    columns = []
+    for agg in plan.group.aggregates:
+        part = _slice_column(agg)
+        value = part if agg.window == plan.size else (
+            f"CASE WHEN {last(agg.window)} THEN {part} ELSE 0 END")
+        columns.append(f"CAST(SUM({value}) AS BIGINT) AS {agg.name}")
+    columns.append(f"CAST(SUM(CASE WHEN {last(plan.slide)} THEN {EVENTS_COLUMN} ELSE 0 END) "
+                   f"AS BIGINT) AS {EVENTS_COLUMN}")
+    if plan.recent_items:
+        columns.append(f"LISTAGG(CASE WHEN {last(plan.slide)} THEN {RECENT_COLUMN} END, "
+                       f"'{RECENT_SEP}') AS {RECENT_COLUMN}")
     columns.append(f"CAST(NULL AS STRING) AS {LATE_EVENT_COLUMN}")
     body = ",\n  ".join(columns)
     return (
         f"SELECT {plan.key}, window_end,\n  {body}\n"
-        f"FROM TABLE(HOP(TABLE {VALID_VIEW}, DESCRIPTOR(rowtime), "
+        f"FROM TABLE(HOP(TABLE {slices_view(plan)}, DESCRIPTOR(slice_time), "
         f"{_interval(plan.slide)}, {_interval(plan.size)}))\n"
         f"GROUP BY {plan.key}, window_start, window_end"
     )
