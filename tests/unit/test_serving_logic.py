@@ -16,7 +16,7 @@ import pytest
 from recsys_platform.serving.bundle_manager import BundleManager
 from recsys_platform.serving.candidates import Candidate, diversify, merge_sources
 from recsys_platform.serving.metrics import ServingMetrics
-from recsys_platform.serving.online_features import ItemSnapshot
+from recsys_platform.serving.online_features import ItemCache, ItemSnapshot
 from recsys_platform.serving.recommender import Recommender, ServingOptions
 from recsys_platform.serving.schemas import RecommendRequest
 
@@ -257,3 +257,16 @@ def test_pseudonymized_user_id_is_looked_up_and_logged(tmp_path: Any) -> None:
                         ServingMetrics(), ServingOptions(candidates=20))
     plain.recommend(RecommendRequest(user_id="alice", k=3))
     assert asked[-1] == "alice"  # off by default
+
+
+def test_item_cache_rebuilds_only_when_features_change() -> None:
+    values = {"item_clicks_7d": [3.0, 1.0]}
+    cache = ItemCache(None, lambda: ["a", "b"], reader=lambda ids: pd.DataFrame(
+        {"item_id": list(ids), **values}).set_index("item_id"))
+    built: list[ItemSnapshot] = []
+    cache.on_refresh.append(built.append)
+    assert cache.refresh() and cache.refresh()
+    assert len(built) == 1 and cache.snapshot() is built[0]
+    values["item_clicks_7d"] = [1.0, 3.0]
+    assert cache.refresh() and len(built) == 2
+    assert cache.snapshot().lists["popular"] == ["b", "a"]

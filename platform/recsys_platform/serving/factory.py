@@ -20,6 +20,7 @@ from recsys_platform.serving.online_features import (
     FeastFeatureSource,
     ItemCache,
     ItemSnapshot,
+    RedisItemFrame,
     RedisUserFeatures,
 )
 from recsys_platform.serving.recommender import Recommender, ServingOptions
@@ -152,8 +153,11 @@ def build_recommender(settings: Settings) -> tuple[Recommender, ItemCache]:
     manager = registry_manager(settings, metrics, prepare=prepare)
     manager.refresh()
     store = serving_store(settings)
-    cache = ItemCache(serving_store(settings, timeout_s=10.0),
-                      lambda: catalog_ids(settings, manager))
+    cache_store = serving_store(settings, timeout_s=10.0)
+    redis_store = store.config.online_store.type == "redis"
+    cache = ItemCache(cache_store, lambda: catalog_ids(settings, manager),
+                      reader=RedisItemFrame(cache_store, settings.redis.url, 10.0)
+                      if redis_store else None)
     caches.append(cache)
 
     def on_refresh(snapshot: ItemSnapshot) -> None:
@@ -175,7 +179,7 @@ def build_recommender(settings: Settings) -> tuple[Recommender, ItemCache]:
                              user_features_timeout_s=settings.redis.timeout_ms / 1000,
                              pseudonym_key=privacy.key if privacy.pseudonymize else None)
     reader = None
-    if store.config.online_store.type == "redis":
+    if redis_store:
         reader = RedisUserFeatures(store, settings.redis.url,
                                    max(settings.redis.timeout_ms / 1000, 0.05))
     recommender = Recommender(manager, FeastFeatureSource(store, cache, reader), impressions,

@@ -5,10 +5,11 @@
   for other online stores): batch + stream views and the engagement history, run under a
   timeout budget by the caller.
 - Item features: never on the request path. :class:`ItemCache` reads every catalog item's
-  features in the background every ``ttl_s`` into an :class:`ItemSnapshot`, which also holds
-  the diversity metadata and the cold-start lists (trending from the stream view, fresh from
-  publication time, popular from the batch view). When a refresh fails, the previous snapshot
-  keeps serving.
+  features in the background every ``ttl_s`` (pipelined ``HMGET`` s, :class:`RedisItemFrame`;
+  Feast's ``get_online_features`` for other online stores) into an :class:`ItemSnapshot`,
+  which also holds the diversity metadata and the cold-start lists (trending from the stream
+  view, fresh from publication time, popular from the batch view). When a refresh fails, the
+  previous snapshot keeps serving.
 """
 
 from __future__ import annotations
@@ -82,17 +83,19 @@ class FeastUserFeatures:
         return {k: v for k, v in row.items() if v is not None}
 
 
-class RedisUserFeatures:
-    """Reads one user's online features with ONE pipelined ``HMGET`` of Feast's Redis layout.
+class RedisHashReader:
+    """Reads entities' online features with pipelined ``HMGET`` s of Feast's Redis layout.
 
     Feast keeps every feature view of an entity in one hash (key: the serialized entity key +
     project; fields: murmur3 of ``view:feature``); the key and field encoding come from Feast's
-    own helpers so they cannot drift. ``get_online_features`` costs ~36 ms p50 for this (its
-    registry and response handling); this costs one round trip. Same values as Feast
-    (checked by the serving integration test).
+    own helpers and the values are decoded by Feast's own type map, so they cannot drift.
+    ``get_online_features`` costs ~36 ms p50 for 1 user + 500 items and ~2.8 s of CPU for the
+    whole catalog (its registry and response handling); this costs one round trip per pipeline.
+    Same values as Feast (checked by the serving integration tests).
     """
 
-    def __init__(self, store: Any, url: str, timeout_s: float) -> None:
+    def __init__(self, store: Any, url: str, timeout_s: float, join_key: str,
+                 views: Sequence[str]) -> None:
         import redis
         from feast.infra.online_stores.helpers import _mmh3
 
@@ -100,35 +103,86 @@ class RedisUserFeatures:
                                             socket_connect_timeout=timeout_s)
         self._project = store.config.project
         self._version = store.config.entity_key_serialization_version
-        refs = feature_refs(store, USER_VIEWS)
-        self._names = [ref.split(":", 1)[1] for ref in refs]
+        self._join_key = join_key
+        refs = feature_refs(store, views)
+        self.names = [ref.split(":", 1)[1] for ref in refs]
         self._fields = [_mmh3(ref) for ref in refs]
 
-    def key(self, user_id: str) -> bytes:
+    def key(self, entity_id: str) -> bytes:
         from feast.infra.online_stores.helpers import _redis_key
         from feast.protos.feast.types.EntityKey_pb2 import EntityKey
         from feast.protos.feast.types.Value_pb2 import Value
 
-        entity = EntityKey(join_keys=[USER_KEY], entity_values=[Value(string_val=user_id)])
+        entity = EntityKey(join_keys=[self._join_key],
+                           entity_values=[Value(string_val=entity_id)])
         return bytes(_redis_key(self._project, entity, entity_key_serialization_version=
                                 self._version))
 
-    def __call__(self, user_id: str) -> dict[str, Any] | None:
+    def read(self, entity_ids: Sequence[str], chunk: int = 1000) -> list[list[Any]]:
+        """One row of decoded values (``None`` where absent) per id, in :attr:`names` order."""
         from feast.protos.feast.types.Value_pb2 import Value
         from feast.type_map import feast_value_type_to_python_type
 
-        raw = cast(list[Any], self._client.hmget(self.key(user_id), self._fields))  # type: ignore[arg-type]
-        row: dict[str, Any] = {}
-        for name, blob in zip(self._names, raw, strict=True):
-            if blob:
-                value = Value()
-                value.ParseFromString(blob)
-                row[name] = feast_value_type_to_python_type(value)
-        if not any(v is not None and v != [] for v in row.values()):
+        rows: list[list[Any]] = []
+        for start in range(0, len(entity_ids), chunk):
+            with self._client.pipeline(transaction=False) as pipe:
+                for entity_id in entity_ids[start: start + chunk]:
+                    pipe.hmget(self.key(entity_id), self._fields)  # type: ignore[arg-type]
+                replies = cast(list[list[Any]], pipe.execute())
+            for raw in replies:
+                row: list[Any] = []
+                for blob in raw:
+                    value = None
+                    if blob:
+                        proto = Value()
+                        proto.ParseFromString(blob)
+                        value = feast_value_type_to_python_type(proto)
+                    row.append(value)
+                rows.append(row)
+        return rows
+
+
+class RedisUserFeatures:
+    """Reads one user's online features with ONE pipelined ``HMGET`` (:class:`RedisHashReader`)."""
+
+    def __init__(self, store: Any, url: str, timeout_s: float) -> None:
+        self._reader = RedisHashReader(store, url, timeout_s, USER_KEY, USER_VIEWS)
+
+    def __call__(self, user_id: str) -> dict[str, Any] | None:
+        values = self._reader.read([user_id])[0]
+        row = {n: v for n, v in zip(self._reader.names, values, strict=True) if v is not None}
+        if not any(v != [] for v in row.values()):
             return None
         row[USER_HISTORY] = merge_history(row.pop(USER_RECENT_ITEMS, None),
                                           row.get(USER_HISTORY))
         return {k: v for k, v in row.items() if v is not None}
+
+
+def feast_item_frame(store: Any, ids: Sequence[str], chunk: int = 2000) -> pd.DataFrame:
+    """Item feature rows of ``ids`` through Feast's ``get_online_features`` (any online store)."""
+    refs = feature_refs(store, ITEM_VIEWS)
+    parts = []
+    for start in range(0, len(ids), chunk):
+        rows = [{ITEM_KEY: i} for i in ids[start: start + chunk]]
+        parts.append(pd.DataFrame(store.get_online_features(
+            features=refs, entity_rows=rows).to_dict()))
+    return (pd.concat(parts, ignore_index=True) if parts
+            else pd.DataFrame(columns=[ITEM_KEY])).set_index(ITEM_KEY)
+
+
+class RedisItemFrame:
+    """Item feature rows of ``ids`` from Feast's Redis layout: the same frame as
+    :func:`feast_item_frame` for ~10x less CPU (the refresh no longer stalls requests)."""
+
+    def __init__(self, store: Any, url: str, timeout_s: float) -> None:
+        self._reader = RedisHashReader(store, url, timeout_s, ITEM_KEY, ITEM_VIEWS)
+
+    def __call__(self, ids: Sequence[str]) -> pd.DataFrame:
+        rows = self._reader.read(ids)
+        columns: dict[str, list[Any]] = {ITEM_KEY: list(ids)}
+        for j, name in enumerate(self._reader.names):
+            columns[name] = [row[j] for row in rows]
+        return pd.DataFrame(columns).set_index(ITEM_KEY)
 
 
 @dataclass(frozen=True)
@@ -165,16 +219,15 @@ class ItemCache:
 
     Each refresh builds a new :class:`ItemSnapshot`, runs the ``on_refresh`` callbacks with it
     (index new items, pre-encode the ranker's item inputs) and only then publishes it, so
-    requests never pay for a refresh.
+    requests never pay for a refresh; when no item's features changed, the current snapshot
+    stays (no rebuild, no re-encoding).
     """
 
     def __init__(self, store: Any, item_ids: Callable[[], Sequence[str]], ttl_s: float = 30.0,
-                 chunk: int = 2000) -> None:
-        self._store = store
+                 reader: Callable[[Sequence[str]], pd.DataFrame] | None = None) -> None:
+        self._read = reader or (lambda ids: feast_item_frame(store, ids))
         self._item_ids = item_ids
         self._ttl_s = ttl_s
-        self._chunk = chunk
-        self._refs = feature_refs(store, ITEM_VIEWS)
         self._snapshot = ItemSnapshot.empty()
         self._loaded_at: float | None = None
         self._stop = threading.Event()
@@ -184,17 +237,13 @@ class ItemCache:
     def refresh(self) -> bool:
         """Reads every item's features; keeps the old snapshot on failure."""
         try:
-            ids = list(dict.fromkeys(self._item_ids()))
-            parts = []
-            for start in range(0, len(ids), self._chunk):
-                rows = [{ITEM_KEY: i} for i in ids[start: start + self._chunk]]
-                parts.append(pd.DataFrame(self._store.get_online_features(
-                    features=self._refs, entity_rows=rows).to_dict()))
-            frame = (pd.concat(parts, ignore_index=True) if parts
-                     else pd.DataFrame(columns=[ITEM_KEY])).set_index(ITEM_KEY)
+            frame = self._read(list(dict.fromkeys(self._item_ids())))
         except Exception as exc:
             logger.warning("item feature refresh failed, keeping the old snapshot: %s", exc)
             return False
+        if self._loaded_at is not None and frame.equals(self._snapshot.frame):
+            self._loaded_at = time.monotonic()  # nothing changed: no rebuild, no re-encoding
+            return True
         snapshot = ItemSnapshot.from_frame(frame)
         for callback in self.on_refresh:
             try:
