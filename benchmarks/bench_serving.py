@@ -115,10 +115,30 @@ def in_process(settings: Settings, users: list[str], calls: int = 400) -> tuple[
           f"p99 {f99:.2f} ms")
     print("in-process stage means: " + ", ".join(
         f"{stage} {ms:.2f} ms" for stage, ms in stage_means(recommender).items()))
+    item_refresh(settings, recommender.manager)
     recommender.manager.stop()
     cache.stop()
     gc.unfreeze()
     return f50, f99
+
+
+def item_refresh(settings: Settings, manager: Any) -> None:
+    """CPU of one whole-catalog item-cache read: Feast's path vs pipelined HMGETs."""
+    from recsys_platform.serving.factory import catalog_ids, serving_store
+    from recsys_platform.serving.online_features import RedisItemFrame, feast_item_frame
+
+    store = serving_store(settings, timeout_s=10.0)
+    ids = list(dict.fromkeys(catalog_ids(settings, manager)))
+    direct = RedisItemFrame(store, settings.redis.url, 10.0)
+    timings = {}
+    for name, read in (("feast get_online_features", lambda: feast_item_frame(store, ids)),
+                       ("pipelined HMGET", lambda: direct(ids))):
+        read()  # warm
+        c0, t0 = time.process_time(), time.perf_counter()
+        read()
+        timings[name] = (time.process_time() - c0, time.perf_counter() - t0)
+    print(f"item-cache refresh ({len(ids)} items): " + ", ".join(
+        f"{name} {cpu:.2f} s CPU / {wall:.2f} s wall" for name, (cpu, wall) in timings.items()))
 
 
 def stage_means(recommender: Any) -> dict[str, float]:
@@ -211,9 +231,23 @@ async def open_loop(session: aiohttp.ClientSession, url: str, users: list[str], 
     return latencies, errors, len(latencies) / (time.perf_counter() - start)
 
 
+def replica_port() -> int | None:
+    """The replica's own HTTP port under direct ingress (Ray allocates it from 30000 up)."""
+    import urllib.request
+
+    for port in range(30000, 30010):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+                if r.status == 200:
+                    return port
+        except OSError:
+            continue
+    return None
+
+
 async def over_http(users: list[str], f50: float, f99: float, rates: list[float],
-                    seconds: float) -> None:
-    url = f"http://127.0.0.1:{PORT}/recommend"
+                    seconds: float, port: int = PORT) -> None:
+    url = f"http://127.0.0.1:{port}/recommend"
     connector = aiohttp.TCPConnector(limit=128)
     async with aiohttp.ClientSession(connector=connector,
                                      timeout=aiohttp.ClientTimeout(total=30)) as session:
@@ -248,9 +282,14 @@ def main() -> None:
     parser.add_argument("--throughput-optimized", action="store_true",
                         help="start Ray with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (Ray Serve's own "
                         "same-loop / gRPC / log-buffer settings)")
+    parser.add_argument("--direct-ingress", action="store_true",
+                        help="RAY_SERVE_ENABLE_DIRECT_INGRESS=1 and send requests to the "
+                        "replica's own HTTP port, skipping the proxy")
     args = parser.parse_args()
     if args.throughput_optimized:
         os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"  # inherited by every Ray process
+    if args.direct_ingress:
+        os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import ray
     from ray import serve
@@ -271,19 +310,22 @@ def main() -> None:
         serve.run(app, name="bench", route_prefix="/", blocking=False)
         import urllib.request
 
+        port = PORT
         for _ in range(180):
+            port = (replica_port() if args.direct_ingress else None) or PORT
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{PORT}/readyz", timeout=5) as r:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as r:
                     if r.status == 200:
                         break
             except OSError:
                 pass
             time.sleep(1)
         print(f"one replica (0.5 CPU reserved), batch_ranker={args.batch_ranker}, "
-              f"throughput_optimized={args.throughput_optimized}, "
+              f"throughput_optimized={args.throughput_optimized}, port {port}"
+              f"{' (replica, direct ingress)' if port != PORT else ' (proxy)'}, "
               f"pid {os.getpid()}, load average {os.getloadavg()[0]:.1f}")
         rates = [float(r) for r in args.rates.split(",") if r]
-        asyncio.run(over_http(users, f50, f99, rates, args.seconds))
+        asyncio.run(over_http(users, f50, f99, rates, args.seconds, port))
         print(f"load average after: {os.getloadavg()[0]:.1f}")
         serve.shutdown()
         ray.shutdown()
