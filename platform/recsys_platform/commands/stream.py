@@ -138,7 +138,7 @@ def demo_step(settings: Settings, console: Console) -> str | None:
                 row = online_features(store, entity, [key], (view,)).iloc[0]
                 console.print(f"  {entity} {key}: " + ", ".join(
                     f"{k}={_short(v)}" for k, v in row.items()
-                    if k not in ("user_id", "item_id")))
+                    if k not in ("user_id", "item_id")), markup=False)  # "[i1, ...]" is no tag
     finally:
         client.close()
         job = result.get_job_client()
