@@ -24,8 +24,11 @@ TIMEOUT_S = int(os.environ.get("BENCH_TIMEOUT_S", "900"))
 def run(script: Path) -> tuple[str, float, list[str]]:
     start = time.perf_counter()
     try:
+        # The repository root on the path: scripts share fixtures with the tests (tests.model).
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
         out = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True,
-                             text=True, timeout=TIMEOUT_S)
+                             text=True, timeout=TIMEOUT_S, env=env)
         lines = [ln for ln in out.stdout.splitlines() if ln.strip()]
         status = "ok" if out.returncode == 0 else f"failed (exit {out.returncode})"
         if out.returncode != 0:
@@ -35,22 +38,43 @@ def run(script: Path) -> tuple[str, float, list[str]]:
     return status, time.perf_counter() - start, lines
 
 
-def main() -> int:
+def previous_rows() -> dict[str, str]:
+    """The table rows of the last run, by script name (kept by ``--only``)."""
+    text = DOC.read_text()
+    if BEGIN not in text or END not in text:
+        return {}
+    section = text[text.index(BEGIN):text.index(END)]
+    return {line.split("`")[1]: line for line in section.splitlines()
+            if line.startswith("| `bench_")}
+
+
+def main(argv: list[str]) -> int:
+    """Runs every benchmark, or with ``--only NAME...`` those and keeps the other rows."""
+    only = set(argv[argv.index("--only") + 1:]) if "--only" in argv else set()
     scripts = sorted(p for p in (ROOT / "benchmarks").glob("bench_*.py"))
+    kept = previous_rows() if only else {}
     rows = []
     failed = 0
     for script in scripts:
+        if only and script.name not in only and script.stem not in only:
+            if script.name in kept:
+                rows.append(kept[script.name])
+            continue
         print(f"== {script.name}", flush=True)
         status, seconds, lines = run(script)
         failed += status != "ok"
         for line in lines:
             print("   " + line)
         cell = "<br>".join(line.replace("|", "\\|") for line in lines) or "-"
-        rows.append(f"| `{script.name}` | {status} | {seconds:.0f} s | {cell} |")
+        when = f"{datetime.now(UTC):%H:%M} UTC" if only else ""
+        rows.append(f"| `{script.name}` | {status} | {seconds:.0f} s {when}".rstrip()
+                    + f" | {cell} |")
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     table = "\n".join([
         BEGIN,
-        f"Last `make bench`: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine}.",
+        f"Last `make bench`: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine}"
+        + (f" (re-ran {', '.join(sorted(only))}; other rows from the previous run)."
+           if only else "."),
         "",
         "| script | status | wall | output (ratios are against the floor of the same run) |",
         "|---|---|---|---|",
@@ -68,4 +92,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(sys.argv[1:]))
