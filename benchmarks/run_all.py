@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -19,6 +20,15 @@ ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 TIMEOUT_S = int(os.environ.get("BENCH_TIMEOUT_S", "900"))
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# Library progress printed to stdout (Feast's materialize): not a measurement.
+NOISE = re.compile(r"^(Materializing \d+ feature views .*|[\w-]+:)$")
+
+
+def measurements(lines: list[str]) -> list[str]:
+    """The script's own lines: colour codes and library progress removed."""
+    clean = (ANSI.sub("", line).strip() for line in lines)
+    return [line for line in clean if line and not NOISE.match(line)]
 
 
 def run(script: Path) -> tuple[str, float, list[str]]:
@@ -29,7 +39,7 @@ def run(script: Path) -> tuple[str, float, list[str]]:
             p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
         out = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True,
                              text=True, timeout=TIMEOUT_S, env=env)
-        lines = [ln for ln in out.stdout.splitlines() if ln.strip()]
+        lines = measurements(out.stdout.splitlines())
         status = "ok" if out.returncode == 0 else f"failed (exit {out.returncode})"
         if out.returncode != 0:
             lines += out.stderr.strip().splitlines()[-3:]
@@ -44,8 +54,12 @@ def previous_rows() -> dict[str, str]:
     if BEGIN not in text or END not in text:
         return {}
     section = text[text.index(BEGIN):text.index(END)]
-    return {line.split("`")[1]: line for line in section.splitlines()
-            if line.startswith("| `bench_")}
+    rows = {}
+    for line in section.splitlines():
+        if line.startswith("| `bench_"):
+            head, _, cell = line[:-2].rpartition(" | ")
+            rows[line.split("`")[1]] = f"{head} | {'<br>'.join(measurements(cell.split('<br>')))} |"
+    return rows
 
 
 def main(argv: list[str]) -> int:
