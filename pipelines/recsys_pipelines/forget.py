@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -112,26 +112,30 @@ def forget_in_parquet(path: Path, match: _Matcher) -> int:
     return table.num_rows - int(pc.sum(keep.cast(pa.int64())).as_py() or 0)
 
 
-def forget_in_jsonl(path: Path, match: _Matcher) -> int:
-    """Rewrites one newline-JSON file without the user's lines; returns the lines removed."""
-    kept: list[str] = []
-    removed = 0
+def _rewrite_lines(path: Path, hit: Callable[[str], bool]) -> int:
+    """Rewrites a text file atomically without the lines ``hit`` selects; returns how many."""
     with path.open() as fh:
-        for line in fh:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                kept.append(line)
-                continue
-            if isinstance(record, dict) and match(record.get("user_id")):
-                removed += 1
-            else:
-                kept.append(line)
+        lines = fh.readlines()
+    kept = [line for line in lines if not hit(line)]
+    removed = len(lines) - len(kept)
     if removed:
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text("".join(kept))
         os.replace(tmp, path)
     return removed
+
+
+def forget_in_jsonl(path: Path, match: _Matcher) -> int:
+    """Rewrites one newline-JSON file without the user's lines; returns the lines removed."""
+
+    def hit(line: str) -> bool:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            return False
+        return isinstance(record, dict) and bool(match(record.get("user_id")))
+
+    return _rewrite_lines(path, hit)
 
 
 def forget_in_side_output(path: Path, match: _Matcher) -> int:
@@ -141,29 +145,19 @@ def forget_in_side_output(path: Path, match: _Matcher) -> int:
     A raw line that is not a JSON object is dropped when it names the user's pseudonym or the
     given id as a JSON string (``"<id>"``).
     """
-    kept: list[str] = []
-    removed = 0
-    with path.open() as fh:
-        for text in fh:
-            try:
-                raw = json.loads(text).get("line") or ""
-            except (json.JSONDecodeError, AttributeError):
-                kept.append(text)
-                continue
-            try:
-                event = json.loads(raw)
-                hit = isinstance(event, dict) and match(event.get("user_id"))
-            except json.JSONDecodeError:
-                hit = any(f'"{name}"' in raw for name in match.seen)
-            if hit:
-                removed += 1
-            else:
-                kept.append(text)
-    if removed:
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, path)
-    return removed
+
+    def hit(text: str) -> bool:
+        try:
+            raw = json.loads(text).get("line") or ""
+        except (json.JSONDecodeError, AttributeError):
+            return False
+        try:
+            event = json.loads(raw)
+        except json.JSONDecodeError:
+            return any(f'"{name}"' in raw for name in match.seen)
+        return isinstance(event, dict) and bool(match(event.get("user_id")))
+
+    return _rewrite_lines(path, hit)
 
 
 def side_output_files(settings: Settings) -> Iterator[Path]:
