@@ -3,6 +3,12 @@
 ``up`` starts a local Ray head (``ray start --head`` on ``ray.head_port``) unless
 ``ray.address`` names a cluster, deploys the app and returns; the service keeps running in the
 Ray cluster until ``down``. ``run`` does the same in the foreground until Ctrl-C.
+
+Direct ingress is on by default (:mod:`recsys_platform.serving.ingress`): the local head starts
+with ``RAY_SERVE_ENABLE_DIRECT_INGRESS=1`` and every replica serves HTTP on its own port
+(printed by ``up``), next to the proxy on ``serving.port``. ``--no-direct-ingress`` or
+``RAY_SERVE_ENABLE_DIRECT_INGRESS=0`` in the environment turns it off (proxy only). A running
+head keeps the mode it started with; a cluster named by ``ray.address`` has its own.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -25,6 +32,11 @@ from rich.console import Console
 from rich.table import Table
 
 from recsys_platform.commands.context import current_settings
+from recsys_platform.serving.ingress import (
+    direct_ingress_env,
+    direct_ingress_requested,
+    replica_urls,
+)
 from recsys_platform.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -32,6 +44,12 @@ logger = logging.getLogger(__name__)
 app = typer.Typer(help="Real-time serving on Ray Serve.", no_args_is_help=True)
 console = Console()
 APP_NAME = "recsys"
+LOCAL_DRAINING_S = 2.0  # a local head has no load balancer to wait for (Ray's default: 30 s)
+
+DirectIngress = Annotated[bool | None, typer.Option(
+    "--direct-ingress/--no-direct-ingress",
+    help="Replicas serve HTTP on their own ports, skipping the proxy (default: on, unless "
+         "RAY_SERVE_ENABLE_DIRECT_INGRESS=0). Applies when this command starts the Ray head.")]
 
 
 def _ray_bin() -> str:
@@ -42,8 +60,11 @@ def cluster_address(settings: Settings) -> str:
     return settings.ray.address or f"127.0.0.1:{settings.ray.head_port}"
 
 
-def connect(settings: Settings, start_head: bool) -> None:
-    """Connects to the configured cluster, starting a local head first when asked to."""
+def connect(settings: Settings, start_head: bool, direct_ingress: bool = True) -> None:
+    """Connects to the configured cluster, starting a local head first when asked to.
+
+    A head started here gets ``RAY_SERVE_ENABLE_DIRECT_INGRESS`` per ``direct_ingress``.
+    """
     import ray
 
     if ray.is_initialized():
@@ -54,9 +75,11 @@ def connect(settings: Settings, start_head: bool) -> None:
                                capture_output=True, text=True)
         if probe.returncode != 0:
             cpus = ["--num-cpus", str(settings.ray.num_cpus)] if settings.ray.num_cpus else []
+            env = {**os.environ, **direct_ingress_env(direct_ingress, LOCAL_DRAINING_S)}
             subprocess.run([_ray_bin(), "start", "--head", "--port",
                             str(settings.ray.head_port), "--include-dashboard=false",
-                            "--disable-usage-stats", *cpus], check=True, capture_output=True)
+                            "--disable-usage-stats", *cpus], check=True, capture_output=True,
+                           env=env)
     ray.init(address=address, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"RECSYS_PROFILE": settings.profile,
                                        "RECSYS_DATA_DIR": str(settings.data_dir.resolve())}})
@@ -79,6 +102,23 @@ def deploy(settings: Settings, config_file: Path | None = None) -> str:
                               config_file=str(config_file.resolve()) if config_file else None),
               name=APP_NAME, route_prefix="/", blocking=False)
     return f"http://{s.host}:{s.port}"
+
+
+def direct_urls(settings: Settings, direct_ingress: bool) -> list[str]:
+    """The replicas' own base URLs when the cluster runs direct ingress ([] when asked not to).
+
+    Warns when direct ingress was asked for but the cluster serves through the proxy only
+    (a head started earlier without it).
+    """
+    if not direct_ingress:
+        return []
+    host = settings.serving.host if settings.ray.address is None else None
+    try:
+        return replica_urls(APP_NAME, host=host, timeout_s=60)
+    except TimeoutError as exc:
+        console.print(f"[yellow]direct ingress not available, serving through the proxy only:"
+                      f" {exc}[/yellow]")
+        return []
 
 
 def http(method: str, url: str, body: Any = None, timeout: float = 10) -> tuple[int, Any]:
@@ -127,14 +167,18 @@ def print_recommendations(body: dict[str, Any], title: str) -> None:
 @app.command("up")
 def up_command(
     config: Annotated[Path | None, typer.Option(help="Settings YAML for the replicas.")] = None,
+    direct_ingress: DirectIngress = None,
 ) -> None:
     """Starts the service in the background (local Ray head if needed) and waits until ready."""
     settings = current_settings()
-    connect(settings, start_head=True)
+    direct = direct_ingress if direct_ingress is not None else direct_ingress_requested()
+    connect(settings, start_head=True, direct_ingress=direct)
     url = deploy(settings, config)
     ready = wait_ready(url)
     console.print(f"serving on {url}: bundle {ready['bundle_version']} "
                   "(POST /recommend, GET /readyz, GET /metrics); stop with `recsys serve down`")
+    for replica in direct_urls(settings, direct):
+        console.print(f"replica serving directly (no proxy hop) on {replica}")
 
 
 @app.command("down")
@@ -226,17 +270,22 @@ def recommend_command(
 @app.command("run")
 def run_command(
     config: Annotated[Path | None, typer.Option(help="Settings YAML for the replicas.")] = None,
+    direct_ingress: DirectIngress = None,
 ) -> None:
     """Serves in the foreground until interrupted (Ctrl-C), then shuts down."""
     import ray
 
     settings = current_settings()
+    direct = direct_ingress if direct_ingress is not None else direct_ingress_requested()
     if settings.ray.address:
         connect(settings, start_head=False)
     else:
+        os.environ.update(direct_ingress_env(direct, LOCAL_DRAINING_S))  # inherited by Ray
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
     url = deploy(settings, config)
     console.print(f"serving on {url}; bundle {wait_ready(url)['bundle_version']}")
+    for replica in direct_urls(settings, direct):
+        console.print(f"replica serving directly (no proxy hop) on {replica}")
     try:
         while True:
             time.sleep(3600)

@@ -106,7 +106,7 @@ class RedisHashReader:
         self._join_key = join_key
         refs = feature_refs(store, views)
         self.names = [ref.split(":", 1)[1] for ref in refs]
-        self._fields = [_mmh3(ref) for ref in refs]
+        self.fields = [_mmh3(ref) for ref in refs]  # hash field of each name
 
     def key(self, entity_id: str) -> bytes:
         from feast.infra.online_stores.helpers import _redis_key
@@ -118,28 +118,35 @@ class RedisHashReader:
         return bytes(_redis_key(self._project, entity, entity_key_serialization_version=
                                 self._version))
 
-    def read(self, entity_ids: Sequence[str], chunk: int = 1000) -> list[list[Any]]:
-        """One row of decoded values (``None`` where absent) per id, in :attr:`names` order."""
+    def fetch(self, keys: Sequence[bytes], chunk: int = 1000) -> list[list[bytes | None]]:
+        """Raw ``HMGET`` replies (serialized values, ``None`` where absent), one list per key."""
+        replies: list[list[bytes | None]] = []
+        for start in range(0, len(keys), chunk):
+            with self._client.pipeline(transaction=False) as pipe:
+                for key in keys[start: start + chunk]:
+                    pipe.hmget(key, self.fields)  # type: ignore[arg-type]
+                replies.extend(cast(list[list[bytes | None]], pipe.execute()))
+        return replies
+
+    @staticmethod
+    def decode(raw: Sequence[bytes | None]) -> list[Any]:
+        """Python values of one entity's raw reply (``None`` where absent)."""
         from feast.protos.feast.types.Value_pb2 import Value
         from feast.type_map import feast_value_type_to_python_type
 
-        rows: list[list[Any]] = []
-        for start in range(0, len(entity_ids), chunk):
-            with self._client.pipeline(transaction=False) as pipe:
-                for entity_id in entity_ids[start: start + chunk]:
-                    pipe.hmget(self.key(entity_id), self._fields)  # type: ignore[arg-type]
-                replies = cast(list[list[Any]], pipe.execute())
-            for raw in replies:
-                row: list[Any] = []
-                for blob in raw:
-                    value = None
-                    if blob:
-                        proto = Value()
-                        proto.ParseFromString(blob)
-                        value = feast_value_type_to_python_type(proto)
-                    row.append(value)
-                rows.append(row)
-        return rows
+        row: list[Any] = []
+        for blob in raw:
+            value = None
+            if blob:
+                proto = Value()
+                proto.ParseFromString(blob)
+                value = feast_value_type_to_python_type(proto)
+            row.append(value)
+        return row
+
+    def read(self, entity_ids: Sequence[str], chunk: int = 1000) -> list[list[Any]]:
+        """One row of decoded values (``None`` where absent) per id, in :attr:`names` order."""
+        return [self.decode(raw) for raw in self.fetch([self.key(i) for i in entity_ids], chunk)]
 
 
 class RedisUserFeatures:
@@ -172,17 +179,58 @@ def feast_item_frame(store: Any, ids: Sequence[str], chunk: int = 2000) -> pd.Da
 
 class RedisItemFrame:
     """Item feature rows of ``ids`` from Feast's Redis layout: the same frame as
-    :func:`feast_item_frame` for ~10x less CPU (the refresh no longer stalls requests)."""
+    :func:`feast_item_frame` for a fraction of the CPU, so a refresh never stalls requests.
 
-    def __init__(self, store: Any, url: str, timeout_s: float) -> None:
+    A refresh of the whole catalog every 30 s used to cost ~0.35-0.45 s of CPU in one burst
+    (key encoding, then ~160k protobuf decodes for 6,700 items) and held the replica's GIL
+    long enough to push the open-loop p99 past 300 ms. Now the keys are encoded once per item,
+    the read runs in pipelines of ``chunk`` items with a ``pause_s`` sleep between them (the
+    reader thread never holds the GIL and a core for long), and only replies whose raw bytes
+    changed since the previous read are decoded; when nothing changed, the previous frame
+    object comes back as it was (the cache then keeps its snapshot).
+    """
+
+    def __init__(self, store: Any, url: str, timeout_s: float, chunk: int = 250,
+                 pause_s: float = 0.002) -> None:
         self._reader = RedisHashReader(store, url, timeout_s, ITEM_KEY, ITEM_VIEWS)
+        self._chunk = chunk
+        self._pause_s = pause_s
+        self._keys: dict[str, bytes] = {}
+        self._rows: dict[str, tuple[list[bytes | None], list[Any]]] = {}  # id -> (raw, values)
+        self._ids: list[str] = []
+        self._frame: pd.DataFrame | None = None
+
+    def _key(self, item_id: str) -> bytes:
+        key = self._keys.get(item_id)
+        if key is None:
+            key = self._keys[item_id] = self._reader.key(item_id)
+        return key
 
     def __call__(self, ids: Sequence[str]) -> pd.DataFrame:
-        rows = self._reader.read(ids)
-        columns: dict[str, list[Any]] = {ITEM_KEY: list(ids)}
+        ids = list(ids)
+        changed = self._frame is None or ids != self._ids
+        rows: dict[str, tuple[list[bytes | None], list[Any]]] = {}
+        for start in range(0, len(ids), self._chunk):
+            if start and self._pause_s:
+                time.sleep(self._pause_s)
+            part = ids[start: start + self._chunk]
+            raw = self._reader.fetch([self._key(i) for i in part], self._chunk)
+            for item_id, reply in zip(part, raw, strict=True):
+                previous = self._rows.get(item_id)
+                if previous is not None and previous[0] == reply:
+                    rows[item_id] = previous
+                else:
+                    rows[item_id] = (reply, self._reader.decode(reply))
+                    changed = True
+        self._rows = rows
+        if not changed and self._frame is not None:
+            return self._frame
+        columns: dict[str, list[Any]] = {ITEM_KEY: ids}
         for j, name in enumerate(self._reader.names):
-            columns[name] = [row[j] for row in rows]
-        return pd.DataFrame(columns).set_index(ITEM_KEY)
+            columns[name] = [rows[i][1][j] for i in ids]
+        self._frame = pd.DataFrame(columns).set_index(ITEM_KEY)
+        self._ids = ids
+        return self._frame
 
 
 @dataclass(frozen=True)
@@ -241,7 +289,8 @@ class ItemCache:
         except Exception as exc:
             logger.warning("item feature refresh failed, keeping the old snapshot: %s", exc)
             return False
-        if self._loaded_at is not None and frame.equals(self._snapshot.frame):
+        unchanged = frame is self._snapshot.frame or frame.equals(self._snapshot.frame)
+        if self._loaded_at is not None and unchanged:
             self._loaded_at = time.monotonic()  # nothing changed: no rebuild, no re-encoding
             return True
         snapshot = ItemSnapshot.from_frame(frame)

@@ -2,7 +2,8 @@
 
 One session-scoped environment: the batch pipeline's lake and online store (Redis DB 1), one
 trained + promoted bundle in a SQLite MLflow registry, and the serving app on the session's
-Ray cluster on a free loopback port.
+Ray cluster. Requests go where ``recsys serve up`` sends clients by default: the replica's own
+HTTP port under direct ingress (see ``conftest.py``), the proxy on a free port otherwise.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import yaml
@@ -31,6 +32,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 @dataclass(frozen=True)
 class ServingEnv:
     url: str
+    proxy_port: int
     settings: Settings
     config_file: Path
     champion: str
@@ -61,6 +63,17 @@ def call(url: str, body: Any = None, raw: bytes | None = None,
         return status, headers, text
 
 
+def _app_url(app_name: str, proxy_port: int, direct: bool, route: str = "") -> str:
+    """The replica's own URL under direct ingress (asserted to skip the proxy), else the proxy's."""
+    if not direct:
+        return f"http://127.0.0.1:{proxy_port}{route}"
+    from recsys_platform.serving.ingress import replica_urls
+
+    urls = replica_urls(app_name, host="127.0.0.1", timeout_s=120)
+    assert len(urls) == 1 and f":{proxy_port}" not in urls[0], urls
+    return urls[0]
+
+
 def _wait(predicate: Any, timeout: float, what: str) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -88,6 +101,7 @@ def serving_env(batch_env: Any, features_state: Any, ray_cluster: Any,
         write_training_snapshot,
     )
     from recsys_platform.serving.app import RecommenderDeployment
+    from recsys_platform.serving.ingress import direct_ingress_requested
 
     assert features_state.is_completed()
     root = tmp_path_factory.mktemp("serving")
@@ -114,10 +128,10 @@ def serving_env(batch_env: Any, features_state: Any, ray_cluster: Any,
     serve.run(RecommenderDeployment.options(autoscaling_config=None, num_replicas=1)
               .bind(config_file=str(config_file), admission_limit=4),
               name="recsys-test", route_prefix="/", blocking=False)
-    url = f"http://127.0.0.1:{port}"
+    url = _app_url("recsys-test", port, direct_ingress_requested(default=False))
     _wait(lambda: call(f"{url}/readyz")[0] == 200, 120, "/readyz")
     known = str(events.loc[events["event_type"] == "click", "user_id"].iloc[0])
-    yield ServingEnv(url, settings, config_file, result.challenger, known, outcome)
+    yield ServingEnv(url, port, settings, config_file, result.challenger, known, outcome)
     serve.delete("recsys-test")
     serve.shutdown()
 
@@ -159,10 +173,50 @@ def test_direct_redis_item_frame_equals_feast(serving_env: ServingEnv) -> None:
     catalog = serving_env.settings.landing_dir / "catalog" / "items.parquet"
     known = pq.read_table(catalog, columns=["item_id"]).column(0).to_pylist()
     ids = [*sorted(map(str, known))[:300], "never-seen-item"]
-    direct = RedisItemFrame(store, serving_env.settings.redis.url, 5.0)(ids)
+    reader = RedisItemFrame(store, serving_env.settings.redis.url, 5.0, chunk=64)
+    direct = reader(ids)
     feast = feast_item_frame(store, ids)
     pd.testing.assert_frame_equal(direct, feast, check_like=True)  # column order: Feast's own
     assert direct.notna().any(axis=None)
+    assert reader(ids) is direct  # nothing changed in Redis: the same frame, nothing decoded
+
+
+def test_item_frame_sees_a_changed_item(serving_env: ServingEnv) -> None:
+    """Only changed replies are decoded, so a change in one item must still show up."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+    import redis
+
+    from recsys_platform.features import ITEM_KEY
+    from recsys_platform.serving.factory import serving_store
+    from recsys_platform.serving.online_features import (
+        ITEM_VIEWS,
+        RedisHashReader,
+        RedisItemFrame,
+        feast_item_frame,
+    )
+
+    store = serving_store(serving_env.settings, timeout_s=5.0)
+    url = serving_env.settings.redis.url
+    catalog = serving_env.settings.landing_dir / "catalog" / "items.parquet"
+    ids = sorted(map(str, pq.read_table(catalog, columns=["item_id"]).column(0).to_pylist()))[:50]
+    reader = RedisItemFrame(store, url, 5.0, chunk=16)
+    before = reader(ids)
+    hashes = RedisHashReader(store, url, 5.0, ITEM_KEY, ITEM_VIEWS)
+    column = next(c for c in before.columns if before[c].notna().any())
+    item = str(before[column].first_valid_index())
+    key, field = hashes.key(item), hashes.fields[hashes.names.index(column)]
+    client = redis.Redis.from_url(url)
+    saved = cast(bytes | None, client.hget(key, field))
+    assert saved is not None
+    try:
+        client.hdel(key, field)
+        after = reader(ids)
+        assert after is not before and pd.isna(after.loc[item, column])
+        pd.testing.assert_frame_equal(after, feast_item_frame(store, ids), check_like=True)
+    finally:
+        client.hset(key, field, saved)  # type: ignore[arg-type]  # bytes are fine
+    assert reader(ids).loc[item, column] == before.loc[item, column]
 
 
 def test_excluded_items_never_come_back(serving_env: ServingEnv) -> None:
@@ -200,12 +254,19 @@ def test_malformed_json_is_422(serving_env: ServingEnv) -> None:
 
 def test_overload_is_refused_fast_with_retry_after(serving_env: ServingEnv) -> None:
     body = {"user_id": serving_env.known_user, "k": 50}
+
+    def timed(_: int) -> tuple[int, dict[str, str], Any, float]:
+        start = time.perf_counter()
+        return (*call(f"{serving_env.url}/recommend", body), time.perf_counter() - start)
+
     with cf.ThreadPoolExecutor(max_workers=24) as pool:
-        results = list(pool.map(lambda _: call(f"{serving_env.url}/recommend", body), range(48)))
+        results = list(pool.map(timed, range(48)))
     codes = [r[0] for r in results]
-    assert set(codes) <= {200, 503}, codes
+    assert set(codes) <= {200, 503}, codes  # admitted requests complete, the rest are refused
     assert codes.count(200) > 0 and codes.count(503) > 0, codes
-    assert all(r[1].get("retry-after") == "1" for r in results if r[0] == 503)
+    refused = [r for r in results if r[0] == 503]
+    assert all(r[1].get("retry-after") == "1" for r in refused)
+    assert max(r[3] for r in refused) < 2.0  # refused at once, not after waiting in a queue
 
 
 def test_impressions_are_logged_to_the_landing_area(serving_env: ServingEnv) -> None:
@@ -350,8 +411,11 @@ def test_redis_outage_degrades_without_5xx_and_recovers(serving_env: ServingEnv)
                                             num_replicas=1)
               .bind(config_file=str(fault_config)),
               name="recsys-fault", route_prefix="/fault", blocking=False)
-    url = f"{serving_env.url}/fault"
+    from recsys_platform.serving.ingress import direct_ingress_requested
+
     try:
+        url = _app_url("recsys-fault", serving_env.proxy_port,
+                       direct_ingress_requested(default=False), "/fault")
         _wait(lambda: call(f"{url}/readyz")[0] == 200, 120, "the fault app")
         body = {"user_id": serving_env.known_user, "k": 5}
         assert call(f"{url}/recommend", body)[2]["degraded"] == []
