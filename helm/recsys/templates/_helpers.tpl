@@ -75,7 +75,8 @@ recsys.io/postgresql-client: "true"
 
 {{/*
 A Ray pod template (head or worker) on the platform image.
-Call with (dict "root" $ "account" "serve" "container" "ray-head" "resources" {...} "ports" list).
+Call with (dict "root" $ "account" "serve" "container" "ray-head" "resources" {...} "ports" list);
+optional "env" (a list of name/value) and "labels" (a map) are added to the container and pod.
 Ray writes its session under /tmp and unpacks runtime envs under $HOME, so the root file system
 stays writable; privileges and capabilities are dropped all the same.
 */}}
@@ -84,6 +85,9 @@ stays writable; privileges and capabilities are dropped all the same.
 metadata:
   labels:
     {{- include "recsys.clientLabels" . | nindent 4 }}
+    {{- with .labels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
 spec:
   serviceAccountName: {{ include "recsys.name" (dict "root" $root "component" .account) }}
   securityContext:
@@ -103,6 +107,9 @@ spec:
           value: "0"
         {{- with include "recsys.secretEnv" $root | trim }}
         {{- . | nindent 8 }}
+        {{- end }}
+        {{- with .env }}
+        {{- toYaml . | nindent 8 }}
         {{- end }}
       {{- with .ports }}
       ports:
