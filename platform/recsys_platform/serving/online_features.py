@@ -225,9 +225,12 @@ class RedisItemFrame:
         self._rows = rows
         if not changed and self._frame is not None:
             return self._frame
+        names = self._reader.names
+        table = [rows[i][1] for i in ids]
+        by_column = list(zip(*table, strict=True)) if table else [() for _ in names]  # in C
         columns: dict[str, list[Any]] = {ITEM_KEY: ids}
-        for j, name in enumerate(self._reader.names):
-            columns[name] = [rows[i][1][j] for i in ids]
+        columns.update((name, list(values)) for name, values in zip(names, by_column,
+                                                                     strict=True))
         self._frame = pd.DataFrame(columns).set_index(ITEM_KEY)
         self._ids = ids
         return self._frame
