@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -36,6 +35,7 @@ import pyarrow.parquet as pq
 
 from recsys_pipelines.errors import DateRangeError
 from recsys_pipelines.sources import LANDING_DATE, days
+from recsys_platform.atomic import atomic_path
 from recsys_platform.contracts import (
     EVENT_SCHEMA,
     ITEM_SCHEMA,
@@ -141,10 +141,8 @@ def event_dates(events: pd.DataFrame) -> pd.Series:
 
 def atomic_write_table(table: pa.Table, path: Path) -> None:
     """Writes Parquet to a hidden temp file next to ``path``, then renames it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def event_partition(lake_dir: Path, day: date) -> Path:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -39,6 +38,7 @@ import pyarrow.parquet as pq
 from recsys_pipelines.etl import atomic_write_table
 from recsys_pipelines.feature_store import offline_dir
 from recsys_platform import features as F
+from recsys_platform.atomic import atomic_write_lines
 from recsys_platform.online import resolve_online_store
 from recsys_platform.privacy import (
     AUDIT_LOG,
@@ -119,9 +119,7 @@ def _rewrite_lines(path: Path, hit: Callable[[str], bool]) -> int:
     kept = [line for line in lines if not hit(line)]
     removed = len(lines) - len(kept)
     if removed:
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, path)
+        atomic_write_lines(path, kept)
     return removed
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -29,6 +28,7 @@ import pandas as pd
 import pyarrow as pa
 
 from recsys_pipelines.etl import atomic_write_table
+from recsys_platform.atomic import atomic_write_lines
 from recsys_platform.contracts import (
     DEVICES,
     ITEM_SCHEMA,
@@ -352,13 +352,10 @@ def _add_dirt(
 
 def write_jsonl(events: pd.DataFrame, path: Path) -> None:
     """Writes events as newline-JSON atomically: a hidden temp file, then a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    records = events[RAW_EVENT_SCHEMA.names].astype(object).where(events.notna(), None)
-    with tmp.open("w") as fh:
-        for row in records.itertuples(index=False, name=None):
-            fh.write(json.dumps(dict(zip(RAW_EVENT_SCHEMA.names, row, strict=True))) + "\n")
-    os.replace(tmp, path)
+    names = RAW_EVENT_SCHEMA.names
+    records = events[names].astype(object).where(events.notna(), None)
+    atomic_write_lines(path, (json.dumps(dict(zip(names, row, strict=True))) + "\n"
+                              for row in records.itertuples(index=False, name=None)))
 
 
 def write_generated(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from pathlib import Path
@@ -21,6 +20,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from recsys_pipelines.errors import LandingPartitionError
+from recsys_platform.atomic import atomic_write_text
 from recsys_platform.contracts import RAW_EVENT_SCHEMA
 
 logger = logging.getLogger(__name__)
@@ -156,7 +156,5 @@ def read_watermarks(path: Path) -> dict[str, datetime]:
 
 def write_watermarks(path: Path, marks: dict[str, datetime]) -> None:
     """Stores watermarks atomically (temp file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({k: v.isoformat() for k, v in sorted(marks.items())}, indent=2))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps({k: v.isoformat() for k, v in sorted(marks.items())},
+                                       indent=2))

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import pandas as pd
+
+from recsys_platform.atomic import atomic_write_text
 
 PREFIX = "p_"
 
@@ -75,10 +76,7 @@ def read_forget_list(path: Path) -> set[str]:
 def add_to_forget_list(path: Path, entry: str) -> None:
     """Adds one tombstone, atomically (temp file, then rename)."""
     entries = sorted(read_forget_list(path) | {entry})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"tombstones": entries}, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps({"tombstones": entries}, indent=1))
 
 
 def forgotten_mask(user_ids: pd.Series, key: str, entries: set[str]) -> pd.Series:

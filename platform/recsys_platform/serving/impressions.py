@@ -25,6 +25,7 @@ from typing import Any
 import pyarrow as pa
 
 from recsys_pipelines.etl import atomic_write_table
+from recsys_platform.atomic import atomic_write_lines
 from recsys_platform.contracts import RAW_EVENT_SCHEMA
 
 logger = logging.getLogger(__name__)
@@ -164,9 +165,4 @@ class ImpressionLogger:
 
     @staticmethod
     def _write_jsonl(events: list[dict[str, Any]], path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with tmp.open("w") as fh:
-            for event in events:
-                fh.write(json.dumps(event) + "\n")
-        os.replace(tmp, path)
+        atomic_write_lines(path, (json.dumps(event) + "\n" for event in events))
