@@ -7,13 +7,16 @@ Checked on the rendered chart (default: on) and with ``serving.directIngress.ena
 from __future__ import annotations
 
 import inspect
+import re
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import yaml
 
 from recsys_platform.serving.ingress import DIRECT_INGRESS_ENV, DRAINING_ENV
-from tests.deploy.conftest import Manifest, by_kind, helm_template, one
+from tests.deploy.conftest import KUBERNETES_VERSION, Manifest, by_kind, helm_template, one
+from tests.deploy.crd import CrdSchema
 
 MIN_PORT_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"
 
@@ -26,6 +29,14 @@ def _groups(service: Manifest) -> tuple[dict[str, Any], dict[str, Any]]:
 def _env(group: dict[str, Any]) -> dict[str, str]:
     container = group["template"]["spec"]["containers"][0]
     return {e["name"]: e.get("value") for e in container.get("env", [])}
+
+
+def _probe_urls(command: str) -> list[tuple[int, str]]:
+    """The (port, path) each step of a ``bash -c`` probe fetches, in order."""
+    steps = command.split(" && ")
+    urls = [re.search(r"http://localhost:(\d+)(/\S*)", step) for step in steps]
+    assert all(urls), command
+    return [(int(u.group(1)), u.group(2)) for u in urls if u]
 
 
 def test_ray_reads_the_variables_the_chart_sets() -> None:
@@ -70,3 +81,55 @@ def test_direct_ingress_can_be_turned_off(helm: Path) -> None:
         assert _env(group)[DIRECT_INGRESS_ENV] == "0"
     assert "recsys-serve-direct" not in {s["metadata"]["name"] for s in by_kind(objects, "Service")}
     assert "ports" not in workers["template"]["spec"]["containers"][0]
+
+
+def test_worker_readiness_waits_for_the_replica_and_keeps_kuberays_checks(
+        rendered: dict[str, list[Manifest]]) -> None:
+    # A readinessProbe set here replaces the whole probe KubeRay would inject (raylet health,
+    # plus the Serve proxy's health on RayService workers), so the chart runs those too.
+    for name, objects in rendered.items():
+        ray_service = one(objects, "RayService")
+        head, workers = _groups(ray_service)
+        container = workers["template"]["spec"]["containers"][0]
+        probe = container["readinessProbe"]
+        shell, flag, command = probe["exec"]["command"]
+        assert (shell, flag) == ("bash", "-c"), name
+        direct = int(_env(workers)[MIN_PORT_ENV])
+        proxy = yaml.safe_load(ray_service["spec"]["serveConfigV2"])["http_options"]["port"]
+        assert _probe_urls(command) == [
+            (52365, "/api/local_raylet_healthz"),  # KubeRay: raylet (dashboard agent's port)
+            (proxy, "/-/healthz"),                 # KubeRay: this pod's Serve proxy
+            (direct, "/-/healthz"),                # the replica's own server (not draining)
+            (direct, "/readyz"),                   # the app: a bundle is loaded
+        ], name
+        assert "dashboard-agent-listen-port" not in workers["rayStartParams"], name
+        # the checks after the first fail on an HTTP error, not only on a missing "success"
+        assert command.endswith(f"-O /dev/null http://localhost:{direct}/readyz"), name
+        assert probe["failureThreshold"] == 1, name  # out of the endpoints at once, as KubeRay
+        # KubeRay keeps injecting the liveness probe (raylet) and the head's probes
+        assert "livenessProbe" not in container, name
+        assert "readinessProbe" not in head["template"]["spec"]["containers"][0], name
+
+
+def test_probe_paths_exist_in_ray_and_the_app() -> None:
+    from ray.dashboard.modules.reporter import healthz_agent
+    from ray.serve._private import replica
+
+    from recsys_platform.serving import app
+
+    assert '"/api/local_raylet_healthz"' in inspect.getsource(healthz_agent)
+    assert '"/-/healthz"' in inspect.getsource(replica)  # the direct-ingress server answers it
+    assert '@api.get("/readyz")' in inspect.getsource(app)
+
+
+def test_no_readiness_override_without_direct_ingress(helm: Path,
+                                                      crds: dict[str, CrdSchema]) -> None:
+    objects = helm_template(helm, [], "--set", "serving.directIngress.enabled=false")
+    ray_service = one(objects, "RayService")
+    crds["RayService"].validate(ray_service)
+    for obj in by_kind(objects, "Service"):
+        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+    for group in _groups(ray_service):
+        container = group["template"]["spec"]["containers"][0]
+        assert "readinessProbe" not in container  # KubeRay's own probe applies
+        assert "livenessProbe" not in container

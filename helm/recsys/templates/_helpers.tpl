@@ -76,7 +76,8 @@ recsys.io/postgresql-client: "true"
 {{/*
 A Ray pod template (head or worker) on the platform image.
 Call with (dict "root" $ "account" "serve" "container" "ray-head" "resources" {...} "ports" list);
-optional "env" (a list of name/value) and "labels" (a map) are added to the container and pod.
+optional "env" (a list of name/value) and "labels" (a map) are added to the container and pod,
+optional "readinessProbe" (a probe) replaces the one KubeRay would inject into the container.
 Ray writes its session under /tmp and unpacks runtime envs under $HOME, so the root file system
 stays writable; privileges and capabilities are dropped all the same.
 */}}
@@ -113,6 +114,10 @@ spec:
         {{- end }}
       {{- with .ports }}
       ports:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with .readinessProbe }}
+      readinessProbe:
         {{- toYaml . | nindent 8 }}
       {{- end }}
       resources:
