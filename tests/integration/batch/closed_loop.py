@@ -7,7 +7,6 @@ the session's shared ``batch_env``.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,13 +16,11 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
-import yaml
 
 from recsys_pipelines.etl import atomic_write_table
 from recsys_pipelines.generator import GeneratedData, GeneratorConfig, generate, write_generated
 from recsys_platform.contracts import RAW_EVENT_SCHEMA
-from recsys_platform.settings import Settings, load_settings
-from tests.fixtures.feast_store import make_repo, write_test_config
+from tests.fixtures.feast_store import FeastEnv, make_feast_env
 
 TINY = GeneratorConfig(events=2_500, days=2, users=30, items=60, new_users_per_day=2,
                        new_items_per_day=4, categories=4, creators_per_category=3,
@@ -31,12 +28,8 @@ TINY = GeneratorConfig(events=2_500, days=2, users=30, items=60, new_users_per_d
 
 
 @dataclass(frozen=True)
-class LoopEnv:
-    root: Path
-    config_file: Path
-    settings: Settings
+class LoopEnv(FeastEnv):
     data: GeneratedData
-    project: str
 
     @property
     def landing(self) -> Path:
@@ -46,21 +39,14 @@ class LoopEnv:
 def make_env(root: Path, repo_root: Path, overrides: dict[str, Any],
              edit: Any = None, jsonl: bool = False) -> LoopEnv:
     """Generates :data:`TINY` (optionally edited in memory) into a fresh landing area."""
-    project = f"recsys_loop_{uuid.uuid4().hex[:10]}"
-    data_dir = root / "data"
     data = generate(TINY)
     if edit is not None:
         data = edit(data)
-    repo = make_repo(repo_root, root / "feature_repo")
-    config_file = write_test_config(root / "settings.yaml", data_dir, repo, project)
-    config = yaml.safe_load(config_file.read_text())
-    for section, values in overrides.items():
-        config[section] = {**config.get(section, {}), **values}
-    config_file.write_text(yaml.safe_dump(config))
-    settings = load_settings("local", config_file)
+    env = make_feast_env(root, repo_root, "recsys_loop", overrides)
+    settings = env.settings
     stream = Path(settings.path(settings.flink.stream_dir)) if jsonl else None
     write_generated(data, settings.landing_dir, jsonl_dir=stream)
-    return LoopEnv(root, config_file, settings, data, project)
+    return LoopEnv(env.root, env.config_file, settings, env.project, data)
 
 
 def land_events(landing: Path, name: str, rows: list[dict[str, Any]]) -> None:
