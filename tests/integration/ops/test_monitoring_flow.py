@@ -8,7 +8,6 @@ Parquet layout serving writes) with the champion's own recommendations in two wi
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -19,10 +18,10 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 import redis
-import yaml
 
 from recsys_platform.settings import Settings, load_settings
-from tests.fixtures.feast_store import TEST_REDIS_URL, BatchEnv
+from tests.fixtures.champion import sqlite_mlflow, train_champion
+from tests.fixtures.feast_store import TEST_REDIS_URL, BatchEnv, derive_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -55,44 +54,27 @@ def _write_served(settings: Settings, recs: pd.DataFrame, served_at: datetime, t
 @pytest.fixture(scope="module")
 def monitored(batch_env: BatchEnv, features_state: Any, ray_cluster: Any,
               tmp_path_factory: pytest.TempPathFactory) -> MonitoredEnv:
-    from recsys_models.registry import load_alias, promote
-    from recsys_models.train import TrainConfig
-    from recsys_models.two_tower import TwoTowerConfig
-    from recsys_models.workflow import train_evaluate_register
+    from recsys_models.registry import load_alias
     from recsys_pipelines.etl import read_lake_events
-    from recsys_pipelines.feature_store import load_store
     from recsys_pipelines.monitoring import latest_per_entity
-    from recsys_pipelines.training_set import (
-        build_training_set,
-        label_impressions,
-        write_training_snapshot,
-    )
 
     assert features_state.is_completed()
     root = tmp_path_factory.mktemp("monitoring")
-    config = yaml.safe_load(batch_env.config_file.read_text())
-    config["data_dir"] = str(root / "data")  # snapshot, served log, textfile; Feast stays shared
-    config["mlflow"] = {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
-                        "artifact_location": str(root / "artifacts"),
-                        "model_name": f"monitoring-test-{uuid.uuid4().hex[:6]}"}
-    # 80 users / 150 items: two samples of one distribution reach PSI ~0.2-0.45 at 10 bins
-    # (measured), so this tiny set uses 5 bins and a threshold of 1; the shift below gives > 3.
-    config["monitoring"] = {"window_hours": 1.0, "psi_bins": 5, "max_feature_psi": 1.0,
-                            "max_score_psi": 1.0}
-    config_file = root / "settings.yaml"
-    config_file.write_text(yaml.safe_dump(config))
+    config_file = derive_config(batch_env.config_file, root / "settings.yaml", {
+        "data_dir": str(root / "data"),  # snapshot, served log, textfile; Feast stays shared
+        "mlflow": sqlite_mlflow(root, "monitoring-test"),
+        # 80 users / 150 items: two samples of one distribution reach PSI ~0.2-0.45 at 10 bins
+        # (measured), so this tiny set uses 5 bins and a threshold of 1; the shift below
+        # gives > 3.
+        "monitoring": {"window_hours": 1.0, "psi_bins": 5, "max_feature_psi": 1.0,
+                       "max_score_psi": 1.0},
+    })
     settings = load_settings("local", config_file)
-
-    events = read_lake_events(batch_env.settings.lake_dir)
-    frame = build_training_set(load_store(settings), label_impressions(events))
-    snapshot = write_training_snapshot(frame, settings)
-    cfg = TrainConfig(epochs=1, batch_size=256, two_tower=TwoTowerConfig(dim=16))
-    outcome = train_evaluate_register(settings, cfg, snapshot_id=snapshot, workers=1)
-    assert promote(settings, outcome.split.train_labels, outcome.split.holdout,
-                   why="monitoring test", who="pytest").promoted
+    champion = train_champion(settings, read_lake_events(batch_env.settings.lake_dir),
+                              why="monitoring test")
 
     # The champion's recommendations for every user, served in two windows (half each).
-    users = latest_per_entity(frame, "user_id").reset_index(drop=True)
+    users = latest_per_entity(champion.frame, "user_id").reset_index(drop=True)
     recs = load_alias(settings, "champion").recommend(users, k=10, candidates=50)
     now = datetime.now(UTC)
     ids = sorted(users["user_id"])
@@ -101,7 +83,7 @@ def monitored(batch_env: BatchEnv, features_state: Any, ray_cluster: Any,
                   "previous")
     _write_served(settings, recs[~recs["user_id"].isin(first)], now - timedelta(minutes=30),
                   "current")
-    return MonitoredEnv(settings, outcome.registered.version, ids)
+    return MonitoredEnv(settings, champion.outcome.registered.version, ids)
 
 
 @pytest.fixture

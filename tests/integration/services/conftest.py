@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -15,15 +14,10 @@ import pytest
 from psycopg import sql
 
 from tests.conftest import REPO_ROOT
+from tests.fixtures.net import free_port
 
 SCRIPT = REPO_ROOT / "infra" / "services" / "services.sh"
 POSTGRES = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass(frozen=True)

@@ -15,16 +15,17 @@ import threading
 import time
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
-import yaml
 
 from recsys_platform.settings import Settings, load_settings
+from tests.fixtures.champion import sqlite_mlflow, train_champion
+from tests.fixtures.feast_store import derive_config
+from tests.fixtures.net import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -38,12 +39,6 @@ class ServingEnv:
     champion: str
     known_user: str
     outcome: Any
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def call(url: str, body: Any = None, raw: bytes | None = None,
@@ -89,41 +84,21 @@ def serving_env(batch_env: Any, features_state: Any, ray_cluster: Any,
                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServingEnv]:
     from ray import serve
 
-    from recsys_models.registry import promote
-    from recsys_models.train import TrainConfig
-    from recsys_models.two_tower import TwoTowerConfig
-    from recsys_models.workflow import train_evaluate_register
     from recsys_pipelines.etl import read_lake_events
-    from recsys_pipelines.feature_store import load_store
-    from recsys_pipelines.training_set import (
-        build_training_set,
-        label_impressions,
-        write_training_snapshot,
-    )
     from recsys_platform.serving.app import RecommenderDeployment
     from recsys_platform.serving.ingress import direct_ingress_requested
 
     assert features_state.is_completed()
     root = tmp_path_factory.mktemp("serving")
-    config = yaml.safe_load(batch_env.config_file.read_text())
-    config["mlflow"] = {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
-                        "artifact_location": str(root / "artifacts"),
-                        "model_name": f"serving-test-{uuid.uuid4().hex[:6]}"}
-    config["serving"] = {"poll_interval_s": 1.0, "candidates": 100}
-    config_file = root / "settings.yaml"
-    config_file.write_text(yaml.safe_dump(config))
+    config_file = derive_config(batch_env.config_file, root / "settings.yaml", {
+        "mlflow": sqlite_mlflow(root, "serving-test"),
+        "serving": {"poll_interval_s": 1.0, "candidates": 100},
+    })
     settings = load_settings("local", config_file)
-
     events = read_lake_events(settings.lake_dir)
-    frame = build_training_set(load_store(settings), label_impressions(events))
-    snapshot = write_training_snapshot(frame, settings)
-    cfg = TrainConfig(epochs=1, batch_size=256, two_tower=TwoTowerConfig(dim=16))
-    outcome = train_evaluate_register(settings, cfg, snapshot_id=snapshot, workers=1)
-    result = promote(settings, outcome.split.train_labels, outcome.split.holdout,
-                     why="serving test", who="pytest")
-    assert result.promoted
+    champion = train_champion(settings, events, why="serving test")
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(RecommenderDeployment.options(autoscaling_config=None, num_replicas=1)
               .bind(config_file=str(config_file), admission_limit=4),
@@ -131,7 +106,8 @@ def serving_env(batch_env: Any, features_state: Any, ray_cluster: Any,
     url = _app_url("recsys-test", port, direct_ingress_requested(default=False))
     _wait(lambda: call(f"{url}/readyz")[0] == 200, 120, "/readyz")
     known = str(events.loc[events["event_type"] == "click", "user_id"].iloc[0])
-    yield ServingEnv(url, port, settings, config_file, result.challenger, known, outcome)
+    yield ServingEnv(url, port, settings, config_file, champion.promotion.challenger, known,
+                     champion.outcome)
     serve.delete("recsys-test")
     serve.shutdown()
 
@@ -335,7 +311,7 @@ class TcpProxy:
 
     def __init__(self, upstream: tuple[str, int]) -> None:
         self.upstream = upstream
-        self.port = _free_port()
+        self.port = free_port()
         self._server: socket.socket | None = None
         self._conns: list[socket.socket] = []
 
@@ -401,12 +377,11 @@ def test_redis_outage_degrades_without_5xx_and_recovers(serving_env: ServingEnv)
 
     proxy = TcpProxy(("127.0.0.1", 6379))
     proxy.start()
-    config = yaml.safe_load(serving_env.config_file.read_text())
-    config["redis"] = {**config.get("redis", {}),
-                       "url": f"redis://127.0.0.1:{proxy.port}/1", "timeout_ms": 100}
-    config["feast"] = {**config["feast"], "online_store": "redis"}
-    fault_config = serving_env.config_file.with_name("fault.yaml")
-    fault_config.write_text(yaml.safe_dump(config))
+    fault_config = derive_config(serving_env.config_file,
+                                 serving_env.config_file.with_name("fault.yaml"), {
+        "redis": {"url": f"redis://127.0.0.1:{proxy.port}/1", "timeout_ms": 100},
+        "feast": {"online_store": "redis"},
+    })
     serve.run(RecommenderDeployment.options(name="recommender-fault", autoscaling_config=None,
                                             num_replicas=1)
               .bind(config_file=str(fault_config)),
