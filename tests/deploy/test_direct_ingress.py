@@ -19,6 +19,7 @@ from tests.deploy.conftest import KUBERNETES_VERSION, Manifest, by_kind, helm_te
 from tests.deploy.crd import CrdSchema
 
 MIN_PORT_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"
+MAX_PORT_ENV = "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"
 
 
 def _groups(service: Manifest) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -43,7 +44,7 @@ def test_ray_reads_the_variables_the_chart_sets() -> None:
     from ray.serve._private import constants
 
     source = inspect.getsource(constants)
-    for name in (DIRECT_INGRESS_ENV, DRAINING_ENV, MIN_PORT_ENV):
+    for name in (DIRECT_INGRESS_ENV, DRAINING_ENV, MIN_PORT_ENV, MAX_PORT_ENV):
         assert f'"{name}"' in source, name
 
 
@@ -56,6 +57,7 @@ def test_default_chart_serves_through_the_replicas_own_port(
             env = _env(group)
             assert env[DIRECT_INGRESS_ENV] == "1", name
         port = int(_env(workers)[MIN_PORT_ENV])
+        assert int(_env(workers)[MAX_PORT_ENV]) > port, name  # Ray's range must hold the port
         container = workers["template"]["spec"]["containers"][0]
         assert {"name": "http-direct", "containerPort": port} in container["ports"], name
         # one replica per worker pod: the replica's CPUs are the whole Ray node's
