@@ -126,6 +126,38 @@ def test_known_user_gets_ranked_items_from_the_champion(serving_env: ServingEnv)
     assert len({i["item_id"] for i in body["items"]}) == 10 and all(s == s for s in scores)
 
 
+def test_batched_ranking_equals_one_request_at_a_time(serving_env: ServingEnv) -> None:
+    """``batch_ranker=True`` ranks concurrent requests in one ranker call (``rank_many``):
+    each request's scores must equal those of ranking it alone. (Before the hot-swap tests:
+    a fresh recommender loads whatever the alias names, and they end on a broken version.)"""
+    import numpy as np
+
+    from recsys_platform.serving.factory import build_recommender
+    from recsys_platform.serving.recommender import Recommender, rank_many
+    from recsys_platform.serving.schemas import RecommendRequest
+
+    recommender, cache = build_recommender(serving_env.settings)
+    try:
+        users = [serving_env.known_user, "never-seen-user", serving_env.known_user]
+        batch = [recommender.prepare(RecommendRequest(user_id=u, k=10, exclude=exclude))
+                 for u, exclude in zip(users, ([], [], ["no-such-item"]), strict=True)]
+        assert all(p.loaded is not None and p.candidates for p in batch)
+        together = rank_many(batch)
+        for prepared, scores in zip(batch, together, strict=True):
+            assert not isinstance(scores, Exception), scores
+            alone = Recommender.rank(prepared)
+            assert scores.shape == (len(prepared.candidates),)
+            np.testing.assert_allclose(scores, alone, rtol=1e-5, atol=1e-6)
+            response = recommender.finish(prepared, scores, log=False)
+            assert response.source == "model" and len(response.items) == 10
+        assert not np.allclose(together[0][:5], together[1][:5])  # different users differ
+    finally:
+        cache.stop()
+        recommender.manager.stop()
+        if recommender.impressions is not None:
+            recommender.impressions.stop()
+
+
 def test_direct_redis_read_equals_feast(serving_env: ServingEnv) -> None:
     from recsys_platform.serving.factory import serving_store
     from recsys_platform.serving.online_features import FeastUserFeatures, RedisUserFeatures
@@ -459,33 +491,3 @@ def test_broken_version_is_rejected_and_previous_keeps_serving(serving_env: Serv
     assert {answer["bundle_version"] for _, answer in load.flat} == {serving_now}
     assert "recsys_bundle_rejections_total 1.0" in call(f"{serving_env.url}/metrics")[2]
 
-
-def test_batched_ranking_equals_one_request_at_a_time(serving_env: ServingEnv) -> None:
-    """``batch_ranker=True`` ranks concurrent requests in one ranker call (``rank_many``):
-    each request's scores must equal those of ranking it alone."""
-    import numpy as np
-
-    from recsys_platform.serving.factory import build_recommender
-    from recsys_platform.serving.recommender import Recommender, rank_many
-    from recsys_platform.serving.schemas import RecommendRequest
-
-    recommender, cache = build_recommender(serving_env.settings)
-    try:
-        users = [serving_env.known_user, "never-seen-user", serving_env.known_user]
-        batch = [recommender.prepare(RecommendRequest(user_id=u, k=10, exclude=exclude))
-                 for u, exclude in zip(users, ([], [], ["no-such-item"]), strict=True)]
-        assert all(p.loaded is not None and p.candidates for p in batch)
-        together = rank_many(batch)
-        for prepared, scores in zip(batch, together, strict=True):
-            assert not isinstance(scores, Exception), scores
-            alone = Recommender.rank(prepared)
-            assert scores.shape == (len(prepared.candidates),)
-            np.testing.assert_allclose(scores, alone, rtol=1e-5, atol=1e-6)
-            response = recommender.finish(prepared, scores, log=False)
-            assert response.source == "model" and len(response.items) == 10
-        assert not np.allclose(together[0][:5], together[1][:5])  # different users differ
-    finally:
-        cache.stop()
-        recommender.manager.stop()
-        if recommender.impressions is not None:
-            recommender.impressions.stop()
