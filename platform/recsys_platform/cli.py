@@ -78,7 +78,7 @@ def _main(
     if not verbose:  # keep the platform's own progress readable
         for noisy in NOISY_LOGGERS:
             logging.getLogger(noisy).setLevel(logging.WARNING)
-    set_settings(load_settings(profile, config))
+    set_settings(load_settings(profile, config), config)
 
 
 @config_app.command("show")

@@ -78,3 +78,21 @@ def test_cli_reports_bad_value_in_one_line(repo_root: Path, tmp_path: Path) -> N
     assert out.returncode == 2
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "serving.port" in lines[0], out.stderr
+
+
+def test_a_command_config_wins_and_is_passed_on(tmp_path: Path) -> None:
+    """`recsys --config A serve up` and `recsys serve up --config A` load A for the command
+    and hand A to the replicas (the command's own file wins over the top-level one)."""
+    from recsys_platform.commands.context import set_settings, settings_with
+
+    top, own = tmp_path / "top.yaml", tmp_path / "own.yaml"
+    top.write_text(f"data_dir: {tmp_path / 'top'}\n")
+    own.write_text(f"data_dir: {tmp_path / 'own'}\n")
+    set_settings(load_settings("local", top), top)
+    settings, passed = settings_with(None)
+    assert passed == top and settings.data_dir == tmp_path / "top"
+    settings, passed = settings_with(own)
+    assert passed == own and settings.data_dir == tmp_path / "own"
+    assert settings.profile == "local"
+    set_settings(load_settings("local"))
+    assert settings_with(None)[1] is None

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from recsys_platform.settings import Settings, load_settings
 
 _loaded: list[Settings] = []
+_config_file: list[Path] = []
 
 
-def set_settings(settings: Settings) -> None:
+def set_settings(settings: Settings, config_file: Path | None = None) -> None:
+    """Records this invocation's settings and the YAML file (``--config``) they came from."""
     _loaded[:] = [settings]
+    _config_file[:] = [config_file] if config_file is not None else []
 
 
 def current_settings() -> Settings:
@@ -16,3 +21,16 @@ def current_settings() -> Settings:
     if not _loaded:
         _loaded.append(load_settings())
     return _loaded[0]
+
+
+def current_config_file() -> Path | None:
+    """The top-level ``--config`` file of this invocation, if one was given."""
+    return _config_file[0] if _config_file else None
+
+
+def settings_with(config_file: Path | None) -> tuple[Settings, Path | None]:
+    """The settings for a command that takes its own ``--config`` (it wins over the top-level
+    one), and the file processes started for the command must load too (e.g. Serve replicas)."""
+    if config_file is None:
+        return current_settings(), current_config_file()
+    return load_settings(current_settings().profile, config_file), config_file

@@ -31,7 +31,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from recsys_platform.commands.context import current_settings
+from recsys_platform.commands.context import current_settings, settings_with
 from recsys_platform.serving.ingress import (
     direct_ingress_env,
     direct_ingress_requested,
@@ -164,13 +164,17 @@ def print_recommendations(body: dict[str, Any], title: str) -> None:
     console.print(table)
 
 
+ConfigOption = Annotated[Path | None, typer.Option(
+    help="Settings YAML for this command and the replicas (default: the top-level --config).")]
+
+
 @app.command("up")
 def up_command(
-    config: Annotated[Path | None, typer.Option(help="Settings YAML for the replicas.")] = None,
+    config: ConfigOption = None,
     direct_ingress: DirectIngress = None,
 ) -> None:
     """Starts the service in the background (local Ray head if needed) and waits until ready."""
-    settings = current_settings()
+    settings, config = settings_with(config)
     direct = direct_ingress if direct_ingress is not None else direct_ingress_requested()
     connect(settings, start_head=True, direct_ingress=direct)
     url = deploy(settings, config)
@@ -269,13 +273,13 @@ def recommend_command(
 
 @app.command("run")
 def run_command(
-    config: Annotated[Path | None, typer.Option(help="Settings YAML for the replicas.")] = None,
+    config: ConfigOption = None,
     direct_ingress: DirectIngress = None,
 ) -> None:
     """Serves in the foreground until interrupted (Ctrl-C), then shuts down."""
     import ray
 
-    settings = current_settings()
+    settings, config = settings_with(config)
     direct = direct_ingress if direct_ingress is not None else direct_ingress_requested()
     if settings.ray.address:
         connect(settings, start_head=False)

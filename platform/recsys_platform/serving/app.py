@@ -10,8 +10,9 @@ saves). Responses are serialized once by pydantic-core (no second validation), a
 per-request access log is off.
 
 ``serve run platform/recsys_platform/serving/serve_config.yaml`` or the import path
-``recsys_platform.serving.app:app`` starts it; settings come from ``RECSYS_PROFILE`` /
-``RECSYS_CONFIG`` and ``RECSYS_*`` variables in the replica's environment.
+``recsys_platform.serving.app:app`` starts it; settings come from the deployment's
+``profile``/``config_file`` arguments (``recsys serve up --config FILE`` passes its file), else
+``RECSYS_PROFILE``, plus ``RECSYS_*`` variables in the replica's environment.
 """
 
 from __future__ import annotations
