@@ -29,6 +29,7 @@ from recsys_models.data import Batch, EncoderSpec, encode_items, encode_rows
 from recsys_models.errors import EmptyTrainingSetError, TrainingFailedError
 from recsys_models.ranker import Ranker, RankerConfig, ranker_loss
 from recsys_models.two_tower import RetrievalTask, TwoTowerConfig, TwoTowerModel
+from recsys_platform.atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -211,11 +212,7 @@ def _make_loops(two_tower: nn.Module, ranker: nn.Module, raw_two_tower: TwoTower
 def _trace(cfg: TrainConfig, rank: int, record: dict[str, Any]) -> None:
     if cfg.trace_dir is None:
         return
-    path = Path(cfg.trace_dir)
-    path.mkdir(parents=True, exist_ok=True)
-    tmp = path / f".rank-{rank}.json.tmp"
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, path / f"rank-{rank}.json")
+    atomic_write_text(Path(cfg.trace_dir) / f"rank-{rank}.json", json.dumps(record))
 
 
 def _flat_params(module: nn.Module) -> np.ndarray:
