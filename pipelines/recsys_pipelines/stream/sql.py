@@ -48,8 +48,6 @@ from recsys_platform.privacy import pseudonym_sql
 
 REASON_NOT_JSON = "line is not a JSON object"
 REASON_BAD_NUMBER = "watch_time_ms or item_duration_ms is not an integer"
-# Accepted event_time spellings (UTC, as the generator and the serving log write them).
-TIME_FORMATS: tuple[str, ...] = ("yyyy-MM-dd'T'HH:mm:ss.SSS'Z'", "yyyy-MM-dd'T'HH:mm:ss'Z'")
 # Separators of the recent-items list a window row carries: "time|event_id|item_id;..."
 RECENT_SEP = ";"
 RECENT_FIELD_SEP = "|"
@@ -129,7 +127,8 @@ def _in(values: tuple[str, ...]) -> str:
 
 def _event_time_expr() -> str:
     """``event_time`` as a TIMESTAMP(3), NULL unless it is an ISO-8601 UTC time with a ``T``
-    and a ``Z`` (with or without a fraction of a second; see :data:`TIME_FORMATS`).
+    and a ``Z`` (with or without a fraction of a second), as the generator and the serving
+    log write it.
 
     One ``TRY_CAST`` of the text with the ``T`` made a space and the ``Z`` cut off: Flink's
     default timestamp parser, several times cheaper than pattern-based ``TO_TIMESTAMP`` (which
@@ -146,8 +145,7 @@ _ONE_MS = "INTERVAL '0.001' SECOND(1, 3)"
 _EPOCH = "TIMESTAMP '1970-01-01 00:00:00.000'"
 # A row's event_time did not parse: its rowtime is the epoch's (parsed again only then, to
 # tell a real event at the epoch from a bad time; AND evaluates its right side only if needed).
-_BAD_TIME = (f"rowtime = TIMESTAMP '1969-12-31 23:59:59.999' "
-             f"AND ({_event_time_expr()}) IS NULL")
+_BAD_TIME = f"rowtime = {_EPOCH} - {_ONE_MS} AND ({_event_time_expr()}) IS NULL"
 
 
 def _with(options: dict[str, str]) -> str:
@@ -332,6 +330,17 @@ def _slice_column(agg: Aggregate) -> str:
     return f"{agg.name}_slice"
 
 
+def _contribution(agg: Aggregate) -> str:
+    """One event's contribution to ``agg`` (0 for event types it does not count)."""
+    value = "1" if agg.kind == "count" else f"COALESCE({agg.column}, 0)"
+    return f"CASE WHEN event_type IN ({_in(agg.event_types)}) THEN {value} ELSE 0 END"
+
+
+def _recent_member() -> str:
+    """The event's entry in the recent-items list (NULL unless it is an engagement)."""
+    return f"CASE WHEN event_type IN ({_in(ENGAGEMENT_TYPES)}) THEN {_member_expr()} END"
+
+
 def _member_expr() -> str:
     return (f"CONCAT(event_time, '{RECENT_FIELD_SEP}', event_id, "
             f"'{RECENT_FIELD_SEP}', item_id)")
@@ -349,17 +358,11 @@ def slice_query(plan: WindowPlan) -> str:
     aggregates it per slice, one window per event (a ``HOP`` whose aggregates read
     ``window_end`` would copy every event into size/slide windows first).
     """
-    columns = []
-    for agg in plan.group.aggregates:
-        value = "1" if agg.kind == "count" else f"COALESCE({agg.column}, 0)"
-        columns.append(f"CAST(SUM(CASE WHEN event_type IN ({_in(agg.event_types)}) "
-                       f"THEN {value} ELSE 0 END) AS BIGINT) AS {_slice_column(agg)}")
+    columns = [f"CAST(SUM({_contribution(agg)}) AS BIGINT) AS {_slice_column(agg)}"
+               for agg in plan.group.aggregates]
     columns.append(f"COUNT(*) AS {EVENTS_COLUMN}")
     if plan.recent_items:
-        columns.append(
-            f"LISTAGG(CASE WHEN event_type IN ({_in(ENGAGEMENT_TYPES)}) "
-            f"THEN {_member_expr()} END, '{RECENT_SEP}') AS {RECENT_COLUMN}"
-        )
+        columns.append(f"LISTAGG({_recent_member()}, '{RECENT_SEP}') AS {RECENT_COLUMN}")
     body = ",\n  ".join(columns)
     return (
         f"SELECT {plan.key}, window_time AS slice_time,\n  {body}\n"
@@ -407,15 +410,11 @@ def late_rows_query(plan: WindowPlan) -> str:
     """One row per late event within the allowed lateness, in the columns of
     :func:`group_query`: ``window_end`` is the event time and each aggregate holds the
     event's own contribution (the sink adds it to every window end that covers it)."""
-    columns = []
-    for agg in plan.group.aggregates:
-        value = "1" if agg.kind == "count" else f"COALESCE({agg.column}, 0)"
-        columns.append(f"CAST(CASE WHEN event_type IN ({_in(agg.event_types)}) "
-                       f"THEN {value} ELSE 0 END AS BIGINT) AS {agg.name}")
+    columns = [f"CAST({_contribution(agg)} AS BIGINT) AS {agg.name}"
+               for agg in plan.group.aggregates]
     columns.append(f"CAST(1 AS BIGINT) AS {EVENTS_COLUMN}")
     if plan.recent_items:
-        columns.append(f"CASE WHEN event_type IN ({_in(ENGAGEMENT_TYPES)}) "
-                       f"THEN {_member_expr()} END AS {RECENT_COLUMN}")
+        columns.append(f"{_recent_member()} AS {RECENT_COLUMN}")
     columns.append(f"event_id AS {LATE_EVENT_COLUMN}")
     body = ",\n  ".join(columns)
     return (

@@ -104,21 +104,28 @@ def deploy(settings: Settings, config_file: Path | None = None) -> str:
     return f"http://{s.host}:{s.port}"
 
 
-def direct_urls(settings: Settings, direct_ingress: bool) -> list[str]:
-    """The replicas' own base URLs when the cluster runs direct ingress ([] when asked not to).
+def direct_mode(flag: bool | None) -> bool:
+    """``--direct-ingress/--no-direct-ingress`` when given, else the environment (default on)."""
+    return flag if flag is not None else direct_ingress_requested()
+
+
+def print_replica_urls(settings: Settings, direct_ingress: bool) -> None:
+    """Prints the replicas' own base URLs when the cluster runs direct ingress.
 
     Warns when direct ingress was asked for but the cluster serves through the proxy only
     (a head started earlier without it).
     """
     if not direct_ingress:
-        return []
+        return
     host = settings.serving.host if settings.ray.address is None else None
     try:
-        return replica_urls(APP_NAME, host=host, timeout_s=60)
+        urls = replica_urls(APP_NAME, host=host, timeout_s=60)
     except TimeoutError as exc:
         console.print(f"[yellow]direct ingress not available, serving through the proxy only:"
                       f" {exc}[/yellow]")
-        return []
+        return
+    for url in urls:
+        console.print(f"replica serving directly (no proxy hop) on {url}")
 
 
 def http(method: str, url: str, body: Any = None, timeout: float = 10) -> tuple[int, Any]:
@@ -175,14 +182,13 @@ def up_command(
 ) -> None:
     """Starts the service in the background (local Ray head if needed) and waits until ready."""
     settings, config = settings_with(config)
-    direct = direct_ingress if direct_ingress is not None else direct_ingress_requested()
+    direct = direct_mode(direct_ingress)
     connect(settings, start_head=True, direct_ingress=direct)
     url = deploy(settings, config)
     ready = wait_ready(url)
     console.print(f"serving on {url}: bundle {ready['bundle_version']} "
                   "(POST /recommend, GET /readyz, GET /metrics); stop with `recsys serve down`")
-    for replica in direct_urls(settings, direct):
-        console.print(f"replica serving directly (no proxy hop) on {replica}")
+    print_replica_urls(settings, direct)
 
 
 @app.command("down")
@@ -280,7 +286,7 @@ def run_command(
     import ray
 
     settings, config = settings_with(config)
-    direct = direct_ingress if direct_ingress is not None else direct_ingress_requested()
+    direct = direct_mode(direct_ingress)
     if settings.ray.address:
         connect(settings, start_head=False)
     else:
@@ -288,8 +294,7 @@ def run_command(
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
     url = deploy(settings, config)
     console.print(f"serving on {url}; bundle {wait_ready(url)['bundle_version']}")
-    for replica in direct_urls(settings, direct):
-        console.print(f"replica serving directly (no proxy hop) on {replica}")
+    print_replica_urls(settings, direct)
     try:
         while True:
             time.sleep(3600)
