@@ -32,7 +32,7 @@ from recsys_models.two_tower import Retriever, TwoTowerConfig, TwoTowerModel, em
 
 logger = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # 2: sequential user tower, ranker reads the retrieval score
 CATALOG_COLUMNS = ("item_id", "category", "creator_id", "tags", "duration_ms", "published_at")
 
 
@@ -115,6 +115,7 @@ class Bundle:
         batch = encode_rows(frame, self.spec)
         known = frame["item_id"].isin(self.known_items).to_numpy()
         batch["item_hash"] = np.where(known, batch["item_hash"], 0)
+        batch["retrieval_score"] = retrieval_scores(self.two_tower, batch)
         p, watch = predict(self.ranker, batch)
         return pd.DataFrame({
             "user_id": frame["user_id"].to_numpy(), "item_id": frame["item_id"].to_numpy(),
@@ -141,25 +142,54 @@ class Bundle:
         logger.info("added %d items to bundle %s", len(rows), self.version)
 
     def recommend(self, users: pd.DataFrame, k: int, candidates: int = 200,
-                  exclude: dict[str, set[str]] | None = None) -> pd.DataFrame:
+                  exclude: dict[str, set[str]] | None = None, chunk: int = 32) -> pd.DataFrame:
         """Two stages: retrieve ``candidates`` per user, rank them, keep the top ``k``.
 
-        Returns ``user_id, rank, item_id, score, p_click, watch_time_ms_pred``.
+        Items in ``exclude[user_id]`` and in the user's ``user_history`` are never returned
+        (as serving does). Returns ``user_id, rank, item_id, score, p_click,
+        watch_time_ms_pred``.
         """
         exclude = exclude or {}
-        extra = max((len(v) for v in exclude.values()), default=0)
+        users = users.reset_index(drop=True)
+        histories = (users["user_history"] if "user_history" in users.columns
+                     else pd.Series([[]] * len(users)))
+        drop = [exclude.get(u, set()) | set(h) for u, h in zip(users["user_id"], histories,
+                                                               strict=True)]
+        extra = max((len(v) for v in drop), default=0)
         ids, _ = self.search(self.encode_users(users), candidates + extra)
-        out = []
-        for i, user in enumerate(users.itertuples(index=False)):
-            seen = exclude.get(user.user_id, set())
-            cand = [x for x in ids[i] if x not in seen][:candidates]
-            ranked = self.rank(users.iloc[[i]], pd.DataFrame({"item_id": cand}))
-            top = ranked.sort_values("score", ascending=False, kind="stable").head(k)
-            out.append(top.assign(rank=np.arange(1, len(top) + 1)))
         cols = ["user_id", "rank", "item_id", "score", "p_click", "watch_time_ms_pred"]
+        out = []
+        for start in range(0, len(users), chunk):
+            members = range(start, min(start + chunk, len(users)))
+            cands = [[x for x in ids[i] if x not in drop[i]][:candidates] for i in members]
+            which = np.repeat(np.arange(start, start + len(cands)), [len(c) for c in cands])
+            ranked = self.rank(users.loc[which], pd.DataFrame(
+                {"item_id": [x for c in cands for x in c]}))
+            ranked["_order"] = which
+            ranked = ranked.sort_values(["_order", "score"], ascending=[True, False],
+                                        kind="stable")
+            top = ranked.groupby("_order", sort=False).head(k)
+            out.append(top.assign(rank=top.groupby("_order").cumcount() + 1))
         if not out:
             return pd.DataFrame(columns=cols)
         return pd.concat(out, ignore_index=True)[cols]
+
+
+@torch.no_grad()
+def retrieval_scores(two_tower: TwoTowerModel, batch: dict[str, np.ndarray],
+                     chunk: int = 8192) -> np.ndarray:
+    """The two-tower's score (cosine) of each encoded (user, item) row: (n,) float32."""
+    two_tower.eval()
+    out = []
+    for start in range(0, len(batch["item_hash"]), chunk):
+        t = {k: torch.as_tensor(batch[k][start:start + chunk]) for k in (
+            "user_hash", "history", "user_num", "item_hash", "category", "creator", "tags",
+            "item_dense")}
+        u = two_tower.user_tower(t["user_hash"], t["history"], t["user_num"].float())
+        v = two_tower.item_tower(t["item_hash"], t["category"], t["creator"], t["tags"],
+                                 t["item_dense"].float())
+        out.append((u * v).sum(1).numpy())
+    return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
 
 
 def embed_items_frame(bundle: Bundle, rows: pd.DataFrame) -> np.ndarray:

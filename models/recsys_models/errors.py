@@ -48,7 +48,8 @@ class AliasNotFoundError(ModelsError):
 
 
 class PromotionRefusedError(ModelsError):
-    """The promotion gate found the challenger worse than the champion."""
+    """The promotion gate refused the challenger (below popularity by the margin, or worse than
+    the champion)."""
 
     def __init__(self, version: str, reasons: list[str]) -> None:
         super().__init__(

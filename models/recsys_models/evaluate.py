@@ -189,21 +189,38 @@ class EvaluationReport:
 
 def evaluate_bundle(bundle: Any, train: pd.DataFrame, holdout: pd.DataFrame,
                     ks: Sequence[int] = KS, extra: dict[str, Recommender] | None = None,
-                    history: list[dict[str, float]] | None = None) -> EvaluationReport:
+                    history: list[dict[str, float]] | None = None,
+                    candidates: int = 500) -> EvaluationReport:
     """Evaluates a :class:`~recsys_models.bundle.Bundle` and popularity on the same holdout.
 
-    Metric keys: ``two_tower/recall@K``, ``popularity/recall@K`` (and ``ndcg``), ``ranker/auc``,
-    ``ranker/gauc``, ``ranker/logloss``, ``ranker/ece``, ``ranker/watch_mae_ms``; also the
-    ``ann/recall@100`` of the index against exact search for the holdout users.
+    Three kinds of list go through the same metric code: ``two_tower`` (retrieval order
+    alone), ``final`` (retrieval of ``candidates`` items, then the ranker: what
+    ``Bundle.recommend`` and so ``recsys recommend`` return) and the baselines
+    (``popularity``, plus any in ``extra``, e.g. tuned EASE and ALS). Ratios
+    ``final/recall@K_vs_<baseline>`` compare the final list with each baseline.
+
+    Metric keys: ``<list>/recall@K`` and ``ndcg@K``, ``ranker/auc``, ``ranker/gauc``,
+    ``ranker/logloss``, ``ranker/ece``, ``ranker/watch_mae_ms``; the ranker's reference points
+    ``ranker/logreg_auc`` (a logistic regression on the same features) and
+    ``ranker/item_mean_watch_mae_ms``; also the ``ann/recall@100`` of the index against exact
+    search for the holdout users.
     """
     from recsys_models.ann import recall_vs_exact
 
     queries = holdout_queries(train, holdout)
     recommenders: dict[str, Recommender] = {
-        "two_tower": bundle_recommender(bundle), "popularity": popularity_recommender(train),
-        **(extra or {}),
+        "two_tower": bundle_recommender(bundle),
+        "final": final_recommender(bundle, candidates),
+        "popularity": popularity_recommender(train), **(extra or {}),
     }
     metrics, curves = evaluate_retrieval(recommenders, queries, ks)
+    for name in recommenders:
+        if name == "final":
+            continue
+        for k in ks:
+            base = metrics[f"{name}/recall@{k}"]
+            metrics[f"final/recall@{k}_vs_{name}"] = (metrics[f"final/recall@{k}"] / base
+                                                      if base > 0 else float("nan"))
     ranked = bundle.rank(holdout, holdout)  # aligned: each impression with its own item
     labels = holdout["clicked"].to_numpy(dtype=float)
     watch = pd.to_numeric(holdout["watch_time_ms"], errors="coerce").to_numpy(dtype=float)
@@ -211,6 +228,7 @@ def evaluate_bundle(bundle: Any, train: pd.DataFrame, holdout: pd.DataFrame,
     for key, value in ranking_metrics(holdout["user_id"].to_numpy(), labels, p, watch,
                                       ranked["watch_time_ms_pred"].to_numpy()).items():
         metrics[f"ranker/{key}"] = value
+    metrics |= ranker_references(bundle, holdout)
     if len(queries.users):
         user_emb = bundle.encode_users(queries.users)
         metrics["ann/recall@100"] = recall_vs_exact(bundle.index, bundle.item_embeddings,
@@ -219,6 +237,78 @@ def evaluate_bundle(bundle: Any, train: pd.DataFrame, holdout: pd.DataFrame,
     metrics["holdout/rows"] = float(len(holdout))
     return EvaluationReport(metrics, curves, calibration_curve(labels, np.clip(p, 0, 1)),
                             history or [])
+
+
+def _folds(user_ids: np.ndarray) -> np.ndarray:
+    """0/1 fold of each row, by a hash of its user (rows of one user share a fold)."""
+    return (pd.util.hash_array(user_ids.astype(str).astype(object)) % np.uint64(2)).astype(int)
+
+
+def ranker_references(bundle: Any, holdout: pd.DataFrame) -> dict[str, float]:
+    """What the ranker must beat on the same holdout impressions, fitted out of fold (two
+    folds by user, so no row is scored by a model that saw it):
+
+    - ``ranker/logreg_auc``: scikit-learn logistic regression on the ranker's dense inputs
+      (numeric user and item features, the retrieval score, one-hot category);
+    - ``ranker/item_mean_watch_mae_ms``: each item's mean watch time (global mean for items the
+      other fold never watched), where watch time is known.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    from recsys_models.bundle import retrieval_scores
+    from recsys_models.data import encode_rows
+
+    out: dict[str, float] = {}
+    if len(holdout) < 4:
+        return out
+    frame = holdout.reset_index(drop=True)
+    batch = encode_rows(frame, bundle.spec)
+    known = frame["item_id"].isin(bundle.known_items).to_numpy()
+    batch["item_hash"] = np.where(known, batch["item_hash"], 0)
+    n_cat = len(bundle.spec.categories) + 1
+    x = np.concatenate([batch["user_num"], batch["item_dense"],
+                        retrieval_scores(bundle.two_tower, batch)[:, None],
+                        np.eye(n_cat, dtype=np.float32)[batch["category"]]], axis=1)
+    y = batch["clicked"].astype(int)
+    fold = _folds(frame["user_id"].to_numpy())
+    pred = np.full(len(y), np.nan)
+    for f in (0, 1):
+        fit, score = fold != f, fold == f
+        if score.any() and len(np.unique(y[fit])) == 2:
+            model = LogisticRegression(max_iter=500).fit(x[fit], y[fit])
+            pred[score] = model.predict_proba(x[score])[:, 1]
+    ok = ~np.isnan(pred)
+    if ok.any() and 0 < y[ok].sum() < ok.sum():
+        out["ranker/logreg_auc"] = float(roc_auc_score(y[ok], pred[ok]))
+    watch = pd.to_numeric(frame["watch_time_ms"], errors="coerce").to_numpy(dtype=float)
+    has = ~np.isnan(watch)
+    if has.sum() >= 2:
+        errors = []
+        for f in (0, 1):
+            fit, score = has & (fold != f), has & (fold == f)
+            if not fit.any() or not score.any():
+                continue
+            means = pd.Series(watch[fit]).groupby(frame["item_id"].to_numpy()[fit]).mean()
+            guess = frame["item_id"][score].map(means).fillna(watch[fit].mean()).to_numpy()
+            errors.append(np.abs(guess - watch[score]))
+        if errors:
+            out["ranker/item_mean_watch_mae_ms"] = float(np.concatenate(errors).mean())
+    return out
+
+
+def final_recommender(bundle: Any, candidates: int = 500) -> Recommender:
+    """The list a user receives: ``Bundle.recommend`` (retrieval, then the ranker)."""
+
+    def recommend(users: pd.DataFrame, k: int, exclude: dict[str, set[str]]) -> np.ndarray:
+        recs = bundle.recommend(users, k, candidates=max(candidates, k), exclude=exclude)
+        out = np.full((len(users), k), None, dtype=object)
+        grouped = recs.groupby("user_id", sort=False)["item_id"].agg(list)
+        for i, uid in enumerate(users["user_id"]):
+            top = list(grouped.get(uid, []))[:k]
+            out[i, : len(top)] = top
+        return out
+
+    return recommend
 
 
 def bundle_recommender(bundle: Any) -> Recommender:

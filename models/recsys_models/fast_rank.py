@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from recsys_models.bundle import Bundle
+from recsys_models.bundle import Bundle, retrieval_scores
 from recsys_models.data import (
     Batch,
     EncoderSpec,
@@ -89,6 +89,7 @@ def rank_aligned(bundle: Bundle, users: pd.DataFrame, items: pd.DataFrame) -> pd
         raise ValueError(f"rank_aligned: users has {len(users)} rows and items {len(items)}")
     user_batch = encode_users(users.iloc[first].reset_index(drop=True), bundle.spec)
     batch |= {key: value[which] for key, value in user_batch.items()}
+    batch["retrieval_score"] = retrieval_scores(bundle.two_tower, batch)
     p_click, watch = predict(bundle.ranker, batch)
     return pd.DataFrame({"p_click": p_click, "watch_time_ms_pred": watch,
                          "score": bundle.blend.score(p_click, watch)})
@@ -163,9 +164,10 @@ def embed_user(bundle: Bundle, user: Batch) -> np.ndarray:
 class RankingCatalog:
     """The ranker's item side of every catalog item, with one snapshot's item features.
 
-    ``tensors``: the ranker's item embeddings ``item`` and ``category`` (n, d) each, and
+    ``tensors``: the ranker's item embeddings ``item`` and ``category`` (n, d) each,
     ``static`` (n, 2d + 2 + I): creator and tag embeddings, then ``item_dense`` (the static
-    metadata columns and the snapshot's numeric item features); row ``positions[item_id]``.
+    metadata columns and the snapshot's numeric item features), and ``vector`` (n, dim): the
+    item tower's embedding (for the retrieval score); row ``positions[item_id]``.
     """
 
     rows: int  # len(bundle.catalog) when built
@@ -211,7 +213,10 @@ def _item_side(bundle: Bundle, items: Batch, dense: np.ndarray) -> dict[str, tor
     ranker = bundle.ranker.eval()
     t = {k: torch.from_numpy(np.ascontiguousarray(items[k]))
          for k in ("item_hash", "category", "creator", "tags")}
+    tower = bundle.two_tower.item_tower.eval()
     return {
+        "vector": tower(t["item_hash"], t["category"], t["creator"], t["tags"],
+                        torch.from_numpy(np.ascontiguousarray(items["item_dense"])).float()),
         "item": ranker.item_emb(t["item_hash"]),  # (n, d)
         "category": ranker.category_emb(t["category"]),  # (n, d)
         "static": torch.cat([ranker.creator_emb(t["creator"]), ranker.tag_emb(t["tags"]),
@@ -256,12 +261,15 @@ def score_candidates(bundle: Bundle, catalog: RankingCatalog,
     history = torch.from_numpy(np.concatenate([q.user["history"] for q in queries]))
     user_num = torch.from_numpy(np.concatenate([q.user["user_num"] for q in queries])).float()
     owner = torch.from_numpy(np.repeat(np.arange(len(queries)), sizes))
+    user_vec = bundle.two_tower.user_tower(user_hash, history, user_num)  # (Q, dim)
+    vector = catalog.tensors["vector"].index_select(0, rows)  # (B, dim)
+    retrieval = (user_vec.index_select(0, owner) * vector).sum(1, keepdim=True)  # (B, 1)
     user = ranker.user_emb(user_hash).index_select(0, owner)  # (B, d)
     hist = ranker.history_emb(history).index_select(0, owner)  # (B, d)
     width = 2 * ranker.cfg.emb_dim
     creator_tags, item_dense = static[:, :width], static[:, width:]
     x = torch.cat([user, item, hist, cat, creator_tags, hist * item, hist * cat,
-                   user_num.index_select(0, owner), item_dense], dim=1)  # (B, width)
+                   user_num.index_select(0, owner), item_dense, retrieval], dim=1)  # (B, width)
     h = ranker.bottom(x)  # (B, hidden)
     logit, wlog = ranker.click_head(h).squeeze(1), ranker.watch_head(h).squeeze(1)
     p_click = torch.sigmoid(logit).numpy().astype(np.float32)

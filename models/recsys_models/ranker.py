@@ -3,6 +3,12 @@
 - click head: logit of P(click), trained with binary cross entropy on every impression;
 - watch-time head: ``log1p(watch seconds)`` regression on rows whose watch time is known
   (masked elsewhere, e.g. on MovieLens, where it never is);
+- the retrieval score (the two-tower's cosine of user and item) is an input, so the ranker
+  re-orders the retrieved candidates knowing how strongly retrieval ranked them;
+- :class:`RankingTask` trains it on the impressions plus negatives that were never shown:
+  items the frozen two-tower retrieves for the same user (hard negatives). Sources without
+  real impressions (MovieLens: every row is a rated movie) then still teach "will engage among
+  the candidates", not only "liked, given watched";
 - :class:`Blend` turns both into one ranking score:
   ``click_weight * p_click + watch_weight * p_click * watch_pred_ms / watch_scale_ms``
   (the second term is the expected watch time, scaled).
@@ -19,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from recsys_models.data import EncoderSpec
+from recsys_models.two_tower import TwoTowerModel
 
 
 @dataclass(frozen=True)
@@ -29,6 +36,8 @@ class RankerConfig:
     hidden: int = 64
     watch_loss_weight: float = 0.5  # weight of the masked watch-time MSE next to the click BCE
     sparse: bool = True
+    negatives: int = 1  # never-shown negatives per training row, from the retrieval top-N
+    negatives_from_top: int = 100  # N: how deep in the user's retrieval list they are drawn
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -70,8 +79,9 @@ class Ranker(nn.Module):
         self.creator_emb = nn.Embedding(spec.creator_buckets, d, padding_idx=0, sparse=cfg.sparse)
         self.tag_emb = nn.EmbeddingBag(spec.tag_buckets, d, mode="mean", padding_idx=0,
                                        sparse=cfg.sparse)
-        # user, item, history, category, creator, tags, history*item, history*category
-        width = 8 * d + len(spec.user_features) + spec.item_dense_dim
+        # user, item, history, category, creator, tags, history*item, history*category,
+        # user numeric, item dense, retrieval score
+        width = 8 * d + len(spec.user_features) + spec.item_dense_dim + 1
         self.bottom = nn.Sequential(nn.Linear(width, cfg.hidden), nn.ReLU(),
                                     nn.Linear(cfg.hidden, cfg.hidden), nn.ReLU())
         self.click_head = nn.Linear(cfg.hidden, 1)
@@ -86,7 +96,7 @@ class Ranker(nn.Module):
                 self.user_emb(b["user_hash"]), item, hist, cat,
                 self.creator_emb(b["creator"]), self.tag_emb(b["tags"]),
                 hist * item, hist * cat,
-                b["user_num"], b["item_dense"],
+                b["user_num"], b["item_dense"], b["retrieval_score"][:, None],
             ],
             dim=1,
         )  # (B, width)
@@ -103,6 +113,77 @@ def ranker_loss(ranker: nn.Module, b: dict[str, Tensor], watch_weight: float) ->
     return bce + watch_weight * mse
 
 
+RETRIEVAL_USER_KEYS = ("user_hash", "history", "user_num")
+RETRIEVAL_ITEM_KEYS = ("item_hash", "category", "creator", "tags", "item_dense")
+
+
+class RankingTask(nn.Module):
+    """Ranker loss on impressions plus never-shown negatives drawn from retrieval.
+
+    The two-tower is frozen (trained first). Each batch row gets its retrieval score; then,
+    per row, ``cfg.negatives`` catalog items drawn uniformly from the user's retrieval
+    top-``negatives_from_top`` (the row's own item excluded) join as label-0 rows with no
+    watch time.
+    """
+
+    def __init__(self, ranker: nn.Module, two_tower: TwoTowerModel, cfg: RankerConfig,
+                 catalog: dict[str, Tensor] | None = None) -> None:
+        super().__init__()
+        self.ranker, self.cfg = ranker, cfg
+        self.two_tower = two_tower  # the raw TwoTowerModel (not DDP-wrapped), frozen
+        self.catalog = catalog
+        self.catalog_emb: Tensor | None = None
+
+    @torch.no_grad()
+    def prepare(self) -> None:
+        """Embeds the catalog with the (final) item tower; call once before the ranker phase."""
+        if self.catalog is None or self.cfg.negatives <= 0:
+            return
+        self.two_tower.eval()
+        tower = self.two_tower.item_tower
+        parts = []
+        n = self.catalog["item_hash"].shape[0]
+        for start in range(0, n, 8192):
+            t = {k: self.catalog[k][start:start + 8192] for k in RETRIEVAL_ITEM_KEYS}
+            parts.append(tower(t["item_hash"], t["category"], t["creator"], t["tags"],
+                               t["item_dense"].float()))
+        self.catalog_emb = torch.cat(parts)  # (N, dim)
+
+    def forward(self, b: dict[str, Tensor]) -> Tensor:
+        with torch.no_grad():
+            self.two_tower.eval()
+            u = self.two_tower.user_tower(b["user_hash"], b["history"], b["user_num"].float())
+            v = self.two_tower.item_tower(b["item_hash"], b["category"], b["creator"], b["tags"],
+                                          b["item_dense"].float())
+            batch = {**b, "retrieval_score": (u * v).sum(1)}  # (B,)
+            if self.catalog_emb is not None and self.catalog is not None:
+                batch = self._with_negatives(batch, u)
+        return ranker_loss(self.ranker, batch, self.cfg.watch_loss_weight)
+
+    def _with_negatives(self, b: dict[str, Tensor], u: Tensor) -> dict[str, Tensor]:
+        assert self.catalog_emb is not None and self.catalog is not None
+        scores = u @ self.catalog_emb.T  # (B, N)
+        depth = min(self.cfg.negatives_from_top, scores.shape[1])
+        top_scores, top = scores.topk(depth, dim=1)  # (B, depth)
+        pick = torch.randint(0, depth, (len(u), self.cfg.negatives), device=u.device)
+        rows = top.gather(1, pick).reshape(-1)  # (B * n,)
+        neg_scores = top_scores.gather(1, pick).reshape(-1)
+        owner = torch.arange(len(u), device=u.device).repeat_interleave(self.cfg.negatives)
+        neg = {k: b[k][owner] for k in RETRIEVAL_USER_KEYS}
+        neg |= {k: self.catalog[k][rows] for k in RETRIEVAL_ITEM_KEYS}
+        keep = neg["item_hash"] != b["item_hash"][owner]  # never the row's own item
+        n = int(keep.sum())
+        neg["retrieval_score"] = neg_scores
+        zeros = torch.zeros(len(owner), device=u.device)
+        neg |= {"clicked": zeros, "watch_log": zeros, "watch_mask": zeros}
+        out = {}
+        for key in (*RETRIEVAL_USER_KEYS, *RETRIEVAL_ITEM_KEYS, "retrieval_score", "clicked",
+                    "watch_log", "watch_mask"):
+            extra = neg[key][keep]
+            out[key] = torch.cat([b[key], extra.to(b[key].dtype)]) if n else b[key]
+        return out
+
+
 @torch.no_grad()
 def predict(ranker: Ranker, batch: dict[str, np.ndarray],
             batch_size: int = 8192) -> tuple[np.ndarray, np.ndarray]:
@@ -115,6 +196,7 @@ def predict(ranker: Ranker, batch: dict[str, np.ndarray],
              if k in _RANKER_KEYS}
         t["user_num"] = t["user_num"].float()
         t["item_dense"] = t["item_dense"].float()
+        t["retrieval_score"] = t["retrieval_score"].float()
         logit, wlog = ranker(t)
         probs.append(torch.sigmoid(logit).numpy())
         watch.append((torch.expm1(wlog.clamp(min=0, max=20)) * 1000.0).numpy())
@@ -124,4 +206,4 @@ def predict(ranker: Ranker, batch: dict[str, np.ndarray],
 
 
 _RANKER_KEYS = ("user_hash", "history", "user_num", "item_hash", "category", "creator", "tags",
-                "item_dense")
+                "item_dense", "retrieval_score")

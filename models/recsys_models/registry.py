@@ -150,7 +150,7 @@ def register_bundle(
                            ("bundle_version", bundle.version)):
             client.set_model_version_tag(name, version, key, value)
         if report is not None:
-            for metric in GATED_METRICS:
+            for metric in (*GATED_METRICS, BASELINE_METRIC, POPULARITY_METRIC):
                 client.set_model_version_tag(name, version, metric_key(metric),
                                              f"{report.metrics.get(metric, float('nan')):.6f}")
         client.set_registered_model_alias(name, CHALLENGER, version)
@@ -192,6 +192,21 @@ class PromotionResult:
     champion_metrics: dict[str, float] = field(default_factory=dict)
 
 
+BASELINE_METRIC = "final/recall@50"  # what users receive, against popularity's
+POPULARITY_METRIC = "popularity/recall@50"
+
+
+def baseline_gate(challenger: dict[str, float], margin: float) -> list[str]:
+    """Reasons to refuse a version that does not beat popularity by ``margin`` (relative) on
+    the same holdout; applies to every version, the first one included."""
+    new = challenger.get(BASELINE_METRIC, float("nan"))
+    pop = challenger.get(POPULARITY_METRIC, float("nan"))
+    if new == new and pop == pop and new >= pop * (1.0 + margin):
+        return []
+    return [f"{BASELINE_METRIC} {new:.4f} < {POPULARITY_METRIC} {pop:.4f} + {margin:.0%} "
+            f"(needs >= {pop * (1.0 + margin):.4f})"]
+
+
 def gate(challenger: dict[str, float], champion: dict[str, float], tolerance: float,
          metrics: tuple[str, ...] = GATED_METRICS) -> list[str]:
     """Reasons to refuse: each gated metric where challenger < champion * (1 - tolerance)."""
@@ -223,15 +238,18 @@ def promote(
     result = PromotionResult(False, challenger, champion)
     result.challenger_metrics = evaluate_bundle(load_alias(settings, CHALLENGER), train,
                                                 holdout).metrics
+    result.reasons = baseline_gate(result.challenger_metrics,
+                                   settings.mlflow.popularity_margin)
     if champion is not None and champion != challenger:
         result.champion_metrics = evaluate_bundle(load_alias(settings, CHAMPION), train,
                                                   holdout).metrics
-        result.reasons = gate(result.challenger_metrics, result.champion_metrics,
-                              settings.mlflow.promotion_tolerance)
+        result.reasons += gate(result.challenger_metrics, result.champion_metrics,
+                               settings.mlflow.promotion_tolerance)
     result.promoted = force or not result.reasons
     now = datetime.now(UTC).isoformat()
     what = {m: {"challenger": result.challenger_metrics.get(m),
-                "champion": result.champion_metrics.get(m)} for m in GATED_METRICS}
+                "champion": result.champion_metrics.get(m)}
+            for m in (*GATED_METRICS, BASELINE_METRIC, POPULARITY_METRIC)}
     tags = {
         "gate.decision": "promoted" if result.promoted else "refused",
         "gate.who": who, "gate.why": why, "gate.when": now,

@@ -1,9 +1,13 @@
 """Training: a ``train_func(config)`` Ray Train worker, a thin TorchTrainer driver, and an
 in-process loop that shares the same step code (for notebooks, tests and single-process runs).
 
-Each epoch trains the two-tower on the clicked rows (its own dataset shard) and the ranker on
-every impression; rank 0 writes a checkpoint every epoch (models, optimizers, per-epoch metrics),
-and a restarted worker group resumes from the last one (``FailureConfig``). Workers use DDP over
+Two phases share one epoch counter. Retrieval epochs train the two-tower on next-item examples
+(every engagement with its point-in-time history; its own dataset shard) under a warm-up +
+cosine learning-rate schedule, scored after each epoch on a validation split taken by time
+from the training rows; training stops after ``patience`` epochs without improvement and the
+best epoch's weights are kept. Ranker epochs then train the ranker on every impression. Rank 0
+writes a checkpoint every epoch (models, optimizers, phase, best weights, per-epoch metrics) and
+a restarted worker group resumes from the last one (``FailureConfig``). Workers use DDP over
 gloo on CPU and NCCL when ``use_gpu`` (embeddings are then dense: NCCL has no sparse all-reduce).
 """
 
@@ -27,8 +31,9 @@ from torch import Tensor, nn
 
 from recsys_models.data import Batch, EncoderSpec, encode_items, encode_rows
 from recsys_models.errors import EmptyTrainingSetError, TrainingFailedError
-from recsys_models.ranker import Ranker, RankerConfig, ranker_loss
+from recsys_models.ranker import Ranker, RankerConfig, RankingTask
 from recsys_models.two_tower import RetrievalTask, TwoTowerConfig, TwoTowerModel
+from recsys_models.validation import ValidationSet, validation_recall
 from recsys_platform.atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -40,10 +45,15 @@ STATE_FILE = "state.pt"
 class TrainConfig:
     """What and how long to train; every field has a working default."""
 
-    epochs: int = 2
+    epochs: int = 8  # most retrieval epochs (early stopping usually ends sooner)
+    ranker_epochs: int = 1  # ranker epochs after the retrieval phase
+    patience: int = 2  # retrieval epochs without a better validation recall before stopping
     batch_size: int = 256  # per worker; 1024 gives demo-sized snapshots too few steps
-    lr: float = 3e-3  # Adam, dense parameters
-    sparse_lr: float = 3e-2  # SparseAdam, embedding tables
+    lr: float = 3e-3  # Adam, dense parameters (peak of the schedule)
+    sparse_lr: float = 3e-2  # SparseAdam, embedding tables (peak of the schedule)
+    warmup: float = 0.05  # share of the retrieval steps with a linear learning-rate warm-up
+    lr_floor: float = 0.5  # the cosine decay ends at this fraction of the peak
+    validation_fraction: float = 0.1  # last share of the training period used to early-stop
     seed: int = 7
     two_tower: TwoTowerConfig = field(default_factory=TwoTowerConfig)
     ranker: RankerConfig = field(default_factory=RankerConfig)
@@ -113,46 +123,138 @@ def to_tensors(batch: dict[str, Any], device: torch.device | None = None) -> dic
     return out
 
 
+def lr_factor(step: int, total: int, warmup: float, floor: float) -> float:
+    """Linear warm-up over ``warmup * total`` steps, then cosine decay to ``floor``."""
+    total = max(total, 1)
+    ramp = max(int(warmup * total), 1)
+    if step < ramp:
+        return (step + 1) / ramp
+    progress = min((step - ramp) / max(total - ramp, 1), 1.0)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + float(np.cos(np.pi * progress)))
+
+
 @dataclass
 class _Loops:
     """The two training tasks and their optimizers (plain or DDP-wrapped models)."""
 
     retrieval: RetrievalTask
-    ranker: nn.Module
+    ranker: RankingTask
     retrieval_opts: list[torch.optim.Optimizer]
     ranker_opts: list[torch.optim.Optimizer]
     cfg: TrainConfig
+    total_steps: int = 1  # retrieval steps the schedule spans (all epochs)
+    step: int = 0  # retrieval steps taken so far
+    base_lrs: list[float] = field(default_factory=list)
 
-    def run_epoch(
-        self, retrieval_batches: Iterable[dict[str, Tensor]],
-        ranking_batches: Iterable[dict[str, Tensor]],
+    def __post_init__(self) -> None:
+        self.base_lrs = [g["lr"] for o in self.retrieval_opts for g in o.param_groups]
+
+    def _schedule(self) -> None:
+        factor = lr_factor(self.step, self.total_steps, self.cfg.warmup, self.cfg.lr_floor)
+        groups = [g for o in self.retrieval_opts for g in o.param_groups]
+        for group, base in zip(groups, self.base_lrs, strict=True):
+            group["lr"] = base * factor
+
+    def retrieval_epoch(
+        self, batches: Iterable[dict[str, Tensor]],
         on_step: Callable[[str, int, dict[str, Tensor]], None] | None = None,
     ) -> dict[str, float]:
         cap = self.cfg.max_steps_per_epoch
         self.retrieval.train()
-        self.ranker.train()
-        losses: dict[str, list[float]] = {"retrieval_loss": [], "ranker_loss": []}
+        losses: list[float] = []
         rows = 0
-        for i, b in enumerate(retrieval_batches):
+        for i, b in enumerate(batches):
             if cap is not None and i >= cap:
                 break
-            losses["retrieval_loss"].append(step(partial(self.retrieval, b),
-                                                 self.retrieval_opts))
+            self._schedule()
+            losses.append(step(partial(self.retrieval, b), self.retrieval_opts))
+            self.step += 1
             rows += len(b["item_hash"])
             if on_step:
                 on_step("retrieval", i, b)
-        if self.cfg.train_ranker:
-            w = self.cfg.ranker.watch_loss_weight
-            for i, b in enumerate(ranking_batches):
-                if cap is not None and i >= cap:
-                    break
-                losses["ranker_loss"].append(step(partial(ranker_loss, self.ranker, b, w),
-                                                  self.ranker_opts))
-                if on_step:
-                    on_step("ranking", i, b)
-        out = {k: float(np.mean(v)) if v else float("nan") for k, v in losses.items()}
-        out["retrieval_rows"] = float(rows)
-        return out
+        return {"retrieval_loss": float(np.mean(losses)) if losses else float("nan"),
+                "retrieval_rows": float(rows)}
+
+    def ranker_epoch(
+        self, batches: Iterable[dict[str, Tensor]],
+        on_step: Callable[[str, int, dict[str, Tensor]], None] | None = None,
+    ) -> dict[str, float]:
+        cap = self.cfg.max_steps_per_epoch
+        self.ranker.ranker.train()
+        if self.ranker.catalog_emb is None:
+            self.ranker.prepare()  # the two-tower is final: embed the catalog once
+        losses: list[float] = []
+        for i, b in enumerate(batches):
+            if cap is not None and i >= cap:
+                break
+            losses.append(step(partial(self.ranker, b), self.ranker_opts))
+            if on_step:
+                on_step("ranking", i, b)
+        return {"ranker_loss": float(np.mean(losses)) if losses else float("nan")}
+
+
+@dataclass
+class _Progress:
+    """Where the two phases stand; saved in every checkpoint."""
+
+    epoch: int = 0  # next epoch index (both phases count)
+    retrieval_epochs: int = 0
+    ranker_epochs: int = 0
+    best: float = -1.0  # best validation recall (retrieval phase)
+    best_state: dict[str, Any] | None = None  # two-tower weights of the best epoch
+    bad: int = 0  # retrieval epochs since the best one
+    stopped: bool = False
+
+    def retrieval_done(self, cfg: TrainConfig) -> bool:
+        return self.stopped or self.retrieval_epochs >= cfg.epochs
+
+    def done(self, cfg: TrainConfig) -> bool:
+        ranker_epochs = cfg.ranker_epochs if cfg.train_ranker else 0
+        return self.retrieval_done(cfg) and self.ranker_epochs >= ranker_epochs
+
+    def after_retrieval_epoch(self, cfg: TrainConfig, model: nn.Module,
+                              score: float | None) -> None:
+        """Early-stopping bookkeeping; keeps a copy of the best weights."""
+        self.retrieval_epochs += 1
+        if score is None:  # no validation set: keep the last epoch
+            return
+        if score > self.best:
+            self.best, self.bad = score, 0
+            self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            self.bad += 1
+            self.stopped = self.bad >= cfg.patience
+
+    def restore_best(self, model: nn.Module) -> None:
+        if self.best_state is not None:
+            model.load_state_dict(self.best_state)
+
+
+def _run_epoch(loops: _Loops, progress: _Progress, two_tower: TwoTowerModel,
+               validation: ValidationSet | None,
+               retrieval_batches: Callable[[], Iterable[dict[str, Tensor]]],
+               ranking_batches: Callable[[], Iterable[dict[str, Tensor]]],
+               on_step: Callable[[str, int, dict[str, Tensor]], None] | None = None,
+               ) -> dict[str, float]:
+    """One epoch of whichever phase is current; returns its metrics record."""
+    if not progress.retrieval_done(loops.cfg):
+        metrics = loops.retrieval_epoch(retrieval_batches(), on_step)
+        score = validation_recall(two_tower, validation) if validation is not None else None
+        progress.after_retrieval_epoch(loops.cfg, two_tower, score)
+        metrics["phase"] = 0.0
+        if score is not None:
+            metrics[f"val_recall@{validation.k}"] = score  # type: ignore[union-attr]
+        if progress.retrieval_done(loops.cfg):
+            progress.restore_best(two_tower)
+    else:
+        metrics = loops.ranker_epoch(ranking_batches(), on_step)
+        progress.ranker_epochs += 1
+        metrics["phase"] = 1.0
+    metrics["lr_factor"] = lr_factor(loops.step, loops.total_steps, loops.cfg.warmup,
+                                     loops.cfg.lr_floor)
+    record = {"epoch": float(progress.epoch), **metrics}
+    progress.epoch += 1
+    return record
 
 
 def _numpy_batches(data: Batch, batch_size: int, seed: int) -> Iterator[dict[str, Tensor]]:
@@ -166,8 +268,14 @@ def _numpy_batches(data: Batch, batch_size: int, seed: int) -> Iterator[dict[str
 def fit_local(
     rows: pd.DataFrame, catalog: pd.DataFrame, spec: EncoderSpec, cfg: TrainConfig,
     log_q: tuple[dict[str, float], float] | None = None,
+    validation: ValidationSet | None = None,
 ) -> TrainedModels:
-    """Trains both models in this process (same step code as the Ray Train worker)."""
+    """Trains both models in this process (same step code as the Ray Train worker).
+
+    ``rows`` carry point-in-time ``user_history`` (see :mod:`recsys_models.sequences`);
+    ``validation`` (from :func:`~recsys_models.validation.build_validation`) enables early
+    stopping.
+    """
     from recsys_models.data import item_log_q
 
     torch.set_num_threads(cfg.threads_per_worker)
@@ -177,32 +285,42 @@ def fit_local(
     if len(positives["item_hash"]) < 2:
         raise EmptyTrainingSetError("fewer than two clicked rows")
     two_tower, ranker = build_models(spec, cfg)
-    loops = _make_loops(two_tower, ranker, two_tower, cfg, _catalog_tensors(catalog, spec, cfg))
-    history = []
-    for epoch in range(cfg.epochs):
-        seed = cfg.seed + epoch
-        metrics = loops.run_epoch(_numpy_batches(positives, cfg.batch_size, seed),
-                                  _numpy_batches(encoded, cfg.batch_size, seed))
-        history.append({"epoch": float(epoch), **metrics})
-        logger.info("epoch %d: %s", epoch, metrics)
+    steps = max(len(positives["item_hash"]) // cfg.batch_size, 1)
+    if cfg.max_steps_per_epoch is not None:
+        steps = min(steps, cfg.max_steps_per_epoch)
+    loops = _make_loops(two_tower, ranker, two_tower, cfg, _catalog_tensors(catalog, spec, cfg),
+                        total_steps=steps * cfg.epochs)
+    progress, history = _Progress(), []
+    while not progress.done(cfg):
+        seed = cfg.seed + progress.epoch
+        record = _run_epoch(loops, progress, two_tower, validation,
+                            partial(_numpy_batches, positives, cfg.batch_size, seed),
+                            partial(_numpy_batches, encoded, cfg.batch_size, seed))
+        history.append(record)
+        logger.info("epoch %d: %s", int(record["epoch"]), record)
     return TrainedModels(two_tower.eval(), ranker.eval(), spec, cfg, history)
 
 
 def _catalog_tensors(catalog: pd.DataFrame | None, spec: EncoderSpec,
                      cfg: TrainConfig) -> dict[str, Tensor] | None:
-    if catalog is None or cfg.two_tower.random_negatives <= 0:
+    """Encoded catalog items for random retrieval negatives and the ranker's negatives."""
+    wanted = cfg.two_tower.random_negatives > 0 or (cfg.train_ranker and cfg.ranker.negatives > 0)
+    if catalog is None or not wanted:
         return None
     return to_tensors(encode_items(catalog, spec))
 
 
 def _make_loops(two_tower: nn.Module, ranker: nn.Module, raw_two_tower: TwoTowerModel,
-                cfg: TrainConfig, catalog: dict[str, Tensor] | None) -> _Loops:
+                cfg: TrainConfig, catalog: dict[str, Tensor] | None,
+                total_steps: int = 1) -> _Loops:
     return _Loops(
-        retrieval=RetrievalTask(two_tower, cfg.two_tower, catalog),
-        ranker=ranker,
+        retrieval=RetrievalTask(two_tower, cfg.two_tower,
+                                catalog if cfg.two_tower.random_negatives > 0 else None),
+        ranker=RankingTask(ranker, raw_two_tower, cfg.ranker, catalog),
         retrieval_opts=make_optimizers(raw_two_tower, cfg),
         ranker_opts=make_optimizers(ranker, cfg),
         cfg=cfg,
+        total_steps=total_steps,
     )
 
 
@@ -222,9 +340,11 @@ def _flat_params(module: nn.Module) -> np.ndarray:
 def train_func(config: dict[str, Any]) -> None:
     """Ray Train worker: builds the models, resumes from a checkpoint, trains, reports.
 
-    ``config`` holds ``cfg`` (:class:`TrainConfig`), ``spec`` (:class:`EncoderSpec`) and
-    ``catalog`` (catalog frame, for random negatives, or None). Datasets ``retrieval`` and
-    ``ranking`` come from the trainer (encoded rows).
+    ``config`` holds ``cfg`` (:class:`TrainConfig`), ``spec`` (:class:`EncoderSpec`),
+    ``catalog`` (catalog frame, for random negatives, or None), ``validation``
+    (:class:`~recsys_models.validation.ValidationSet` or None) and ``retrieval_steps`` (steps
+    per retrieval epoch per worker, for the schedule). Datasets ``retrieval`` and ``ranking``
+    come from the trainer (encoded rows).
     """
     import ray.train
     import ray.train.torch
@@ -232,12 +352,13 @@ def train_func(config: dict[str, Any]) -> None:
 
     cfg: TrainConfig = config["cfg"]
     spec: EncoderSpec = config["spec"]
+    validation: ValidationSet | None = config.get("validation")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg.threads_per_worker)
     two_tower, ranker = build_models(spec, cfg)
     loops_state: dict[str, Any] | None = None
-    start_epoch, history, restores = 0, [], 0
+    progress, history, restores = _Progress(), [], 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -245,25 +366,31 @@ def train_func(config: dict[str, Any]) -> None:
         assert loops_state is not None
         two_tower.load_state_dict(loops_state["two_tower"])
         ranker.load_state_dict(loops_state["ranker"])
-        start_epoch = int(loops_state["epoch"]) + 1
+        progress = loops_state["progress"]
         history = list(loops_state["history"])
         restores = int(loops_state["restores"]) + 1
-        logger.info("rank %d resumed from epoch %d", rank, start_epoch - 1)
+        logger.info("rank %d resumed at epoch %d", rank, progress.epoch)
     device = ray.train.torch.get_device()
     wrapped_tt = ray.train.torch.prepare_model(two_tower)
     wrapped_rk = ray.train.torch.prepare_model(ranker)
     catalog = _catalog_tensors(config.get("catalog"), spec, cfg)
     if catalog is not None:
         catalog = {k: v.to(device) for k, v in catalog.items()}
-    loops = _make_loops(wrapped_tt, wrapped_rk, two_tower, cfg, catalog)
+    steps = int(config.get("retrieval_steps") or 1)
+    if cfg.max_steps_per_epoch is not None:
+        steps = min(steps, cfg.max_steps_per_epoch)
+    loops = _make_loops(wrapped_tt, wrapped_rk, two_tower, cfg, catalog,
+                        total_steps=steps * cfg.epochs)
     if loops_state is not None:
         for opt, s in zip(loops.retrieval_opts + loops.ranker_opts, loops_state["optimizers"],
                           strict=True):
             opt.load_state_dict(s)
+        loops.step = int(loops_state["step"])
     retrieval_shard = ray.train.get_dataset_shard("retrieval")
     ranking_shard = ray.train.get_dataset_shard("ranking")
 
-    for epoch in range(start_epoch, cfg.epochs):
+    while not progress.done(cfg):
+        epoch = progress.epoch
         seen: list[np.ndarray] = []
 
         def on_step(task: str, i: int, b: dict[str, Tensor], epoch: int = epoch,
@@ -280,12 +407,14 @@ def train_func(config: dict[str, Any]) -> None:
                 local_shuffle_seed=cfg.seed + epoch + 1000 * rank,
             ))
 
-        metrics = loops.run_epoch(batches(retrieval_shard), batches(ranking_shard), on_step)
+        record = _run_epoch(loops, progress, two_tower, validation,
+                            partial(batches, retrieval_shard), partial(batches, ranking_shard),
+                            on_step)
         if world > 1:
-            values = torch.tensor([metrics["retrieval_loss"], metrics["ranker_loss"]])
+            keys = [k for k in ("retrieval_loss", "ranker_loss") if k in record]
+            values = torch.tensor([record[k] for k in keys])
             torch.distributed.all_reduce(values)
-            metrics["retrieval_loss"], metrics["ranker_loss"] = (values / world).tolist()
-        record = {"epoch": float(epoch), **metrics}
+            record.update(zip(keys, (values / world).tolist(), strict=True))
         history.append(record)
         if cfg.trace_dir is not None:
             np.savez(Path(cfg.trace_dir) / f"rank-{rank}-epoch-{epoch}.npz",
@@ -297,7 +426,8 @@ def train_func(config: dict[str, Any]) -> None:
                 torch.save({"two_tower": two_tower.state_dict(), "ranker": ranker.state_dict(),
                             "optimizers": [o.state_dict() for o in
                                            loops.retrieval_opts + loops.ranker_opts],
-                            "epoch": epoch, "history": history, "restores": restores},
+                            "progress": progress, "step": loops.step,
+                            "history": history, "restores": restores},
                            Path(tmp) / STATE_FILE)
                 ckpt = Checkpoint.from_directory(tmp)
             # V2: Result.metrics is only filled from reports that carry a checkpoint.
@@ -336,6 +466,7 @@ def fit(
     datasets: dict[str, Any], spec: EncoderSpec, cfg: TrainConfig, *,
     num_workers: int, storage_path: str, name: str, use_gpu: bool = False,
     max_failures: int = 1, catalog: pd.DataFrame | None = None,
+    validation: ValidationSet | None = None,
 ) -> TrainedModels:
     """Runs :func:`train_func` on ``num_workers`` Ray Train workers and loads the result.
 
@@ -350,7 +481,10 @@ def fit(
                       ranker=replace(cfg.ranker, sparse=False))
     trainer = TorchTrainer(
         train_func,
-        train_loop_config={"cfg": cfg, "spec": spec, "catalog": catalog},
+        train_loop_config={
+            "cfg": cfg, "spec": spec, "catalog": catalog, "validation": validation,
+            "retrieval_steps": datasets["retrieval"].count() // (cfg.batch_size * num_workers),
+        },
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": 1}),
         run_config=RunConfig(

@@ -21,7 +21,10 @@ from recsys_models.bundle import Bundle, build_bundle
 from recsys_models.data import CategoryIndex, EncoderSpec, item_log_q, read_snapshot, snapshot_dir
 from recsys_models.evaluate import EvaluationReport, evaluate_bundle
 from recsys_models.registry import Registered, register_bundle
+from recsys_models.sequences import engaged_mask, pit_histories
 from recsys_models.train import TrainConfig, TrainedModels, fit, prepare_datasets
+from recsys_models.validation import build_validation, split_for_validation
+from recsys_platform.features import HISTORY_LENGTH
 from recsys_platform.runtime import ensure_ray
 from recsys_platform.settings import Settings
 
@@ -93,7 +96,8 @@ def split_snapshot(settings: Settings, snapshot_id: str | None = None,
     train = ds.map_batches(before, batch_format="pyarrow")
     holdout = _arrow_to_pandas(ds.map_batches(after, batch_format="pyarrow"))
     labels = _arrow_to_pandas(train.select_columns(EVAL_COLUMNS))
-    return Split(path.name, cutoff, train, labels, holdout.reset_index(drop=True))
+    _, holdout = with_pit_histories(labels, holdout.reset_index(drop=True), HISTORY_LENGTH)
+    return Split(path.name, cutoff, train, labels, holdout)
 
 
 @dataclass
@@ -108,28 +112,53 @@ class TrainOutcome:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+def with_pit_histories(train: pd.DataFrame, holdout: pd.DataFrame, length: int
+                       ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Replaces the snapshot's daily ``user_history`` with each row's exact point-in-time
+    engagement sequence (what serving has online: stream recent items, then batch history).
+    Holdout rows see training engagements and earlier holdout ones, never their own."""
+    both = pd.concat([train, holdout], ignore_index=True)
+    histories = pit_histories(both, engaged_mask(both), length)
+    train = train.assign(user_history=histories[: len(train)])
+    holdout = holdout.assign(user_history=histories[len(train):])
+    return train, holdout
+
+
 def train_evaluate_register(
     settings: Settings, cfg: TrainConfig, *, snapshot_id: str | None = None,
     workers: int | None = None, register: bool = True, spec_overrides: dict[str, Any] | None =
     None,
 ) -> TrainOutcome:
-    """Trains both models on Ray Train, builds the bundle, evaluates it and registers it."""
+    """Trains both models on Ray Train, builds the bundle, evaluates it and registers it.
+
+    The training rows get point-in-time engagement histories; the last
+    ``cfg.validation_fraction`` of the training period is held out for early stopping (the
+    models train on the rows before it), and the holdout is only used for the report.
+    """
+    import ray.data
+
     ensure_ray(settings)
     t0 = datetime.now(UTC)
     split = split_snapshot(settings, snapshot_id)
     catalog = load_catalog(settings, split.holdout)
     spec = EncoderSpec.from_catalog(catalog, list(split.holdout.columns), **(spec_overrides or {}))
     CategoryIndex(spec)  # validates the vocabulary early
-    positives = split.train_labels.loc[split.train_labels["clicked"] == 1, "item_id"]
-    datasets = prepare_datasets(split.train, spec, item_log_q(positives))
+    train_rows, _ = with_pit_histories(_arrow_to_pandas(split.train), split.holdout.iloc[:0],
+                                       spec.history_length)
+    fit_rows, val_rows, val_cut = split_for_validation(train_rows, cfg.validation_fraction)
+    published = pd.to_datetime(catalog["published_at"], utc=True)
+    validation = build_validation(fit_rows, val_rows, catalog[published < val_cut], spec,
+                                  set(fit_rows["item_id"]))
+    positives = fit_rows.loc[fit_rows["clicked"] == 1, "item_id"]
+    datasets = prepare_datasets(ray.data.from_pandas(fit_rows.reset_index(drop=True)), spec,
+                                item_log_q(positives))
     t1 = datetime.now(UTC)
     run_name = f"train-{t1:%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
     trained = fit(datasets, spec, cfg, num_workers=workers or settings.ray.train_workers,
                   use_gpu=settings.ray.use_gpu,
                   storage_path=str((settings.data_dir / "ray_results").resolve()),
-                  name=run_name, catalog=catalog)
+                  name=run_name, catalog=catalog, validation=validation)
     t2 = datetime.now(UTC)
-    published = pd.to_datetime(catalog["published_at"], utc=True)
     bundle = build_bundle(
         trained.two_tower, trained.ranker, spec, catalog[published < split.cutoff],
         set(split.train_labels["item_id"]), version=run_name,
@@ -140,7 +169,9 @@ def train_evaluate_register(
     registered = None
     if register:
         params = {"workers": workers or settings.ray.train_workers, **_flat(cfg.to_dict()),
-                  "snapshot_id": split.snapshot_id, "cutoff": split.cutoff.isoformat()}
+                  "snapshot_id": split.snapshot_id, "cutoff": split.cutoff.isoformat(),
+                  "validation_cutoff": val_cut.isoformat(),
+                  "validation_users": validation.size if validation is not None else 0}
         registered = register_bundle(settings, bundle, params=params, history=trained.history,
                                      report=report, run_name=run_name)
     t4 = datetime.now(UTC)

@@ -55,6 +55,7 @@ class MlflowSettings(_Section):
     experiment: str = "recsys"
     model_name: str = "recsys-bundle"
     promotion_tolerance: float = Field(default=0.01, ge=0.0, le=1.0)
+    popularity_margin: float = Field(default=0.10, ge=0.0)  # final recall@50 >= pop * (1 + m)
 
 
 class PrefectSettings(_Section):

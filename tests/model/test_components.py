@@ -85,6 +85,7 @@ def test_retrieval_loss_masks_duplicate_items_and_applies_logq() -> None:
 def test_ranker_loss_is_finite_when_watch_time_is_never_known() -> None:
     ranker = Ranker(SPEC, RankerConfig(emb_dim=4, hidden=8, sparse=False))
     batch = to_tensors(encode_rows(_rows(watch=np.nan), SPEC))
+    batch["retrieval_score"] = torch.zeros(len(batch["clicked"]))
     assert batch["watch_mask"].sum() == 0
     loss = ranker_loss(ranker, batch, 0.5)
     loss.backward()
