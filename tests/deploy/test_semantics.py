@@ -255,7 +255,7 @@ def _pod_labels(obj: Manifest) -> dict[str, str]:
 
 
 def test_default_autoscaling_is_the_k8s_profile(rendered: dict[str, list[Manifest]]) -> None:
-    serving = load_settings("k8s").serving
+    serving = load_settings("k8s", secrets=False).serving
     config = yaml.safe_load(one(rendered["default"], "RayService")["spec"]["serveConfigV2"])
     autoscaling = config["applications"][0]["deployments"][0]["autoscaling_config"]
     assert autoscaling == {"min_replicas": serving.min_replicas,
