@@ -32,9 +32,17 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import generate_latest
 from ray import serve
 
+from recsys_platform.errors import InvalidRequestError
 from recsys_platform.serving.factory import build_recommender, warm_up
 from recsys_platform.serving.recommender import Prepared, rank_many
-from recsys_platform.serving.schemas import RecommendRequest, RecommendResponse
+from recsys_platform.serving.schemas import (
+    MAX_BODY_BYTES,
+    RecommendRequest,
+    RecommendResponse,
+    parse_request,
+    request_json_schema,
+    validation_reasons,
+)
 from recsys_platform.settings import load_settings
 
 logger = logging.getLogger(__name__)
@@ -46,13 +54,31 @@ api = FastAPI(
 )
 
 
+def refusal(status: int, reasons: list[str]) -> JSONResponse:
+    """The documented error shape: ``{"error": "invalid request", "reasons": [...]}``."""
+    error = "request too large" if status == 413 else "invalid request"
+    return JSONResponse(status_code=status, content={"error": error, "reasons": reasons})
+
+
 @api.exception_handler(RequestValidationError)
 async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-    reasons = [
-        f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}"
-        for e in exc.errors()
-    ]
-    return JSONResponse(status_code=422, content={"error": "invalid request", "reasons": reasons})
+    return refusal(422, validation_reasons(list(exc.errors())))
+
+
+async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes
+    (from ``Content-Length``, else while it streams in: nothing past the limit is kept)."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise InvalidRequestError([f"body: larger than {limit} bytes"], status=413)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise InvalidRequestError([f"body: larger than {limit} bytes"], status=413)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 @serve.deployment(
@@ -118,9 +144,18 @@ class RecommenderDeployment:
     def metrics(self) -> PlainTextResponse:
         return PlainTextResponse(generate_latest(self.recommender.metrics.registry).decode())
 
-    @api.post("/recommend", response_model=RecommendResponse)
-    async def recommend(self, body: RecommendRequest) -> Any:
+    @api.post("/recommend", response_model=RecommendResponse, openapi_extra={
+        "requestBody": {"required": True, "content": {"application/json": {
+            "schema": request_json_schema()}}}})
+    async def recommend(self, request: Request) -> Any:
         metrics = self.recommender.metrics
+        try:
+            body = parse_request(await read_body(request))
+        except InvalidRequestError as exc:  # one bounded line; nothing else is written
+            metrics.rejections.labels("too_large" if exc.status == 413 else "invalid").inc()
+            metrics.requests.labels(str(exc.status)).inc()
+            logger.info("refused a request (%d): %s", exc.status, "; ".join(exc.reasons)[:300])
+            return refusal(exc.status, exc.reasons)
         if self._in_flight >= self.admission_limit:
             metrics.rejections.labels("overload").inc()
             metrics.requests.labels("503").inc()
