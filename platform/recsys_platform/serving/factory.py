@@ -175,6 +175,11 @@ def serving_store(settings: Settings, timeout_s: float | None = None) -> Any:
     return FeatureStore(repo_path=str(repo_path(settings)), config=repo_config)
 
 
+def impressions_wal_dir(settings: Settings) -> Path:
+    """The write-ahead folder of the impression log (one per data dir, shared by replicas)."""
+    return settings.data_dir / "serving" / "impressions-wal"
+
+
 def build_recommender(settings: Settings) -> tuple[Recommender, ItemCache]:
     """Builds the whole serving object graph and starts its background refreshers."""
     metrics = ServingMetrics()
@@ -207,7 +212,7 @@ def build_recommender(settings: Settings) -> tuple[Recommender, ItemCache]:
     stream_dir = Path(settings.path(settings.flink.stream_dir))
     impressions = ImpressionLogger(settings.landing_dir,
                                    stream_dir if settings.flink.source == "file" else None,
-                                   flush_every=500)
+                                   flush_every=500, wal_dir=impressions_wal_dir(settings))
     impressions.start()
     privacy = settings.privacy
     options = ServingOptions(candidates=settings.serving.candidates,
