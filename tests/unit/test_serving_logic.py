@@ -326,3 +326,51 @@ def test_an_empty_online_store_is_reported_not_served_as_cold_start() -> None:
     cold = Recommender(_manager({"1": TinyBundle("1")}, ["1"]), Features(known=False), None,
                        ServingMetrics()).recommend(RecommendRequest(user_id="new", k=3))
     assert cold.degraded == []  # a populated store: an unknown user is a new user
+
+
+def test_a_restart_on_a_broken_champion_serves_the_last_good_version(tmp_path: Any) -> None:
+    """Before: a replica (re)started while the alias named a broken version served popular
+    items only, and /readyz was 503, for as long as the alias stayed broken."""
+    from recsys_platform.serving.bundle_manager import LastGood
+
+    versions = {"1": TinyBundle("1"), "2": TinyBundle("broken"),
+                "3": TinyBundle("3", fail_rank=True), "4": TinyBundle("4")}
+    last_good = LastGood(tmp_path / "last_good.json", "recsys-bundle")
+
+    def manager(alias: list[str], metrics: ServingMetrics) -> BundleManager:
+        def load(v: str) -> TinyBundle:
+            if versions[v].version == "broken":
+                raise OSError("artifact missing")
+            return versions[v]
+
+        def smoke(bundle: TinyBundle) -> None:
+            if bundle.fail_rank:
+                raise ValueError("smoke ranking failed")
+
+        built = BundleManager(lambda: alias[0], load, smoke, metrics, last_good)
+        built.refresh()
+        return built
+
+    first = manager(["1"], ServingMetrics())
+    assert first.current is not None and not first.fallback and last_good.read() == "1"
+    for broken in ("2", "3"):  # a restart while the alias names a broken version
+        metrics = ServingMetrics()
+        alias = [broken]
+        restarted = manager(alias, metrics)
+        assert restarted.current is not None and restarted.current.version == "1"
+        assert restarted.fallback and restarted.champion_version == broken
+        assert restarted.rejected_versions == {broken}
+        assert metrics.bundle_fallback._value.get() == 1
+        assert last_good.read() == "1"  # a fallback is not a new last good version
+        alias[0] = "4"  # the alias is fixed
+        assert restarted.refresh() and restarted.current.version == "4"
+        assert not restarted.fallback and metrics.bundle_fallback._value.get() == 0
+        assert last_good.read() == "4"
+        last_good.write("1")
+    assert LastGood(tmp_path / "last_good.json", "another-model").read() is None
+    def missing(version: str) -> TinyBundle:
+        raise OSError(f"version {version}: artifact missing")
+
+    nothing = BundleManager(lambda: "2", missing, lambda b: None, ServingMetrics(),
+                            LastGood(tmp_path / "none.json", "recsys-bundle"))
+    assert not nothing.refresh() and nothing.current is None  # no last good version anywhere

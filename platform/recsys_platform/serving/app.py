@@ -131,10 +131,13 @@ class RecommenderDeployment:
 
     @api.get("/readyz")
     def readyz(self) -> JSONResponse:
-        current = self.recommender.manager.current
+        manager = self.recommender.manager
+        current = manager.current
         body: dict[str, Any] = {"bundle_version": current.version if current else None,
-                                "rejected_versions": sorted(
-                                    self.recommender.manager.rejected_versions),
+                                "champion_version": manager.champion_version,
+                                "fallback": manager.fallback,  # serving the last good version
+                                "rejected_versions": sorted(manager.rejected_versions),
+                                "last_error": (manager.last_error or "")[:300] or None,
                                 "item_cache_age_s": self.cache.age_s()}
         ready = current is not None
         return JSONResponse(status_code=200 if ready else 503,

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 from recsys_models.bundle import Bundle
 from recsys_models.fast_rank import ranking_catalog
 from recsys_platform.features import HISTORY_LENGTH
-from recsys_platform.serving.bundle_manager import BundleManager
+from recsys_platform.serving.bundle_manager import BundleManager, LastGood
 from recsys_platform.serving.impressions import ImpressionLogger
 from recsys_platform.serving.metrics import ServingMetrics
 from recsys_platform.serving.online_features import (
@@ -109,7 +109,8 @@ def registry_manager(settings: Settings, metrics: ServingMetrics, alias: str = C
         if prepare is not None:
             prepare(bundle)
 
-    return BundleManager(resolve, load, check, metrics)
+    last_good = LastGood(settings.data_dir / "serving" / f"last_good-{alias}.json", name)
+    return BundleManager(resolve, load, check, metrics, last_good)
 
 
 def catalog_ids(settings: Settings, manager: BundleManager) -> Sequence[str]:

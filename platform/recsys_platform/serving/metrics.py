@@ -46,6 +46,11 @@ class ServingMetrics:
             "Ranker scores that were NaN or infinite (the request fell back to retrieval order).",
             registry=r,
         )
+        self.bundle_fallback = Gauge(
+            "recsys_bundle_fallback",
+            "1 while the replica serves another version than the alias names (it was rejected).",
+            registry=r,
+        )
         self.served_version = Gauge(
             "recsys_served_bundle_version", "Bundle version being served (numeric).", registry=r
         )
