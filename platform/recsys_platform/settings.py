@@ -134,6 +134,9 @@ class PrefectSettings(_Section):
 class RaySettings(_Section):
     address: str | None = None  # None: start a local cluster; "auto", "host:port", "ray://..."
     head_port: int = Field(default=6385, ge=1024, le=65535)  # `serve up`'s local head (not 6379)
+    # The address `serve up`'s local head listens on (GCS, raylet, Ray client server): loopback
+    # by default; the machine's own IP opens the cluster (and its Jobs API) to the network.
+    node_ip: str = "127.0.0.1"
     num_cpus: int | None = Field(default=None, ge=1)
     train_workers: int = Field(default=2, ge=1)
     use_gpu: bool = False

@@ -65,19 +65,33 @@ async def _invalid_request(request: Request, exc: RequestValidationError) -> JSO
     return refusal(422, validation_reasons(list(exc.errors())))
 
 
-async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes
-    (from ``Content-Length``, else while it streams in: nothing past the limit is kept)."""
+MAX_DRAIN_BYTES = 32 * 1024 * 1024  # an oversized body is read (and dropped) up to this
+
+
+async def read_body(request: Request, limit: int = MAX_BODY_BYTES,
+                    drain_limit: int = MAX_DRAIN_BYTES) -> bytes:
+    """The request body; over ``limit`` bytes it is refused with 413.
+
+    Nothing past the limit is kept. An oversized body is still read to its end (dropped
+    chunk by chunk) up to ``drain_limit`` so that the client, still sending, receives the 413
+    instead of a reset connection; a ``Content-Length`` past ``drain_limit`` is refused
+    before reading.
+    """
     length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
+    if length.isdigit() and int(length) > drain_limit:
         raise InvalidRequestError([f"body: larger than {limit} bytes"], status=413)
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise InvalidRequestError([f"body: larger than {limit} bytes"], status=413)
+            chunks.clear()
+            if size > drain_limit:
+                break
+            continue
         chunks.append(chunk)
+    if size > limit:
+        raise InvalidRequestError([f"body: larger than {limit} bytes"], status=413)
     return b"".join(chunks)
 
 
