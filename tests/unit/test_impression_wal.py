@@ -100,3 +100,11 @@ def test_a_failed_flush_keeps_the_segment(tmp_path: Path) -> None:
     assert log.flush() == 2
     assert sorted(_logged(tmp_path / "landing")) == ["r1", "r2"]
     assert not list((tmp_path / "wal").glob("wal-*.jsonl"))
+
+
+def test_an_unwritable_wal_never_fails_the_response(tmp_path: Path) -> None:
+    blocked = tmp_path / "wal"
+    blocked.write_text("a file where the WAL folder should be")
+    log = ImpressionLogger(tmp_path / "landing", wal_dir=blocked, flush_every=10_000)
+    log.log("r1", "u1", [("i1", 0.5, "retrieval")], "3", "feed", "ios")
+    assert log.wal_errors == 1 and log.flush() == 1

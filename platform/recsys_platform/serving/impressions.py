@@ -146,6 +146,7 @@ class ImpressionLogger:
         self._seq = 0
         self._segment: _Segment | None = None
         self._sealed: list[_Segment] = []  # their records are buffered, not yet in Parquet
+        self.wal_errors = 0  # appends that failed (the response was only buffered in memory)
 
     def _new_segment(self) -> _Segment | None:
         if self._wal_dir is None:
@@ -217,10 +218,15 @@ class ImpressionLogger:
         record = (request_id, user_id, items, bundle_version, surface, device, datetime.now(UTC))
         with self._lock:
             if self._wal_dir is not None:
-                if self._segment is None:
-                    self._segment = self._new_segment()
-                assert self._segment is not None
-                self._segment.append(_wal_line(record))
+                try:
+                    if self._segment is None:
+                        self._segment = self._new_segment()
+                    assert self._segment is not None
+                    self._segment.append(_wal_line(record))
+                except OSError as exc:  # never fail the response: it stays in the buffer
+                    self.wal_errors += 1
+                    logger.error("impression WAL append failed (response kept in memory "
+                                 "only): %s", exc)
             self._served.append(record)
             self._rows += len(items)
             full = self._rows >= self._flush_every
