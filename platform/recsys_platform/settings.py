@@ -178,6 +178,9 @@ class ServingSettings(_Section):
     max_replicas: int = Field(default=4, ge=1)
     target_ongoing_requests: int = Field(default=8, ge=1)
     max_queued_requests: int = Field(default=64, ge=1)
+    # Set: each replica serves /metrics on this port of its own (one replica per pod: the
+    # chart's direct ingress) and the public port answers 404 for /metrics, /docs, /openapi.json.
+    admin_port: int | None = Field(default=None, ge=1, le=65535)
 
 
 class PrivacySettings(_Section):

@@ -28,8 +28,9 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from prometheus_client import generate_latest
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from prometheus_client import generate_latest, start_http_server
 from ray import serve
 
 from recsys_platform.errors import InvalidRequestError
@@ -51,7 +52,9 @@ api = FastAPI(
     title="recsys serving",
     description="Two-stage recommendations: two-tower retrieval + HNSW, multi-task ranking.",
     version="1",
+    docs_url=None, redoc_url=None, openapi_url=None,  # served below, unless admin-only
 )
+NOT_HERE = {"error": "not found"}
 
 
 def refusal(status: int, reasons: list[str]) -> JSONResponse:
@@ -95,6 +98,18 @@ async def read_body(request: Request, limit: int = MAX_BODY_BYTES,
     return b"".join(chunks)
 
 
+def start_admin_server(port: int, recommender: Any) -> None:
+    """Serves the replica's ``/metrics`` on ``port`` (all interfaces: the chart's
+    NetworkPolicy lets only ``networkPolicy.adminFrom`` reach it)."""
+    try:
+        start_http_server(port, addr="0.0.0.0", registry=recommender.metrics.registry)
+    except OSError as exc:  # another replica in this pod holds it: metrics stay unexposed
+        logger.error("admin port %d not available (%s): one replica per pod needs it", port,
+                     exc)
+        return
+    logger.info("replica metrics on :%d/metrics (admin port)", port)
+
+
 @serve.deployment(
     name="recommender",
     ray_actor_options={"num_cpus": 0.5},  # the default of 1 CPU starves a 2-core machine
@@ -135,6 +150,9 @@ class RecommenderDeployment:
                                            thread_name_prefix="recommend")
                         if hot_path_threads > 0 else None)
         self._in_flight = 0
+        self.admin_only = settings.serving.admin_port is not None
+        if settings.serving.admin_port is not None:
+            start_admin_server(settings.serving.admin_port, self.recommender)
 
     def check_health(self) -> None:
         """Ray Serve's replica health check: a replica without a bundle is still healthy."""
@@ -158,8 +176,23 @@ class RecommenderDeployment:
                             content={"ready": ready, **body})
 
     @api.get("/metrics")
-    def metrics(self) -> PlainTextResponse:
+    def metrics(self) -> Response:
+        if self.admin_only:  # on serving.admin_port instead
+            return JSONResponse(status_code=404, content=NOT_HERE)
         return PlainTextResponse(generate_latest(self.recommender.metrics.registry).decode())
+
+    @api.get("/openapi.json", include_in_schema=False)
+    def openapi(self) -> Response:
+        if self.admin_only:
+            return JSONResponse(status_code=404, content=NOT_HERE)
+        return JSONResponse(api.openapi())
+
+    @api.get("/docs", include_in_schema=False)
+    def docs(self) -> Response:
+        if self.admin_only:
+            return JSONResponse(status_code=404, content=NOT_HERE)
+        html: HTMLResponse = get_swagger_ui_html(openapi_url="openapi.json", title=api.title)
+        return html
 
     @api.post("/recommend", response_model=RecommendResponse, openapi_extra={
         "requestBody": {"required": True, "content": {"application/json": {
