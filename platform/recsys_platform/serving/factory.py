@@ -87,7 +87,7 @@ def registry_manager(settings: Settings, metrics: ServingMetrics, alias: str = C
     """
     from mlflow import MlflowClient
 
-    from recsys_models.bundle import load_bundle
+    from recsys_models.provenance import load_verified
 
     name = settings.mlflow.model_name
     client = MlflowClient(tracking_uri=settings.mlflow_tracking_uri,
@@ -101,8 +101,9 @@ def registry_manager(settings: Settings, metrics: ServingMetrics, alias: str = C
                 return None
             raise
 
-    def load(version: str) -> Any:
-        return load_bundle(f"models:/{name}/{version}", tracking_uri=settings.mlflow_tracking_uri)
+    def load(version: str) -> Any:  # digest and source checked, no pickle
+        return load_verified(settings.mlflow_tracking_uri, name, version,
+                             settings.path(settings.mlflow.artifact_location))
 
     def check(bundle: Any) -> None:
         smoke_test(bundle)
