@@ -40,9 +40,9 @@ def _model_dir(store: MlflowStore, name: str, version: str) -> Path:
     raise AssertionError(f"version {version} not found under {store.artifact_dir}")
 
 
-def test_served_bundles_are_verified_and_never_unpickled(
-        mlflow_sqlite_store: MlflowStore, tmp_path: Path) -> None:
-    store = mlflow_sqlite_store
+def test_served_bundles_are_verified_and_never_unpickled(tmp_path: Path) -> None:
+    # A store of its own: the session's store holds other copies of the same cached bundle.
+    store = MlflowStore("sqlite", f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "artifacts")
     settings = _settings(store, tmp_path)
     name, uri = settings.mlflow.model_name, settings.mlflow_tracking_uri
     good = trained_bundle()
