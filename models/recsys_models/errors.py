@@ -65,3 +65,11 @@ class TrainingFailedError(ModelsError):
 
     def __init__(self, reason: str) -> None:
         super().__init__(f"training failed: {reason}; see the Ray Train logs for the worker error")
+
+
+class BundleIntegrityError(ModelsError):
+    """A registered version's provenance or artifact digest does not check out."""
+
+    def __init__(self, version: str, reason: str) -> None:
+        super().__init__(f"bundle version {version} refused: {reason}")
+        self.version = version

@@ -31,6 +31,7 @@ from mlflow.tracking import MlflowClient
 from recsys_models.bundle import Bundle, load_bundle, save_bundle
 from recsys_models.errors import AliasNotFoundError
 from recsys_models.evaluate import EvaluationReport, evaluate_bundle
+from recsys_models.provenance import DIGEST_TAG, bundle_digest
 from recsys_platform.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -134,6 +135,7 @@ def register_bundle(
                     mlflow.log_figure(fig, f"plots/{fname}")
                 bundle.metrics = dict(report.metrics)
             bundle_dir = save_bundle(bundle, Path(tmp) / "bundle")
+            digest = bundle_digest(bundle_dir)  # verified by serving (provenance.load_verified)
             example = pd.DataFrame({"user_id": ["u0"], "user_history": [json.dumps([])]})
             signature = mlflow.models.infer_signature(
                 example, pd.DataFrame({"user_id": ["u0"], "rank": [1], "item_id": ["i0"],
@@ -145,7 +147,7 @@ def register_bundle(
                 registered_model_name=name,
             )
         version = str(info.registered_model_version)
-        for key, value in (("feature_service", bundle.feature_service),
+        for key, value in ((DIGEST_TAG, digest), ("feature_service", bundle.feature_service),
                            ("snapshot_id", bundle.snapshot_id),
                            ("bundle_version", bundle.version)):
             client.set_model_version_tag(name, version, key, value)

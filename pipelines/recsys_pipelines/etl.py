@@ -6,6 +6,8 @@ Lake layout (under ``settings.lake_dir``)::
 
     events/date=YYYY-MM-DD/part-0.parquet                 clean events, by EVENT date (UTC)
     quarantine/events/landing_date=YYYY-MM-DD/part-0.parquet   rejected rows + ``reason``
+    quarantine/files/landing_date=YYYY-MM-DD/<file>        unreadable landing files, moved here
+                                                           with ``<file>.reason.json``
     catalog/items.parquet, catalog/users.parquet           upserted snapshots
     catalog/_watermarks.json                               ``updated_at`` read so far
     quarantine/{items,users}/since=<watermark>.parquet     rejected snapshot rows
@@ -25,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
 
@@ -34,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recsys_pipelines.errors import DateRangeError
-from recsys_pipelines.sources import LANDING_DATE, days
+from recsys_pipelines.sources import LANDING_DATE, READ_ERROR, QuarantinedFile, days
 from recsys_platform.atomic import atomic_path
 from recsys_platform.contracts import (
     EVENT_SCHEMA,
@@ -86,6 +88,8 @@ class EtlResult:
     duplicates: int
     reasons: dict[str, int] = field(default_factory=dict)
     partitions: dict[str, int] = field(default_factory=dict)  # event date -> rows written
+    # Landing files that could not be read at all: moved to the quarantine, not counted above.
+    quarantined_files: list[dict[str, str]] = field(default_factory=list)
 
 
 def check_range(start: date, end: date) -> None:
@@ -116,16 +120,23 @@ def clean_batch(raw: pd.DataFrame) -> CleanBatch:
     Args:
         raw: Raw rows with :data:`RAW_EVENT_SCHEMA` columns plus ``landing_date``.
 
+    Rows whose :data:`~recsys_pipelines.sources.READ_ERROR` is set (a landed line that is not
+    an event) go to the quarantine with that reason before any other check.
+
     Returns:
         Clean events and quarantined raw rows; together they account for every input row.
     """
     raw = raw.sort_values(LANDING_DATE, kind="stable").reset_index(drop=True)
     raw[_ROW] = range(len(raw))
-    valid, rejected = validate_events(raw)
+    unreadable = (raw[READ_ERROR].notna() if READ_ERROR in raw.columns
+                  else pd.Series(False, index=raw.index))
+    unread = raw[unreadable].copy()
+    unread["reason"] = unread[READ_ERROR] if len(unread) else pd.Series(dtype=str)
+    valid, rejected = validate_events(raw[~unreadable])
     unique, dups = split_duplicates(valid)
     dup_rows = raw.loc[raw[_ROW].isin(dups[_ROW])].copy()
     dup_rows["reason"] = REASON_DUPLICATE
-    quarantine = pd.concat([rejected, dup_rows], ignore_index=True)
+    quarantine = pd.concat([unread, rejected, dup_rows], ignore_index=True)
     quarantine = quarantine.sort_values(_ROW, kind="stable")[QUARANTINE_SCHEMA.names]
     return CleanBatch(
         clean=unique[EVENT_SCHEMA.names].reset_index(drop=True),
@@ -180,6 +191,7 @@ def summarize(
     input_rows: int,
     batch: CleanBatch,
     partitions: dict[str, int],
+    quarantined_files: list[QuarantinedFile] | None = None,
 ) -> EtlResult:
     """Builds the run's counts; logs them, including each quarantine reason."""
     reasons = dict(sorted(Counter(batch.quarantine["reason"]).items()))
@@ -195,7 +207,12 @@ def summarize(
         duplicates=batch.duplicates,
         reasons=reasons,
         partitions=partitions,
+        quarantined_files=[asdict(f) for f in quarantined_files or []],
     )
+    if result.quarantined_files:
+        logger.error("ETL %s..%s: %d unreadable landing files moved to the quarantine: %s",
+                     result.start, result.end, len(result.quarantined_files),
+                     ", ".join(f["source"] for f in result.quarantined_files))
     logger.info(
         "ETL %s..%s: %d raw rows -> %d clean, %d quarantined (%s), %d outside the range",
         result.start, result.end, input_rows, clean_rows, result.quarantined_rows,

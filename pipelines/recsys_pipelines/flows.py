@@ -35,8 +35,8 @@ EPHEMERAL_STARTUP_S = 120
 
 
 @task(retries=RETRIES, retry_delay_seconds=_BACKOFF, cache_policy=NO_CACHE)
-def read_landing(landing_dir: Path, day: date) -> pd.DataFrame:
-    return sources.read_landing_partition(landing_dir, day)
+def read_landing(landing_dir: Path, day: date, quarantine_dir: Path) -> sources.LandingRead:
+    return sources.read_landing_day(landing_dir, day, quarantine_dir)
 
 
 @task(cache_policy=NO_CACHE)
@@ -126,7 +126,9 @@ def etl_flow(
         settings: Already loaded settings (the CLI); wins over ``profile``/``config_file``.
 
     Returns:
-        The :class:`~recsys_pipelines.etl.EtlResult` counts plus the snapshot syncs.
+        The :class:`~recsys_pipelines.etl.EtlResult` counts plus the snapshot syncs. A landing
+        file that cannot be read at all is moved to the quarantine and listed under
+        ``quarantined_files``; the rest of the range is processed (the CLI then exits 3).
     """
     settings = _settings(profile, config_file, settings)
     start, end = _default_range(start, end)
@@ -137,7 +139,9 @@ def etl_flow(
     lake = settings.lake_dir
     existing = sources.landing_days_to_read(landing, start, end, lookahead_days)
     reader = read_landing.with_options(retry_delay_seconds=backoff)
-    raw = sources.concat_raw([reader(landing, d) for d in existing], landing, start)
+    reads = [reader(landing, d, lake / "quarantine") for d in existing]
+    moved = [f for r in reads for f in r.quarantined_files]
+    raw = sources.concat_raw([r.frame for r in reads], landing, start)
     raw = etl.pseudonymize_users(raw, settings.privacy)  # before anything reaches the lake
     batch = clean(raw)
     writer = write_partition.with_options(retry_delay_seconds=backoff)
@@ -146,12 +150,15 @@ def etl_flow(
     quarantiner = write_quarantine.with_options(retry_delay_seconds=backoff)
     for day in existing:
         quarantiner(batch.quarantine, lake, day)
-    result = etl.summarize(start, end, existing, len(raw), batch, partitions)
+    result = etl.summarize(start, end, existing, len(raw), batch, partitions, moved)
     syncer = sync_snapshot.with_options(retry_delay_seconds=backoff)
     snapshots = [syncer(name, source, lake, settings.privacy) for name, source
                  in sources.default_snapshot_sources(landing, catalog_url).items()]
     log.info("ETL %s..%s: %d clean, %d quarantined %s", start, end, result.clean_rows,
              result.quarantined_rows, result.reasons)
+    if moved:
+        log.error("%d unreadable landing files moved to %s: %s", len(moved), lake / "quarantine",
+                  "; ".join(f"{f.source}: {f.reason}" for f in moved))
     return {**asdict(result), "snapshots": snapshots}
 
 

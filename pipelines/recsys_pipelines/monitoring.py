@@ -43,6 +43,9 @@ class Check:
                     f"< {1 - self.threshold:.2%}")
         if self.name == "popularity_gini":
             return f"popularity skew: Gini {self.value:.3f} > {self.threshold:g}"
+        if self.name == "serving_bundle_fallback":
+            return ("serving: a replica serves its last good bundle version, the champion "
+                    "alias names one that failed its checks")
         if self.name == "stream_freshness_lag_s":
             return f"stream freshness: lag {self.value:.0f} s > {self.threshold:g} s"
         return f"{self.name} {self.value:.4g} > {self.threshold:g}"
@@ -152,7 +155,9 @@ def serving_counters(metrics_text: str) -> dict[str, float]:
     """Request, 5xx and fallback totals from a serving replica's Prometheus exposition.
 
     Returns:
-        ``requests``, ``errors`` (status 5xx) and ``fallbacks`` (every degraded stage).
+        ``requests``, ``errors`` (status 5xx), ``fallbacks`` (every degraded stage) and, when
+        the replica reports it, ``bundle_fallback`` (1: it serves the last good version
+        because the champion alias names a rejected one).
     """
     totals = {"requests": 0.0, "errors": 0.0, "fallbacks": 0.0}
     for family in text_string_to_metric_families(metrics_text):
@@ -163,6 +168,8 @@ def serving_counters(metrics_text: str) -> dict[str, float]:
                     totals["errors"] += sample.value
             elif sample.name == "recsys_fallbacks_total":
                 totals["fallbacks"] += sample.value
+            elif sample.name == "recsys_bundle_fallback":
+                totals["bundle_fallback"] = max(totals.get("bundle_fallback", 0.0), sample.value)
     return totals
 
 

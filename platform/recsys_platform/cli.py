@@ -6,7 +6,6 @@ configured here too. Commands only parse arguments and call plain functions.
 
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing
 import sys
@@ -32,7 +31,7 @@ from recsys_platform.commands import stream as stream_commands
 from recsys_platform.commands.context import current_settings, set_settings
 from recsys_platform.errors import RecsysError
 from recsys_platform.online import resolve_online_store
-from recsys_platform.settings import Settings, load_settings
+from recsys_platform.settings import Settings, load_settings, redacted
 
 app = typer.Typer(help="Recommendation platform: data, features, training, serving.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -85,9 +84,9 @@ def _main(
 def config_show(
     check_online: Annotated[bool, typer.Option(help="Probe Redis for the online store.")] = True,
 ) -> None:
-    """Prints the resolved settings as YAML and which online store is in use."""
+    """Prints the resolved settings as YAML (credentials masked) and the online store in use."""
     s = settings()
-    console.print(yaml.safe_dump(json.loads(s.model_dump_json()), sort_keys=False), end="")
+    console.print(yaml.safe_dump(redacted(s), sort_keys=False), end="")
     if check_online:
         choice = resolve_online_store(s)
         console.print(f"# online store: {choice.kind} ({choice.reason})")

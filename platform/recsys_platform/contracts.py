@@ -20,6 +20,12 @@ SURFACES: tuple[str, ...] = ("feed", "search", "related", "notification")
 DEVICES: tuple[str, ...] = ("ios", "android", "web", "tv")
 TIMESTAMP = pa.timestamp("ms", tz="UTC")
 
+# Identifiers (event, user, item, request, model version): what serving accepts in a request
+# and the ETL accepts in the lake. No path separators, whitespace or control characters.
+MAX_ID_LENGTH = 128
+ID_CHARS = "A-Z a-z 0-9 _ . : @ -"
+ID_PATTERN = rf"^[A-Za-z0-9_][A-Za-z0-9_.:@-]{{0,{MAX_ID_LENGTH - 1}}}$"
+
 # As events land in the raw area: event_time is the producer's ISO-8601 string.
 RAW_EVENT_SCHEMA = pa.schema(
     [
@@ -83,6 +89,12 @@ REASON_BAD_TIME = "event_time is not an ISO-8601 timestamp"
 REASON_BAD_TYPE = "event_type not in " + "|".join(EVENT_TYPES)
 REASON_NEGATIVE_WATCH = "watch_time_ms is negative"
 REASON_NEGATIVE_DURATION = "item_duration_ms is negative"
+REASON_BAD_ID = "{column} is not an id (1-" + str(MAX_ID_LENGTH) + " of " + ID_CHARS + ")"
+REASON_BAD_SURFACE = "surface not in " + "|".join(SURFACES)
+REASON_BAD_DEVICE = "device not in " + "|".join(DEVICES)
+# Checked on every event, wherever it came from (producers, the served-impression log).
+_ID_COLUMNS = ("event_id", "user_id", "item_id")
+_OPTIONAL_ID_COLUMNS = ("request_id", "model_version")
 
 
 def _require(frame: pd.DataFrame, schema: pa.Schema, contract: str) -> None:
@@ -95,11 +107,24 @@ def _empty_string(series: pd.Series) -> pd.Series:
     return series.isna() | (series.astype("string").str.len() == 0)
 
 
+def _not_id(series: pd.Series, optional: bool = False) -> pd.Series:
+    """True where a value is not an id (nulls count as ids when ``optional``)."""
+    text = series.astype("string")
+    bad = ~text.str.fullmatch(ID_PATTERN).fillna(False).astype(bool)
+    return bad & series.notna() if optional else bad
+
+
+def _not_in(series: pd.Series, allowed: tuple[str, ...]) -> pd.Series:
+    """True where a non-null value is outside ``allowed``."""
+    return series.notna() & ~series.isin(allowed)
+
+
 def validate_events(raw: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Splits raw events into valid, typed rows and rejected rows with a reason per row.
 
     The first failing check names the reason; checks run in a fixed order so that counts are
-    reproducible.
+    reproducible. Ids must match :data:`ID_PATTERN`, ``surface``/``device`` (when set) the
+    contract's vocabularies: served impressions are held to the same rules as every event.
 
     Args:
         raw: Events with the columns of :data:`RAW_EVENT_SCHEMA` (extra columns are kept).
@@ -126,6 +151,12 @@ def validate_events(raw: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     flag(~frame["event_type"].isin(EVENT_TYPES), REASON_BAD_TYPE)
     flag(frame["watch_time_ms"].fillna(0) < 0, REASON_NEGATIVE_WATCH)
     flag(frame["item_duration_ms"].fillna(0) < 0, REASON_NEGATIVE_DURATION)
+    for column in _ID_COLUMNS:
+        flag(_not_id(frame[column]), REASON_BAD_ID.format(column=column))
+    for column in _OPTIONAL_ID_COLUMNS:
+        flag(_not_id(frame[column], optional=True), REASON_BAD_ID.format(column=column))
+    flag(_not_in(frame["surface"], SURFACES), REASON_BAD_SURFACE)
+    flag(_not_in(frame["device"], DEVICES), REASON_BAD_DEVICE)
 
     bad = reason.notna()
     rejected = frame[bad].copy()

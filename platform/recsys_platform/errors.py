@@ -29,3 +29,12 @@ class DatasetNotFoundError(RecsysError):
     def __init__(self, path: str, hint: str) -> None:
         super().__init__(f"dataset not found at {path}: {hint}")
         self.path = path
+
+
+class InvalidRequestError(RecsysError):
+    """A serving request was refused before it reached the model (HTTP ``status``)."""
+
+    def __init__(self, reasons: list[str], status: int = 422) -> None:
+        super().__init__("invalid request: " + "; ".join(reasons))
+        self.reasons = reasons
+        self.status = status

@@ -197,11 +197,14 @@ def serving_rate_checks(settings: Settings, metrics_text: str) -> tuple[list[Che
     """Error and fallback rates per request since the scraped replica started."""
     m = settings.monitoring
     totals = serving_counters(metrics_text)
+    # Serving the last good version because the champion alias names a rejected one.
+    bundle = ([Check("serving_bundle_fallback", totals["bundle_fallback"], 0.0)]
+              if "bundle_fallback" in totals else [])
     if totals["requests"] <= 0:
-        return [], ["serving rates: the scraped replica has served no request yet; skipped"]
+        return bundle, ["serving rates: the scraped replica has served no request yet; skipped"]
     counters = {"errors": totals["errors"], "fallbacks": totals["fallbacks"]}
-    return rate_checks(counters, totals["requests"],
-                       {"errors": m.max_error_rate, "fallbacks": m.max_fallback_rate}), []
+    return bundle + rate_checks(counters, totals["requests"],
+                                {"errors": m.max_error_rate, "fallbacks": m.max_fallback_rate}), []
 
 
 # --- outputs --------------------------------------------------------------------------------

@@ -4,6 +4,11 @@ Precedence, lowest to highest: the profile's embedded YAML (``profiles/<name>.ya
 optional user YAML file, then environment variables ``RECSYS_<SECTION>__<KEY>``. Importing this
 module has no side effects; call :func:`load_settings` in an entrypoint.
 
+Mistakes fail at start-up in one line: an unknown key in a file, an unknown ``RECSYS_``
+variable (``RECSYS_SERVNG__PORT``, ``RECSYS_REDIS_URL``), a URL that is not one
+(``RECSYS_REDIS__URL=notaurl``), and in the ``services``/``k8s`` profiles a pseudonymization
+key left at the development default. :func:`redacted` is what ``recsys config show`` prints.
+
 Example:
     >>> settings = load_settings("local")
     >>> settings.redis.url
@@ -12,20 +17,56 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 import os
 from datetime import timedelta
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from recsys_platform.errors import SettingsError
 
 Profile = Literal["local", "services", "k8s"]
 PROFILES: tuple[str, ...] = ("local", "services", "k8s")
+
+
+ENV_PREFIX = "RECSYS_"
+# RECSYS_ variables that are not settings (read by scripts and tests, never by the model).
+OTHER_VARIABLES: dict[str, str] = {
+    "RECSYS_MLFLOW_DB_URI": "infra/services/services.sh: MLflow's backend database",
+    "RECSYS_REPO_DIR": "prefect.yaml: the checkout the worker pulls flows from",
+    "RECSYS_SHARED_DIR": "tests: the shared datasets folder",
+    "RECSYS_TEST_DIRECT_INGRESS": "tests/integration/serving: proxy instead of direct ingress",
+}
+DEVELOPMENT_KEY = "local-development-key"
+# Settings that are credentials: never printed, never in a ConfigMap (the chart uses Secrets).
+SECRET_NAMES = frozenset({"key", "password", "token", "secret"})
+REDACTED = "***"
+
+
+def is_secret(key: str) -> bool:
+    """True for a setting that is a credential (``privacy.key``, ``*_password``, ...)."""
+    last = key.rsplit(".", 1)[-1]
+    return last in SECRET_NAMES or last.endswith(tuple(f"_{n}" for n in SECRET_NAMES))
+
+
+def check_url(value: str, schemes: tuple[str, ...], what: str, host: bool = True) -> str:
+    """Raises ``ValueError`` unless ``value`` is a URL with one of ``schemes`` (and a host)."""
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError as exc:
+        raise ValueError(f"not a {what} URL ({exc})") from None
+    scheme = parts.scheme.split("+", 1)[0]
+    if scheme not in schemes or "://" not in value or (host and not parts.hostname):
+        forms = ", ".join(f"{s}://..." for s in schemes)
+        raise ValueError(f"not a {what} URL (expected {forms})")
+    return value
 
 
 class _Section(BaseModel):
@@ -36,6 +77,13 @@ class RedisSettings(_Section):
     url: str = "redis://127.0.0.1:6379/0"
     key_prefix: str = "recsys"  # every key the platform writes starts with this
     timeout_ms: int = Field(default=50, ge=1)  # per-call budget on the serving path
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if value.startswith("unix://"):
+            return value
+        return check_url(value, ("redis", "rediss"), "Redis")
 
 
 class FeastSettings(_Section):
@@ -48,6 +96,13 @@ class FeastSettings(_Section):
     retrieval_service: str = "retrieval_v1"
     ranking_service: str = "ranking_v1"
 
+    @field_validator("registry_path")
+    @classmethod
+    def _registry(cls, value: str) -> str:
+        if "://" in value:  # a SQL registry's SQLAlchemy URL
+            check_url(value, ("postgresql", "mysql", "sqlite"), "SQLAlchemy", host=False)
+        return value
+
 
 class MlflowSettings(_Section):
     tracking_uri: str = "sqlite:///{data_dir}/mlflow.db"
@@ -57,17 +112,47 @@ class MlflowSettings(_Section):
     promotion_tolerance: float = Field(default=0.01, ge=0.0, le=1.0)
     popularity_margin: float = Field(default=0.10, ge=0.0)  # final recall@50 >= pop * (1 + m)
 
+    @field_validator("tracking_uri")
+    @classmethod
+    def _tracking(cls, value: str) -> str:
+        if "://" not in value and ":" not in value:
+            return value  # a local folder
+        if value.startswith(("http://", "https://")):
+            return check_url(value, ("http", "https"), "MLflow tracking")
+        return check_url(value, ("sqlite", "postgresql", "mysql", "file", "databricks"),
+                         "MLflow tracking", host=False)
+
 
 class PrefectSettings(_Section):
     api_url: str | None = None  # None: Prefect's ephemeral API
 
+    @field_validator("api_url")
+    @classmethod
+    def _api(cls, value: str | None) -> str | None:
+        return None if value is None else check_url(value, ("http", "https"), "Prefect API")
+
 
 class RaySettings(_Section):
-    address: str | None = None  # None: start a local cluster
+    address: str | None = None  # None: start a local cluster; "auto", "host:port", "ray://..."
     head_port: int = Field(default=6385, ge=1024, le=65535)  # `serve up`'s local head (not 6379)
+    # The address `serve up`'s local head listens on (GCS, raylet, Ray client server): loopback
+    # by default; the machine's own IP opens the cluster (and its Jobs API) to the network.
+    node_ip: str = "127.0.0.1"
     num_cpus: int | None = Field(default=None, ge=1)
     train_workers: int = Field(default=2, ge=1)
     use_gpu: bool = False
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is None or value in ("auto", "local"):
+            return value
+        url = value if "://" in value else f"ray://{value}"
+        check_url(url, ("ray",), "Ray cluster")
+        if urlsplit(url).port is None:
+            raise ValueError("not a Ray cluster address (expected auto, host:port or "
+                             "ray://host:port)")
+        return value
 
 
 class FlinkSettings(_Section):
@@ -94,11 +179,15 @@ class ServingSettings(_Section):
     max_replicas: int = Field(default=4, ge=1)
     target_ongoing_requests: int = Field(default=8, ge=1)
     max_queued_requests: int = Field(default=64, ge=1)
+    # Set: each replica serves /metrics on this port of its own (one replica per pod: the
+    # chart's direct ingress) and the public port answers 404 for /metrics, /docs, /openapi.json.
+    admin_port: int | None = Field(default=None, ge=1, le=65535)
 
 
 class PrivacySettings(_Section):
     pseudonymize: bool = False  # keyed-hash user ids before the lake and the stream
-    key: str = "local-development-key"  # set RECSYS_PRIVACY__KEY from a secret in production
+    # Set RECSYS_PRIVACY__KEY from a secret: the services and k8s profiles refuse the default.
+    key: str = DEVELOPMENT_KEY
 
 
 class LabelSettings(_Section):
@@ -129,6 +218,11 @@ class MonitoringSettings(_Section):
     max_error_rate: float = Field(default=0.01, ge=0, le=1)  # 5xx per request
     max_fallback_rate: float = Field(default=0.05, ge=0)  # degraded stages per request
     textfile: str = "{data_dir}/monitoring/recsys_monitoring.prom"  # node-exporter textfile
+
+    @field_validator("serving_metrics_url")
+    @classmethod
+    def _metrics_url(cls, value: str | None) -> str | None:
+        return None if value is None else check_url(value, ("http", "https"), "metrics")
 
 
 class Settings(BaseSettings):
@@ -213,22 +307,113 @@ def _describe(error: Any) -> str:
     key = ".".join(str(part) for part in error["loc"])
     if error["type"] == "extra_forbidden":
         return f"unknown setting {key!r} (remove it or check its spelling)"
-    return f"invalid setting {key!r} = {error.get('input')!r}: {error['msg']}"
+    shown = REDACTED if is_secret(key) else _redact_value(error.get("input"))
+    return f"invalid setting {key!r} = {shown!r}: {error['msg']}"
 
 
-def load_settings(profile: str | None = None, config_file: Path | None = None) -> Settings:
+def _env_setting(name: str) -> bool:
+    """Whether ``RECSYS_<name>`` names a setting (``FIELD`` or ``SECTION__KEY``)."""
+    parts = name.lower().split("__")
+    field = Settings.model_fields.get(parts[0])
+    if field is None or len(parts) > 2:
+        return False
+    if len(parts) == 1:
+        return True
+    section = field.annotation
+    return isinstance(section, type) and issubclass(section, BaseModel) \
+        and parts[1] in section.model_fields
+
+
+def _env_names() -> list[str]:
+    names = [f"{ENV_PREFIX}{f}".upper() for f in Settings.model_fields]
+    for field, info in Settings.model_fields.items():
+        section = info.annotation
+        if isinstance(section, type) and issubclass(section, BaseModel):
+            names += [f"{ENV_PREFIX}{field}__{k}".upper() for k in section.model_fields]
+    return names
+
+
+def check_environment(environ: dict[str, str] | None = None) -> None:
+    """Raises when a ``RECSYS_`` variable names no setting (a typo would be ignored).
+
+    Raises:
+        SettingsError: One line naming the variable and the closest setting's variable.
+    """
+    env = os.environ if environ is None else environ
+    unknown = sorted(
+        name for name in env
+        if name.upper().startswith(ENV_PREFIX) and name.upper() not in OTHER_VARIABLES
+        and not _env_setting(name[len(ENV_PREFIX):]))
+    if not unknown:
+        return
+    known = _env_names()
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.75)
+        hints.append(f"{name}" + (f" (did you mean {close[0]}?)" if close else ""))
+    raise SettingsError(
+        f"unknown environment variable{'s' if len(unknown) > 1 else ''} {', '.join(hints)}: "
+        f"settings are {ENV_PREFIX}<KEY> or {ENV_PREFIX}<SECTION>__<KEY>; unset or rename it")
+
+
+def check_secrets(settings: Settings) -> None:
+    """Refuses the development pseudonymization key outside the ``local`` profile.
+
+    Raises:
+        SettingsError: ``services``/``k8s`` pseudonymize with the default (or an empty) key.
+    """
+    privacy = settings.privacy
+    if settings.profile == "local" or not privacy.pseudonymize:
+        return
+    if privacy.key in (DEVELOPMENT_KEY, "") or len(privacy.key) < 16:
+        raise SettingsError(
+            f"invalid setting 'privacy.key': the {settings.profile} profile pseudonymizes user "
+            f"ids and needs a real key of at least 16 characters: set RECSYS_PRIVACY__KEY from "
+            f"a secret (the default {DEVELOPMENT_KEY!r} is for the local profile only)")
+
+
+def _redact_value(value: Any) -> Any:
+    if isinstance(value, str) and "://" in value and "@" in value:
+        try:
+            parts = urlsplit(value)
+        except ValueError:
+            return value
+        if parts.password:
+            netloc = parts.netloc.replace(f":{parts.password}@", f":{REDACTED}@", 1)
+            return parts._replace(netloc=netloc).geturl()
+    return value
+
+
+def redacted(settings: Settings) -> dict[str, Any]:
+    """The settings as plain data with credentials (:func:`is_secret`, URL passwords) masked."""
+
+    def walk(node: Any, prefix: str) -> Any:
+        if isinstance(node, dict):
+            return {k: REDACTED if is_secret(f"{prefix}{k}") and v
+                    else walk(v, f"{prefix}{k}.") for k, v in node.items()}
+        return _redact_value(node)
+
+    return dict(walk(settings.model_dump(mode="json"), ""))
+
+
+def load_settings(profile: str | None = None, config_file: Path | None = None,
+                  secrets: bool = True) -> Settings:
     """Loads settings for a profile.
 
     Args:
         profile: ``local``, ``services`` or ``k8s``; defaults to ``$RECSYS_PROFILE`` or ``local``.
         config_file: Optional YAML file whose keys override the profile's defaults.
+        secrets: Check the credentials a running service needs (:func:`check_secrets`);
+            False only to inspect or render a profile (``recsys deploy render-config``).
 
     Returns:
         The validated, frozen settings.
 
     Raises:
-        SettingsError: A value is invalid or a key unknown; the message names the key.
+        SettingsError: A value is invalid, a key or a ``RECSYS_`` variable unknown, or a
+            profile's credentials missing; the message names the key, in one line.
     """
+    check_environment()
     name = profile or os.environ.get("RECSYS_PROFILE", "local")
     values = profile_defaults(name)
     if config_file is not None:
@@ -239,6 +424,9 @@ def load_settings(profile: str | None = None, config_file: Path | None = None) -
     if os.environ.get("REDIS_URL"):  # the conventional variable; RECSYS_REDIS__URL still wins
         values["redis"] = {**values.get("redis", {}), "url": os.environ["REDIS_URL"]}
     try:
-        return Settings(**values)
+        settings = Settings(**values)
     except ValidationError as exc:
         raise SettingsError("; ".join(_describe(e) for e in exc.errors())) from None
+    if secrets:
+        check_secrets(settings)
+    return settings

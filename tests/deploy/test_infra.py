@@ -64,7 +64,7 @@ def test_compose_matches_the_services_profile() -> None:
         if "build" in service:
             assert (REPO_ROOT / "infra" / service["build"]["context"]
                     / service["build"]["dockerfile"]).is_file()
-    settings = load_settings("services")
+    settings = load_settings("services", secrets=False)
     published = {name: {int(p.split(":")[-2]) for p in s.get("ports", [])}
                  for name, s in services.items()}
     assert urlparse(settings.mlflow_tracking_uri).port in published["mlflow"]

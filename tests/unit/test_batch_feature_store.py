@@ -16,7 +16,8 @@ from recsys_platform.settings import load_settings
 def _settings(tmp_path: Path, profile: str, **feast: object) -> object:
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"data_dir": str(tmp_path / "data"),
-                                      "feast": {"repo_path": str(tmp_path / "repo"), **feast}}))
+                                      "feast": {"repo_path": str(tmp_path / "repo"), **feast},
+                                      "privacy": {"key": "unit-test-pseudonym-key"}}))
     return load_settings(profile, config)
 
 

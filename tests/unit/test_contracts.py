@@ -57,3 +57,33 @@ def test_duplicates_keep_first() -> None:
     frame = pd.DataFrame([_raw(), _raw(), _raw(event_id="e2")])
     unique, dups = split_duplicates(frame)
     assert list(unique["event_id"]) == ["e1", "e2"] and len(dups) == 1
+
+
+@pytest.mark.parametrize("overrides, reason", [
+    ({"user_id": "../../etc/passwd"}, "user_id is not an id"),
+    ({"user_id": "u1\r\nX-Injected: 1"}, "user_id is not an id"),
+    ({"user_id": "u\x001"}, "user_id is not an id"),
+    ({"item_id": "i" * 20_000}, "item_id is not an id"),
+    ({"event_id": "e 1"}, "event_id is not an id"),
+    ({"request_id": "<script>"}, "request_id is not an id"),
+    ({"surface": "evil<script>"}, "surface not in feed|search|related|notification"),
+    ({"surface": "x" * 1_000_000}, "surface not in"),
+    ({"device": "toaster"}, "device not in ios|android|web|tv"),
+])
+def test_hostile_fields_are_rejected_with_a_reason(overrides: dict[str, object],
+                                                   reason: str) -> None:
+    """The probe's served impressions (hostile ids, surfaces, devices) passed the ETL as clean
+    events; every event is now held to the id charset and the contract's vocabularies."""
+    valid, rejected = validate_events(pd.DataFrame([_raw(), _raw(**{"event_id": "e2",
+                                                                    **overrides})]))
+    assert list(valid["event_id"]) == ["e1"]
+    assert len(rejected) == 1 and rejected["reason"][0].startswith(reason), rejected["reason"]
+
+
+def test_optional_fields_may_be_null() -> None:
+    valid, rejected = validate_events(pd.DataFrame([
+        _raw(surface=None, device=None, request_id=None, model_version=None),
+        _raw(event_id="p_1a2b", user_id="p_0123456789abcdef01234567", model_version="12",
+             request_id="9f8e7d-3", item_id="ml-imp:m1@2"),
+    ]))
+    assert rejected.empty and len(valid) == 2

@@ -100,6 +100,22 @@ def test_serving_counters_from_prometheus_text() -> None:
     assert serving_counters(text) == {"requests": 100.0, "errors": 10.0, "fallbacks": 5.0}
 
 
+def test_a_replica_on_its_last_good_version_is_a_breach() -> None:
+    """Before: a replica serving its last good version was not reported by monitoring."""
+    from recsys_pipelines.monitoring import breaches
+    from recsys_platform.monitoring_flow import serving_rate_checks
+    from recsys_platform.settings import Settings
+
+    text = "\n".join([
+        "# TYPE recsys_requests_total counter", 'recsys_requests_total{status="200"} 10.0',
+        "# TYPE recsys_bundle_fallback gauge", "recsys_bundle_fallback VALUE",
+    ]) + "\n"
+    checks, _ = serving_rate_checks(Settings(), text.replace("VALUE", "1.0"))
+    [breach] = breaches(checks)
+    assert breach.name == "serving_bundle_fallback" and "last good" in breach.describe()
+    assert not breaches(serving_rate_checks(Settings(), text.replace("VALUE", "0.0"))[0])
+
+
 def test_served_log_windows_and_prometheus_textfile(tmp_path: Path) -> None:
     from datetime import UTC, datetime, timedelta
 

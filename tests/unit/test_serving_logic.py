@@ -24,10 +24,12 @@ from recsys_platform.serving.schemas import RecommendRequest
 class TinyBundle:
     """Scores items by a fixed vector; ``fail_rank`` makes the ranker raise."""
 
-    def __init__(self, version: str, n_items: int = 30, fail_rank: bool = False) -> None:
+    def __init__(self, version: str, n_items: int = 30, fail_rank: bool = False,
+                 nan_items: frozenset[str] = frozenset()) -> None:
         self.version = version
         self.item_ids = np.array([f"i{i}" for i in range(n_items)], dtype=object)
         self.fail_rank = fail_rank
+        self.nan_items = nan_items  # items the ranker scores NaN (a broken embedding row)
         self.ranked_versions: list[str] = []
 
     def encode_users(self, users: pd.DataFrame) -> np.ndarray:
@@ -42,12 +44,13 @@ class TinyBundle:
             raise RuntimeError("ranker exploded")
         self.ranked_versions.append(self.version)
         score = items["item_id"].str.slice(1).astype(float).to_numpy()  # higher id, higher score
+        score = np.where(items["item_id"].isin(self.nan_items), np.nan, score)
         return pd.DataFrame({"p_click": score, "watch_time_ms_pred": score, "score": score})
 
 
 class Features:
-    def __init__(self, known: bool = True, down: bool = False) -> None:
-        self.known, self.down = known, down
+    def __init__(self, known: bool = True, down: bool = False, empty: bool = False) -> None:
+        self.known, self.down, self.empty = known, down, empty  # empty: no online features
 
     def user_features(self, user_id: str) -> dict[str, Any] | None:
         if self.down:
@@ -61,6 +64,8 @@ class Features:
                              index=pd.Index(ids, name="item_id"))
         lists = ({"trending": [], "fresh": [], "popular": ["i1", "i2", "i3"]} if self.down else
                  {"trending": ["i100"], "fresh": ["i101"], "popular": ["i1", "i2", "i3"]})
+        if self.empty:
+            return ItemSnapshot.from_frame(frame.iloc[:, :0].assign(item_ctr_7d=np.nan))
         return ItemSnapshot(frame, lists, ItemSnapshot.from_frame(frame).metadata)
 
 
@@ -270,3 +275,102 @@ def test_item_cache_rebuilds_only_when_features_change() -> None:
     values["item_clicks_7d"] = [1.0, 3.0]
     assert cache.refresh() and len(built) == 2
     assert cache.snapshot().lists["popular"] == ["b", "a"]
+
+
+def test_nonfinite_scores_fall_back_to_retrieval_order_and_are_counted() -> None:
+    """Before: NaN ranker scores were served (``score: null``) with ``degraded: []``."""
+    metrics = ServingMetrics()
+    bundle = TinyBundle("1", nan_items=frozenset({"i3", "i7"}))
+    manager = BundleManager(lambda: "1", lambda v: bundle, lambda b: None, metrics)
+    manager.refresh()
+    rec = Recommender(manager, Features(), None, metrics,
+                      ServingOptions(candidates=20, max_per_creator=10, max_per_category=10))
+    resp = rec.recommend(RecommendRequest(user_id="u1", k=5))
+    assert resp.source == "retrieval_order" and resp.degraded == ["ranker"]
+    assert [i.item_id for i in resp.items] == ["i0", "i1", "i2", "i3", "i4"]
+    assert all(np.isfinite(i.score) for i in resp.items)
+    assert metrics.fallbacks.labels("ranker")._value.get() == 1
+    assert metrics.nonfinite_scores._value.get() == 2
+    prepared = rec.prepare(RecommendRequest(user_id="u1", k=5))  # the batched path too
+    scores = np.full(len(prepared.candidates), np.inf)
+    assert rec.finish(prepared, scores, log=False).degraded == ["ranker"]
+
+
+def test_the_smoke_check_rejects_a_ranker_with_nan_scores() -> None:
+    """Before: the smoke query ranked the cold user's retrieval only; a bundle whose
+    ranker gives NaN for real catalog items passed and was served."""
+    from recsys_platform.serving.factory import smoke_test
+
+    smoke_test(TinyBundle("1"))
+    with pytest.raises(ValueError, match="non-finite scores"):
+        smoke_test(TinyBundle("2", nan_items=frozenset({"i17"})))  # not in the top 10
+    metrics = ServingMetrics()
+    alias = ["1"]
+    versions = {"1": TinyBundle("1"), "2": TinyBundle("2", nan_items=frozenset({"i17"}))}
+    manager = BundleManager(lambda: alias[0], versions.__getitem__, smoke_test, metrics)
+    assert manager.refresh()
+    alias[0] = "2"
+    assert not manager.refresh() and manager.rejected_versions == {"2"}
+    assert manager.current is not None and manager.current.version == "1"
+
+
+def test_an_empty_online_store_is_reported_not_served_as_cold_start() -> None:
+    """Before: Redis up with no keys served known users popular items with ``degraded: []``."""
+    metrics = ServingMetrics()
+    rec = Recommender(_manager({"1": TinyBundle("1")}, ["1"]),
+                      Features(known=False, empty=True), None, metrics)
+    resp = rec.recommend(RecommendRequest(user_id="u1", k=3))
+    assert resp.degraded == ["user_features_missing"]
+    assert "retrieval" in {i.source for i in resp.items}  # the bundle still retrieves
+    assert metrics.fallbacks.labels("user_features_missing")._value.get() == 1
+    cold = Recommender(_manager({"1": TinyBundle("1")}, ["1"]), Features(known=False), None,
+                       ServingMetrics()).recommend(RecommendRequest(user_id="new", k=3))
+    assert cold.degraded == []  # a populated store: an unknown user is a new user
+
+
+def test_a_restart_on_a_broken_champion_serves_the_last_good_version(tmp_path: Any) -> None:
+    """Before: a replica (re)started while the alias named a broken version served popular
+    items only, and /readyz was 503, for as long as the alias stayed broken."""
+    from recsys_platform.serving.bundle_manager import LastGood
+
+    versions = {"1": TinyBundle("1"), "2": TinyBundle("broken"),
+                "3": TinyBundle("3", fail_rank=True), "4": TinyBundle("4")}
+    last_good = LastGood(tmp_path / "last_good.json", "recsys-bundle")
+
+    def manager(alias: list[str], metrics: ServingMetrics) -> BundleManager:
+        def load(v: str) -> TinyBundle:
+            if versions[v].version == "broken":
+                raise OSError("artifact missing")
+            return versions[v]
+
+        def smoke(bundle: TinyBundle) -> None:
+            if bundle.fail_rank:
+                raise ValueError("smoke ranking failed")
+
+        built = BundleManager(lambda: alias[0], load, smoke, metrics, last_good)
+        built.refresh()
+        return built
+
+    first = manager(["1"], ServingMetrics())
+    assert first.current is not None and not first.fallback and last_good.read() == "1"
+    for broken in ("2", "3"):  # a restart while the alias names a broken version
+        metrics = ServingMetrics()
+        alias = [broken]
+        restarted = manager(alias, metrics)
+        assert restarted.current is not None and restarted.current.version == "1"
+        assert restarted.fallback and restarted.champion_version == broken
+        assert restarted.rejected_versions == {broken}
+        assert metrics.bundle_fallback._value.get() == 1
+        assert last_good.read() == "1"  # a fallback is not a new last good version
+        alias[0] = "4"  # the alias is fixed
+        assert restarted.refresh() and restarted.current.version == "4"
+        assert not restarted.fallback and metrics.bundle_fallback._value.get() == 0
+        assert last_good.read() == "4"
+        last_good.write("1")
+    assert LastGood(tmp_path / "last_good.json", "another-model").read() is None
+    def missing(version: str) -> TinyBundle:
+        raise OSError(f"version {version}: artifact missing")
+
+    nothing = BundleManager(lambda: "2", missing, lambda b: None, ServingMetrics(),
+                            LastGood(tmp_path / "none.json", "recsys-bundle"))
+    assert not nothing.refresh() and nothing.current is None  # no last good version anywhere

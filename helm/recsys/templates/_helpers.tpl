@@ -65,27 +65,31 @@ capabilities:
     name: {{ include "recsys.name" (dict "root" . "component" "config") }}
 {{- end -}}
 
-{{/* Labels that let a pod through the NetworkPolicies of Redis, MLflow and PostgreSQL
-(Ray and Flink pods read the Feast SQL registry). */}}
+{{/* Labels that let a pod through the NetworkPolicies of the services it names, and only
+those: call with a list, e.g. (list "redis" "postgresql"). Serving reads Redis, MLflow and the
+Feast SQL registry; training MLflow and the registry; the stream job Redis and the registry. */}}
 {{- define "recsys.clientLabels" -}}
-recsys.io/redis-client: "true"
-recsys.io/mlflow-client: "true"
-recsys.io/postgresql-client: "true"
+{{- range . }}
+recsys.io/{{ . }}-client: "true"
+{{- end }}
 {{- end -}}
 
 {{/*
 A Ray pod template (head or worker) on the platform image.
-Call with (dict "root" $ "account" "serve" "container" "ray-head" "resources" {...} "ports" list);
-optional "env" (a list of name/value) and "labels" (a map) are added to the container and pod,
-optional "readinessProbe" (a probe) replaces the one KubeRay would inject into the container.
-Ray writes its session under /tmp and unpacks runtime envs under $HOME, so the root file system
-stays writable; privileges and capabilities are dropped all the same.
+Call with (dict "root" $ "account" "serve" "cluster" "serve" "clients" (list ...) "container"
+"ray-head" "resources" {...} "ports" list); "cluster" labels the pod recsys.io/ray-cluster (its
+NetworkPolicy), "clients" are the services it may reach (recsys.clientLabels); optional "env"
+(a list of name/value) and "labels" (a map) are added to the container and pod, optional
+"readinessProbe" (a probe) replaces the one KubeRay would inject into the container.
+The root file system is read-only: Ray's session and runtime envs go to /tmp (HOME=/tmp), the
+platform's data_dir (/data: landing area, impression WAL) to an emptyDir of its own.
 */}}
 {{- define "recsys.rayPodTemplate" -}}
 {{- $root := .root -}}
 metadata:
   labels:
-    {{- include "recsys.clientLabels" . | nindent 4 }}
+    recsys.io/ray-cluster: {{ .cluster }}
+    {{- include "recsys.clientLabels" .clients | nindent 4 }}
     {{- with .labels }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
@@ -106,6 +110,8 @@ spec:
       env:
         - name: RAY_USAGE_STATS_ENABLED   # no usage reports from inside the cluster
           value: "0"
+        - name: HOME                      # runtime envs unpack under $HOME: on the emptyDir
+          value: /tmp
         {{- with include "recsys.secretEnv" $root | trim }}
         {{- . | nindent 8 }}
         {{- end }}
@@ -123,12 +129,16 @@ spec:
       resources:
         {{- toYaml .resources | nindent 8 }}
       securityContext:
-        {{- include "recsys.containerSecurityContext" (dict "uid" 1000 "readOnly" false) | nindent 8 }}
+        {{- include "recsys.containerSecurityContext" (dict "uid" 1000 "readOnly" true) | nindent 8 }}
       volumeMounts:
-        - name: ray-tmp
-          mountPath: /tmp/ray
+        - name: tmp
+          mountPath: /tmp
+        - name: data
+          mountPath: /data
   volumes:
-    - name: ray-tmp
+    - name: tmp
+      emptyDir: {}
+    - name: data
       emptyDir: {}
 {{- end -}}
 

@@ -41,7 +41,7 @@ def render_config(
     if leaked:
         logger.warning("RECSYS_* variables in this shell change the rendering: %s",
                        ", ".join(leaked))
-    rendered = render_configmap_file(load_settings("k8s", config))
+    rendered = render_configmap_file(load_settings("k8s", config, secrets=False))
     if check:
         current = out.read_text() if out.is_file() else ""
         if current != rendered:

@@ -25,6 +25,8 @@ etl_app = typer.Typer(help="Batch ETL: landing area -> validated, date-partition
                       no_args_is_help=True)
 console = Console()
 logger = logging.getLogger(__name__)
+# `recsys etl run` processed the range but moved unreadable landing files to the quarantine.
+EXIT_QUARANTINED_FILES = 3
 
 StartOpt = Annotated[str | None, typer.Option(help="First day, YYYY-MM-DD (default: the day "
                                                    "before --end).")]
@@ -52,7 +54,12 @@ def _print_etl(result: dict[str, Any]) -> None:
         **{f"  {reason}": n for reason, n in result["reasons"].items()},
         **{f"{s['name']} changed / in lake": f"{s['read']:,} / {s['total']:,}"
            for s in result["snapshots"]},
+        **({"unreadable files quarantined": len(result["quarantined_files"])}
+           if result.get("quarantined_files") else {}),
     }))
+    for moved in result.get("quarantined_files", []):
+        console.print(f"[red]quarantined {moved['source']} -> {moved['path']}: "
+                      f"{moved['reason']}[/red]")
 
 
 @etl_app.command("run")
@@ -67,7 +74,11 @@ def etl_run(
                                                          "database (default: Parquet "
                                                          "snapshots).")] = None,
 ) -> None:
-    """Runs the ETL flow (Prefect) for a date range; re-running a range is idempotent."""
+    """Runs the ETL flow (Prefect) for a date range; re-running a range is idempotent.
+
+    Exits 3 when landing files could not be read and were moved to the quarantine (the rest
+    of the range was processed).
+    """
     from recsys_pipelines.flows import etl_flow, prefect_api
 
     s = current_settings()
@@ -76,6 +87,8 @@ def etl_run(
                           landing_dir=str(landing) if landing else None,
                           lookahead_days=lookahead_days, catalog_url=catalog_url, settings=s)
     _print_etl(result)
+    if result.get("quarantined_files"):
+        raise typer.Exit(EXIT_QUARANTINED_FILES)
 
 
 @app.command("apply")

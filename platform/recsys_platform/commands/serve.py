@@ -1,8 +1,14 @@
 """``recsys serve up|down|status|recommend|run``: the Ray Serve application on this machine.
 
-``up`` starts a local Ray head (``ray start --head`` on ``ray.head_port``) unless
-``ray.address`` names a cluster, deploys the app and returns; the service keeps running in the
-Ray cluster until ``down``. ``run`` does the same in the foreground until Ctrl-C.
+``up`` starts a local Ray head (``ray start --head`` on ``ray.head_port``, listening on
+``ray.node_ip``: loopback by default) unless ``ray.address`` names a cluster, deploys the app
+and returns; the service keeps running in the Ray cluster until ``down``, which stops the
+head's processes, the Ray client server included. ``run`` does the same in the foreground
+until Ctrl-C.
+
+Clients use the proxy's URL (``serving.host:serving.port``): it is stable, routes to every
+replica and keeps answering while a replica restarts. A replica's own URL (direct ingress)
+is faster but changes, and refuses connections, when that replica dies.
 
 Direct ingress is on by default (:mod:`recsys_platform.serving.ingress`): the local head starts
 with ``RAY_SERVE_ENABLE_DIRECT_INGRESS=1`` and every replica serves HTTP on its own port
@@ -14,6 +20,7 @@ head keeps the mode it started with; a cluster named by ``ray.address`` has its 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -60,11 +67,45 @@ def cluster_address(settings: Settings) -> str:
     return settings.ray.address or f"127.0.0.1:{settings.ray.head_port}"
 
 
+# Ray turns --node-ip-address=127.0.0.1 into the machine's reachable address unless it runs
+# as a single-node cluster (what this variable says; Ray's own default on macOS/Windows).
+_SINGLE_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def head_command(settings: Settings) -> list[str]:
+    """``ray start --head`` for the local head, on ``ray.node_ip`` (loopback by default)."""
+    return [_ray_bin(), "start", "--head", "--port", str(settings.ray.head_port),
+            f"--node-ip-address={settings.ray.node_ip}", "--include-dashboard=false",
+            "--disable-usage-stats"]
+
+
+def head_env(settings: Settings) -> dict[str, str]:
+    """Environment of ``ray start`` that keeps a loopback ``ray.node_ip`` on loopback.
+
+    With it the head's GCS, raylet, Ray client server and agents bind 127.0.0.1 (without it
+    Ray turns 127.0.0.1 into the machine's address, and the GCS listens on every interface).
+    """
+    loopback = ipaddress.ip_address(settings.ray.node_ip).is_loopback \
+        if settings.ray.node_ip[0].isdigit() else settings.ray.node_ip == "localhost"
+    return {_SINGLE_NODE_ENV: "0"} if loopback else {}
+
+
+def single_node(settings: Settings) -> None:
+    """Makes this process see the local head's loopback node address (:func:`head_env`)."""
+    env = head_env(settings)
+    os.environ.update(env)
+    constants = sys.modules.get("ray._private.ray_constants")
+    if env and constants is not None:  # read at import: Ray was imported before this call
+        setattr(constants, "ENABLE_RAY_CLUSTER", False)  # noqa: B010 - a private constant
+
+
 def connect(settings: Settings, start_head: bool, direct_ingress: bool = True) -> None:
     """Connects to the configured cluster, starting a local head first when asked to.
 
     A head started here gets ``RAY_SERVE_ENABLE_DIRECT_INGRESS`` per ``direct_ingress``.
     """
+    if settings.ray.address is None:
+        single_node(settings)  # this driver must agree with the head on its node address
     import ray
 
     if ray.is_initialized():
@@ -75,10 +116,9 @@ def connect(settings: Settings, start_head: bool, direct_ingress: bool = True) -
                                capture_output=True, text=True)
         if probe.returncode != 0:
             cpus = ["--num-cpus", str(settings.ray.num_cpus)] if settings.ray.num_cpus else []
-            env = {**os.environ, **direct_ingress_env(direct_ingress, LOCAL_DRAINING_S)}
-            subprocess.run([_ray_bin(), "start", "--head", "--port",
-                            str(settings.ray.head_port), "--include-dashboard=false",
-                            "--disable-usage-stats", *cpus], check=True, capture_output=True,
+            env = {**os.environ, **direct_ingress_env(direct_ingress, LOCAL_DRAINING_S),
+                   **head_env(settings)}
+            subprocess.run(head_command(settings) + cpus, check=True, capture_output=True,
                            env=env)
     ray.init(address=address, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"RECSYS_PROFILE": settings.profile,
@@ -126,6 +166,9 @@ def print_replica_urls(settings: Settings, direct_ingress: bool) -> None:
         return
     for url in urls:
         console.print(f"replica serving directly (no proxy hop) on {url}")
+    console.print(f"clients: use {base_url(settings)} (the proxy: one stable address for every "
+                  "replica, answering while a replica restarts); a replica's own URL changes "
+                  "when it restarts")
 
 
 def http(method: str, url: str, body: Any = None, timeout: float = 10) -> tuple[int, Any]:
@@ -228,7 +271,8 @@ def stop_local_head(port: int, grace_s: float = 10.0) -> int:
         return 0
     targets: dict[int, Any] = {}
     for proc in psutil.process_iter(["cmdline"]):
-        if any(session in arg for arg in proc.info["cmdline"] or []):
+        cmdline = proc.info["cmdline"] or []
+        if any(session in arg for arg in cmdline) or is_client_server(cmdline, port):
             targets[proc.pid] = proc
             with contextlib.suppress(psutil.Error):
                 targets.update({c.pid: c for c in proc.children(recursive=True)})
@@ -245,6 +289,13 @@ def stop_local_head(port: int, grace_s: float = 10.0) -> int:
         if current.read_text().strip().endswith(f":{port}"):
             current.unlink()
     return len(targets)
+
+
+def is_client_server(cmdline: list[str], port: int) -> bool:
+    """The head's Ray client server (its command line names the GCS address, not the
+    session), which ``serve down`` used to leave running."""
+    return "ray.util.client.server" in cmdline and any(
+        a.startswith("--address=") and a.endswith(f":{port}") for a in cmdline)
 
 
 @app.command("status")
@@ -291,6 +342,7 @@ def run_command(
         connect(settings, start_head=False)
     else:
         os.environ.update(direct_ingress_env(direct, LOCAL_DRAINING_S))  # inherited by Ray
+        single_node(settings)
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
     url = deploy(settings, config)
     console.print(f"serving on {url}; bundle {wait_ready(url)['bundle_version']}")

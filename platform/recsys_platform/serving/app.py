@@ -28,13 +28,22 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from prometheus_client import generate_latest
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from prometheus_client import generate_latest, start_http_server
 from ray import serve
 
+from recsys_platform.errors import InvalidRequestError
 from recsys_platform.serving.factory import build_recommender, warm_up
 from recsys_platform.serving.recommender import Prepared, rank_many
-from recsys_platform.serving.schemas import RecommendRequest, RecommendResponse
+from recsys_platform.serving.schemas import (
+    MAX_BODY_BYTES,
+    RecommendRequest,
+    RecommendResponse,
+    parse_request,
+    request_json_schema,
+    validation_reasons,
+)
 from recsys_platform.settings import load_settings
 
 logger = logging.getLogger(__name__)
@@ -43,16 +52,62 @@ api = FastAPI(
     title="recsys serving",
     description="Two-stage recommendations: two-tower retrieval + HNSW, multi-task ranking.",
     version="1",
+    docs_url=None, redoc_url=None, openapi_url=None,  # served below, unless admin-only
 )
+NOT_HERE = {"error": "not found"}
+
+
+def refusal(status: int, reasons: list[str]) -> JSONResponse:
+    """The documented error shape: ``{"error": "invalid request", "reasons": [...]}``."""
+    error = "request too large" if status == 413 else "invalid request"
+    return JSONResponse(status_code=status, content={"error": error, "reasons": reasons})
 
 
 @api.exception_handler(RequestValidationError)
 async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-    reasons = [
-        f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}"
-        for e in exc.errors()
-    ]
-    return JSONResponse(status_code=422, content={"error": "invalid request", "reasons": reasons})
+    return refusal(422, validation_reasons(list(exc.errors())))
+
+
+MAX_DRAIN_BYTES = 32 * 1024 * 1024  # an oversized body is read (and dropped) up to this
+
+
+async def read_body(request: Request, limit: int = MAX_BODY_BYTES,
+                    drain_limit: int = MAX_DRAIN_BYTES) -> bytes:
+    """The request body; over ``limit`` bytes it is refused with 413.
+
+    Nothing past the limit is kept. An oversized body is still read to its end (dropped
+    chunk by chunk) up to ``drain_limit`` so that the client, still sending, receives the 413
+    instead of a reset connection; a ``Content-Length`` past ``drain_limit`` is refused
+    before reading.
+    """
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > drain_limit:
+        raise InvalidRequestError([f"body: larger than {limit} bytes"], status=413)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            chunks.clear()
+            if size > drain_limit:
+                break
+            continue
+        chunks.append(chunk)
+    if size > limit:
+        raise InvalidRequestError([f"body: larger than {limit} bytes"], status=413)
+    return b"".join(chunks)
+
+
+def start_admin_server(port: int, recommender: Any) -> None:
+    """Serves the replica's ``/metrics`` on ``port`` (all interfaces: the chart's
+    NetworkPolicy lets only ``networkPolicy.adminFrom`` reach it)."""
+    try:
+        start_http_server(port, addr="0.0.0.0", registry=recommender.metrics.registry)
+    except OSError as exc:  # another replica in this pod holds it: metrics stay unexposed
+        logger.error("admin port %d not available (%s): one replica per pod needs it", port,
+                     exc)
+        return
+    logger.info("replica metrics on :%d/metrics (admin port)", port)
 
 
 @serve.deployment(
@@ -95,6 +150,9 @@ class RecommenderDeployment:
                                            thread_name_prefix="recommend")
                         if hot_path_threads > 0 else None)
         self._in_flight = 0
+        self.admin_only = settings.serving.admin_port is not None
+        if settings.serving.admin_port is not None:
+            start_admin_server(settings.serving.admin_port, self.recommender)
 
     def check_health(self) -> None:
         """Ray Serve's replica health check: a replica without a bundle is still healthy."""
@@ -105,22 +163,49 @@ class RecommenderDeployment:
 
     @api.get("/readyz")
     def readyz(self) -> JSONResponse:
-        current = self.recommender.manager.current
+        manager = self.recommender.manager
+        current = manager.current
         body: dict[str, Any] = {"bundle_version": current.version if current else None,
-                                "rejected_versions": sorted(
-                                    self.recommender.manager.rejected_versions),
+                                "champion_version": manager.champion_version,
+                                "fallback": manager.fallback,  # serving the last good version
+                                "rejected_versions": sorted(manager.rejected_versions),
+                                "last_error": (manager.last_error or "")[:300] or None,
                                 "item_cache_age_s": self.cache.age_s()}
         ready = current is not None
         return JSONResponse(status_code=200 if ready else 503,
                             content={"ready": ready, **body})
 
     @api.get("/metrics")
-    def metrics(self) -> PlainTextResponse:
+    def metrics(self) -> Response:
+        if self.admin_only:  # on serving.admin_port instead
+            return JSONResponse(status_code=404, content=NOT_HERE)
         return PlainTextResponse(generate_latest(self.recommender.metrics.registry).decode())
 
-    @api.post("/recommend", response_model=RecommendResponse)
-    async def recommend(self, body: RecommendRequest) -> Any:
+    @api.get("/openapi.json", include_in_schema=False)
+    def openapi(self) -> Response:
+        if self.admin_only:
+            return JSONResponse(status_code=404, content=NOT_HERE)
+        return JSONResponse(api.openapi())
+
+    @api.get("/docs", include_in_schema=False)
+    def docs(self) -> Response:
+        if self.admin_only:
+            return JSONResponse(status_code=404, content=NOT_HERE)
+        html: HTMLResponse = get_swagger_ui_html(openapi_url="openapi.json", title=api.title)
+        return html
+
+    @api.post("/recommend", response_model=RecommendResponse, openapi_extra={
+        "requestBody": {"required": True, "content": {"application/json": {
+            "schema": request_json_schema()}}}})
+    async def recommend(self, request: Request) -> Any:
         metrics = self.recommender.metrics
+        try:
+            body = parse_request(await read_body(request))
+        except InvalidRequestError as exc:  # one bounded line; nothing else is written
+            metrics.rejections.labels("too_large" if exc.status == 413 else "invalid").inc()
+            metrics.requests.labels(str(exc.status)).inc()
+            logger.info("refused a request (%d): %s", exc.status, "; ".join(exc.reasons)[:300])
+            return refusal(exc.status, exc.reasons)
         if self._in_flight >= self.admission_limit:
             metrics.rejections.labels("overload").inc()
             metrics.requests.labels("503").inc()

@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 
 from recsys_models.bundle import Bundle
 from recsys_models.fast_rank import ranking_catalog
-from recsys_platform.serving.bundle_manager import BundleManager
+from recsys_platform.features import HISTORY_LENGTH
+from recsys_platform.serving.bundle_manager import BundleManager, LastGood
 from recsys_platform.serving.impressions import ImpressionLogger
 from recsys_platform.serving.metrics import ServingMetrics
 from recsys_platform.serving.online_features import (
@@ -31,16 +32,50 @@ logger = logging.getLogger(__name__)
 CHAMPION = "champion"
 
 
-def smoke_test(bundle: Any) -> None:
-    """Raises unless the bundle answers a cold user's query with finite scores."""
-    users = pd.DataFrame([{"user_id": "__smoke__", "user_history": []}])
-    ids, scores = bundle.search(bundle.encode_users(users), 10)
-    if len(ids[0]) == 0 or not np.isfinite(np.asarray(scores, dtype=float)).all():
+SMOKE_USERS = 8  # sample users of the load-time check, with histories of real items
+SMOKE_ITEMS = 100  # catalog items (spread over the whole catalog) each of them ranks
+
+
+def check_finite_weights(bundle: Bundle) -> None:
+    """Raises when a weight of either tower, the ranker or an item embedding is NaN/inf."""
+    parts = {"two_tower": bundle.two_tower, "ranker": bundle.ranker}
+    for name, module in parts.items():
+        for param, tensor in module.state_dict().items():
+            if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+                raise ValueError(f"{name}.{param} holds non-finite weights")
+    if not np.isfinite(np.asarray(bundle.item_embeddings, dtype=np.float64)).all():
+        raise ValueError("item embeddings hold non-finite values")
+
+
+def smoke_test(bundle: Any, users: int = SMOKE_USERS, items: int = SMOKE_ITEMS) -> None:
+    """Raises unless the bundle retrieves and ranks real catalog items with finite scores.
+
+    A cold user and ``users`` sample users whose histories are real catalog items (so the
+    history and item embedding rows that known users hit are exercised) each retrieve and
+    then rank ``items`` catalog items spread over the whole catalog; every score must be
+    finite. Real bundles also must hold only finite weights (a NaN row that no sample hits
+    would reach some users).
+    """
+    if isinstance(bundle, Bundle):
+        check_finite_weights(bundle)
+    catalog = [str(i) for i in bundle.item_ids]
+    if not catalog:
+        raise ValueError("the bundle's catalog is empty")
+    step = max(1, len(catalog) // items)
+    sample = catalog[::step][:items]
+    histories: list[list[str]] = [[]] + [sample[n::users][:HISTORY_LENGTH] for n in range(users)]
+    frame = pd.DataFrame([{"user_id": f"__smoke__{n}", "user_history": h}
+                          for n, h in enumerate(histories)])
+    ids, scores = bundle.search(bundle.encode_users(frame), 10)
+    if any(len(row) == 0 for row in ids) or not np.isfinite(np.asarray(scores, float)).all():
         raise ValueError("smoke query returned no candidates or non-finite scores")
-    items = pd.DataFrame({"item_id": list(ids[0])})
-    ranked = bundle.rank(pd.concat([users] * len(items), ignore_index=True), items)
-    if not np.isfinite(np.asarray(ranked["score"], dtype=float)).all():
-        raise ValueError("smoke ranking returned non-finite scores")
+    candidates = pd.DataFrame({"item_id": sample})
+    for n in range(len(frame)):
+        ranked = bundle.rank(frame.iloc[[n]], candidates)
+        bad = int((~np.isfinite(np.asarray(ranked["score"], dtype=float))).sum())
+        if bad:
+            raise ValueError(f"smoke ranking gave {bad} non-finite scores of {len(sample)} "
+                             f"for sample user {n}")
 
 
 def registry_manager(settings: Settings, metrics: ServingMetrics, alias: str = CHAMPION,
@@ -52,7 +87,7 @@ def registry_manager(settings: Settings, metrics: ServingMetrics, alias: str = C
     """
     from mlflow import MlflowClient
 
-    from recsys_models.bundle import load_bundle
+    from recsys_models.provenance import load_verified
 
     name = settings.mlflow.model_name
     client = MlflowClient(tracking_uri=settings.mlflow_tracking_uri,
@@ -66,15 +101,17 @@ def registry_manager(settings: Settings, metrics: ServingMetrics, alias: str = C
                 return None
             raise
 
-    def load(version: str) -> Any:
-        return load_bundle(f"models:/{name}/{version}", tracking_uri=settings.mlflow_tracking_uri)
+    def load(version: str) -> Any:  # digest and source checked, no pickle
+        return load_verified(settings.mlflow_tracking_uri, name, version,
+                             settings.path(settings.mlflow.artifact_location))
 
     def check(bundle: Any) -> None:
         smoke_test(bundle)
         if prepare is not None:
             prepare(bundle)
 
-    return BundleManager(resolve, load, check, metrics)
+    last_good = LastGood(settings.data_dir / "serving" / f"last_good-{alias}.json", name)
+    return BundleManager(resolve, load, check, metrics, last_good)
 
 
 def catalog_ids(settings: Settings, manager: BundleManager) -> Sequence[str]:
@@ -140,6 +177,11 @@ def serving_store(settings: Settings, timeout_s: float | None = None) -> Any:
     return FeatureStore(repo_path=str(repo_path(settings)), config=repo_config)
 
 
+def impressions_wal_dir(settings: Settings) -> Path:
+    """The write-ahead folder of the impression log (one per data dir, shared by replicas)."""
+    return settings.data_dir / "serving" / "impressions-wal"
+
+
 def build_recommender(settings: Settings) -> tuple[Recommender, ItemCache]:
     """Builds the whole serving object graph and starts its background refreshers."""
     metrics = ServingMetrics()
@@ -172,7 +214,7 @@ def build_recommender(settings: Settings) -> tuple[Recommender, ItemCache]:
     stream_dir = Path(settings.path(settings.flink.stream_dir))
     impressions = ImpressionLogger(settings.landing_dir,
                                    stream_dir if settings.flink.source == "file" else None,
-                                   flush_every=500)
+                                   flush_every=500, wal_dir=impressions_wal_dir(settings))
     impressions.start()
     privacy = settings.privacy
     options = ServingOptions(candidates=settings.serving.candidates,

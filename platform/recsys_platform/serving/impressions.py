@@ -8,19 +8,29 @@ Two outputs, both written atomically (a hidden temp name, then a rename):
   bundle version), and with ``stream_dir`` set, the same impressions as newline-JSON for the
   stream job.
 
-Responses are buffered and written by a flusher thread, never on the request path.
+Responses are buffered and written by a flusher thread, never on the request path. With
+``wal_dir`` set, :meth:`ImpressionLogger.log` first appends the response as one JSON line to a
+write-ahead segment (one ``write`` per response, before the response leaves), so a process
+killed with ``kill -9`` loses nothing it answered: the flusher seals the segment, writes its
+rows as Parquet and only then deletes it, and any logger starting on the same folder turns the
+segments a dead process left into Parquet (:meth:`ImpressionLogger.recover`). A segment is
+held with an exclusive ``flock`` for as long as its owner lives, so live replicas sharing the
+folder never take each other's. (Durable against the process dying, not the machine: the
+lines sit in the OS page cache until the flusher writes the Parquet.)
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import threading
 import time
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pyarrow as pa
 
@@ -51,6 +61,64 @@ def _atomic_parquet(rows: list[dict[str, Any]], schema: pa.Schema, path: Path) -
     atomic_write_table(pa.Table.from_pylist(rows, schema=schema), path)
 
 
+def _wal_line(record: _Record) -> bytes:
+    request_id, user_id, items, version, surface, device, now = record
+    return (json.dumps([request_id, user_id, items, version, surface, device,
+                        now.isoformat()], separators=(",", ":")) + "\n").encode()
+
+
+def _wal_record(line: bytes) -> _Record:
+    request_id, user_id, items, version, surface, device, now = json.loads(line)
+    return (request_id, user_id, [(i, float(s), src) for i, s, src in items], version, surface,
+            device, datetime.fromisoformat(now))
+
+
+class _Segment:
+    """One write-ahead file, exclusively locked by its owner until it is deleted."""
+
+    def __init__(self, path: Path, handle: IO[bytes]) -> None:
+        self.path, self.handle = path, handle
+
+    @classmethod
+    def create(cls, folder: Path, owner: str, seq: int) -> _Segment:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"wal-{owner}-{seq:06d}.jsonl"
+        handle = open(path, "ab", buffering=0)  # noqa: SIM115 - held until delete()
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return cls(path, handle)
+
+    @classmethod
+    def take(cls, path: Path) -> _Segment | None:
+        """The segment of a dead owner (None while its owner still holds the lock)."""
+        try:
+            handle = open(path, "rb+", buffering=0)  # noqa: SIM115
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            return None
+        return cls(path, handle)
+
+    def append(self, line: bytes) -> None:
+        self.handle.write(line)  # unbuffered: one write(2), in the OS before the response
+
+    def records(self) -> list[_Record]:
+        records = []
+        for n, line in enumerate(self.path.read_bytes().splitlines(), start=1):
+            try:
+                records.append(_wal_record(line))
+            except (ValueError, TypeError) as exc:  # a line torn by the kill
+                logger.warning("impression WAL %s line %d unreadable, skipped: %s",
+                               self.path.name, n, exc)
+        return records
+
+    def delete(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self.handle.close()
+
+
 class ImpressionLogger:
     """Buffers served responses and writes them as impression events, off the request path.
 
@@ -61,28 +129,77 @@ class ImpressionLogger:
     """
 
     def __init__(self, landing_dir: Path, stream_dir: Path | None = None,
-                 flush_every: int = 1000) -> None:
+                 flush_every: int = 1000, wal_dir: Path | None = None) -> None:
         self._landing = landing_dir
         self._stream = stream_dir
         self._flush_every = flush_every
         self._served: list[_Record] = []
         self._rows = 0
         self._lock = threading.Lock()
+        self._flushing = threading.Lock()  # one flush (and its segments) at a time
         self._files = 0
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._wal_dir = wal_dir
+        self._owner = uuid.uuid4().hex[:12]
+        self._seq = 0
+        self._segment: _Segment | None = None
+        self._sealed: list[_Segment] = []  # their records are buffered, not yet in Parquet
+        self.wal_errors = 0  # appends that failed (the response was only buffered in memory)
 
-    def start(self, interval_s: float = 5.0) -> None:
-        """Flushes in a daemon thread every ``interval_s`` (or when full) until :meth:`stop`."""
+    def _new_segment(self) -> _Segment | None:
+        if self._wal_dir is None:
+            return None
+        self._seq += 1
+        return _Segment.create(self._wal_dir, self._owner, self._seq)
+
+    def recover(self) -> int:
+        """Writes the write-ahead segments of dead loggers as Parquet; returns the rows.
+
+        Segments whose owner is alive (it holds their lock) are left alone.
+        """
+        if self._wal_dir is None or not self._wal_dir.is_dir():
+            return 0
+        rows = 0
+        with self._flushing:
+            for path in sorted(self._wal_dir.glob("wal-*.jsonl")):
+                if path.name.startswith(f"wal-{self._owner}-"):
+                    continue
+                segment = _Segment.take(path)
+                if segment is None:
+                    continue
+                try:
+                    records = segment.records()
+                    if records:
+                        rows += self._write_records(records)
+                except Exception:
+                    segment.handle.close()  # unlocked: the next recovery tries again
+                    raise
+                segment.delete()
+                logger.warning("recovered %d responses a stopped replica had not flushed (%s)",
+                               len(records), path.name)
+        return rows
+
+    def start(self, interval_s: float = 5.0, recover_every: int = 12) -> None:
+        """Flushes in a daemon thread every ``interval_s`` (or when full) until :meth:`stop`.
+
+        First, and then every ``recover_every`` flushes, writes what dead loggers left in the
+        write-ahead folder (:meth:`recover`).
+        """
+        self.recover()
 
         def loop() -> None:
+            n = 0
             while not self._stop.is_set():
                 self._wake.wait(interval_s)
                 self._wake.clear()
+                n += 1
                 try:
                     self.flush()
-                except OSError as exc:  # rows stay buffered for the next try
+                    if n % recover_every == 0:
+                        self.recover()
+                except OSError as exc:  # rows stay buffered (and in the WAL) for the next try
                     logger.error("impression log flush failed: %s", exc)
 
         self._thread = threading.Thread(target=loop, name="impression-log", daemon=True)
@@ -100,6 +217,16 @@ class ImpressionLogger:
         """Records one response: ``items`` are ``(item_id, score, source)`` in served order."""
         record = (request_id, user_id, items, bundle_version, surface, device, datetime.now(UTC))
         with self._lock:
+            if self._wal_dir is not None:
+                try:
+                    if self._segment is None:
+                        self._segment = self._new_segment()
+                    assert self._segment is not None
+                    self._segment.append(_wal_line(record))
+                except OSError as exc:  # never fail the response: it stays in the buffer
+                    self.wal_errors += 1
+                    logger.error("impression WAL append failed (response kept in memory "
+                                 "only): %s", exc)
             self._served.append(record)
             self._rows += len(items)
             full = self._rows >= self._flush_every
@@ -110,9 +237,32 @@ class ImpressionLogger:
                 self.flush()
 
     def flush(self) -> int:
-        """Writes buffered rows; returns how many were written."""
+        """Writes buffered rows; returns how many were written.
+
+        The write-ahead segment of the flushed records is sealed with them and deleted only
+        once their Parquet files are in place; on failure both stay for the next flush.
+        """
+        with self._flushing:
+            with self._lock:
+                records, self._served, self._rows = self._served, [], 0
+                if self._segment is not None:
+                    self._sealed.append(self._segment)
+                    self._segment = None  # the next log() opens a new one
+                sealed, self._sealed = self._sealed, []
+            try:
+                written = self._write_records(records)
+            except Exception:
+                with self._lock:  # nothing is lost: the records go back to the buffer
+                    self._served[:0] = records
+                    self._rows += sum(len(r[2]) for r in records)
+                    self._sealed[:0] = sealed
+                raise
+            for segment in sealed:
+                segment.delete()
+            return written
+
+    def _write_records(self, records: list[_Record]) -> int:
         with self._lock:
-            records, self._served, self._rows = self._served, [], 0
             self._files += 1
             n = self._files
         rows = [
@@ -124,13 +274,7 @@ class ImpressionLogger:
         ]
         if not rows:
             return 0
-        try:
-            self._write(rows, f"{int(time.time() * 1000)}-{os.getpid()}-{n}")
-        except Exception:
-            with self._lock:  # nothing is lost: the records go back to the buffer
-                self._served[:0] = records
-                self._rows += len(rows)
-            raise
+        self._write(rows, f"{int(time.time() * 1000)}-{os.getpid()}-{self._owner}-{n}")
         return len(rows)
 
     def _write(self, rows: list[dict[str, Any]], stamp: str) -> None:

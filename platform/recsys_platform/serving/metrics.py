@@ -41,6 +41,16 @@ class ServingMetrics:
         self.bundle_swaps = Counter(
             "recsys_bundle_swaps_total", "Bundle versions swapped in.", registry=r
         )
+        self.nonfinite_scores = Counter(
+            "recsys_nonfinite_scores_total",
+            "Ranker scores that were NaN or infinite (the request fell back to retrieval order).",
+            registry=r,
+        )
+        self.bundle_fallback = Gauge(
+            "recsys_bundle_fallback",
+            "1 while the replica serves another version than the alias names (it was rejected).",
+            registry=r,
+        )
         self.served_version = Gauge(
             "recsys_served_bundle_version", "Bundle version being served (numeric).", registry=r
         )

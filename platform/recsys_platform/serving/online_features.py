@@ -247,6 +247,7 @@ class ItemSnapshot:
     frame: pd.DataFrame  # indexed by item_id
     lists: dict[str, list[str]]
     metadata: dict[str, tuple[str, str]]
+    has_features: bool = True  # False: the online store holds no feature of any item
 
     @classmethod
     def from_frame(cls, frame: pd.DataFrame) -> ItemSnapshot:
@@ -254,7 +255,8 @@ class ItemSnapshot:
         if {"creator_id", "category"} <= set(frame.columns):
             meta = frame[["creator_id", "category"]].fillna("").astype(str)
             metadata = {str(k): (c, g) for k, c, g in meta.itertuples(name=None)}
-        return cls(frame, cold_start_lists(frame), metadata)
+        return cls(frame, cold_start_lists(frame), metadata,
+                   bool(frame.notna().to_numpy().any()))
 
     @classmethod
     def empty(cls) -> ItemSnapshot:

@@ -167,6 +167,12 @@ class Recommender:
         user_key = self.user_key(request.user_id)
         row, known = self._user_row(user_key, degraded)
         snapshot = self._items(degraded)
+        if not known and not snapshot.has_features:
+            # An empty online store (not materialized, flushed): the user may well be known to
+            # the bundle, so retrieval runs with default features, as when Redis is down.
+            self._fallback(degraded, "user_features_missing",
+                           LookupError("the online store holds no features (not materialized?)"))
+            known = True
         encoded: dict[str, np.ndarray] | None = None
         if loaded is not None and isinstance(loaded.bundle, Bundle):
             encoded = encode_user(loaded.bundle.spec, user_key, row["user_history"], row)
@@ -209,6 +215,12 @@ class Recommender:
             self.metrics.fallbacks.labels("bundle").inc()
         cands = prepared.candidates
         ranked: Iterator[tuple[Candidate, float]]
+        if scores is not None and len(scores) == len(cands) \
+                and not np.isfinite(np.asarray(scores, dtype=np.float64)).all():
+            bad = int((~np.isfinite(np.asarray(scores, dtype=np.float64))).sum())
+            self.metrics.nonfinite_scores.inc(bad)
+            rank_error = ValueError(f"ranker gave {bad} non-finite scores of {len(scores)}")
+            scores = None  # retrieval order, marked degraded: ["ranker"] below
         if scores is not None and len(scores) == len(cands):
             order = np.argsort(-np.asarray(scores), kind="stable")
             ranked = zip([cands[i] for i in order.tolist()],

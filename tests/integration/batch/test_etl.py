@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from recsys_pipelines import etl, sources
-from recsys_pipelines.flows import RETRIES, etl_flow
+from recsys_pipelines.flows import etl_flow
 from tests.fixtures.feast_store import BatchEnv, write_test_config
 
 pytestmark = pytest.mark.integration
@@ -104,16 +104,17 @@ def test_late_events_are_picked_up_by_rerunning_their_date(
 def test_a_failing_read_is_retried_and_the_flow_completes(
     etl_state: Any, batch_env: BatchEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = sources.read_landing_partition
+    real = sources.read_landing_day
     calls: Counter[str] = Counter()
 
-    def flaky(landing_dir: Path, day: Any) -> pd.DataFrame:
+    def flaky(landing_dir: Path, day: Any, quarantine_dir: Path | None = None
+              ) -> sources.LandingRead:
         calls[day.isoformat()] += 1
         if day == batch_env.start and calls[day.isoformat()] == 1:
             raise OSError("simulated: network file system went away")
-        return real(landing_dir, day)
+        return real(landing_dir, day, quarantine_dir)
 
-    monkeypatch.setattr(sources, "read_landing_partition", flaky)
+    monkeypatch.setattr(sources, "read_landing_day", flaky)
     state = etl_flow(start=batch_env.start, end=batch_env.start,
                      landing_dir=str(batch_env.settings.landing_dir), retry_delay_s=0,
                      config_file=str(_other_env(batch_env, tmp_path)), return_state=True)
@@ -122,29 +123,83 @@ def test_a_failing_read_is_retried_and_the_flow_completes(
     assert state.result()["clean_rows"] > 0
 
 
-def test_an_unreadable_partition_fails_the_flow_loudly(
-    etl_state: Any, batch_env: BatchEnv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_an_unreadable_file_is_quarantined_and_the_range_still_processed(
+    etl_state: Any, batch_env: BatchEnv, tmp_path: Path
 ) -> None:
-    real = sources.read_landing_partition
-    attempts: list[Any] = []
-
-    def counted(landing_dir: Path, day: Any) -> pd.DataFrame:
-        attempts.append(day)
-        return real(landing_dir, day)
-
-    monkeypatch.setattr(sources, "read_landing_partition", counted)
+    """Before: a corrupt Parquet file failed the whole range after 3 retries."""
     landing = tmp_path / "landing"
     shutil.copytree(batch_env.settings.landing_dir, landing)
-    broken = sources.landing_partition(landing, batch_env.start) / "part-0.parquet"
+    day, other = batch_env.start, batch_env.start + timedelta(days=1)
+    broken = sources.landing_partition(landing, day) / "zz-corrupt.parquet"
     broken.write_bytes(b"not parquet at all")
-    state = etl_flow(start=batch_env.start, end=batch_env.start, landing_dir=str(landing),
+    (tmp_path / "ref").mkdir()
+    good = etl_flow(start=other, end=other, landing_dir=str(batch_env.settings.landing_dir),
+                    lookahead_days=0, config_file=str(_other_env(batch_env, tmp_path / "ref")),
+                    return_state=True).result()
+    state = etl_flow(start=day, end=other, landing_dir=str(landing), lookahead_days=0,
                      retry_delay_s=0, config_file=str(_other_env(batch_env, tmp_path)),
                      return_state=True)
-    assert state.is_failed()
-    with pytest.raises(Exception, match="part-0.parquet cannot be read"):
-        state.result()
-    assert not (tmp_path / "data" / "lake" / "events").exists()  # nothing half-written
-    assert attempts.count(batch_env.start) == RETRIES + 1  # retried, then failed
+    assert state.is_completed(), state.message
+    result = state.result()
+    [moved] = result["quarantined_files"]
+    assert moved["source"] == str(broken) and "unreadable Parquet" in moved["reason"]
+    assert not broken.exists() and Path(moved["path"]).read_bytes() == b"not parquet at all"
+    note = json.loads(Path(moved["path"] + ".reason.json").read_text())
+    assert note["reason"] == moved["reason"]
+    assert "files" in Path(moved["path"]).parts and f"landing_date={day}" in moved["path"]
+    # Both days were processed: the other day exactly as in a run without the bad file.
+    assert result["partitions"][other.isoformat()] == good["partitions"][other.isoformat()]
+    assert result["partitions"][day.isoformat()] > 0
+
+
+def test_a_jsonl_landing_file_keeps_good_lines_and_quarantines_bad_ones(
+    etl_state: Any, batch_env: BatchEnv, tmp_path: Path
+) -> None:
+    """Before: a JSON-lines file in a landing partition was skipped whole."""
+    landing = tmp_path / "landing"
+    day = batch_env.start
+    folder = sources.landing_partition(landing, day)
+    folder.mkdir(parents=True)
+    event = {"event_id": "jl-1", "event_time": f"{day}T10:00:00.000Z", "user_id": "u1",
+             "item_id": "i1", "event_type": "click", "surface": "feed", "device": "ios"}
+    lines = [json.dumps(event).encode(), b"garbage {", b"", b"[1, 2]",
+             json.dumps({**event, "event_id": "jl-2", "watch_time_ms": "long"}).encode(),
+             b"\xff\xfe{}", json.dumps({**event, "event_id": "jl-3", "device": "toaster"}).encode()]
+    (folder / "events.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    result = etl_flow(start=day, end=day, landing_dir=str(landing), lookahead_days=0,
+                      config_file=str(_other_env(batch_env, tmp_path)), return_state=True).result()
+    assert result["input_rows"] == 6 and result["clean_rows"] == 1
+    assert result["quarantined_rows"] == 5 and result["quarantined_files"] == []
+    lake = tmp_path / "data" / "lake"
+    assert list(etl.read_lake_events(lake)["event_id"]) == ["jl-1"]
+    reasons = list(_quarantine(lake)["reason"])
+    assert reasons[:4] == [
+        "events.jsonl line 2: not JSON (Expecting value)",
+        "events.jsonl line 4: not a JSON object (a JSON list)",
+        "events.jsonl line 5: watch_time_ms is a JSON str, not an integer",
+        "events.jsonl line 6: not UTF-8",
+    ]
+    assert reasons[4].startswith("device not in")
+    assert (folder / "events.jsonl").exists()  # the landing file itself stays
+
+
+def test_cli_exit_status_says_files_were_quarantined(
+    etl_state: Any, batch_env: BatchEnv, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from recsys_platform.cli import app
+
+    landing = tmp_path / "landing"
+    folder = sources.landing_partition(landing, batch_env.start)
+    folder.mkdir(parents=True)
+    (folder / "bad.parquet").write_bytes(b"PAR1 truncated")
+    config = _other_env(batch_env, tmp_path)
+    out = CliRunner().invoke(app, [
+        "--config", str(config), "etl", "run", "--start", str(batch_env.start),
+        "--end", str(batch_env.start), "--landing", str(landing), "--lookahead-days", "0"])
+    assert out.exit_code == 3, out.output
+    assert "bad.parquet" in out.output and "quarantined" in out.output
 
 
 def test_catalog_is_read_incrementally_by_updated_at(

@@ -38,6 +38,7 @@ def test_services_profile_applies_to_the_sql_registry(
         "data_dir": str(tmp_path / "data"),
         "feast": {"repo_path": str(repo), "online_store": "sqlite", "project": "recsys_sql",
                   "registry_path": f"postgresql+psycopg://postgres@127.0.0.1:5432/{database}"},
+        "privacy": {"key": "sql-registry-test-key"},
     }))
     settings = load_settings("services", config)
     feature_store.apply_definitions(settings)

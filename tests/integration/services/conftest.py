@@ -42,6 +42,7 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
         "RECSYS_MLFLOW__TRACKING_URI": f"http://127.0.0.1:{free_port()}",
         "RECSYS_PREFECT__API_URL": f"http://127.0.0.1:{free_port()}/api",
         "RECSYS_MLFLOW_DB_URI": f"postgresql+psycopg://postgres@127.0.0.1:5432/{database}",
+        "RECSYS_PRIVACY__KEY": "services-test-pseudonym-key",  # the profile refuses the default
         "PYTHON": str(REPO_ROOT / ".venv" / "bin" / "python"),
     }
     running = Services(env=env, data_dir=data_dir, database=database)

@@ -491,3 +491,183 @@ def test_broken_version_is_rejected_and_previous_keeps_serving(serving_env: Serv
     assert {answer["bundle_version"] for _, answer in load.flat} == {serving_now}
     assert "recsys_bundle_rejections_total 1.0" in call(f"{serving_env.url}/metrics")[2]
 
+
+
+PROBE = [  # the outside probe's request set: (body bytes, expected status, reason fragment)
+    (json.dumps({"user_id": "probe-marker-1", "context": {"surface": "x" * 1_000_000}}).encode(),
+     413, "body"),
+    (b"{" + b" " * (20 * 1024 * 1024) + b'"user_id": "probe-marker-2"}', 413, "body"),
+    (json.dumps({"user_id": "probe-marker-3", "context": {"device": "toaster"}}).encode(),
+     422, "context.device"),
+    (json.dumps({"user_id": "probe-marker-4", "context": {"surface": "evil<script>"}}).encode(),
+     422, "context.surface"),
+    (json.dumps({"user_id": "../../etc/passwd"}).encode(), 422, "user_id"),
+    (json.dumps({"user_id": "probe\r\nmarker\x00"}).encode(), 422, "user_id"),
+    (json.dumps({"user_id": "probe-marker-5", "k": "5"}).encode(), 422, "k"),
+    (json.dumps({"user_id": "probe-marker-6", "k": True}).encode(), 422, "k"),
+    (json.dumps({"user_id": "probe-marker-7", "exclude": ["i" * 20_000] * 1_000}).encode(),
+     413, "body"),
+    (json.dumps({"user_id": "probe-marker-7", "exclude": ["i" * 20_000] * 3}).encode(),
+     422, "exclude.0"),
+    (json.dumps({"user_id": "probe-marker-8", "exclude": ["i" * 200]}).encode(), 422,
+     "exclude.0"),
+    (b'{"user_id": "probe-marker-9\xff\xfe"}', 422, "not UTF-8"),
+    (b'{"user_id": "probe-marker-10", "exclude": ' + b"[" * 30_000 + b"]" * 30_000 + b"}", 422,
+     "recursion limit"),
+]
+
+
+def test_the_probes_hostile_requests_get_4xx_with_a_reason_and_leave_nothing_on_disk(
+        serving_env: ServingEnv) -> None:
+    """Before: all but the malformed JSON were served and logged verbatim (a 1 MB surface
+    wrote ~210 MB of stream JSONL), non-UTF-8 and deep nesting were 400 without a reason."""
+    import pyarrow.parquet as pq
+
+    for raw, expected, fragment in PROBE:
+        status, _, answer = call(f"{serving_env.url}/recommend", raw=raw)
+        assert status == expected, (raw[:80], status, answer)
+        assert answer["error"] in ("invalid request", "request too large")
+        assert any(fragment in r for r in answer["reasons"]), (raw[:80], answer)
+        assert len(json.dumps(answer)) < 4_000 and "Traceback" not in json.dumps(answer)
+    status, _, body = call(f"{serving_env.url}/recommend",
+                           {"user_id": serving_env.known_user, "k": 2})
+    assert status == 200
+    landing = serving_env.settings.landing_dir
+
+    def logged() -> bool:
+        return any(body["request_id"] in pq.read_table(p, columns=["request_id"]).column(0)
+                   .to_pylist() for p in (landing / "served").rglob("served-*.parquet"))
+
+    _wait(logged, 30, "the valid request's impressions")
+    users = {u for p in landing.rglob("served-*.parquet")
+             for u in pq.read_table(p, columns=["user_id"]).column(0).to_pylist()}
+    assert serving_env.known_user in users
+    assert not {u for u in users if "probe" in u or "passwd" in u}
+    wal = serving_env.settings.data_dir / "serving"
+    for path in [*landing.rglob("*.jsonl"), *wal.rglob("*")]:
+        if path.is_file():
+            assert b"probe" not in path.read_bytes(), path
+    text = call(f"{serving_env.url}/metrics")[2]
+    assert 'recsys_rejections_total{reason="invalid"}' in text
+    assert 'recsys_rejections_total{reason="too_large"}' in text
+
+
+def test_a_version_with_nan_ranker_weights_is_rejected(serving_env: ServingEnv) -> None:
+    """Before: a bundle whose ranker history embeddings held NaN rows passed the smoke query
+    (a cold user with no history) and every known user got ``score: null``."""
+    import torch
+    from mlflow import MlflowClient
+
+    from recsys_models.registry import register_bundle
+
+    settings = serving_env.settings
+    client = MlflowClient(settings.mlflow_tracking_uri, settings.mlflow_tracking_uri)
+    serving_now = call(f"{serving_env.url}/readyz")[2]["bundle_version"]
+    bundle = serving_env.outcome.bundle
+    weight = bundle.ranker.history_emb.weight
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight[1:] = float("nan")  # every real item's history row; padding row 0 intact
+    try:
+        poisoned = str(register_bundle(settings, bundle, run_name="serving-nan").version)
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+    client.set_registered_model_alias(settings.mlflow.model_name, "champion", poisoned)
+    _wait(lambda: poisoned in call(f"{serving_env.url}/readyz")[2]["rejected_versions"], 60,
+          "the NaN version to be rejected")
+    status, _, body = call(f"{serving_env.url}/recommend",
+                           {"user_id": serving_env.known_user, "k": 5})
+    assert status == 200 and body["bundle_version"] == serving_now
+    assert all(i["score"] is not None for i in body["items"]) and body["source"] == "model"
+
+
+def test_a_restarted_replica_on_a_broken_champion_serves_the_last_good_version(
+        serving_env: ServingEnv) -> None:
+    """Before: with the alias on a broken version, a new replica served popular items only
+    and /readyz was 503 for as long as the alias stayed broken."""
+    from ray import serve
+
+    from recsys_platform.serving.app import RecommenderDeployment
+    from recsys_platform.serving.ingress import direct_ingress_requested
+
+    ready = call(f"{serving_env.url}/readyz")[2]
+    last_good, broken = ready["bundle_version"], ready["champion_version"]
+    assert broken in ready["rejected_versions"] and ready["fallback"] is True  # kept serving
+    serve.run(RecommenderDeployment.options(name="recommender-restart", autoscaling_config=None,
+                                            num_replicas=1)
+              .bind(config_file=str(serving_env.config_file)),
+              name="recsys-restart", route_prefix="/restart", blocking=False)
+    try:
+        url = _app_url("recsys-restart", serving_env.proxy_port,
+                       direct_ingress_requested(default=False), "/restart")
+        _wait(lambda: call(f"{url}/readyz")[0] == 200, 120, "the restarted replica")
+        status, _, restarted = call(f"{url}/readyz")
+        assert restarted["bundle_version"] == last_good and restarted["fallback"] is True
+        assert restarted["champion_version"] == broken
+        body = call(f"{url}/recommend", {"user_id": serving_env.known_user, "k": 5})[2]
+        assert body["bundle_version"] == last_good and body["source"] == "model"
+        assert "recsys_bundle_fallback 1.0" in call(f"{url}/metrics")[2]
+    finally:
+        serve.delete("recsys-restart")
+
+
+def test_kill_9_of_the_replica_under_load_loses_no_impression(serving_env: ServingEnv) -> None:
+    """Before: kill -9 lost the impressions of the replica's last ~0.8 s (20 responses served,
+    never logged). Clients use the proxy (the stable entry point) while the replica restarts.
+    Runs last: it kills the session app's replica."""
+    import os
+    import signal
+
+    import psutil
+    import pyarrow.parquet as pq
+    import ray
+
+    node: Any = ray._private.worker._global_node  # the session's local cluster
+    raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
+
+    def replica_pids() -> list[int]:
+        """This cluster's replica processes of the session app (its raylet's children)."""
+        pids = []
+        for proc in raylet.children(recursive=True):
+            try:
+                if "ServeReplica:recsys-test:recommender" in " ".join(proc.cmdline()):
+                    pids.append(proc.pid)
+            except psutil.Error:
+                continue
+        return pids
+
+    class TolerantLoad(LoadLoop):  # a refused connection while no replica runs is no answer
+        def _run(self, i: int) -> None:
+            deadline = time.monotonic() + 300
+            while not self._stop.is_set() and time.monotonic() < deadline:
+                try:
+                    status, _, answer = call(f"{self.url}/recommend", self.body, timeout=10)
+                except OSError:
+                    status, answer = 0, None
+                self.results[i].append((status, answer))
+
+    [pid] = replica_pids()
+    proxy = f"http://127.0.0.1:{serving_env.proxy_port}"
+    with TolerantLoad(proxy, {"user_id": serving_env.known_user, "k": 4}) as load:
+        time.sleep(1.5)
+        os.kill(pid, signal.SIGKILL)
+        _wait(lambda: [p for p in replica_pids() if p != pid], 120, "a new replica")
+
+        def ready() -> bool:
+            try:
+                return call(f"{proxy}/readyz", timeout=10)[0] == 200
+            except OSError:  # the proxy waits for the starting replica
+                return False
+
+        _wait(ready, 240, "the new replica ready")
+        time.sleep(1)
+    served = {a["request_id"] for status, a in load.flat if status == 200}
+    assert len(served) > 5, load.flat[-5:]
+    landing = serving_env.settings.landing_dir / "served"
+
+    def logged() -> set[str]:
+        return {r for p in landing.rglob("served-*.parquet")
+                for r in pq.read_table(p, columns=["request_id"]).column(0).to_pylist()}
+
+    _wait(lambda: served <= logged(), 60, "every served response in the impression log")
