@@ -38,7 +38,7 @@ class TwoTowerConfig:
     temperature: float = 0.1  # softmax temperature on cosine scores
     logq_correction: bool = True
     random_negatives: int = 0  # extra uniform catalog negatives per batch
-    id_dropout: float = 0.2  # fraction of training rows whose item id embedding is zeroed
+    id_dropout: float = 0.3  # fraction of training rows whose item id embedding is zeroed
     sparse: bool = True  # sparse embedding gradients (SparseAdam): ~3.5x faster on CPU
     share_item_embeddings: bool = True  # history tokens read the item tower's id table
     seq_layers: int = 1  # self-attention blocks over the history (1-2)

@@ -132,7 +132,7 @@ def synthetic_case(events: int = 60_000, seed: int = 7) -> Case:
     return Case(rows, g.items, train, holdout, cutoff, spec, favourites)
 
 
-SMALL_TRAIN = TrainConfig(epochs=3, batch_size=256,
+SMALL_TRAIN = TrainConfig(epochs=6, batch_size=256,
                           two_tower=TwoTowerConfig(dim=16, id_dim=16, hidden=32))
 
 

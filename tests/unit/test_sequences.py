@@ -63,3 +63,14 @@ def test_no_future_item_ever_appears_in_an_input_on_random_data() -> None:
         expected = before.sort_values("event_time", kind="stable")["item_id"].tolist()[::-1]
         newest = list(dict.fromkeys(expected))[:20]
         assert set(hist[i]) == set(newest)
+
+
+def test_the_baseline_gate_names_the_metric_both_values_and_the_margin() -> None:
+    from recsys_models.registry import baseline_gate
+
+    ok = {"final/recall@50": 0.23, "popularity/recall@50": 0.20}
+    assert baseline_gate(ok, 0.10) == []
+    (reason,) = baseline_gate({"final/recall@50": 0.21, "popularity/recall@50": 0.20}, 0.10)
+    assert "final/recall@50 0.2100" in reason and "popularity/recall@50 0.2000" in reason
+    assert "10%" in reason and "0.2200" in reason
+    assert baseline_gate({"popularity/recall@50": 0.2}, 0.1)  # a missing metric refuses

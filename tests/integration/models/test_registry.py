@@ -85,6 +85,9 @@ def test_bundle_round_trips_and_gate_refuses_a_worse_challenger(
     assert champion.snapshot_id == good.snapshot_id
     assert list(champion.item_ids) == list(good.item_ids)
 
+    assert decision.challenger_metrics["final/recall@50"] >= 1.1 * decision.challenger_metrics[
+        "popularity/recall@50"]
+
     # An untrained model is worse: the gate refuses and champion stays.
     untrained_tt, untrained_rk = build_models(case.spec, TrainConfig(seed=99))
     worse = make_bundle(case, untrained_tt, untrained_rk, "untrained")
@@ -92,6 +95,7 @@ def test_bundle_round_trips_and_gate_refuses_a_worse_challenger(
     assert alias_version(settings, CHALLENGER) == second.version
     refused = promote(settings, case.train, holdout, why="should fail", who="ci")
     assert not refused.promoted and refused.reasons
+    assert any("popularity/recall@50" in r for r in refused.reasons), refused.reasons
     assert alias_version(settings, CHAMPION) == first.version
     assert load_alias(settings, CHAMPION).version == good.version
 
