@@ -271,7 +271,8 @@ def score_candidates(bundle: Bundle, catalog: RankingCatalog,
     x = torch.cat([user, item, hist, cat, creator_tags, hist * item, hist * cat,
                    user_num.index_select(0, owner), item_dense, retrieval], dim=1)  # (B, width)
     h = ranker.bottom(x)  # (B, hidden)
-    logit, wlog = ranker.click_head(h).squeeze(1), ranker.watch_head(h).squeeze(1)
+    logit = ranker.click_head(h).squeeze(1) + ranker.retrieval_weight * retrieval.squeeze(1)
+    wlog = ranker.watch_head(h).squeeze(1)
     p_click = torch.sigmoid(logit).numpy().astype(np.float32)
     watch = (torch.expm1(wlog.clamp(min=0, max=20)) * 1000.0).numpy().astype(np.float32)
     scores = bundle.blend.score(p_click, watch)

@@ -36,8 +36,9 @@ class RankerConfig:
     hidden: int = 64
     watch_loss_weight: float = 0.5  # weight of the masked watch-time MSE next to the click BCE
     sparse: bool = True
-    negatives: int = 1  # never-shown negatives per training row, from the retrieval top-N
-    negatives_from_top: int = 100  # N: how deep in the user's retrieval list they are drawn
+    negatives: int = 4  # never-shown negatives per training row, from the retrieval top-N
+    negatives_from_top: int = 500  # N: how deep they are drawn (serving's candidate count)
+    retrieval_weight: float = 10.0  # initial weight of the retrieval score in the click logit
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -86,6 +87,11 @@ class Ranker(nn.Module):
                                     nn.Linear(cfg.hidden, cfg.hidden), nn.ReLU())
         self.click_head = nn.Linear(cfg.hidden, 1)
         self.watch_head = nn.Linear(cfg.hidden, 1)
+        # The click logit is a learned correction on top of the retrieval score: zero at
+        # initialization, so an untrained ranker keeps retrieval order and training only moves
+        # away from it where the impressions and never-shown negatives say so.
+        nn.init.zeros_(self.click_head.weight)
+        self.retrieval_weight = nn.Parameter(torch.tensor(float(cfg.retrieval_weight)))
 
     def forward(self, b: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         hist = self.history_emb(b["history"])  # (B, d)
@@ -101,7 +107,8 @@ class Ranker(nn.Module):
             dim=1,
         )  # (B, width)
         h = self.bottom(x)  # (B, hidden)
-        return self.click_head(h).squeeze(1), self.watch_head(h).squeeze(1)  # (B,), (B,)
+        click = self.click_head(h).squeeze(1) + self.retrieval_weight * b["retrieval_score"]
+        return click, self.watch_head(h).squeeze(1)  # (B,), (B,)
 
 
 def ranker_loss(ranker: nn.Module, b: dict[str, Tensor], watch_weight: float) -> Tensor:

@@ -150,8 +150,10 @@ def train_evaluate_register(
     validation = build_validation(fit_rows, val_rows, catalog[published < val_cut], spec,
                                   set(fit_rows["item_id"]))
     positives = fit_rows.loc[fit_rows["clicked"] == 1, "item_id"]
-    datasets = prepare_datasets(ray.data.from_pandas(fit_rows.reset_index(drop=True)), spec,
-                                item_log_q(positives))
+    # Through Arrow: Ray's pandas ingestion casts the ragged list columns (tags, history) to
+    # its tensor extension and fails.
+    table = pa.Table.from_pandas(fit_rows.reset_index(drop=True), preserve_index=False)
+    datasets = prepare_datasets(ray.data.from_arrow(table), spec, item_log_q(positives))
     t1 = datetime.now(UTC)
     run_name = f"train-{t1:%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
     trained = fit(datasets, spec, cfg, num_workers=workers or settings.ray.train_workers,
