@@ -32,6 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 from recsys_platform.commands.context import current_settings, settings_with
+from recsys_platform.commands.progress import stage
 from recsys_platform.serving.ingress import (
     direct_ingress_env,
     direct_ingress_requested,
@@ -308,17 +309,20 @@ def demo_step(settings: Settings, console: Console, users: dict[str, str]) -> No
     """Demo: start the service, query each ``label -> user id``, print the results, stop."""
     from ray import serve
 
-    console.rule("serving: Ray Serve app, bundle from the MLflow registry @champion")
-    connect(settings, start_head=True)
-    url = deploy(settings)
-    try:
-        ready = wait_ready(url)
-        console.print(f"serving on {url}, bundle version {ready['bundle_version']}")
-        for label, user in users.items():
-            status, body = http("POST", f"{url}/recommend", {"user_id": user, "k": 8})
-            if status != 200:
-                console.print(f"{label}: HTTP {status} {body}")
-                continue
-            print_recommendations(body, f"{label} ({user})")
-    finally:
-        serve.delete(APP_NAME)
+    with stage(console, "serving: Ray Serve app, bundle from the MLflow registry @champion",
+               1 + len(users)) as step:
+        step("starting Ray Serve, loading the @champion bundle")
+        connect(settings, start_head=True)
+        url = deploy(settings)
+        try:
+            ready = wait_ready(url)
+            console.print(f"serving on {url}, bundle version {ready['bundle_version']}")
+            for label, user in users.items():
+                step(f"POST /recommend for the {label}")
+                status, body = http("POST", f"{url}/recommend", {"user_id": user, "k": 8})
+                if status != 200:
+                    console.print(f"{label}: HTTP {status} {body}")
+                    continue
+                print_recommendations(body, f"{label} ({user})")
+        finally:
+            serve.delete(APP_NAME)

@@ -1,0 +1,133 @@
+"""Console logging for the CLI: the platform's own messages, library chatter only with ``-v``.
+
+By default the console shows records of the project's loggers from INFO up and the libraries'
+(Ray, Prefect, MLflow, Feast, Flink/Beam, ...) from WARNING up; library deprecation notices
+(``DeprecationWarning``, ``FutureWarning`` raised inside a library) and progress bars that
+libraries draw themselves (Ray Data, tqdm, MLflow's artifact downloads) are off, so the CLI's
+own Rich progress is the only one. ``-v`` (verbose) shows everything at DEBUG.
+
+Libraries that configure their loggers on import read environment variables, so
+:func:`library_environment` is applied before they are imported and is inherited by the
+processes the CLI starts (local Ray workers, the Flink job, the MLflow and Prefect servers).
+Warnings the project itself triggers are fixed at their source, not filtered here: a warning
+attributed to a project module stays visible.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import sys
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, redirect_stdout
+from importlib import resources
+from typing import Any
+
+PROJECT_PACKAGES = ("recsys_platform", "recsys_pipelines", "recsys_models", "__main__")
+LIBRARY_LEVEL = logging.WARNING  # library records below this are hidden unless verbose
+LIBRARY_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+# Always: settings that fix a behaviour rather than hide output.
+_ALWAYS = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # no telemetry calls (they fail offline)
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",  # Ray's future default; silences its tip
+}
+# Unless verbose: libraries' own console output off or at WARNING.
+_QUIET = {
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",  # Ray Data's bars and "logging_progress" lines
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # "Downloading artifacts" bars
+    "MLFLOW_LOGGING_LEVEL": "WARNING",
+    "RAY_SERVE_LOG_TO_STDERR": "0",  # Serve's own stream handler (its log files stay)
+    "TQDM_DISABLE": "1",  # tqdm bars of Feast materialize and friends
+}
+
+
+def is_project(logger_name: str) -> bool:
+    """True for the platform's own loggers (``recsys_*`` packages and scripts)."""
+    return logger_name.split(".", 1)[0] in PROJECT_PACKAGES
+
+
+def shows(logger_name: str, level: int, verbose: bool) -> bool:
+    """Whether the console shows a record: all when verbose, else the project's from INFO and
+    the libraries' from :data:`LIBRARY_LEVEL`."""
+    if verbose:
+        return True
+    return level >= (logging.INFO if is_project(logger_name) else LIBRARY_LEVEL)
+
+
+class ConsoleFilter(logging.Filter):
+    """Applies :func:`shows` on the console handler (libraries keep their own levels, so their
+    file and API handlers, e.g. Prefect's flow-run logs in its UI, still get every record)."""
+
+    def __init__(self, verbose: bool) -> None:
+        super().__init__()
+        self.verbose = verbose
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return shows(record.name, record.levelno, self.verbose)
+
+
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to ``sys.stderr`` as it is at each record, so lines logged while a Rich progress
+    bar is live go through Rich (which swaps ``sys.stderr``) and land above the bar."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+def ray_data_logging_config() -> str:
+    """Path of the Ray Data logging config whose console handler shows WARNING and up
+    (Ray Data's default prints INFO; its session log file keeps DEBUG)."""
+    return str(resources.files("recsys_platform") / "ray_data_logging.yaml")
+
+
+def library_environment(verbose: bool, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment variables to set for a run: only those not set already, so a user's
+    own ``RAY_DATA_DISABLE_PROGRESS_BARS=0`` (say) wins."""
+    env = os.environ if environ is None else environ
+    wanted = dict(_ALWAYS)
+    if not verbose:
+        wanted |= _QUIET | {"RAY_DATA_LOGGING_CONFIG": ray_data_logging_config()}
+    return {k: v for k, v in wanted.items() if k not in env}
+
+
+@contextmanager
+def library_stdout(logger: logging.Logger) -> Iterator[None]:
+    """Turns what a library prints to stdout inside the block (Feast's materialize
+    progress) into DEBUG records of ``logger``, shown with ``-v``."""
+    buffer = io.StringIO()
+    try:
+        with redirect_stdout(buffer):
+            yield
+    finally:
+        for line in buffer.getvalue().splitlines():
+            if line.strip():
+                logger.debug("%s", _ANSI.sub("", line).rstrip())
+
+
+def configure(verbose: bool) -> None:
+    """Configures console logging and library output once, in an entrypoint (or a child process
+    the CLI spawns). Call before the libraries are imported."""
+    os.environ.update(library_environment(verbose))
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.addFilter(ConsoleFilter(verbose))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logging.captureWarnings(False)
+    if not verbose:
+        for category in LIBRARY_WARNINGS:
+            # Hidden only when attributed to a library module; the project's stay visible.
+            warnings.filterwarnings("ignore", category=category,
+                                    module=r"^(?!(" + "|".join(PROJECT_PACKAGES) + r")\b)")
