@@ -21,9 +21,10 @@ import os
 import re
 import sys
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, redirect_stdout
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 PROJECT_PACKAGES = ("recsys_platform", "recsys_pipelines", "recsys_models", "__main__")
@@ -72,9 +73,12 @@ class ConsoleFilter(logging.Filter):
         return shows(record.name, record.levelno, self.verbose)
 
 
-class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Writes to ``sys.stderr`` as it is at each record, so lines logged while a Rich progress
-    bar is live go through Rich (which swaps ``sys.stderr``) and land above the bar."""
+    bar is live go through Rich (which swaps ``sys.stderr``) and land above the bar.
+
+    (A public name: Prefect keeps a root handler whose class name does not start with ``_``.)
+    """
 
     @property  # type: ignore[override]
     def stream(self) -> Any:
@@ -85,8 +89,25 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         pass
 
 
+def hides_warning(category: type[Warning], filename: str, verbose: bool) -> bool:
+    """Whether a warning is a library's deprecation notice to hide: raised (by its
+    ``stacklevel``) in a file outside the project's packages, and not verbose."""
+    return (not verbose and issubclass(category, LIBRARY_WARNINGS)
+            and not any(part in PROJECT_PACKAGES for part in Path(filename).parts))
+
+
+def _hiding_showwarning(show: Callable[..., None]) -> Callable[..., None]:
+    def showwarning(message: Warning | str, category: type[Warning], filename: str,
+                    lineno: int, file: Any = None, line: str | None = None) -> None:
+        if not hides_warning(category, filename, verbose=False):
+            show(message, category, filename, lineno, file, line)
+
+    showwarning.recsys_quiet = True  # type: ignore[attr-defined]
+    return showwarning
+
+
 def ray_data_logging_config() -> str:
-    """Path of the Ray Data logging config whose console handler shows WARNING and up
+    """Path of the Ray Data logging config whose console handler shows ERROR and up
     (Ray Data's default prints INFO; its session log file keeps DEBUG)."""
     return str(resources.files("recsys_platform") / "ray_data_logging.yaml")
 
@@ -119,15 +140,14 @@ def configure(verbose: bool) -> None:
     """Configures console logging and library output once, in an entrypoint (or a child process
     the CLI spawns). Call before the libraries are imported."""
     os.environ.update(library_environment(verbose))
-    handler = _StderrHandler()
+    handler = StderrHandler()
     handler.setFormatter(logging.Formatter(FORMAT))
     handler.addFilter(ConsoleFilter(verbose))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     logging.captureWarnings(False)
-    if not verbose:
-        for category in LIBRARY_WARNINGS:
-            # Hidden only when attributed to a library module; the project's stay visible.
-            warnings.filterwarnings("ignore", category=category,
-                                    module=r"^(?!(" + "|".join(PROJECT_PACKAGES) + r")\b)")
+    if not verbose and not getattr(warnings.showwarning, "recsys_quiet", False):
+        # At display time, not as a filter: libraries insert filters of their own on import
+        # (Feast: simplefilter("once", DeprecationWarning)) ahead of any set here.
+        warnings.showwarning = _hiding_showwarning(warnings.showwarning)

@@ -40,7 +40,7 @@ def test_quiet_environment_turns_library_output_off_and_keeps_the_users_choice()
     assert env["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == "false"
     assert "TQDM_DISABLE" not in env  # set by the user: theirs wins
     config = yaml.safe_load(Path(env["RAY_DATA_LOGGING_CONFIG"]).read_text())
-    assert config["handlers"]["console"]["level"] == "WARNING"
+    assert config["handlers"]["console"]["level"] == "ERROR"
     assert config["loggers"]["ray.data"]["handlers"] == ["file", "console"]
 
 
@@ -50,22 +50,33 @@ def test_verbose_environment_only_fixes_behaviour() -> None:
                    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
 
 
-def test_library_deprecations_are_hidden_but_the_projects_stay_visible(
+@pytest.mark.parametrize(("category", "filename", "hidden"), [
+    (DeprecationWarning, "/venv/site-packages/ray/data/context.py", True),
+    (FutureWarning, "/venv/site-packages/ray/_private/worker.py", True),
+    (DeprecationWarning, "/repo/pipelines/recsys_pipelines/etl.py", False),  # ours: fix it
+    (UserWarning, "/venv/site-packages/mlflow/types/utils.py", False),  # not a deprecation
+])
+def test_only_library_deprecations_are_hidden(category: type[Warning], filename: str,
+                                              hidden: bool) -> None:
+    assert logs.hides_warning(category, filename, verbose=False) is hidden
+    assert not logs.hides_warning(category, filename, verbose=True)
+
+
+def test_hidden_even_when_a_library_turns_deprecations_on(
     monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(os, "environ", {})  # configure() writes the library variables here
     root = logging.getLogger()
     monkeypatch.setattr(root, "handlers", list(root.handlers))
     monkeypatch.setattr(root, "level", root.level)
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as shown:  # restores showwarning too
         logs.configure(verbose=False)
-        warnings.warn_explicit("old library API", DeprecationWarning, "lib.py", 1,
-                               module="ray.data.context")
-        warnings.warn_explicit("old call in our code", DeprecationWarning, "etl.py", 1,
-                               module="recsys_pipelines.etl")
-        warnings.warn_explicit("a library's advice", UserWarning, "utils.py", 1,
-                               module="mlflow.types.utils")
-    assert [str(w.message) for w in caught] == ["old call in our code", "a library's advice"]
+        warnings.simplefilter("always", DeprecationWarning)  # what Feast does on import
+        warnings.warn_explicit("old library API", DeprecationWarning,
+                               "/venv/site-packages/ray/data/context.py", 1)
+        warnings.warn_explicit("old call in our code", DeprecationWarning,
+                               "/repo/pipelines/recsys_pipelines/etl.py", 1)
+    assert [str(w.message) for w in shown] == ["old call in our code"]
     assert os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] == "1"
 
 
