@@ -9,8 +9,10 @@ demo's flow runs are. On ``services``/``k8s`` the profile's servers are the UIs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -101,16 +103,30 @@ def start(server: UiServer, log: IO[str] | None, timeout_s: float = 120.0) -> su
     if answers(server.health_url):
         raise UiError(f"{server.url} already answers: another {server.name} server (or "
                       "something else) holds the port; pick another with --port")
+    # A session of its own: stop() ends the server and the workers it forks, together.
     process = subprocess.Popen(server.argv, env={**os.environ, **server.env}, text=True,
-                               stdout=log, stderr=subprocess.STDOUT if log else None)
+                               stdout=log, stderr=subprocess.STDOUT if log else None,
+                               start_new_session=True)
     deadline = time.monotonic() + timeout_s
     while not answers(server.health_url):
         if process.poll() is not None:
             raise UiError(f"{server.name} server exited with code {process.returncode} during "
                           "start-up" + (f"; see {log.name}" if log else ""))
         if time.monotonic() > deadline:
-            process.terminate()
+            stop(process)
             raise UiError(f"{server.name} server did not answer at {server.health_url} "
                           f"within {timeout_s:.0f}s")
         time.sleep(0.5)
     return process
+
+
+def stop(process: subprocess.Popen[str], timeout_s: float = 20.0) -> None:
+    """SIGTERM to the server's process group, SIGKILL after ``timeout_s``."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()

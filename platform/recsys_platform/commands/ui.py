@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import subprocess
+import signal
 from pathlib import Path
 from typing import IO, Annotated
 
@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 
 from recsys_platform.commands.context import current_settings
-from recsys_platform.ui import LOOPBACK, UiServer, mlflow_ui, prefect_ui, start
+from recsys_platform.ui import LOOPBACK, UiServer, mlflow_ui, prefect_ui, start, stop
 
 logger = logging.getLogger(__name__)
 app = typer.Typer(help="Web UIs: MLflow (runs, registry, aliases) and Prefect (flow runs).",
@@ -42,14 +42,15 @@ def _serve(server: UiServer, hint: str) -> None:
         console.print(f"{server.name} UI: [bold]{server.url}[/bold]  ({hint})")
         console.print(f"store {server.store}" + ("" if verbose else f"; log {log_path}")
                       + "; Ctrl-C stops")
+        signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the server too, as Ctrl-C does
         try:
             process.wait()
         except KeyboardInterrupt:
-            process.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=20)
-            if process.poll() is None:
-                process.kill()
+            stop(process)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 @app.command("mlflow")
