@@ -207,22 +207,21 @@ def _print_next_steps(s: Settings) -> None:
         champion = f"version {alias_version(s, 'champion')} is @champion"
     except AliasNotFoundError:
         champion = "no @champion yet"
-    serving = serve_commands.base_url(s)
-    table = Table(title="where to look next", show_lines=False)
-    table.add_column("what")
-    table.add_column("command")
-    table.add_column("then open")
-    table.add_row(f"MLflow: runs, registry ({champion}), model cards, gate tags",
-                  "recsys ui mlflow", f"{mlflow_ui(s).url}/#/models/{s.mlflow.model_name}")
-    table.add_row("Prefect: the ETL and features flow runs, their tasks and logs",
-                  "recsys ui prefect", f"{prefect_ui(s).url}/runs")
-    table.add_row("Serving (the demo stopped its app; this keeps it running)",
-                  "recsys serve up", f"POST {serving}/recommend")
-    table.add_row("Stream job counters, registry versions", "recsys stream status; "
-                  "recsys models list", "")
-    console.print(table)
-    console.print(f"everything the demo wrote is under {s.data_dir.resolve()}; "
-                  "README.md has the rest (promotion in the MLflow UI, profiles)")
+    rows = [
+        ("MLflow UI", "recsys ui mlflow",
+         f"open {mlflow_ui(s).url}/#/models/{s.mlflow.model_name}",
+         f"registry ({champion}), model cards, gate tags, runs"),
+        ("Prefect UI", "recsys ui prefect", f"open {prefect_ui(s).url}/runs",
+         "the ETL and features flow runs, their tasks and logs"),
+        ("serving", "recsys serve up", f"POST {serve_commands.base_url(s)}/recommend",
+         "the demo stopped its app; this one keeps running"),
+    ]
+    console.rule("where to look next")
+    for name, command, url, what in rows:  # soft wrap: URLs stay whole, to click or copy
+        console.print(f"[bold]{name:<11}[/bold] {command:<18} then {url}", soft_wrap=True)
+        console.print(f"{'':<11} {what}", style="dim", soft_wrap=True)
+    console.print(f"{'more':<11} recsys stream status, recsys models list; everything the "
+                  f"demo wrote is under {s.data_dir.resolve()}; README.md", soft_wrap=True)
 
 
 def _most_active_user(s: Settings) -> str:

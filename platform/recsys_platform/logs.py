@@ -43,7 +43,6 @@ _QUIET = {
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",  # Ray Data's bars and "logging_progress" lines
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # "Downloading artifacts" bars
     "MLFLOW_LOGGING_LEVEL": "WARNING",
-    "RAY_SERVE_LOG_TO_STDERR": "0",  # Serve's own stream handler (its log files stay)
     "TQDM_DISABLE": "1",  # tqdm bars of Feast materialize and friends
 }
 
@@ -136,9 +135,22 @@ def library_stdout(logger: logging.Logger) -> Iterator[None]:
                 logger.debug("%s", _ANSI.sub("", line).rstrip())
 
 
+def quiet_after_import(*names: str) -> None:
+    """Raises loggers that a library configures when it is imported (level and handler of
+    their own: Ray Serve's driver logger) to :data:`LIBRARY_LEVEL`, unless verbose. Call right
+    after the import."""
+    if not _verbose[0]:
+        for name in names:
+            logging.getLogger(name).setLevel(LIBRARY_LEVEL)
+
+
+_verbose = [True]  # until configure() runs: a library user's process keeps its own levels
+
+
 def configure(verbose: bool) -> None:
     """Configures console logging and library output once, in an entrypoint (or a child process
     the CLI spawns). Call before the libraries are imported."""
+    _verbose[0] = verbose
     os.environ.update(library_environment(verbose))
     handler = StderrHandler()
     handler.setFormatter(logging.Formatter(FORMAT))

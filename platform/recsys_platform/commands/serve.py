@@ -90,8 +90,10 @@ def deploy(settings: Settings, config_file: Path | None = None) -> str:
     """Deploys (or updates) the app on the connected cluster; returns its base URL."""
     from ray import serve
 
+    from recsys_platform.logs import quiet_after_import
     from recsys_platform.serving.app import RecommenderDeployment
 
+    quiet_after_import("ray.serve")  # Serve sets its driver logger to INFO on import
     s = settings.serving
     serve.start(http_options={"host": s.host, "port": s.port})
     deployment = RecommenderDeployment.options(  # type: ignore[attr-defined]
