@@ -82,6 +82,7 @@ def connect(settings: Settings, start_head: bool, direct_ingress: bool = True) -
                             "--disable-usage-stats", *cpus], check=True, capture_output=True,
                            env=env)
     ray.init(address=address, include_dashboard=False, log_to_driver=False,
+             configure_logging=False,  # Ray's records go through the CLI's console filter
              runtime_env={"env_vars": {"RECSYS_PROFILE": settings.profile,
                                        "RECSYS_DATA_DIR": str(settings.data_dir.resolve())}})
 
