@@ -35,7 +35,6 @@ from recsys_platform.errors import RecsysError
 from recsys_platform.logs import configure as configure_logging
 from recsys_platform.online import resolve_online_store
 from recsys_platform.settings import Settings, load_settings
-from recsys_platform.ui import mlflow_ui, prefect_ui
 
 app = typer.Typer(help="Recommendation platform: data, features, training, serving.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -202,6 +201,7 @@ def _stream_demo(s: Settings, verbose: bool) -> str | None:
 def _print_next_steps(s: Settings) -> None:
     from recsys_models.errors import AliasNotFoundError
     from recsys_models.registry import alias_version
+    from recsys_platform.ui import mlflow_ui, prefect_ui
 
     try:
         champion = f"version {alias_version(s, 'champion')} is @champion"
