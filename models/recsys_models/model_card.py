@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 GATE_HEADING = "### Gate decision"
 # (label, this version's key, the baseline's key or None): the card's metrics table.
 CARD_METRICS: tuple[tuple[str, str, str | None], ...] = (
+    ("served recall@50 (ranked)", "final/recall@50", "popularity/recall@50"),  # when evaluated
     ("retrieval recall@50", "two_tower/recall@50", "popularity/recall@50"),
     ("retrieval ndcg@50", "two_tower/ndcg@50", "popularity/ndcg@50"),
     ("retrieval recall@10", "two_tower/recall@10", "popularity/recall@10"),
