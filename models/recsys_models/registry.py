@@ -26,11 +26,14 @@ import mlflow
 import mlflow.pyfunc
 import pandas as pd
 from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 from recsys_models.bundle import Bundle, load_bundle, save_bundle
 from recsys_models.errors import AliasNotFoundError
 from recsys_models.evaluate import EvaluationReport, evaluate_bundle
+from recsys_models.model_card import describe_gate, describe_version
 from recsys_models.provenance import DIGEST_TAG, bundle_digest
 from recsys_platform.settings import Settings
 
@@ -88,6 +91,21 @@ class BundleModel(mlflow.pyfunc.PythonModel):  # type: ignore[name-defined,misc]
         return self.bundle.recommend(users, k)
 
 
+# Logged as code (no pickled object); MLflow runs it on load. The example is checked at logging.
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+INPUT_EXAMPLE = pd.DataFrame({"user_id": ["u0"], "user_history": [json.dumps([])]})
+
+
+def pyfunc_signature() -> ModelSignature:
+    """Input ``user_id`` + ``user_history`` (JSON list), param ``k``, output the top-k rows."""
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "user_id"), ColSpec("string", "user_history")]),
+        outputs=Schema([ColSpec("string", "user_id"), ColSpec("long", "rank"),
+                        ColSpec("string", "item_id"), ColSpec("double", "score"),
+                        ColSpec("double", "p_click"), ColSpec("double", "watch_time_ms_pred")]),
+        params=ParamSchema([ParamSpec("k", "long", 10)]))
+
+
 def _experiment_id(client: MlflowClient, settings: Settings) -> str:
     name = settings.mlflow.experiment
     exp = client.get_experiment_by_name(name)
@@ -136,14 +154,10 @@ def register_bundle(
                 bundle.metrics = dict(report.metrics)
             bundle_dir = save_bundle(bundle, Path(tmp) / "bundle")
             digest = bundle_digest(bundle_dir)  # verified by serving (provenance.load_verified)
-            example = pd.DataFrame({"user_id": ["u0"], "user_history": [json.dumps([])]})
-            signature = mlflow.models.infer_signature(
-                example, pd.DataFrame({"user_id": ["u0"], "rank": [1], "item_id": ["i0"],
-                                       "score": [0.5], "p_click": [0.5],
-                                       "watch_time_ms_pred": [1.0]}), params={"k": 10})
             info = mlflow.pyfunc.log_model(
-                name="bundle", python_model=BundleModel(), artifacts={"bundle": str(bundle_dir)},
-                pip_requirements=pip_requirements(), signature=signature,
+                name="bundle", python_model=str(PYFUNC_CODE),
+                artifacts={"bundle": str(bundle_dir)}, pip_requirements=pip_requirements(),
+                signature=pyfunc_signature(), input_example=(INPUT_EXAMPLE, {"k": 10}),
                 registered_model_name=name,
             )
         version = str(info.registered_model_version)
@@ -156,6 +170,8 @@ def register_bundle(
                 client.set_model_version_tag(name, version, metric_key(metric),
                                              f"{report.metrics.get(metric, float('nan')):.6f}")
         client.set_registered_model_alias(name, CHALLENGER, version)
+        describe_version(client, name, version, bundle, report.metrics if report else {},
+                         run.info.run_id)
     logger.info("registered %s version %s (run %s) as %s", name, version, run.info.run_id,
                 CHALLENGER)
     return Registered(name, version, run.info.run_id, f"models:/{name}/{version}")
@@ -261,6 +277,7 @@ def promote(
     with tracking(settings.mlflow_tracking_uri) as client:
         for key, value in tags.items():
             client.set_model_version_tag(name, challenger, key, value[:5000])
+        describe_gate(client, name, challenger, tags, what, champion, result.reasons)
         if result.promoted:
             client.set_registered_model_alias(name, CHAMPION, challenger)
             for key, value in (("promoted_by", who), ("promoted_at", now),

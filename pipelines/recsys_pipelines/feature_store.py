@@ -28,6 +28,7 @@ from feast.data_source import DataSource
 
 from recsys_pipelines.errors import FeatureRepoError
 from recsys_platform import features as F
+from recsys_platform.logs import library_stdout
 from recsys_platform.online import resolve_online_store
 from recsys_platform.settings import Settings
 
@@ -187,7 +188,8 @@ def materialize(
     store = load_store(settings)
     chosen = list(views or BATCH_VIEWS)
     began = time.perf_counter()
-    store.materialize(start_date=start, end_date=end, feature_views=chosen)
+    with library_stdout(logger):  # Feast prints its progress
+        store.materialize(start_date=start, end_date=end, feature_views=chosen)
     seconds = time.perf_counter() - began
     rows = rows_to_materialize(settings, start, end)
     logger.info("materialized %s (%d rows) in %.1f s", chosen, rows, seconds)
@@ -198,7 +200,8 @@ def materialize_incremental(settings: Settings, end: datetime) -> MaterializeRes
     """``feast materialize-incremental``: from each view's last run (or TTL ago) to ``end``."""
     store = load_store(settings)
     began = time.perf_counter()
-    store.materialize_incremental(end_date=end, feature_views=list(BATCH_VIEWS))
+    with library_stdout(logger):
+        store.materialize_incremental(end_date=end, feature_views=list(BATCH_VIEWS))
     seconds = time.perf_counter() - began
     logger.info("materialized incrementally up to %s in %.1f s", end, seconds)
     return MaterializeResult("incremental", end.isoformat(), list(BATCH_VIEWS), -1, seconds)

@@ -28,8 +28,10 @@ from recsys_platform.commands import platform_cmd as platform_commands
 from recsys_platform.commands import privacy as privacy_commands
 from recsys_platform.commands import serve as serve_commands
 from recsys_platform.commands import stream as stream_commands
+from recsys_platform.commands import ui as ui_commands
 from recsys_platform.commands.context import current_settings, set_settings
 from recsys_platform.errors import RecsysError
+from recsys_platform.logs import configure as configure_logging
 from recsys_platform.online import resolve_online_store
 from recsys_platform.settings import Settings, load_settings, redacted
 
@@ -49,12 +51,11 @@ app.add_typer(deploy_commands.app, name="deploy")
 app.add_typer(monitor_commands.app, name="monitor")
 app.add_typer(platform_commands.app, name="platform")
 app.add_typer(privacy_commands.app, name="privacy")
+app.add_typer(ui_commands.app, name="ui")
 
 console = Console()
 logger = logging.getLogger(__name__)
 
-NOISY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "prefect", "feast", "httpx",
-                 "apache_beam", "pyflink", "mlflow", "alembic", "py4j", "urllib3")
 DEFAULT_MOVIELENS = Path("../shared/datasets/ml-latest-small")
 
 
@@ -68,15 +69,11 @@ def _main(
     profile: Annotated[str | None, typer.Option(help="local | services | k8s "
                                                      "(default: $RECSYS_PROFILE or local)")] = None,
     config: Annotated[Path | None, typer.Option(help="YAML file overriding the profile.")] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging, library logs, "
+                                                                  "warnings and progress bars.")]
+    = False,
 ) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    if not verbose:  # keep the platform's own progress readable
-        for noisy in NOISY_LOGGERS:
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging(verbose)  # libraries' INFO, bars and deprecation notices only with -v
     set_settings(load_settings(profile, config), config)
 
 
@@ -184,18 +181,46 @@ def demo(
     models_commands.demo_step(s, console)
     # PyFlink's gRPC stack breaks an in-process Ray connection afterwards, so the stream
     # step runs in a child process of its own.
+    verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        stream_user = pool.apply(_stream_demo, (s,))
+        stream_user = pool.apply(_stream_demo, (s, verbose))
     users = {"known user": _most_active_user(s), "new user": "demo-new-user"}
     if stream_user:
         users["user updated by the stream"] = stream_user
     serve_commands.demo_step(s, console, users)
     console.rule("done")
+    _print_next_steps(s)
 
 
-def _stream_demo(s: Settings) -> str | None:
-    logging.basicConfig(level=logging.WARNING)
+def _stream_demo(s: Settings, verbose: bool) -> str | None:
+    configure_logging(verbose)  # a spawned process: its own logging, the same quiet libraries
     return stream_commands.demo_step(s, Console())
+
+
+def _print_next_steps(s: Settings) -> None:
+    from recsys_models.errors import AliasNotFoundError
+    from recsys_models.registry import alias_version
+    from recsys_platform.ui import mlflow_ui, prefect_ui
+
+    try:
+        champion = f"version {alias_version(s, 'champion')} is @champion"
+    except AliasNotFoundError:
+        champion = "no @champion yet"
+    rows = [
+        ("MLflow UI", "recsys ui mlflow",
+         f"open {mlflow_ui(s).url}/#/models/{s.mlflow.model_name}",
+         f"registry ({champion}), model cards, gate tags, runs"),
+        ("Prefect UI", "recsys ui prefect", f"open {prefect_ui(s).url}/runs",
+         "the ETL and features flow runs, their tasks and logs"),
+        ("serving", "recsys serve up", f"POST {serve_commands.base_url(s)}/recommend",
+         "the demo stopped its app; this one keeps running"),
+    ]
+    console.rule("where to look next")
+    for name, command, url, what in rows:  # soft wrap: URLs stay whole, to click or copy
+        console.print(f"[bold]{name:<11}[/bold] {command:<18} then {url}", soft_wrap=True)
+        console.print(f"{'':<11} {what}", style="dim", soft_wrap=True)
+    console.print(f"{'more':<11} recsys stream status, recsys models list; everything the "
+                  f"demo wrote is under {s.data_dir.resolve()}; README.md", soft_wrap=True)
 
 
 def _most_active_user(s: Settings) -> str:

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from recsys_platform.commands.context import current_settings
+from recsys_platform.commands.progress import stage
 from recsys_platform.settings import Settings
 
 app = typer.Typer(help="Feast feature store: apply definitions, materialize, training sets.",
@@ -168,24 +169,30 @@ def demo_step(settings: Settings, console: Console) -> None:
     from recsys_pipelines.training_set import build_snapshot
 
     start, end = _landing_range(settings)
-    console.rule(f"batch: ETL {start}..{end} -> lake -> Ray Data features -> Feast -> online")
-    with prefect_api(settings):
-        etl = etl_flow(start=start, end=end, settings=settings)
-        _print_etl(etl)
-        feats = features_flow(start=start, end=end, settings=settings)
-    console.print(f"feature rows {feats['rows']}; materialized {feats['online']['rows']:,} "
-                  f"entity rows in {feats['online']['seconds']:.1f} s")
-    store = load_store(settings)
-    from recsys_pipelines.etl import read_lake_events
+    with stage(console, f"batch: ETL {start}..{end} -> lake -> Ray Data features -> Feast -> "
+               "online", 3) as step:
+        with prefect_api(settings):
+            step("ETL flow (Prefect): validate, quarantine, dedupe")
+            etl = etl_flow(start=start, end=end, settings=settings)
+            _print_etl(etl)
+            step("features flow: Ray Data batch features, feast apply, materialize")
+            feats = features_flow(start=start, end=end, settings=settings)
+        console.print(f"feature rows {feats['rows']}; materialized "
+                      f"{feats['online']['rows']:,} entity rows in "
+                      f"{feats['online']['seconds']:.1f} s")
+        store = load_store(settings)
+        from recsys_pipelines.etl import read_lake_events
 
-    events = read_lake_events(settings.lake_dir, end, end)
-    user = str(events["user_id"].value_counts().index[0])
-    item = str(events["item_id"].value_counts().index[0])
-    for entity, key, views in (("user", user, ("user_batch", "user_history")),
-                               ("item", item, ("item_batch", "item_metadata"))):
-        row = online_features(store, entity, [key], views).iloc[0]
-        console.print(_table(f"online features of {entity} {key}",
-                             {k: v for k, v in row.items() if not k.endswith(("_7d", "_30d"))
-                              or k.endswith(("ctr_7d", "ctr_30d"))}))
-    snapshot, rows = build_snapshot(settings, store)
+        events = read_lake_events(settings.lake_dir, end, end)
+        user = str(events["user_id"].value_counts().index[0])
+        item = str(events["item_id"].value_counts().index[0])
+        for entity, key, views in (("user", user, ("user_batch", "user_history")),
+                                   ("item", item, ("item_batch", "item_metadata"))):
+            row = online_features(store, entity, [key], views).iloc[0]
+            console.print(_table(f"online features of {entity} {key}",
+                                 {k: v for k, v in row.items()
+                                  if not k.endswith(("_7d", "_30d"))
+                                  or k.endswith(("ctr_7d", "ctr_30d"))}))
+        step("point-in-time training snapshot (Feast historical features)")
+        snapshot, rows = build_snapshot(settings, store)
     console.print(f"training snapshot {snapshot}: {rows:,} labelled impressions")

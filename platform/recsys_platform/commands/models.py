@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from recsys_platform.commands.context import current_settings
+from recsys_platform.commands.progress import stage
 from recsys_platform.settings import Settings
 
 app = typer.Typer(help="Model registry: list versions, promote the challenger.",
@@ -85,6 +86,10 @@ def recommend(
     alias: Annotated[str, typer.Option(help="Registry alias.")] = "champion",
     bundle_path: Annotated[Path | None, typer.Option("--bundle", help="Bundle directory "
                                                      "instead of the registry.")] = None,
+    exclude_seen: Annotated[bool, typer.Option(
+        help="Leave out the items each user engaged with, as serving does: the file's "
+             "user_history and the online store's (history + the stream's recent items).")]
+    = False,
 ) -> None:
     """Writes the top-K items per user from a registered bundle (offline evaluation)."""
     from recsys_models.bundle import load_bundle
@@ -93,11 +98,29 @@ def recommend(
     s = current_settings()
     frame = _read_users(users)
     bundle = load_bundle(bundle_path) if bundle_path else load_alias(s, alias)
-    recs = bundle.recommend(frame, k, candidates=max(s.serving.candidates, k))
+    recs = bundle.recommend(frame, k, candidates=max(s.serving.candidates, k),
+                            exclude=_seen_items(s, frame) if exclude_seen else None)
     recs.insert(0, "model_version", bundle.version)
     out.parent.mkdir(parents=True, exist_ok=True)
     recs.to_csv(out, index=False) if out.suffix == ".csv" else recs.to_parquet(out, index=False)
     console.print(f"wrote {len(recs)} rows for {frame['user_id'].nunique()} users to {out}")
+
+
+def _seen_items(settings: Settings, frame: pd.DataFrame) -> dict[str, set[str]]:
+    """Each user's engaged items: the file's ``user_history`` plus the online store's, merged
+    as serving merges them (:func:`~recsys_platform.serving.online_features.merge_history`)."""
+    from recsys_pipelines.feature_store import load_store, online_features
+    from recsys_platform.features import USER_HISTORY, USER_RECENT_ITEMS
+    from recsys_platform.serving.online_features import merge_history
+
+    seen = {str(u): set(h) for u, h in zip(frame["user_id"], frame["user_history"], strict=True)}
+    online = online_features(load_store(settings), "user", list(seen), ("user_history",
+                                                                         "user_stream"))
+    for row in online.to_dict("records"):
+        recent, history = row.get(USER_RECENT_ITEMS), row.get(USER_HISTORY)
+        seen[str(row["user_id"])] |= set(merge_history(
+            None if recent is None else list(recent), None if history is None else list(history)))
+    return seen
 
 
 def _read_users(path: Path) -> pd.DataFrame:
@@ -170,18 +193,22 @@ def demo_step(settings: Settings, console: Console) -> None:
     from recsys_models.train import TrainConfig
     from recsys_models.workflow import train_evaluate_register
 
-    console.rule("models: train on 2 Ray Train workers, evaluate, register, promote")
-    out = train_evaluate_register(settings, TrainConfig(), workers=2)
-    m = out.report.metrics
-    epochs = sum(1 for h in out.trained.history if h.get("phase") == 0.0)
-    console.print(
-        f"two-tower recall@50 {m['two_tower/recall@50']:.3f} vs popularity "
-        f"{m['popularity/recall@50']:.3f}; final list recall@50 {m['final/recall@50']:.3f}; "
-        f"ranker AUC {m['ranker/auc']:.3f} (logistic regression "
-        f"{m.get('ranker/logreg_auc', float('nan')):.3f}); ANN recall@100 "
-        f"{m['ann/recall@100']:.3f}; fit {out.seconds['fit']:.0f}s ({epochs} retrieval epochs, "
-        "early-stopped on validation)")
-    result = promote(settings, out.split.train_labels, out.split.holdout, why="make demo",
-                     who="demo")
+    with stage(console, "models: train on 2 Ray Train workers, evaluate, register, promote",
+               2) as step:
+        step("training on Ray Train (early stopping on a validation split), evaluating, "
+             "registering in MLflow")
+        out = train_evaluate_register(settings, TrainConfig(), workers=2)
+        m = out.report.metrics
+        epochs = sum(1 for h in out.trained.history if h.get("phase") == 0.0)
+        console.print(
+            f"two-tower recall@50 {m['two_tower/recall@50']:.3f} vs popularity "
+            f"{m['popularity/recall@50']:.3f}; final list recall@50 "
+            f"{m['final/recall@50']:.3f}; ranker AUC {m['ranker/auc']:.3f} (logistic "
+            f"regression {m.get('ranker/logreg_auc', float('nan')):.3f}); ANN recall@100 "
+            f"{m['ann/recall@100']:.3f}; fit {out.seconds['fit']:.0f}s ({epochs} retrieval "
+            "epochs)")
+        step("promotion gate: beats popularity by the margin, not below the champion")
+        result = promote(settings, out.split.train_labels, out.split.holdout, why="make demo",
+                         who="demo")
     state = "promoted to champion" if result.promoted else "refused: " + "; ".join(result.reasons)
     console.print(f"gate: version {result.challenger} {state}")

@@ -39,6 +39,7 @@ from rich.console import Console
 from rich.table import Table
 
 from recsys_platform.commands.context import current_settings, settings_with
+from recsys_platform.commands.progress import stage
 from recsys_platform.serving.ingress import (
     direct_ingress_env,
     direct_ingress_requested,
@@ -121,6 +122,7 @@ def connect(settings: Settings, start_head: bool, direct_ingress: bool = True) -
             subprocess.run(head_command(settings) + cpus, check=True, capture_output=True,
                            env=env)
     ray.init(address=address, include_dashboard=False, log_to_driver=False,
+             configure_logging=False,  # Ray's records go through the CLI's console filter
              runtime_env={"env_vars": {"RECSYS_PROFILE": settings.profile,
                                        "RECSYS_DATA_DIR": str(settings.data_dir.resolve())}})
 
@@ -129,8 +131,10 @@ def deploy(settings: Settings, config_file: Path | None = None) -> str:
     """Deploys (or updates) the app on the connected cluster; returns its base URL."""
     from ray import serve
 
+    from recsys_platform.logs import quiet_after_import
     from recsys_platform.serving.app import RecommenderDeployment
 
+    quiet_after_import("ray.serve")  # Serve sets its driver logger to INFO on import
     s = settings.serving
     serve.start(http_options={"host": s.host, "port": s.port})
     deployment = RecommenderDeployment.options(  # type: ignore[attr-defined]
@@ -360,17 +364,20 @@ def demo_step(settings: Settings, console: Console, users: dict[str, str]) -> No
     """Demo: start the service, query each ``label -> user id``, print the results, stop."""
     from ray import serve
 
-    console.rule("serving: Ray Serve app, bundle from the MLflow registry @champion")
-    connect(settings, start_head=True)
-    url = deploy(settings)
-    try:
-        ready = wait_ready(url)
-        console.print(f"serving on {url}, bundle version {ready['bundle_version']}")
-        for label, user in users.items():
-            status, body = http("POST", f"{url}/recommend", {"user_id": user, "k": 8})
-            if status != 200:
-                console.print(f"{label}: HTTP {status} {body}")
-                continue
-            print_recommendations(body, f"{label} ({user})")
-    finally:
-        serve.delete(APP_NAME)
+    with stage(console, "serving: Ray Serve app, bundle from the MLflow registry @champion",
+               1 + len(users)) as step:
+        step("starting Ray Serve, loading the @champion bundle")
+        connect(settings, start_head=True)
+        url = deploy(settings)
+        try:
+            ready = wait_ready(url)
+            console.print(f"serving on {url}, bundle version {ready['bundle_version']}")
+            for label, user in users.items():
+                step(f"POST /recommend for the {label}")
+                status, body = http("POST", f"{url}/recommend", {"user_id": user, "k": 8})
+                if status != 200:
+                    console.print(f"{label}: HTTP {status} {body}")
+                    continue
+                print_recommendations(body, f"{label} ({user})")
+        finally:
+            serve.delete(APP_NAME)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -13,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from recsys_platform.commands.context import current_settings
+from recsys_platform.commands.progress import stage
 from recsys_platform.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -60,6 +62,7 @@ def status() -> None:
 def _print_status(console: Console, settings: Settings) -> None:
     from recsys_pipelines.stream.job import options_from_settings
     from recsys_pipelines.stream.status import stream_status
+    from recsys_platform.display import stream_metric
 
     s = stream_status(options_from_settings(settings))
     table = Table(title="stream job")
@@ -68,7 +71,7 @@ def _print_status(console: Console, settings: Settings) -> None:
     table.add_row("completed checkpoints", str(s.checkpoints))
     table.add_row("latest checkpoint", s.latest_checkpoint or "-")
     for key, value in s.metrics.items():
-        table.add_row(key, f"{value:,}")
+        table.add_row(*stream_metric(key, value))
     table.add_row("dead letters", f"{s.dead_letters:,}")
     for reason, count in sorted(s.dead_letter_reasons.items()):
         table.add_row(f"  {reason}", f"{count:,}")
@@ -92,6 +95,15 @@ def demo_step(settings: Settings, console: Console) -> str | None:
     Returns:
         The id of the user whose stream features were shown (for the serving demo).
     """
+    with stage(console, "stream: PyFlink job -> Redis (Feast layout), read through Feast",
+               3) as step:
+        step("starting the PyFlink job (Flink mini cluster)")
+        user = _stream_bursts(settings, console, step)
+    _print_status(console, settings)
+    return user
+
+
+def _stream_bursts(settings: Settings, console: Console, step: Callable[[str], None]) -> str:
     import redis
 
     from recsys_pipelines.feature_store import apply_definitions, online_features
@@ -101,7 +113,6 @@ def demo_step(settings: Settings, console: Console) -> str | None:
     from recsys_platform.contracts import split_duplicates
     from recsys_platform.features import ITEM_TRENDING, USER_STREAM
 
-    console.rule("stream: PyFlink job -> Redis (Feast layout), read through Feast")
     store = apply_definitions(settings)
     options = options_from_settings(settings)
     stream_dir = Path(options.stream_dir)
@@ -124,6 +135,7 @@ def demo_step(settings: Settings, console: Console) -> str | None:
     client = redis.Redis.from_url(settings.redis.url)
     try:
         for i, part in enumerate((events.iloc[:half], events.iloc[half:])):
+            step(f"burst {i + 1}: appending events, waiting for their windows")
             write_jsonl(part, stream_dir / f"demo-{now:%Y%m%dT%H%M%S}-{i}.jsonl")
             last = datetime.fromisoformat(part["event_time"].max().replace("Z", "+00:00"))
             closed = last - timedelta(seconds=options.out_of_orderness_s)
@@ -144,5 +156,4 @@ def demo_step(settings: Settings, console: Console) -> str | None:
         job = result.get_job_client()
         if job is not None:
             job.cancel().result()
-    _print_status(console, settings)
     return user
