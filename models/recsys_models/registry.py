@@ -144,7 +144,7 @@ def register_bundle(
             mlflow.set_tags({"feature_service": bundle.feature_service,
                              "snapshot_id": bundle.snapshot_id, "bundle_version": bundle.version})
             for h in history or []:
-                mlflow.log_metrics({f"train/{k}": v for k, v in h.items()
+                mlflow.log_metrics({f"train/{metric_key(k)}": v for k, v in h.items()
                                     if k != "epoch" and v == v}, step=int(h["epoch"]))
             if report is not None:
                 mlflow.log_metrics({metric_key(k): v for k, v in report.metrics.items()

@@ -28,8 +28,7 @@ COMMANDS = documented_commands()
 # Run for real: cheap, no side effects on the data directory.
 CHEAP_RECSYS = ({"config", "show"}, {"deploy", "render-config", "--check"})
 # Benchmarks whose import still fails, and why (remove the entry with the fix).
-KNOWN_BROKEN = {"benchmarks/bench_movielens.py": "imports tests.model.snapshots; moved into "
-                                                 "the installed packages on main"}
+KNOWN_BROKEN: dict[str, str] = {}
 SKIP_REASONS = {
     "kubectl": "needs a Kubernetes cluster", "helm": "needs a Kubernetes cluster",
     "docker": "needs a Docker engine", "watch": "needs a Kubernetes cluster",

@@ -57,7 +57,8 @@ def test_bundle_round_trips_and_gate_refuses_a_worse_challenger(
 
     report = evaluate_bundle(good, case.train, holdout)
     first = register_bundle(settings, good, params={"epochs": 3}, report=report,
-                            history=[{"epoch": 0.0, "retrieval_loss": 1.0}], run_name="good")
+                            history=[{"epoch": 0.0, "retrieval_loss": 1.0,
+                                              "val_recall@50": 0.2}], run_name="good")
     assert alias_version(settings, CHALLENGER) == first.version
     decision = promote(settings, case.train, holdout, why="first model", who="ci")
     assert decision.promoted and alias_version(settings, CHAMPION) == first.version
