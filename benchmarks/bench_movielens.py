@@ -50,6 +50,7 @@ from recsys_models.evaluate import (
     holdout_queries,
     popularity_recommender,
 )
+from recsys_models.ranker import RankerConfig
 from recsys_models.sequences import engaged_mask, pit_histories
 from recsys_models.train import TrainConfig, fit_local
 from recsys_models.two_tower import TwoTowerConfig
@@ -103,7 +104,11 @@ def _spec(items: pd.DataFrame, rows: pd.DataFrame) -> EncoderSpec:
 
 
 def _config(temperature: float, epochs: int) -> TrainConfig:
-    return TrainConfig(epochs=epochs, batch_size=256, patience=2,
+    # MovieLens has no real impressions (every row is a rated movie): the ranker learns "will
+    # engage among the candidates" from never-shown negatives of the retrieval top-500, and
+    # starts from retrieval order (retrieval score weight 10 ~ 1 / temperature).
+    ranker = RankerConfig(negatives=4, negatives_from_top=500, retrieval_weight=10.0)
+    return TrainConfig(epochs=epochs, batch_size=256, patience=2, ranker=ranker,
                        two_tower=TwoTowerConfig(dim=64, id_dim=64, hidden=128,
                                                 temperature=temperature, id_dropout=0.1))
 

@@ -36,9 +36,13 @@ class RankerConfig:
     hidden: int = 64
     watch_loss_weight: float = 0.5  # weight of the masked watch-time MSE next to the click BCE
     sparse: bool = True
-    negatives: int = 4  # never-shown negatives per training row, from the retrieval top-N
+    # Never-shown negatives per training row, drawn from the user's retrieval top-N: for
+    # sources without real impressions (MovieLens: every row is a rated movie) set e.g. 4;
+    # with real impressions (the generator, production logs) the shown-not-clicked rows are
+    # the negatives and extra ones dilute them (demo snapshot: AUC 0.49 with 4).
+    negatives: int = 0
     negatives_from_top: int = 500  # N: how deep they are drawn (serving's candidate count)
-    retrieval_weight: float = 10.0  # initial weight of the retrieval score in the click logit
+    retrieval_weight: float = 1.0  # initial weight of the retrieval score in the click logit
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
