@@ -212,3 +212,12 @@ def demo_step(settings: Settings, console: Console) -> None:
                          who="demo")
     state = "promoted to champion" if result.promoted else "refused: " + "; ".join(result.reasons)
     console.print(f"gate: version {result.challenger} {state}")
+    if not result.promoted:
+        # The rest of the demo (stream, serving) needs a champion to show the serving path:
+        # promote anyway, recorded as forced in the version's gate tags, and say so.
+        forced = promote(settings, out.split.train_labels, out.split.holdout,
+                         why="make demo: forced after the gate refused, to demonstrate serving",
+                         who="demo", force=True)
+        console.print(f"[yellow]demo: version {forced.challenger} promoted with --force so "
+                      "serving has a model; the refusal is kept in its gate.* tags. A real "
+                      "deployment would keep the previous champion.[/yellow]")
