@@ -51,9 +51,11 @@ def test_served_bundles_are_verified_and_never_unpickled(tmp_path: Path) -> None
     assert client.get_model_version(name, version).tags[DIGEST_TAG]
 
     model_dir = _model_dir(store, name, version)
-    pickled = model_dir / "python_model.pkl"
-    assert pickled.is_file()
-    pickled.write_bytes(b"not a pickle: loading it would fail")  # serving must not need it
+    # The pyfunc is logged as code (no python_model.pkl); any pickle that is there anyway is
+    # corrupted: serving must not need it.
+    assert (model_dir / "MLmodel").is_file()
+    for pickled in model_dir.rglob("*.pkl"):
+        pickled.write_bytes(b"not a pickle: loading it would fail")
     loaded = load_verified(uri, name, version, str(store.artifact_dir))
     users = pd.DataFrame([{"user_id": "u1", "user_history": list(good.item_ids[:3])}])
     np.testing.assert_allclose(loaded.encode_users(users), good.encode_users(users), atol=1e-6)
