@@ -153,8 +153,9 @@ class Bundle:
         users = users.reset_index(drop=True)
         histories = (users["user_history"] if "user_history" in users.columns
                      else pd.Series([[]] * len(users)))
-        drop = [exclude.get(u, set()) | set(h) for u, h in zip(users["user_id"], histories,
-                                                               strict=True)]
+        drop = [exclude.get(u, set()) | (set(h) if isinstance(h, list | tuple | np.ndarray)
+                                         else set())  # a missing history is NaN in a frame
+                for u, h in zip(users["user_id"], histories, strict=True)]
         extra = max((len(v) for v in drop), default=0)
         ids, _ = self.search(self.encode_users(users), candidates + extra)
         cols = ["user_id", "rank", "item_id", "score", "p_click", "watch_time_ms_pred"]
