@@ -22,7 +22,7 @@ def test_local_mlflow_ui_serves_the_demo_store_on_loopback(tmp_path: Path) -> No
 
 
 def test_a_profile_with_servers_is_its_own_ui() -> None:
-    s = load_settings("services")
+    s = load_settings("services", secrets=False)  # no privacy key needed to name the URLs
     assert mlflow_ui(s).argv is None and mlflow_ui(s).url == "http://127.0.0.1:5000"
     assert prefect_ui(s).argv is None and prefect_ui(s).url == "http://127.0.0.1:4200"
 
