@@ -109,7 +109,7 @@ def _config(temperature: float, epochs: int) -> TrainConfig:
     # starts from retrieval order (retrieval score weight 1 / temperature).
     ranker = RankerConfig(negatives=4, negatives_from_top=500, retrieval_weight=1 / temperature)
     return TrainConfig(epochs=epochs, batch_size=256, patience=2, ranker=ranker,
-                       two_tower=TwoTowerConfig(dim=64, id_dim=64, hidden=128,
+                       two_tower=TwoTowerConfig(dim=64, id_dim=64, hidden=128, softmax="full",
                                                 temperature=temperature, id_dropout=0.1))
 
 

@@ -131,7 +131,7 @@ def test_a_followed_by_b_is_learned() -> None:
                                     item_buckets=500, creator_buckets=10, tag_buckets=10)
     cfg = TrainConfig(epochs=8, ranker_epochs=0, train_ranker=False, batch_size=64,
                       two_tower=TwoTowerConfig(dim=16, id_dim=16, hidden=32, temperature=0.1,
-                                               id_dropout=0.0))
+                                               id_dropout=0.0, softmax="full"))
     models = fit_local(rows, catalog, spec, cfg)
     from recsys_models.data import encode_items, encode_users
     from recsys_models.two_tower import embed_item_batch
