@@ -74,7 +74,7 @@ def _scored_recommender(data: _Interactions, score: Callable[[np.ndarray], np.nd
     """Users known to the model get its top-k (scored ``SCORE_CHUNK`` users at a time:
     ``score(user rows) -> (n, items)``); others get popularity."""
     fallback = popularity_recommender(train)
-    column = pd.Series(np.arange(len(data.items)), index=data.items)
+    column = {item: i for i, item in enumerate(data.items)}
 
     def recommend(users: pd.DataFrame, k: int, exclude: dict[str, set[str]]) -> np.ndarray:
         out = fallback(users, k, exclude)
@@ -85,8 +85,8 @@ def _scored_recommender(data: _Interactions, score: Callable[[np.ndarray], np.nd
             rows = known[start:start + SCORE_CHUNK]
             scores = score(np.array([data.users[uids[r]] for r in rows]))  # (n, items)
             for j, r in enumerate(rows):
-                seen = column.reindex(list(exclude.get(uids[r], ()))).dropna()
-                scores[j, seen.to_numpy(np.int64)] = -np.inf
+                seen = [column[i] for i in exclude.get(uids[r], ()) if i in column]
+                scores[j, seen] = -np.inf
             if kk == 0:
                 continue
             top = np.argpartition(-scores, kk - 1, axis=1)[:, :kk]
@@ -211,7 +211,7 @@ def tuned_baselines(train: pd.DataFrame, *, protocol: str = "global",
     ease = tune("ease", ease_recommender,
                 [(lam, ease_max_items) for lam in ease_lambdas], fit_rows, val_q)
     out.info |= {"baseline/ease_lambda": ease.params[0],
-                 "baseline/ease_validation_recall@50": round(ease.validation, 6),
+                 "baseline/ease_validation_recall_at_50": round(ease.validation, 6),
                  "baseline/ease_items": min(items, ease_max_items)}
     if items > ease_max_items:
         out.info["baseline/ease_note"] = (f"fitted on the {ease_max_items:,} most engaged of "
@@ -219,7 +219,7 @@ def tuned_baselines(train: pd.DataFrame, *, protocol: str = "global",
     als = tune("als", als_recommender, als_grid, fit_rows, val_q)
     out.info |= {"baseline/als_factors": als.params[0], "baseline/als_reg": als.params[1],
                  "baseline/als_alpha": als.params[2],
-                 "baseline/als_validation_recall@50": round(als.validation, 6)}
+                 "baseline/als_validation_recall_at_50": round(als.validation, 6)}
     out.recommenders["als"] = als_recommender(train, *als.params)
     out.recommenders["ease"] = ease_recommender(train, ease.params[0], ease_max_items)
     return out

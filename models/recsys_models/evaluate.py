@@ -319,7 +319,7 @@ def evaluate_bundle(bundle: Any, train: pd.DataFrame, holdout: pd.DataFrame,
             bundle.encode_users(queries.users.iloc[i:i + chunk_users])
             for i in range(0, len(queries.users), chunk_users)])
         metrics["ann/recall@100"] = recall_vs_exact(bundle.index, bundle.item_embeddings,
-                                                    user_emb, 100, chunk=chunk_users)
+                                                    user_emb, 100)
     metrics["holdout/users"] = float(len(queries.users))
     metrics["holdout/rows"] = float(len(holdout))
     return EvaluationReport(metrics, curves, calibration_curve(labels, np.clip(p, 0, 1)),

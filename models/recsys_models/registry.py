@@ -141,7 +141,7 @@ def register_bundle(
         exp_id = _experiment_id(client, settings)
         with mlflow.start_run(experiment_id=exp_id, run_name=run_name) as run, \
                 tempfile.TemporaryDirectory() as tmp:
-            mlflow.log_params({k: str(v)[:500] for k, v in (params or {}).items()})
+            mlflow.log_params({metric_key(k): str(v)[:500] for k, v in (params or {}).items()})
             mlflow.set_tags({"feature_service": bundle.feature_service,
                              "snapshot_id": bundle.snapshot_id, "bundle_version": bundle.version})
             for h in history or []:
