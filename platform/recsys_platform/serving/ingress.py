@@ -25,9 +25,51 @@ DIRECT_INGRESS_ENV = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
 DRAINING_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
 
 
+# Serve's HTTP servers (the proxy and, under direct ingress, each replica's own) wrap their ASGI
+# app with the middlewares this import path returns: how Ray's own 503s get a Retry-After.
+MIDDLEWARES_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+MIDDLEWARES = "recsys_platform.serving.ingress:http_middlewares"
+RETRY_AFTER_S = "1"
+
+
+class RetryAfterOn503:
+    """ASGI middleware: every 503 leaving the server carries ``Retry-After``.
+
+    The app's own refusals set it; Ray Serve's backpressure answers (``max_queued_requests``
+    reached, no replica available) have none, and a client (or a load balancer) should back
+    off from them as from any other 503.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_retry_after(message: Any) -> None:
+            if message["type"] == "http.response.start" and message["status"] == 503:
+                headers = list(message.get("headers") or [])
+                if not any(name.lower() == b"retry-after" for name, _ in headers):
+                    headers.append((b"retry-after", RETRY_AFTER_S.encode()))
+                    message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_retry_after)
+
+
+def http_middlewares() -> list[Any]:
+    """The middlewares of Serve's HTTP servers (named by :data:`MIDDLEWARES_ENV`)."""
+    from starlette.middleware import Middleware
+
+    return [Middleware(RetryAfterOn503)]
+
+
 def direct_ingress_env(enabled: bool, draining_s: float | None = None) -> dict[str, str]:
-    """The variables a Ray cluster must start with for ``enabled`` (``draining_s``: local)."""
-    env = {DIRECT_INGRESS_ENV: "1" if enabled else "0"}
+    """The variables a Ray cluster must start with for ``enabled`` (``draining_s``: local),
+    plus the HTTP middlewares of Serve's servers (both modes)."""
+    env = {DIRECT_INGRESS_ENV: "1" if enabled else "0", MIDDLEWARES_ENV: MIDDLEWARES}
     if enabled and draining_s is not None:
         env[DRAINING_ENV] = f"{draining_s:g}"
     return env

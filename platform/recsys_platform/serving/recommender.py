@@ -69,6 +69,7 @@ class ServingOptions:
     max_per_creator: int = 2
     max_per_category: int = 5
     cold_start_share: float = 0.2  # of the candidate budget kept for trending/fresh/popular
+    load_candidates: int = 100  # the cheaper path under load: this many, in retrieval order
     pseudonym_key: str | None = None  # set: user ids are pseudonymized before any lookup
 
 
@@ -159,8 +160,9 @@ class Recommender:
         ids, scores = bundle.search(emb, n)
         return list(ids[0]), np.asarray(scores[0], dtype=np.float64).tolist()
 
-    def prepare(self, request: RecommendRequest) -> Prepared:
-        """Features, retrieval and candidate assembly for one request."""
+    def prepare(self, request: RecommendRequest, budget: int | None = None) -> Prepared:
+        """Features, retrieval and candidate assembly for one request (``budget``: how many
+        candidates, default ``options.candidates``)."""
         request_id = uuid.uuid4().hex
         degraded: list[str] = []
         loaded = self.manager.current  # read once: this request's version
@@ -176,7 +178,7 @@ class Recommender:
         encoded: dict[str, np.ndarray] | None = None
         if loaded is not None and isinstance(loaded.bundle, Bundle):
             encoded = encode_user(loaded.bundle.spec, user_key, row["user_history"], row)
-        budget = self.options.candidates
+        budget = budget or self.options.candidates
         cold = max(1, int(budget * self.options.cold_start_share))
         sources: list[tuple[str, list[str], list[float] | None]] = []
         if loaded is not None and known:
@@ -206,10 +208,14 @@ class Recommender:
         return result
 
     def finish(self, prepared: Prepared, scores: np.ndarray | None,
-               rank_error: BaseException | None = None, log: bool = True
-               ) -> RecommendResponse:
-        """Orders, diversifies, logs impressions and builds the response."""
+               rank_error: BaseException | None = None, log: bool = True,
+               load_shed: bool = False) -> RecommendResponse:
+        """Orders, diversifies, logs impressions and builds the response (``load_shed``: the
+        ranker was skipped on purpose, the cheaper path under load)."""
         degraded = list(prepared.degraded)
+        if load_shed:
+            degraded.append("load")
+            self.metrics.fallbacks.labels("load").inc()
         if prepared.loaded is None:
             degraded.append("bundle")
             self.metrics.fallbacks.labels("bundle").inc()
@@ -227,7 +233,7 @@ class Recommender:
                          np.asarray(scores)[order].tolist(), strict=True)
             source = "model"
         else:
-            if prepared.loaded is not None and cands:
+            if prepared.loaded is not None and cands and not load_shed:
                 self._fallback(degraded, "ranker", rank_error or RuntimeError("no scores"))
             ranked = iter([(c, c.retrieval_score) for c in cands])  # retrieval order
             source = "retrieval_order" if prepared.loaded is not None else "popular"
@@ -248,8 +254,17 @@ class Recommender:
             bundle_version=version, items=items, degraded=degraded,
             source=source)  # type: ignore[arg-type]
 
-    def recommend(self, request: RecommendRequest, log: bool = True) -> RecommendResponse:
-        """The whole path in one call (the deployment, tests, warm-up, benchmarks)."""
+    def recommend(self, request: RecommendRequest, log: bool = True, cheap: bool = False
+                  ) -> RecommendResponse:
+        """The whole path in one call (the deployment, tests, warm-up, benchmarks).
+
+        ``cheap``: the path a loaded replica takes instead of refusing: ``load_candidates``
+        candidates in retrieval order, no ranker; the response says ``degraded: ["load"]``.
+        """
+        if cheap:
+            with self._stage("total_cheap"):
+                prepared = self.prepare(request, self.options.load_candidates)
+                return self.finish(prepared, None, log=log, load_shed=True)
         with self._stage("total"):
             prepared = self.prepare(request)
             try:
