@@ -370,6 +370,16 @@ async def over_http(users: list[str], floor: Floor, rates: list[float], seconds:
                   f">= {rate:.0f} req/s, all 200) {'MET' if ok else 'NOT met'}")
 
 
+async def ray_backpressure(users: list[str], base: str) -> None:
+    """A burst against Ray Serve's own limits (max_ongoing_requests=1, max_queued_requests=1):
+    its 503s must carry Retry-After too (serving/ingress.py's middleware)."""
+    async with client_session() as session:
+        out = await closed_loop(session, f"{base}/recommend", users, 16, 3)
+    print(f"Ray Serve's own backpressure (max_ongoing_requests=1, max_queued_requests=1, "
+          f"closed loop c=16 for 3 s): {len(out.admitted)} served, "
+          f"{len(out.refused) + out.bare_503} refused, {out.bare_503} without Retry-After")
+
+
 async def profile_replica(users: list[str], base: str, seconds: float) -> None:
     """py-spy samples of the replica (all its threads, native frames off) under a bounded
     closed loop; prints the functions holding the most samples, self and total."""
@@ -468,6 +478,15 @@ def main() -> None:
         if args.profile_replica:
             asyncio.run(profile_replica(users, base, args.profile_replica))
         asyncio.run(over_http(users, floor, rates, args.seconds, base, args.overload))
+        # Ray Serve's own backpressure: limits of 1 (a lightweight update of the same replica)
+        serve.run(RecommenderDeployment.options(  # type: ignore[attr-defined]
+            autoscaling_config=None, num_replicas=1, max_ongoing_requests=1,
+            max_queued_requests=1).bind(config_file=str(config_file),
+                                        batch_ranker=args.batch_ranker,
+                                        cheap_path=not args.no_cheap_path),
+                  name="bench", route_prefix="/", blocking=False)
+        time.sleep(3)
+        asyncio.run(ray_backpressure(users, base))
         print(f"load average after: {os.getloadavg()[0]:.1f}")
         serve.shutdown()
         ray.shutdown()

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from recsys_platform.serving.admission import Admission, AdmissionPolicy, Mode
-from recsys_platform.serving.ingress import RetryAfterOn503, http_middlewares
+from recsys_platform.serving.ingress import AdmissionGate, RetryAfterOn503, http_middlewares
 
 
 def fill(admission: Admission, n: int) -> list[Any]:
@@ -78,4 +78,42 @@ def test_every_503_gets_retry_after_and_others_are_untouched() -> None:
     assert own[0]["headers"] == [(b"Retry-After", b"3")]  # the app's own header is kept
     ok = _responses(app_answering(200, [(b"content-type", b"text/plain")]))
     assert ok[0]["headers"] == [(b"content-type", b"text/plain")]
-    assert [m.cls for m in http_middlewares()] == [RetryAfterOn503]
+    assert [m.cls for m in http_middlewares()] == [RetryAfterOn503, AdmissionGate]
+
+
+def test_the_gate_refuses_before_the_app_and_always_releases_its_ticket() -> None:
+    from recsys_platform.serving import admission as module
+    from recsys_platform.serving.ingress import TICKET
+
+    admission = Admission(AdmissionPolicy(queue_budget_s=0.001, initial_service_s=1.0))
+    seen: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:  # never releases the ticket
+        seen.append(scope.get(TICKET))
+        await send({"type": "http.response.start", "status": 422, "headers": []})
+
+    async def call(path: str) -> list[dict[str, Any]]:
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        await AdmissionGate(app)({"type": "http", "method": "POST", "path": path}, None, send)
+        return sent
+
+    async def scenario() -> None:
+        assert (await call("/recommend"))[0]["status"] == 422  # admitted: reaches the app
+        assert seen[-1] is not None and seen[-1].released  # and the gate released it
+        blocker = admission.admit()  # the worker is busy now, for a predicted 1 s
+        refused = await call("/recommend")
+        assert refused[0]["status"] == 503 and (b"retry-after", b"1") in refused[0]["headers"]
+        assert len(seen) == 1  # the app never saw the refused request
+        assert (await call("/readyz"))[0]["status"] == 422  # other paths pass through
+        admission.done(blocker, None)
+
+    module.install(admission)
+    try:
+        asyncio.run(scenario())
+    finally:
+        module.install(None)
+    assert admission.in_flight == 0

@@ -13,12 +13,18 @@ flight, and admits a request only while its predicted queue wait stays within a 
 The limit is therefore a concurrency limit derived from the measured service time (a slower
 machine or a heavier bundle admits fewer requests at once), not a fixed count: the replica
 keeps its workers busy at about its capacity while the requests it admits keep close to their
-unloaded latency, instead of everyone waiting in a queue. Not thread-safe: call it from the
-replica's event loop only.
+unloaded latency, instead of everyone waiting in a queue.
+
+Under direct ingress the replica's HTTP server asks first (``ingress.AdmissionGate``, before
+Ray Serve's per-request machinery: a refusal then costs little of the replica's CPU); the
+request handler asks when no gate did (through Serve's proxy). Thread-safe: the gate runs on
+Serve's event loop, the handler on the user code's.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -40,12 +46,13 @@ class AdmissionPolicy:
     initial_service_s: float = 0.005  # the estimate before anything was measured
 
 
-@dataclass(frozen=True)
+@dataclass
 class Ticket:
     """One admitted request: its path and the work it was counted for."""
 
     mode: Mode
     predicted_s: float
+    released: bool = False
 
 
 class Admission:
@@ -59,10 +66,13 @@ class Admission:
         >>> admission.done(ticket, service_s=0.004)
     """
 
-    def __init__(self, policy: AdmissionPolicy = AdmissionPolicy()) -> None:
+    def __init__(self, policy: AdmissionPolicy = AdmissionPolicy(),
+                 on_refuse: Callable[[], None] | None = None) -> None:
         if policy.queue_budget_s <= 0 or policy.workers < 1:
             raise ValueError("queue_budget_s must be > 0 and workers >= 1")
         self.policy = policy
+        self.on_refuse = on_refuse  # e.g. counts the refusal in the replica's metrics
+        self._lock = threading.Lock()
         start = policy.initial_service_s
         self.service_s = {Mode.FULL: start, Mode.CHEAP: start / 2}
         self.pending_s = 0.0  # predicted seconds of hot-path work admitted, not finished
@@ -74,32 +84,57 @@ class Admission:
 
     def admit(self) -> Ticket | None:
         """The path a request takes now, or None: refuse it (503 + Retry-After)."""
-        wait = self.predicted_wait_s()
         budget = self.policy.queue_budget_s
-        if self.in_flight < self.policy.workers:  # a worker is idle: never refuse
-            mode = Mode.FULL
-        elif wait <= budget * (self.policy.degrade_share if self.policy.cheap_path else 1.0):
-            mode = Mode.FULL
-        elif self.policy.cheap_path and wait <= budget:
-            mode = Mode.CHEAP
-        else:
-            return None
-        ticket = Ticket(mode, self.service_s[mode])
-        self.pending_s += ticket.predicted_s
-        self.in_flight += 1
-        return ticket
+        with self._lock:
+            wait = self.predicted_wait_s()
+            if self.in_flight < self.policy.workers:  # a worker is idle: never refuse
+                mode = Mode.FULL
+            elif wait <= budget * (self.policy.degrade_share if self.policy.cheap_path else 1):
+                mode = Mode.FULL
+            elif self.policy.cheap_path and wait <= budget:
+                mode = Mode.CHEAP
+            else:
+                mode = None
+            if mode is not None:
+                ticket = Ticket(mode, self.service_s[mode])
+                self.pending_s += ticket.predicted_s
+                self.in_flight += 1
+                return ticket
+        if self.on_refuse is not None:
+            self.on_refuse()
+        return None
 
     def done(self, ticket: Ticket, service_s: float | None) -> None:
-        """Releases ``ticket``; ``service_s``: the seconds it held a worker (None: unknown)."""
-        self.pending_s = max(0.0, self.pending_s - ticket.predicted_s)
-        self.in_flight -= 1
-        if self.in_flight == 0:
-            self.pending_s = 0.0  # no drift of the float sum
-        if service_s is not None and service_s >= 0:
-            a = self.policy.smoothing
-            self.service_s[ticket.mode] = (1 - a) * self.service_s[ticket.mode] + a * service_s
+        """Releases ``ticket`` (once; later calls do nothing); ``service_s``: the seconds it
+        held a worker (None: unknown, e.g. refused by validation before the hot path)."""
+        with self._lock:
+            if ticket.released:
+                return
+            ticket.released = True
+            self.pending_s = max(0.0, self.pending_s - ticket.predicted_s)
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self.pending_s = 0.0  # no drift of the float sum
+            if service_s is not None and service_s >= 0:
+                a = self.policy.smoothing
+                old = self.service_s[ticket.mode]
+                self.service_s[ticket.mode] = (1 - a) * old + a * service_s
 
     def concurrency_limit(self) -> int:
         """Requests admitted at once when all take the full path (for /readyz and metrics)."""
         return self.policy.workers + int(self.policy.queue_budget_s * self.policy.workers
                                          / self.service_s[Mode.FULL])
+
+
+_installed: Admission | None = None
+
+
+def install(admission: Admission | None) -> None:
+    """Makes ``admission`` the one this process's HTTP gate asks (a replica: its own)."""
+    global _installed
+    _installed = admission
+
+
+def installed() -> Admission | None:
+    """The admission of the replica in this process, None elsewhere (e.g. Serve's proxy)."""
+    return _installed

@@ -36,9 +36,10 @@ from ray import serve
 
 from recsys_platform.errors import InvalidRequestError
 from recsys_platform.serving.admission import Admission, AdmissionPolicy, Mode
+from recsys_platform.serving.admission import install as install_admission
 from recsys_platform.serving.deployment import DEPLOYMENT_NAME, deployment_options
 from recsys_platform.serving.factory import build_recommender, warm_up
-from recsys_platform.serving.ingress import RETRY_AFTER_S
+from recsys_platform.serving.ingress import RETRY_AFTER_S, TICKET
 from recsys_platform.serving.recommender import Prepared, rank_many
 from recsys_platform.serving.schemas import (
     MAX_BODY_BYTES,
@@ -145,7 +146,8 @@ class RecommenderDeployment:
             queue_budget_s=(queue_budget_ms or serving.queue_budget_ms) / 1000,
             degrade_share=serving.degrade_share,
             cheap_path=serving.cheap_path if cheap_path is None else cheap_path,
-            workers=max(1, hot_path_threads)))
+            workers=max(1, hot_path_threads)), on_refuse=self._count_refusal)
+        install_admission(self.admission)  # the HTTP gate of this replica asks it first
         self.batch_ranker = batch_ranker
         # Threads running the hot path (0: in the event loop itself). Few threads: requests
         # queue for them instead of 8-32 threads fighting over the GIL.
@@ -155,6 +157,11 @@ class RecommenderDeployment:
         self.admin_only = settings.serving.admin_port is not None
         if settings.serving.admin_port is not None:
             start_admin_server(settings.serving.admin_port, self.recommender)
+
+    def _count_refusal(self) -> None:
+        metrics = self.recommender.metrics
+        metrics.rejections.labels("overload").inc()
+        metrics.requests.labels("503").inc()
 
     def check_health(self) -> None:
         """Ray Serve's replica health check: a replica without a bundle is still healthy."""
@@ -208,10 +215,8 @@ class RecommenderDeployment:
             metrics.requests.labels(str(exc.status)).inc()
             logger.info("refused a request (%d): %s", exc.status, "; ".join(exc.reasons)[:300])
             return refusal(exc.status, exc.reasons)
-        ticket = self.admission.admit()
+        ticket = request.scope.get(TICKET) or self.admission.admit()  # the gate's, if any
         if ticket is None:
-            metrics.rejections.labels("overload").inc()
-            metrics.requests.labels("503").inc()
             return overloaded()
         service_s: float | None = None
         try:

@@ -20,7 +20,9 @@ def autoscaling_config(s: ServingSettings) -> dict[str, Any]:
     """Serve autoscaling on ongoing requests (per replica, averaged over a short window)."""
     return {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
             "target_ongoing_requests": s.target_ongoing_requests,
-            "upscale_delay_s": s.upscale_delay_s, "downscale_delay_s": s.downscale_delay_s}
+            "upscale_delay_s": s.upscale_delay_s, "downscale_delay_s": s.downscale_delay_s,
+            "metrics_interval_s": s.metrics_interval_s,
+            "look_back_period_s": s.look_back_period_s}
 
 
 def deployment_options(s: ServingSettings) -> dict[str, Any]:

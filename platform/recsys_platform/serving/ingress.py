@@ -59,11 +59,56 @@ class RetryAfterOn503:
         await self.app(scope, receive, send_with_retry_after)
 
 
+RECOMMEND_PATH = "/recommend"
+TICKET = "recsys.admission_ticket"  # the scope key the gate leaves for the handler
+OVERLOADED_BODY = b'{"error":"overloaded, retry later"}'
+
+
+async def send_overloaded(send: Any) -> None:
+    """The refusal beyond admission: 503, ``Retry-After``, the documented JSON body."""
+    await send({"type": "http.response.start", "status": 503,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(OVERLOADED_BODY)).encode()),
+                            (b"retry-after", RETRY_AFTER_S.encode())]})
+    await send({"type": "http.response.body", "body": OVERLOADED_BODY})
+
+
+class AdmissionGate:
+    """ASGI middleware: ``POST /recommend`` asks the replica's admission before Ray Serve's
+    per-request machinery runs, so a refusal costs the replica (and the requests it admitted)
+    little CPU. The ticket travels in the ASGI scope to the handler, which releases it; it is
+    released here too if the request never reached the hot path. Where no admission is
+    installed (Serve's proxy process) requests pass through."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        from recsys_platform.serving.admission import installed
+
+        admission = installed()
+        if (admission is None or scope["type"] != "http" or scope.get("method") != "POST"
+                or scope.get("path") != RECOMMEND_PATH):
+            await self.app(scope, receive, send)
+            return
+        ticket = admission.admit()
+        if ticket is None:
+            await send_overloaded(send)
+            return
+        scope[TICKET] = ticket
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            admission.done(ticket, None)  # no-op when the handler released it
+
+
 def http_middlewares() -> list[Any]:
-    """The middlewares of Serve's HTTP servers (named by :data:`MIDDLEWARES_ENV`)."""
+    """The middlewares of Serve's HTTP servers (named by :data:`MIDDLEWARES_ENV`; Serve wraps
+    them in this order, the last outermost): every 503 gets ``Retry-After``, and
+    ``/recommend`` is admitted before any of Serve's per-request work."""
     from starlette.middleware import Middleware
 
-    return [Middleware(RetryAfterOn503)]
+    return [Middleware(RetryAfterOn503), Middleware(AdmissionGate)]
 
 
 def direct_ingress_env(enabled: bool, draining_s: float | None = None) -> dict[str, str]:
