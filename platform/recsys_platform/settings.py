@@ -191,12 +191,14 @@ class ServingSettings(_Section):
     replica_cpus: float = Field(default=0.5, gt=0)  # 1 CPU per replica starves a 2-core node
     # Admission (serving/admission.py): a request is admitted while its predicted wait for the
     # hot path (work in flight x measured service time) stays within the budget; past
-    # degrade_share of it admitted requests take the cheaper path (load_candidates candidates
-    # in retrieval order, `degraded: ["load"]`); beyond it they get 503 + Retry-After.
+    # degrade_share of it admitted requests take the cheaper path (load_candidates candidates,
+    # ranked if load_rank else in retrieval order; `degraded: ["load"]`); beyond it they get
+    # 503 + Retry-After.
     queue_budget_ms: float = Field(default=10.0, gt=0)
     degrade_share: float = Field(default=0.5, ge=0, le=1)
     cheap_path: bool = True
     load_candidates: int = Field(default=100, ge=1, le=5000)
+    load_rank: bool = False
     # Set: each replica serves /metrics on this port of its own (one replica per pod: the
     # chart's direct ingress) and the public port answers 404 for /metrics, /docs, /openapi.json.
     admin_port: int | None = Field(default=None, ge=1, le=65535)

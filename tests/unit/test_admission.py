@@ -38,11 +38,16 @@ def test_past_the_degrade_share_requests_take_the_cheaper_path() -> None:
 
 
 def test_finished_work_frees_room_and_an_idle_worker_always_admits() -> None:
-    admission = Admission(AdmissionPolicy(queue_budget_s=0.001, initial_service_s=1.0))
+    admission = Admission(AdmissionPolicy(queue_budget_s=0.001, initial_service_s=1.0,
+                                          cheap_path=False))
     first = admission.admit()
     assert first is not None  # an idle worker takes any request, however slow they are
+    second = admission.admit()
+    assert second is not None  # and one may wait behind it
     assert admission.admit() is None
     admission.done(first, None)
+    admission.done(second, None)
+    admission.done(second, None)  # a second release changes nothing
     assert admission.pending_s == 0 and admission.in_flight == 0
     assert admission.admit() is not None
 
@@ -85,7 +90,8 @@ def test_the_gate_refuses_before_the_app_and_always_releases_its_ticket() -> Non
     from recsys_platform.serving import admission as module
     from recsys_platform.serving.ingress import TICKET
 
-    admission = Admission(AdmissionPolicy(queue_budget_s=0.001, initial_service_s=1.0))
+    admission = Admission(AdmissionPolicy(queue_budget_s=0.001, initial_service_s=1.0,
+                                          cheap_path=False))
     seen: list[Any] = []
 
     async def app(scope: Any, receive: Any, send: Any) -> None:  # never releases the ticket
@@ -104,12 +110,14 @@ def test_the_gate_refuses_before_the_app_and_always_releases_its_ticket() -> Non
     async def scenario() -> None:
         assert (await call("/recommend"))[0]["status"] == 422  # admitted: reaches the app
         assert seen[-1] is not None and seen[-1].released  # and the gate released it
-        blocker = admission.admit()  # the worker is busy now, for a predicted 1 s
+        busy = [admission.admit(), admission.admit()]  # one in service, one waiting
         refused = await call("/recommend")
         assert refused[0]["status"] == 503 and (b"retry-after", b"1") in refused[0]["headers"]
         assert len(seen) == 1  # the app never saw the refused request
         assert (await call("/readyz"))[0]["status"] == 422  # other paths pass through
-        admission.done(blocker, None)
+        for ticket in busy:
+            assert ticket is not None
+            admission.done(ticket, None)
 
     module.install(admission)
     try:
@@ -117,3 +125,12 @@ def test_the_gate_refuses_before_the_app_and_always_releases_its_ticket() -> Non
     finally:
         module.install(None)
     assert admission.in_flight == 0
+
+
+def test_one_request_may_always_wait_behind_the_one_in_service() -> None:
+    """A service time past the budget still lets one request queue: no idle worker."""
+    admission = Admission(AdmissionPolicy(queue_budget_s=0.002, cheap_path=False,
+                                          smoothing=1.0))
+    admission.done(admission.admit(), 0.008)
+    modes = [t.mode if t else None for t in fill(admission, 4)]
+    assert modes == [Mode.FULL, Mode.FULL, None, None] and admission.concurrency_limit() == 2

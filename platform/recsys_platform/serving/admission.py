@@ -10,6 +10,10 @@ flight, and admits a request only while its predicted queue wait stays within a 
   says ``degraded: ["load"]``), when enabled;
 - beyond: refused (503 with ``Retry-After``), in microseconds, before any work is done.
 
+The budget is ``queue_budget_s`` but never less than one full request's service time: one
+request may always wait behind the one in service, so a worker never idles between two
+requests under load (the goodput) even where the service time exceeds the budget.
+
 The limit is therefore a concurrency limit derived from the measured service time (a slower
 machine or a heavier bundle admits fewer requests at once), not a fixed count: the replica
 keeps its workers busy at about its capacity while the requests it admits keep close to their
@@ -84,8 +88,8 @@ class Admission:
 
     def admit(self) -> Ticket | None:
         """The path a request takes now, or None: refuse it (503 + Retry-After)."""
-        budget = self.policy.queue_budget_s
         with self._lock:
+            budget = max(self.policy.queue_budget_s, self.service_s[Mode.FULL])
             wait = self.predicted_wait_s()
             if self.in_flight < self.policy.workers:  # a worker is idle: never refuse
                 mode = Mode.FULL
@@ -121,9 +125,18 @@ class Admission:
                 self.service_s[ticket.mode] = (1 - a) * old + a * service_s
 
     def concurrency_limit(self) -> int:
-        """Requests admitted at once when all take the full path (for /readyz and metrics)."""
-        return self.policy.workers + int(self.policy.queue_budget_s * self.policy.workers
-                                         / self.service_s[Mode.FULL])
+        """Requests admitted at once when all take the full path (for /readyz)."""
+        full = self.service_s[Mode.FULL]
+        budget = max(self.policy.queue_budget_s, full)
+        return self.policy.workers + int(budget * self.policy.workers / full)
+
+    def state(self) -> dict[str, float | int | bool]:
+        """What ``/readyz`` shows of it."""
+        return {"queue_budget_ms": 1000 * self.policy.queue_budget_s,
+                "cheap_path": self.policy.cheap_path,
+                "service_ms_full": round(1000 * self.service_s[Mode.FULL], 3),
+                "service_ms_cheap": round(1000 * self.service_s[Mode.CHEAP], 3),
+                "concurrency_limit": self.concurrency_limit(), "in_flight": self.in_flight}
 
 
 _installed: Admission | None = None

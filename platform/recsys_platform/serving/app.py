@@ -23,6 +23,7 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,9 @@ api = FastAPI(
     docs_url=None, redoc_url=None, openapi_url=None,  # served below, unless admin-only
 )
 NOT_HERE = {"error": "not found"}
+# user_config keys (RecommenderDeployment.reconfigure) -> AdmissionPolicy fields
+LIVE_KNOBS = {"queue_budget_ms": "queue_budget_s", "degrade_share": "degrade_share",
+              "cheap_path": "cheap_path"}
 
 
 def refusal(status: int, reasons: list[str]) -> JSONResponse:
@@ -158,6 +162,23 @@ class RecommenderDeployment:
         if settings.serving.admin_port is not None:
             start_admin_server(settings.serving.admin_port, self.recommender)
 
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """Serve's ``user_config``: admission knobs changed on the running replica, without a
+        restart (``queue_budget_ms``, ``degrade_share``, ``cheap_path``).
+
+        Raises:
+            ValueError: an unknown key (the update is refused, nothing changes).
+        """
+        unknown = set(config) - set(LIVE_KNOBS)
+        if unknown:
+            raise ValueError(f"unknown user_config keys {sorted(unknown)}; known: "
+                             f"{', '.join(LIVE_KNOBS)}")
+        policy = self.admission.policy
+        changes = {LIVE_KNOBS[k]: (v / 1000 if k == "queue_budget_ms" else v)
+                   for k, v in config.items()}
+        self.admission.policy = replace(policy, **changes)
+        logger.info("admission now %s", self.admission.state())
+
     def _count_refusal(self) -> None:
         metrics = self.recommender.metrics
         metrics.rejections.labels("overload").inc()
@@ -179,7 +200,8 @@ class RecommenderDeployment:
                                 "fallback": manager.fallback,  # serving the last good version
                                 "rejected_versions": sorted(manager.rejected_versions),
                                 "last_error": (manager.last_error or "")[:300] or None,
-                                "item_cache_age_s": self.cache.age_s()}
+                                "item_cache_age_s": self.cache.age_s(),
+                                "admission": self.admission.state()}
         ready = current is not None
         return JSONResponse(status_code=200 if ready else 503,
                             content={"ready": ready, **body})

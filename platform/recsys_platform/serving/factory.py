@@ -219,6 +219,7 @@ def build_recommender(settings: Settings) -> tuple[Recommender, ItemCache]:
     privacy = settings.privacy
     options = ServingOptions(candidates=settings.serving.candidates,
                              load_candidates=settings.serving.load_candidates,
+                             load_rank=settings.serving.load_rank,
                              user_features_timeout_s=settings.redis.timeout_ms / 1000,
                              pseudonym_key=privacy.key if privacy.pseudonymize else None)
     reader = None

@@ -69,7 +69,8 @@ class ServingOptions:
     max_per_creator: int = 2
     max_per_category: int = 5
     cold_start_share: float = 0.2  # of the candidate budget kept for trending/fresh/popular
-    load_candidates: int = 100  # the cheaper path under load: this many, in retrieval order
+    load_candidates: int = 100  # the cheaper path under load: this many candidates,
+    load_rank: bool = False  # ranked (True) or in retrieval order (False: no ranker at all)
     pseudonym_key: str | None = None  # set: user ids are pseudonymized before any lookup
 
 
@@ -233,7 +234,7 @@ class Recommender:
                          np.asarray(scores)[order].tolist(), strict=True)
             source = "model"
         else:
-            if prepared.loaded is not None and cands and not load_shed:
+            if prepared.loaded is not None and cands and (rank_error or not load_shed):
                 self._fallback(degraded, "ranker", rank_error or RuntimeError("no scores"))
             ranked = iter([(c, c.retrieval_score) for c in cands])  # retrieval order
             source = "retrieval_order" if prepared.loaded is not None else "popular"
@@ -259,21 +260,21 @@ class Recommender:
         """The whole path in one call (the deployment, tests, warm-up, benchmarks).
 
         ``cheap``: the path a loaded replica takes instead of refusing: ``load_candidates``
-        candidates in retrieval order, no ranker; the response says ``degraded: ["load"]``.
+        candidates, ranked when ``load_rank`` else in retrieval order (no ranker); the
+        response says ``degraded: ["load"]``.
         """
-        if cheap:
-            with self._stage("total_cheap"):
-                prepared = self.prepare(request, self.options.load_candidates)
-                return self.finish(prepared, None, log=log, load_shed=True)
-        with self._stage("total"):
-            prepared = self.prepare(request)
-            try:
-                with self._stage("ranking"):
-                    scores: np.ndarray | None = self.rank(prepared)
-                error: BaseException | None = None
-            except Exception as exc:
-                scores, error = None, exc
-            return self.finish(prepared, scores, error, log=log)
+        rank = not cheap or self.options.load_rank
+        with self._stage("total_cheap" if cheap else "total"):
+            prepared = self.prepare(request, self.options.load_candidates if cheap else None)
+            scores: np.ndarray | None = None
+            error: BaseException | None = None
+            if rank:
+                try:
+                    with self._stage("ranking"):
+                        scores = self.rank(prepared)
+                except Exception as exc:
+                    error = exc
+            return self.finish(prepared, scores, error, log=log, load_shed=cheap)
 
 
 def user_frame(user_key: str, row: dict[str, Any]) -> pd.DataFrame:
