@@ -434,6 +434,13 @@ async def ray_backpressure(users: list[str], base: str) -> None:
           f"{out.other} other")
 
 
+# Leaf frames of threads that wait (in C: a lock, a queue, epoll); on a loaded machine py-spy
+# samples some of them as active.
+IDLE_FRAMES = ("Condition.wait", "Event.wait", "_worker (concurrent/futures/thread.py:81)",
+               "Thread.run (threading.py:982)", "_run_user_code_event_loop", "main_loop",
+               "select (selectors.py", "run_forever")
+
+
 async def profile_replica(users: list[str], base: str, seconds: float) -> None:
     """py-spy samples of the replica (all its threads, native frames off) under a bounded
     closed loop; prints the functions holding the most samples, self and total."""
@@ -454,12 +461,14 @@ async def profile_replica(users: list[str], base: str, seconds: float) -> None:
     for line in out.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         frames = stack.split(";")
+        if any(idle in frames[-1] for idle in IDLE_FRAMES):
+            continue  # a thread blocked in a wait that py-spy sampled as active
         n = int(count)
         samples += n
         own[frames[-1]] = own.get(frames[-1], 0) + n
         for frame in set(frames):
             total[frame] = total.get(frame, 0) + n
-    print(f"py-spy of the replica: {samples} samples; top self / top total:")
+    print(f"py-spy of the replica: {samples} busy samples; top self / top total:")
     for name, table in (("self", own), ("total", total)):
         for frame, n in sorted(table.items(), key=lambda kv: -kv[1])[:25]:
             print(f"  {name} {100 * n / samples:5.1f}%  {frame}")

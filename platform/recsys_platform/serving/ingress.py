@@ -29,6 +29,9 @@ DRAINING_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
 # app with the middlewares this import path returns: how Ray's own 503s get a Retry-After.
 MIDDLEWARES_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 MIDDLEWARES = "recsys_platform.serving.ingress:http_middlewares"
+# The replica runs the app on Serve's own event loop, not a second loop in another thread:
+# no hand-over between the two loops per request (the hot path has its own worker thread).
+SAME_LOOP_ENV = "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"
 RETRY_AFTER_S = "1"
 
 
@@ -60,6 +63,8 @@ class RetryAfterOn503:
 
 
 RECOMMEND_PATH = "/recommend"
+# ray.serve._private.constants.SERVE_HTTP_REQUEST_DISCONNECT_DISABLED_HEADER, value "?1"
+DISCONNECT_WATCH_OFF = (b"x-request-disconnect-disabled", b"?1")
 TICKET = "recsys.admission_ticket"  # the scope key the gate leaves for the handler
 OVERLOADED_BODY = b'{"error":"overloaded, retry later"}'
 
@@ -96,6 +101,9 @@ class AdmissionGate:
             await send_overloaded(send)
             return
         scope[TICKET] = ticket
+        # Serve then skips its per-request disconnect watcher (a task and a wait per request);
+        # an admitted request is done in milliseconds anyway.
+        scope["headers"] = [*scope.get("headers", ()), DISCONNECT_WATCH_OFF]
         try:
             await self.app(scope, receive, send)
         finally:
@@ -113,8 +121,10 @@ def http_middlewares() -> list[Any]:
 
 def direct_ingress_env(enabled: bool, draining_s: float | None = None) -> dict[str, str]:
     """The variables a Ray cluster must start with for ``enabled`` (``draining_s``: local),
-    plus the HTTP middlewares of Serve's servers (both modes)."""
-    env = {DIRECT_INGRESS_ENV: "1" if enabled else "0", MIDDLEWARES_ENV: MIDDLEWARES}
+    plus, in both modes, the HTTP middlewares of Serve's servers and the app on Serve's own
+    event loop."""
+    env = {DIRECT_INGRESS_ENV: "1" if enabled else "0", MIDDLEWARES_ENV: MIDDLEWARES,
+           SAME_LOOP_ENV: "0"}
     if enabled and draining_s is not None:
         env[DRAINING_ENV] = f"{draining_s:g}"
     return env

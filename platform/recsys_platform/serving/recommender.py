@@ -14,7 +14,9 @@ types (the unit tests' stand-ins) go through their ``encode_users``/``rank`` fra
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import time
 import uuid
 from collections import Counter
@@ -50,6 +52,31 @@ from recsys_platform.serving.schemas import RecommendedItem, RecommendRequest, R
 logger = logging.getLogger(__name__)
 
 _METADATA = ("category", "creator_id", "tags", "duration_ms", "published_at", "title")
+
+
+class _RequestIds:
+    """Unique 32-hex-digit request ids: a random per-process prefix (renewed in a forked
+    child) + a counter. A ``uuid4`` per request reads ``os.urandom``, a system call on the hot
+    path; the prefix keeps ids of different replicas apart."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.prefix = uuid.uuid4().hex[:16]
+        self.counter = itertools.count()
+
+    def next(self) -> str:
+        return f"{self.prefix}{next(self.counter):016x}"
+
+
+_request_ids = _RequestIds()
+os.register_at_fork(after_in_child=_request_ids.reset)
+
+
+def next_request_id() -> str:
+    """A request id unique across processes (see :class:`_RequestIds`)."""
+    return _request_ids.next()
 
 
 class FeatureSource(Protocol):
@@ -164,7 +191,7 @@ class Recommender:
     def prepare(self, request: RecommendRequest, budget: int | None = None) -> Prepared:
         """Features, retrieval and candidate assembly for one request (``budget``: how many
         candidates, default ``options.candidates``)."""
-        request_id = uuid.uuid4().hex
+        request_id = next_request_id()
         degraded: list[str] = []
         loaded = self.manager.current  # read once: this request's version
         user_key = self.user_key(request.user_id)
