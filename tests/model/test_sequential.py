@@ -73,7 +73,7 @@ def test_full_softmax_matches_a_hand_computation_over_the_catalog() -> None:
 
 
 def test_softmax_switches_to_sampled_above_the_catalog_size_setting() -> None:
-    cfg = TwoTowerConfig(full_softmax_max_items=1000)
+    cfg = TwoTowerConfig(softmax="auto", full_softmax_max_items=1000)
     assert use_full_softmax(cfg, 1000) and not use_full_softmax(cfg, 1001)
     assert not use_full_softmax(TwoTowerConfig(softmax="sampled"), 10)
     assert use_full_softmax(TwoTowerConfig(softmax="full"), 10**7)
