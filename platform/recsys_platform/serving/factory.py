@@ -202,15 +202,22 @@ def build_recommender(settings: Settings) -> tuple[Recommender, ItemCache]:
                       if redis_store else None)
     caches.append(cache)
 
+    from recsys_platform.serving.experiments import registry_arms
+
+    arms = registry_arms(settings, metrics, prepare)  # online experiments: split, shadow
+
     def on_refresh(snapshot: ItemSnapshot) -> None:
         current = manager.current
         if current is not None:
             prepare_bundle(current.bundle, snapshot, catalog)
+        arms.prepare(lambda bundle: prepare_bundle(bundle, snapshot, catalog))
 
     cache.on_refresh.append(on_refresh)
     cache.refresh()
     cache.start()
     manager.start(settings.serving.poll_interval_s)
+    arms.refresh()
+    arms.start(settings.serving.poll_interval_s)
     stream_dir = Path(settings.path(settings.flink.stream_dir))
     impressions = ImpressionLogger(settings.landing_dir,
                                    stream_dir if settings.flink.source == "file" else None,
@@ -225,5 +232,5 @@ def build_recommender(settings: Settings) -> tuple[Recommender, ItemCache]:
         reader = RedisUserFeatures(store, settings.redis.url,
                                    max(settings.redis.timeout_ms / 1000, 0.05))
     recommender = Recommender(manager, FeastFeatureSource(store, cache, reader), impressions,
-                              metrics, options)
+                              metrics, options, experiments=arms)
     return recommender, cache
