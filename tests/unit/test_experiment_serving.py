@@ -37,13 +37,12 @@ class ReversedBundle(TinyBundle):
         return out.assign(score=-out["score"])
 
 
-def _recommender(tmp_path: Path, exp: Experiment | None, treatment: TinyBundle,
-                 max_queue: int = 16) -> tuple[Recommender, ExperimentArms, ImpressionLogger]:
+def _recommender(tmp_path: Path, exp: Experiment | None, treatment: TinyBundle
+                 ) -> tuple[Recommender, ExperimentArms, ImpressionLogger]:
     metrics = ServingMetrics()
     served = ImpressionLogger(tmp_path / "landing")
     shadow = ImpressionLogger(tmp_path / "landing", folder="shadow", events=False)
-    arms = ExperimentArms(lambda: exp, lambda v: treatment, lambda b: None, metrics, shadow,
-                          max_queue=max_queue, max_age_s=30.0)
+    arms = ExperimentArms(lambda: exp, lambda v: treatment, lambda b: None, metrics, shadow)
     arms.refresh()
     rec = Recommender(_manager({"1": TinyBundle("1")}, ["1"]), Features(), served, metrics,
                       ServingOptions(candidates=20, max_per_creator=10, max_per_category=10),
@@ -94,7 +93,7 @@ def test_a_treatment_that_fails_its_checks_routes_nobody(tmp_path: Path) -> None
 
 
 def test_shadow_logs_every_request_and_never_shows_the_treatment(tmp_path: Path) -> None:
-    exp = Experiment.new("7", "shadow", control_version="1")
+    exp = Experiment.new("7", "shadow", control_version="1", shadow_max_age_s=30.0)
     rec, arms, served = _recommender(tmp_path, exp, ReversedBundle("7"))
     responses = [rec.recommend(RecommendRequest(user_id=f"u{n}", k=4)) for n in range(30)]
     arms.shadow.drain()
@@ -114,8 +113,9 @@ def test_shadow_logs_every_request_and_never_shows_the_treatment(tmp_path: Path)
 
 
 def test_shadow_work_is_dropped_and_counted_when_it_cannot_keep_up(tmp_path: Path) -> None:
-    exp = Experiment.new("7", "shadow", control_version="1")
-    rec, arms, _ = _recommender(tmp_path, exp, ReversedBundle("7", delay_s=0.05), max_queue=2)
+    exp = Experiment.new("7", "shadow", control_version="1", shadow_queue=2,
+                         shadow_max_age_s=30.0)
+    rec, arms, _ = _recommender(tmp_path, exp, ReversedBundle("7", delay_s=0.05))
     started = time.perf_counter()
     latencies = []
     for n in range(40):

@@ -158,3 +158,14 @@ def test_sample_size_formula() -> None:
         2 * sample_size(0.10, 0.10), rel=1e-3)
     report = analyse(_exp(), _rows({"control": 0.1, "treatment": 0.1}))
     assert compare(report.control, report.treatment, 0.95).p_value > 0.0  # type: ignore[arg-type]
+
+
+def test_the_model_card_keeps_one_experiment_section_and_the_gate_section() -> None:
+    from recsys_platform.experiments.store import SECTION_HEADING, with_section
+
+    card = "**Bundle x**\n\n### Gate decision\n\n**promoted** by ci."
+    once = with_section(card, f"{SECTION_HEADING}\n\nfirst")
+    twice = with_section(once, f"{SECTION_HEADING}\n\nsecond")
+    assert twice.count(SECTION_HEADING) == 1 and "second" in twice and "first" not in twice
+    assert twice.startswith("**Bundle x**") and "### Gate decision" in twice
+    assert with_section("", f"{SECTION_HEADING}\n\nonly") == f"{SECTION_HEADING}\n\nonly"

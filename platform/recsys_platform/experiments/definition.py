@@ -74,6 +74,8 @@ class Experiment:
     max_duration_h: float = 168.0  # then it ends without a promotion
     srm_alpha: float = 0.001  # sample-ratio mismatch when the chi-square p-value is below
     guardrails: Guardrails = field(default_factory=Guardrails)
+    shadow_queue: int = 16  # shadow jobs waiting at most per replica; more are dropped
+    shadow_max_age_s: float = 0.5  # a shadow job that waited longer is dropped (stale)
     started_at: str = ""  # ISO-8601 UTC
     started_by: str = ""
 
@@ -135,6 +137,9 @@ def validate(exp: Experiment) -> list[str]:
         problems.append(f"confidence {exp.confidence} must be in [0.5, 1)")
     if exp.min_samples < 1:
         problems.append(f"min_samples {exp.min_samples} must be >= 1")
+    if exp.shadow_queue < 1 or exp.shadow_max_age_s <= 0:
+        problems.append(f"shadow_queue {exp.shadow_queue} must be >= 1 and shadow_max_age_s "
+                        f"{exp.shadow_max_age_s} > 0")
     if exp.max_duration_h <= 0:
         problems.append(f"max_duration_h {exp.max_duration_h} must be > 0")
     if exp.control_version is not None and exp.control_version == exp.treatment_version:

@@ -5,10 +5,13 @@
 - Each experiment is a run of the MLflow experiment ``online-experiments`` (run name = the
   experiment id): its definition as params, ``status``/``decision`` tags, and at every
   ``decide`` the numbers as metrics (one step per decision) plus ``report-<n>.json``.
-- Both versions carry ``experiment.id``, ``experiment.role`` and, after each ``decide``, the
-  audit like the offline gate's ``gate.*``: ``experiment.decision``, ``experiment.who``,
-  ``experiment.why``, ``experiment.when``, ``experiment.what`` (the numbers, JSON). The
-  treatment's model card gets an "Online experiment" section.
+- The treatment version carries the experiment (``experiment.id``, ``.mode``, ``.share``,
+  ``.run_id``, ``.control_version``, ``.started``, ``.ended``) and, after each ``decide``, the
+  audit like the offline gate's ``gate.*`` on a challenger: ``experiment.decision``,
+  ``experiment.who``, ``experiment.why``, ``experiment.when``, ``experiment.what`` (the
+  numbers, JSON); its model card gets an "Online experiment" section. The control version
+  (the champion) gets ``experiment.control_in`` (the id) and ``experiment.control_outcome``,
+  so that its own experiments' tags are never overwritten by one it was only the baseline of.
 """
 
 from __future__ import annotations
@@ -87,14 +90,20 @@ def open_experiment(client: MlflowClient, settings: Settings, exp: Experiment,
         "why": why[:5000], "model_name": name})
     for key, value in exp.params().items():
         client.log_param(run.info.run_id, key, value[:500])
-    roles = [("treatment", exp.treatment_version)]
+    for key, value in (("id", exp.id), ("mode", exp.mode), ("share", f"{exp.share:g}"),
+                       ("run_id", run.info.run_id), ("control_version", exp.control_version
+                                                     or ""),
+                       ("decision", "running"), ("started", exp.started_at)):
+        client.set_model_version_tag(name, exp.treatment_version, TAG_PREFIX + key, value)
+    earlier = client.get_model_version(name, exp.treatment_version).tags
+    for key in ("ended", "who", "why", "when", "what"):  # a previous experiment's audit
+        if TAG_PREFIX + key in earlier:
+            client.delete_model_version_tag(name, exp.treatment_version, TAG_PREFIX + key)
     if exp.control_version:
-        roles.append(("control", exp.control_version))
-    for role, version in roles:
-        for key, value in (("id", exp.id), ("role", role), ("mode", exp.mode),
-                           ("share", f"{exp.share:g}"), ("run_id", run.info.run_id),
-                           ("decision", "running"), ("started", exp.started_at)):
-            client.set_model_version_tag(name, version, TAG_PREFIX + key, value)
+        client.set_model_version_tag(name, exp.control_version, TAG_PREFIX + "control_in",
+                                     exp.id)
+        client.set_model_version_tag(name, exp.control_version,
+                                     TAG_PREFIX + "control_outcome", "running")
     client.set_registered_model_tag(name, ACTIVE_TAG, exp.to_json())
     logger.info("experiment %s started: %s, treatment %s vs champion %s, share %g", exp.id,
                 exp.mode, exp.treatment_version, exp.control_version, exp.share)
@@ -182,11 +191,13 @@ def record_decision(client: MlflowClient, settings: Settings, exp: Experiment,
                        "treatment_version": exp.treatment_version,
                        "control_version": exp.control_version}, default=str)
     run_id = run_of(client, exp.id)
-    versions = [v for v in (exp.treatment_version, exp.control_version) if v]
-    for version in versions:
-        for key, value in (("decision", label), ("who", who), ("why", why), ("when", when),
-                           ("what", what)):
-            client.set_model_version_tag(name, version, TAG_PREFIX + key, value[:5000])
+    for key, value in (("decision", label), ("who", who), ("why", why), ("when", when),
+                       ("what", what)):
+        client.set_model_version_tag(name, exp.treatment_version, TAG_PREFIX + key,
+                                     value[:5000])
+    if exp.control_version:
+        client.set_model_version_tag(name, exp.control_version, TAG_PREFIX + "control_outcome",
+                                     f"{label} ({when})")
     card = client.get_model_version(name, exp.treatment_version).description or ""
     section = card_section(exp, decision.action, who, why, when, decision.reasons, numbers)
     client.update_model_version(name, exp.treatment_version,
@@ -212,8 +223,7 @@ def record_decision(client: MlflowClient, settings: Settings, exp: Experiment,
                            ("promotion_reason", f"online experiment {exp.id}: {why}")):
             client.set_model_version_tag(name, exp.treatment_version, key, value)
     client.delete_registered_model_tag(name, ACTIVE_TAG)  # replicas stop routing
-    for version in versions:
-        client.set_model_version_tag(name, version, TAG_PREFIX + "ended", when)
+    client.set_model_version_tag(name, exp.treatment_version, TAG_PREFIX + "ended", when)
     if run_id is not None:
         client.set_tag(run_id, "status", "ended")
         client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))

@@ -95,14 +95,18 @@ class ExperimentMetrics:
 
 
 class ShadowRunner:
-    """One daemon thread running shadow jobs from a bounded queue; drops instead of waiting."""
+    """One daemon thread running shadow jobs from a bounded queue; drops instead of waiting.
+
+    The bounds come with each job (the experiment's ``shadow_queue`` and
+    ``shadow_max_age_s``); ``max_queue``/``max_age_s`` are the defaults.
+    """
 
     def __init__(self, metrics: ExperimentMetrics, max_queue: int = 16,
                  max_age_s: float = 0.5) -> None:
         self._metrics = metrics
-        self._queue: queue.Queue[tuple[float, Callable[[], None]] | None] = queue.Queue(
-            maxsize=max_queue)
-        self.max_age_s = max_age_s
+        self._queue: queue.Queue[tuple[float, Callable[[], None]] | None] = \
+            queue.Queue(maxsize=1024)  # (deadline, job)
+        self.max_queue, self.max_age_s = max_queue, max_age_s
         self.counts = {"logged": 0, "dropped": 0, "stale": 0, "failed": 0}
         self._thread = threading.Thread(target=self._loop, name="shadow-ranker", daemon=True)
         self._thread.start()
@@ -111,10 +115,15 @@ class ShadowRunner:
         self.counts[outcome] += 1
         self._metrics.shadow.labels(outcome).inc()
 
-    def submit(self, job: Callable[[], None]) -> bool:
-        """Queues ``job``; False (and counted as dropped) when the queue is full."""
+    def submit(self, job: Callable[[], None], max_queue: int | None = None,
+               max_age_s: float | None = None) -> bool:
+        """Queues ``job``; False (and counted as dropped) when ``max_queue`` jobs wait."""
+        limit = self.max_queue if max_queue is None else max_queue
+        age = self.max_age_s if max_age_s is None else max_age_s
         try:
-            self._queue.put_nowait((time.monotonic(), job))
+            if self._queue.qsize() >= limit:
+                raise queue.Full
+            self._queue.put_nowait((time.monotonic() + age, job))
         except queue.Full:
             self._count("dropped")
             return False
@@ -127,8 +136,8 @@ class ShadowRunner:
             finally:
                 self._queue.task_done()
 
-    def _run(self, queued_at: float, job: Callable[[], None]) -> None:
-        if time.monotonic() - queued_at > self.max_age_s:
+    def _run(self, deadline: float, job: Callable[[], None]) -> None:
+        if time.monotonic() > deadline:
             self._count("stale")
             return
         start = time.perf_counter()
@@ -188,8 +197,10 @@ class ExperimentArms:
         check: Raises when a loaded bundle cannot serve (smoke query); prepares it otherwise.
         metrics: The replica's serving metrics (the experiment counters join its registry).
         shadow_log: Where shadow rankings go (``landing/shadow``); None: shadow is not logged.
-        max_queue: Shadow jobs waiting at most; more are dropped.
-        max_age_s: A shadow job that waited longer is dropped (counted ``stale``).
+        max_queue: Shadow jobs waiting at most; more are dropped (default; the experiment's
+            ``shadow_queue`` wins).
+        max_age_s: A shadow job that waited longer is dropped (counted ``stale``; default,
+            the experiment's ``shadow_max_age_s`` wins).
     """
 
     def __init__(self, read_active: Callable[[], Experiment | None],
@@ -236,7 +247,8 @@ class ExperimentArms:
                         prepared.request.context.device, experiment_id=route.experiment.id,
                         arm=TREATMENT)
 
-            self.shadow.submit(job)
+            exp = route.experiment
+            self.shadow.submit(job, exp.shadow_queue, exp.shadow_max_age_s)
 
     def prepare(self, prepare: Callable[[Any], None]) -> None:
         """Runs ``prepare`` on the live treatment bundle (a new item snapshot)."""
