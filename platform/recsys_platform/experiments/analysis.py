@@ -69,6 +69,10 @@ def shadow_metrics(served: pd.DataFrame, labelled: pd.DataFrame,
                    shadow: pd.DataFrame) -> dict[str, float]:
     """Offline-on-live: the treatment's shadow ranking against what users clicked.
 
+    ``served``: the experiment's served rows (``request_id, item_id, position``);
+    ``labelled``: ``request_id, item_id, clicked`` of those whose label window closed;
+    ``shadow``: the treatment's rankings (``request_id, item_id, position``).
+
     For every shadowed request with at least one click among the items the champion showed:
     ``control_mrr`` / ``treatment_mrr`` are the mean reciprocal rank (1 / (position + 1)) of the
     clicked items in the served list and in the treatment's list (0 where the treatment did
@@ -109,9 +113,8 @@ def evaluate(settings: Settings, exp: Experiment, as_of: datetime | None = None)
     report.pending, report.as_of = pending, as_of.isoformat()
     if exp.mode == "shadow":
         shadow = read_log(settings.landing_dir / "shadow", exp)
-        labelled = served.merge(rows[["request_id", "item_id", "clicked"]],
-                                on=["request_id", "item_id"])
-        report.shadow = shadow_metrics(served, labelled, shadow)
+        report.shadow = shadow_metrics(served, rows[["request_id", "item_id", "clicked"]],
+                                       shadow)
     logger.info("experiment %s as of %s: %d labelled impressions, %d pending", exp.id,
                 as_of.isoformat(), len(rows), pending)
     return report

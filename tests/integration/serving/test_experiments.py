@@ -65,7 +65,7 @@ def exp_env(serving_env: ServingEnv, prefect_harness: None,
     root = tmp_path_factory.mktemp("experiments")
     config = derive_config(serving_env.config_file, root / "settings.yaml", {
         "data_dir": str(root / "data"),
-        "mlflow": sqlite_mlflow(root, "exp-test"),
+        "mlflow": {**sqlite_mlflow(root, "exp-test"), "model_name": "recsys-bundle"},  # own db
         "serving": {"poll_interval_s": 0.5, "candidates": 100},
         "labels": {"window_s": 1},
     })
@@ -150,14 +150,14 @@ def _click(env: ExperimentEnv, responses: list[dict[str, Any]], served: pd.DataF
 
 
 def _logged(env: ExperimentEnv, folder: str, request_ids: set[str]) -> pd.DataFrame:
-    def read() -> pd.DataFrame | None:
+    def read() -> tuple[pd.DataFrame] | None:
         files = list((env.settings.landing_dir / folder).rglob("*.parquet"))
         if not files:
             return None
         frame = pd.concat(pd.read_parquet(p) for p in files)
         frame = frame[frame["request_id"].isin(request_ids)]
-        return frame if set(frame["request_id"]) == request_ids else None
-    return _wait(read, 30, f"{len(request_ids)} requests in landing/{folder}")
+        return (frame,) if set(frame["request_id"]) == request_ids else None
+    return _wait(read, 30, f"{len(request_ids)} requests in landing/{folder}")[0]
 
 
 def _decide(env: ExperimentEnv) -> dict[str, Any]:
@@ -278,8 +278,10 @@ def test_shadow_logs_every_treatment_ranking_and_never_serves_one(
         assert [i["item_id"] for i in r["items"]] != ranked[r["request_id"]]
     served = _logged(exp_env, "served", ids)
     assert set(served["arm"]) == {"control"} and set(served["bundle_version"]) == {"2"}
-    metrics = call(f"{exp_env.url}/metrics")[2]
-    assert 'recsys_experiment_shadow_total{outcome="logged"} 60.0' in metrics
+    _wait(lambda: 'recsys_experiment_shadow_total{outcome="logged"} 60.0'
+          in call(f"{exp_env.url}/metrics")[2], 10, "60 shadow rankings counted as logged")
+    assert "recsys_experiment_shadow_total{outcome=\"dropped\"}" not in \
+        call(f"{exp_env.url}/metrics")[2]
     _click(exp_env, responses, served, {"2": 0.2}, seed=4)
     result = _decide(exp_env)
     assert result["decision"] == "continue"
