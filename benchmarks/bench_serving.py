@@ -52,7 +52,7 @@ from recsys_pipelines.generator import GeneratorConfig, generate, write_generate
 from recsys_platform.serving.ingress import direct_ingress_env, replica_urls
 from recsys_platform.settings import Settings, load_settings
 
-REDIS_URL = "redis://127.0.0.1:6379/4"
+REDIS_URL = os.environ.get("BENCH_SERVING_REDIS_URL", "redis://127.0.0.1:6379/4")  # DB 4 by default
 CFG = GeneratorConfig(events=150_000, days=7, users=3_000, items=6_000)
 PORT = 8765
 logger = logging.getLogger("bench_serving")
