@@ -63,8 +63,9 @@ def experiment_decide_flow(why: str = "scheduled decision", who: str = "experime
         return {"experiment": None, "decision": None, "reasons": [], "numbers": {}}
     today = datetime.now(UTC).date()
     if run_etl:
-        etl_flow(start=max(exp.started.date(), today - timedelta(days=1)), end=today,
-                 lookahead_days=0, settings=settings)
+        # inline (.fn), as the platform flow runs its stage flows: its tasks join this run
+        etl_flow.fn(start=max(exp.started.date(), today - timedelta(days=1)), end=today,
+                    lookahead_days=0, settings=settings)
     result = decide_task(settings, why, who)
     log.info("experiment %s: %s (%s)", result["experiment"], result["decision"],
              "; ".join(result["reasons"]))
