@@ -31,26 +31,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
 
-from recsys_platform.experiments.definition import (
-    ACTIVE_TAG,
-    CONTROL,
-    TREATMENT,
-    Experiment,
-    assign,
-)
+from recsys_platform.experiments.definition import CONTROL, TREATMENT, Experiment, assign
 from recsys_platform.serving.bundle_manager import LoadedBundle
-from recsys_platform.serving.candidates import diversify
 from recsys_platform.serving.impressions import ImpressionLogger
 from recsys_platform.serving.metrics import ServingMetrics
-
-if TYPE_CHECKING:
-    from recsys_platform.serving.recommender import Prepared, Recommender
-    from recsys_platform.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +61,14 @@ class Route:
 class _Live:
     experiment: Experiment
     treatment: LoadedBundle
+
+
+class ShadowRanker(Protocol):
+    """What ranks a request again with another bundle (:class:`Recommender` does)."""
+
+    def shadow_items(self, prepared: Any, treatment: LoadedBundle
+                     ) -> list[tuple[str, float, str]]:
+        """The top-k ``(item_id, score, source)`` of ``treatment`` for ``prepared``'s request."""
 
 
 class ExperimentMetrics:
@@ -164,29 +160,6 @@ class ShadowRunner:
         self._thread.join(timeout=5)
 
 
-def shadow_items(recommender: Recommender, prepared: Prepared,
-                 treatment: LoadedBundle) -> list[tuple[str, float, str]]:
-    """The treatment's top-k for the request ``prepared`` was served for (same features,
-    snapshot, exclusions): retrieval, ranking, diversity, as the request path does."""
-    from recsys_platform.serving.recommender import rank_many
-
-    shadow = recommender.assemble(treatment, prepared.request, prepared.request_id,
-                                  prepared.user_key, prepared.user, prepared.known_user,
-                                  prepared.items, [], count=False)
-    cands = shadow.candidates
-    scores = rank_many([shadow])[0] if cands else None
-    if isinstance(scores, np.ndarray) and len(scores) == len(cands) \
-            and np.isfinite(scores).all():
-        order = np.argsort(-scores, kind="stable").tolist()
-        ranked = iter([(cands[i], float(scores[i])) for i in order])
-    else:
-        ranked = iter([(c, c.retrieval_score) for c in cands])
-    options = recommender.options
-    top = diversify(ranked, prepared.items.metadata, prepared.request.k,
-                    options.max_per_creator, options.max_per_category)
-    return [(c.item_id, float(s), c.source) for c, s in top]
-
-
 class ExperimentArms:
     """The active experiment of this replica and its treatment bundle.
 
@@ -231,8 +204,10 @@ class ExperimentArms:
             return Route(exp, TREATMENT if in_share else CONTROL, live.treatment)
         return Route(exp, CONTROL, live.treatment, shadowed=in_share)
 
-    def served(self, recommender: Recommender, prepared: Prepared, logged: bool) -> None:
-        """After a response of an experiment was built: counts it, queues its shadow job."""
+    def served(self, recommender: ShadowRanker, prepared: Any, logged: bool) -> None:
+        """After a response of an experiment was built (``prepared``: its
+        :class:`~recsys_platform.serving.recommender.Prepared`): counts it, queues its shadow
+        job."""
         route = prepared.route
         if route is None or not logged:  # warm-up requests are not part of any experiment
             return
@@ -241,7 +216,7 @@ class ExperimentArms:
             log = self.shadow_log
 
             def job() -> None:
-                items = shadow_items(recommender, prepared, route.treatment)
+                items = recommender.shadow_items(prepared, route.treatment)
                 log.log(prepared.request_id, prepared.user_key, items,
                         route.treatment.version, prepared.request.context.surface,
                         prepared.request.context.device, experiment_id=route.experiment.id,
@@ -327,42 +302,3 @@ class ExperimentArms:
         self.shadow.stop()
         if self.shadow_log is not None:
             self.shadow_log.stop()
-
-
-def registry_arms(settings: Settings, metrics: ServingMetrics,
-                  prepare: Callable[[Any], None] | None = None) -> ExperimentArms:
-    """Arms that follow the registered model's ``experiment.active`` tag in MLflow, loading
-    treatments with the same checks as a champion, and log shadow rankings to
-    ``landing/shadow``."""
-    from mlflow import MlflowClient
-
-    from recsys_models.provenance import load_verified
-    from recsys_platform.serving.factory import smoke_test
-
-    name = settings.mlflow.model_name
-    client = MlflowClient(tracking_uri=settings.mlflow_tracking_uri,
-                          registry_uri=settings.mlflow_tracking_uri)
-
-    def read_active() -> Experiment | None:
-        try:
-            tags = client.get_registered_model(name).tags
-        except Exception as exc:
-            if "RESOURCE_DOES_NOT_EXIST" in str(exc) or "not found" in str(exc).lower():
-                return None
-            raise
-        text = tags.get(ACTIVE_TAG)
-        return Experiment.from_json(text) if text else None
-
-    def load(version: str) -> Any:
-        return load_verified(settings.mlflow_tracking_uri, name, version,
-                             settings.path(settings.mlflow.artifact_location))
-
-    def check(bundle: Any) -> None:
-        smoke_test(bundle)
-        if prepare is not None:
-            prepare(bundle)
-
-    shadow_log = ImpressionLogger(settings.landing_dir, folder="shadow", events=False,
-                                  flush_every=500)
-    shadow_log.start()
-    return ExperimentArms(read_active, load, check, metrics, shadow_log)

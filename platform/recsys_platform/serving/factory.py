@@ -13,8 +13,10 @@ import pyarrow.parquet as pq
 
 from recsys_models.bundle import Bundle
 from recsys_models.fast_rank import ranking_catalog
+from recsys_platform.experiments.definition import ACTIVE_TAG, Experiment
 from recsys_platform.features import HISTORY_LENGTH
 from recsys_platform.serving.bundle_manager import BundleManager, LastGood
+from recsys_platform.serving.experiments import ExperimentArms
 from recsys_platform.serving.impressions import ImpressionLogger
 from recsys_platform.serving.metrics import ServingMetrics
 from recsys_platform.serving.online_features import (
@@ -114,6 +116,44 @@ def registry_manager(settings: Settings, metrics: ServingMetrics, alias: str = C
     return BundleManager(resolve, load, check, metrics, last_good)
 
 
+def registry_arms(settings: Settings, metrics: ServingMetrics,
+                  prepare: Callable[[Any], None] | None = None) -> ExperimentArms:
+    """Online experiment arms that follow the registered model's ``experiment.active`` tag in
+    MLflow, load treatments with the same checks as a champion (digest, smoke query,
+    ``prepare``) and log shadow rankings to ``landing/shadow``."""
+    from mlflow import MlflowClient
+
+    from recsys_models.provenance import load_verified
+
+    name = settings.mlflow.model_name
+    client = MlflowClient(tracking_uri=settings.mlflow_tracking_uri,
+                          registry_uri=settings.mlflow_tracking_uri)
+
+    def read_active() -> Experiment | None:
+        try:
+            tags = client.get_registered_model(name).tags
+        except Exception as exc:
+            if "RESOURCE_DOES_NOT_EXIST" in str(exc) or "not found" in str(exc).lower():
+                return None
+            raise
+        text = tags.get(ACTIVE_TAG)
+        return Experiment.from_json(text) if text else None
+
+    def load(version: str) -> Any:
+        return load_verified(settings.mlflow_tracking_uri, name, version,
+                             settings.path(settings.mlflow.artifact_location))
+
+    def check(bundle: Any) -> None:
+        smoke_test(bundle)
+        if prepare is not None:
+            prepare(bundle)
+
+    shadow_log = ImpressionLogger(settings.landing_dir, folder="shadow", events=False,
+                                  flush_every=500)
+    shadow_log.start()
+    return ExperimentArms(read_active, load, check, metrics, shadow_log)
+
+
 def catalog_ids(settings: Settings, manager: BundleManager) -> Sequence[str]:
     """Item ids of the serving catalog: the bundle's items plus the landed catalog snapshot."""
     ids: list[str] = []
@@ -201,8 +241,6 @@ def build_recommender(settings: Settings) -> tuple[Recommender, ItemCache]:
                       reader=RedisItemFrame(cache_store, settings.redis.url, 10.0)
                       if redis_store else None)
     caches.append(cache)
-
-    from recsys_platform.serving.experiments import registry_arms
 
     arms = registry_arms(settings, metrics, prepare)  # online experiments: split, shadow
 

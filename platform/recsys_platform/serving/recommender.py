@@ -47,7 +47,7 @@ from recsys_platform.serving.metrics import ServingMetrics
 from recsys_platform.serving.online_features import ItemSnapshot
 from recsys_platform.serving.schemas import RecommendedItem, RecommendRequest, RecommendResponse
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # types only: the experiments module never imports this one
     from recsys_platform.serving.experiments import ExperimentArms, Route
 
 logger = logging.getLogger(__name__)
@@ -275,6 +275,27 @@ class Recommender:
             request_id=prepared.request_id, user_id=prepared.request.user_id,
             bundle_version=version, items=items, degraded=degraded,
             source=source)  # type: ignore[arg-type]
+
+    def shadow_items(self, prepared: Prepared, treatment: LoadedBundle
+                     ) -> list[tuple[str, float, str]]:
+        """``treatment``'s top-k for the request ``prepared`` was served for (same features,
+        snapshot, exclusions), ranked and diversified as the request path does; nothing is
+        counted in the metrics (a shadow experiment's ranking, off the request path)."""
+        shadow = self.assemble(treatment, prepared.request, prepared.request_id,
+                               prepared.user_key, prepared.user, prepared.known_user,
+                               prepared.items, [], count=False)
+        cands = shadow.candidates
+        scores = rank_many([shadow])[0] if cands else None
+        ranked: Iterator[tuple[Candidate, float]]
+        if isinstance(scores, np.ndarray) and len(scores) == len(cands) \
+                and np.isfinite(scores).all():
+            order = np.argsort(-scores, kind="stable").tolist()
+            ranked = iter([(cands[i], float(scores[i])) for i in order])
+        else:
+            ranked = iter([(c, c.retrieval_score) for c in cands])
+        top = diversify(ranked, prepared.items.metadata, prepared.request.k,
+                        self.options.max_per_creator, self.options.max_per_category)
+        return [(c.item_id, float(s), c.source) for c, s in top]
 
     def recommend(self, request: RecommendRequest, log: bool = True) -> RecommendResponse:
         """The whole path in one call (the deployment, tests, warm-up, benchmarks)."""
