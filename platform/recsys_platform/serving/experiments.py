@@ -107,7 +107,7 @@ class ShadowRunner:
         self._thread = threading.Thread(target=self._loop, name="shadow-ranker", daemon=True)
         self._thread.start()
 
-    def _count(self, outcome: str) -> None:
+    def _count(self, outcome: str) -> None:  # also ExperimentArms' (a shed request)
         self.counts[outcome] += 1
         self._metrics.shadow.labels(outcome).inc()
 
@@ -204,15 +204,19 @@ class ExperimentArms:
             return Route(exp, TREATMENT if in_share else CONTROL, live.treatment)
         return Route(exp, CONTROL, live.treatment, shadowed=in_share)
 
-    def served(self, recommender: ShadowRanker, prepared: Any, logged: bool) -> None:
+    def served(self, recommender: ShadowRanker, prepared: Any, logged: bool,
+               shed: bool = False) -> None:
         """After a response of an experiment was built (``prepared``: its
         :class:`~recsys_platform.serving.recommender.Prepared`): counts it, queues its shadow
-        job."""
+        job (``shed``: the replica took its cheaper path under load; the shadow job is
+        dropped and counted)."""
         route = prepared.route
         if route is None or not logged:  # warm-up requests are not part of any experiment
             return
         self.metrics.requests.labels(route.arm).inc()
-        if route.shadowed and self.shadow_log is not None:
+        if route.shadowed and shed:
+            self.shadow._count("dropped")
+        elif route.shadowed and self.shadow_log is not None:
             log = self.shadow_log
 
             def job() -> None:
