@@ -95,7 +95,8 @@ def exp_env(serving_env: ServingEnv, prefect_harness: None,
             bundle.ranker.retrieval_weight.copy_(weight)
     serve.run(RecommenderDeployment.options(name="recommender-exp", autoscaling_config=None,
                                             num_replicas=1)
-              .bind(config_file=str(config)),
+              # admit everything (a loaded CI box would refuse some at the default budget)
+              .bind(config_file=str(config), queue_budget_ms=10_000, cheap_path=False),
               name="recsys-exp", route_prefix="/exp", blocking=False)
     try:
         url = _app_url("recsys-exp", serving_env.proxy_port,
@@ -121,10 +122,18 @@ def _live(env: ExperimentEnv, exp_id: str | None) -> None:
 def _traffic(env: ExperimentEnv, users: list[str], rounds: int = 2) -> list[dict[str, Any]]:
     bodies = [{"user_id": u, "k": K, "context": {"surface": "feed", "device": "ios"}}
               for _ in range(rounds) for u in users]
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        answers = list(pool.map(lambda b: call(f"{env.url}/recommend", b), bodies))
-    assert {status for status, _, _ in answers} == {200}
-    return [body for _, _, body in answers]
+    def send(body: dict[str, Any]) -> tuple[int, Any]:
+        for _ in range(20):  # a 503 (admission) is retried, as clients do after Retry-After
+            status, _, answer = call(f"{env.url}/recommend", body)
+            if status != 503:
+                return status, answer
+            time.sleep(0.2)
+        return status, answer
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        answers = list(pool.map(send, bodies))
+    assert {status for status, _ in answers} == {200}
+    return [answer for _, answer in answers]
 
 
 def _click(env: ExperimentEnv, responses: list[dict[str, Any]], served: pd.DataFrame,
