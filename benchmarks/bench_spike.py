@@ -175,8 +175,8 @@ def main() -> None:
     parser.add_argument("--low", type=float, default=0.3, help="x capacity before and after")
     parser.add_argument("--spike", type=float, default=3.0, help="x capacity in the spike")
     parser.add_argument("--before", type=float, default=10.0)
-    parser.add_argument("--spike-s", type=float, default=40.0)
-    parser.add_argument("--after", type=float, default=60.0)
+    parser.add_argument("--spike-s", type=float, default=60.0)
+    parser.add_argument("--after", type=float, default=80.0)
     parser.add_argument("--plot", type=Path, help="write the timeline here (PNG)")
     args = parser.parse_args()
     os.environ.update(direct_ingress_env(True, draining_s=1))  # as `serve up`
