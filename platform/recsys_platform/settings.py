@@ -245,6 +245,71 @@ class MonitoringSettings(_Section):
         return None if value is None else check_url(value, ("http", "https"), "metrics")
 
 
+class TrainingSettings(_Section):
+    """Model and training knobs of ``recsys train`` (``--set KEY=VALUE``, a ``--config`` file,
+    or ``RECSYS_TRAINING__<KEY>``). Unset (None) keeps the model code's own default.
+
+    Each key is forwarded by name (:func:`recsys_models.workflow.training_config`) into the
+    first of ``TrainConfig``, ``TwoTowerConfig`` and ``EncoderSpec`` that has a field of that
+    name; ``ranker_<field>`` goes to ``RankerConfig``. A key no config has is refused there.
+    """
+
+    # TrainConfig: schedule and loop
+    epochs: int | None = Field(default=None, ge=1)  # most retrieval epochs (early stopping)
+    ranker_epochs: int | None = Field(default=None, ge=0)
+    patience: int | None = Field(default=None, ge=1)  # epochs without a better validation recall
+    batch_size: int | None = Field(default=None, ge=2)  # rows per step per worker
+    lr: float | None = Field(default=None, gt=0)  # peak learning rate, dense parameters
+    sparse_lr: float | None = Field(default=None, gt=0)  # peak learning rate, embedding tables
+    warmup: float | None = Field(default=None, ge=0, lt=1)  # share of steps warming up
+    lr_floor: float | None = Field(default=None, ge=0, le=1)  # cosine decay ends here
+    validation_fraction: float | None = Field(default=None, gt=0, lt=1)  # early-stopping split
+    seed: int | None = None
+    train_ranker: bool | None = None
+    max_steps_per_epoch: int | None = Field(default=None, ge=1)
+    threads_per_worker: int | None = Field(default=None, ge=1)
+    # TwoTowerConfig: retrieval model
+    dim: int | None = Field(default=None, ge=2)  # output embedding size
+    id_dim: int | None = Field(default=None, ge=2)
+    meta_dim: int | None = Field(default=None, ge=1)
+    hidden: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, gt=0)  # softmax temperature
+    logq_correction: bool | None = None
+    random_negatives: int | None = Field(default=None, ge=0)  # uniform catalog negatives/batch
+    id_dropout: float | None = Field(default=None, ge=0, lt=1)
+    seq_layers: int | None = Field(default=None, ge=0)  # self-attention blocks over the history
+    seq_heads: int | None = Field(default=None, ge=1)
+    seq_dropout: float | None = Field(default=None, ge=0, lt=1)
+    # RankerConfig (ranker_<field>)
+    ranker_emb_dim: int | None = Field(default=None, ge=1)
+    ranker_hidden: int | None = Field(default=None, ge=1)
+    ranker_watch_loss_weight: float | None = Field(default=None, ge=0)
+    ranker_negatives: int | None = Field(default=None, ge=0)  # never-shown negatives per row
+    ranker_negatives_from_top: int | None = Field(default=None, ge=1)
+    ranker_retrieval_weight: float | None = None
+    # EncoderSpec: inputs
+    history_length: int | None = Field(default=None, ge=1)  # engagement sequence length
+    use_item_age: bool | None = None  # off when item embeddings must not depend on query time
+    user_buckets: int | None = Field(default=None, ge=1)
+    item_buckets: int | None = Field(default=None, ge=1)
+    creator_buckets: int | None = Field(default=None, ge=1)
+    tag_buckets: int | None = Field(default=None, ge=1)
+
+    def overrides(self) -> dict[str, Any]:
+        """The keys that are set (not None), by name."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class EvaluationSettings(_Section):
+    """How ``recsys train | evaluate`` and ``models promote`` split and judge a snapshot."""
+
+    holdout: Literal["global", "per-user"] = "global"  # time quantile, or each user's last rows
+    holdout_fraction: float = Field(default=0.2, gt=0, lt=1)
+    baselines: bool = True  # tuned EASE and ALS next to popularity (validation split of train)
+    ease_max_items: int = Field(default=10_000, ge=1)  # EASE on the N most engaged items
+    chunk_users: int = Field(default=1_024, ge=1)  # users scored at once (bounded memory)
+
+
 class Settings(BaseSettings):
     """The whole platform configuration. Unknown keys are errors at every level."""
 
@@ -264,6 +329,8 @@ class Settings(BaseSettings):
     privacy: PrivacySettings = PrivacySettings()
     labels: LabelSettings = LabelSettings()
     monitoring: MonitoringSettings = MonitoringSettings()
+    training: TrainingSettings = TrainingSettings()
+    evaluation: EvaluationSettings = EvaluationSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -450,3 +517,39 @@ def load_settings(profile: str | None = None, config_file: Path | None = None,
     if secrets:
         check_secrets(settings)
     return settings
+
+
+def with_overrides(settings: Settings, assignments: list[str],
+                   section: str = "training") -> Settings:
+    """``settings`` with ``KEY=VALUE`` assignments applied (``recsys train --set``).
+
+    A key is a dotted settings path (``evaluation.holdout``) or, without a dot, a key of
+    ``section``; the value is read as YAML (``0.05``, ``true``, ``per-user``). The result is
+    validated like a config file, so an unknown key or a bad value fails the same way.
+
+    Raises:
+        SettingsError: An assignment without ``=``, an unknown key or an invalid value; one
+            line naming the key.
+    """
+    values = settings.model_dump()
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise SettingsError(f"invalid --set {assignment!r}: expected KEY=VALUE, e.g. "
+                                f"{section}.epochs=12")
+        path = key.split(".") if "." in key else [section, key]
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        node = values
+        for part in path[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise SettingsError(f"unknown setting {key!r} (remove it or check its spelling)")
+            node = node[part]
+        node[path[-1]] = value
+    try:
+        return Settings.model_validate(values)
+    except ValidationError as exc:
+        raise SettingsError("; ".join(_describe(e) for e in exc.errors())) from None
