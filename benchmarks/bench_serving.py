@@ -295,7 +295,7 @@ class Outcome:
                 f"503 without Retry-After {self.bare_503}, other {self.other}")
 
 
-async def _post(session: aiohttp.ClientSession, url: str, user: str
+async def post(session: aiohttp.ClientSession, url: str, user: str
                 ) -> tuple[int, bool, bool]:
     """The HTTP status (0: a timeout or a connection error), whether it carried Retry-After,
     and whether the answer took the cheaper path (``degraded: ["load"]``)."""
@@ -316,7 +316,7 @@ async def closed_loop(session: aiohttp.ClientSession, url: str, users: list[str]
         n = i
         while time.perf_counter() < deadline:
             t0 = time.perf_counter()
-            status, retry_after, cheap = await _post(session, url, users[n % len(users)])
+            status, retry_after, cheap = await post(session, url, users[n % len(users)])
             out.add(status, retry_after, cheap, time.perf_counter() - t0)
             if status == 503:  # as a client honouring Retry-After would, but sooner
                 await asyncio.sleep(0.01)
@@ -336,7 +336,7 @@ async def open_loop(session: aiohttp.ClientSession, url: str | Any, users: list[
     target = url if callable(url) else (lambda n: url)
 
     async def one(n: int, scheduled: float) -> None:
-        status, retry_after, cheap = await _post(session, target(n), users[n % len(users)])
+        status, retry_after, cheap = await post(session, target(n), users[n % len(users)])
         out.add(status, retry_after, cheap, time.perf_counter() - scheduled)
 
     tasks = []
