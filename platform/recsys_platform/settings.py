@@ -177,8 +177,28 @@ class ServingSettings(_Section):
     poll_interval_s: float = Field(default=10.0, gt=0)
     min_replicas: int = Field(default=1, ge=0)
     max_replicas: int = Field(default=4, ge=1)
-    target_ongoing_requests: int = Field(default=8, ge=1)
-    max_queued_requests: int = Field(default=64, ge=1)
+    # Serve autoscaling on ongoing requests (rendered by serving/deployment.py into the Serve
+    # config, `serve up` and the Helm chart).
+    target_ongoing_requests: int = Field(default=2, ge=1)
+    upscale_delay_s: float = Field(default=2.0, ge=0)
+    downscale_delay_s: float = Field(default=20.0, ge=0)
+    metrics_interval_s: float = Field(default=1.0, gt=0)  # replica -> controller pushes
+    look_back_period_s: float = Field(default=3.0, gt=0)  # ongoing requests averaged over this
+    # Ray Serve's own limits sit far above the app's admission, so that every refusal is the
+    # app's (fast, with Retry-After); Ray's backpressure only guards against a stalled replica.
+    max_ongoing_requests: int = Field(default=256, ge=1)
+    max_queued_requests: int = Field(default=256, ge=1)
+    replica_cpus: float = Field(default=0.5, gt=0)  # 1 CPU per replica starves a 2-core node
+    # Admission (serving/admission.py): a request is admitted while its predicted wait for the
+    # hot path (work in flight x measured service time) stays within the budget; past
+    # degrade_share of it admitted requests take the cheaper path (load_candidates candidates,
+    # ranked if load_rank else in retrieval order; `degraded: ["load"]`); beyond it they get
+    # 503 + Retry-After.
+    queue_budget_ms: float = Field(default=10.0, gt=0)
+    degrade_share: float = Field(default=0.5, ge=0, le=1)
+    cheap_path: bool = True
+    load_candidates: int = Field(default=100, ge=1, le=5000)
+    load_rank: bool = False
     # Set: each replica serves /metrics on this port of its own (one replica per pod: the
     # chart's direct ingress) and the public port answers 404 for /metrics, /docs, /openapi.json.
     admin_port: int | None = Field(default=None, ge=1, le=65535)
