@@ -75,3 +75,19 @@ def test_serving_fast_path_equals_frame_encoding_and_bundle_rank() -> None:
                                  [Query(encoded, rows)])
     np.testing.assert_allclose(reused, blended.rank(pd.DataFrame([user]), items)["score"],
                                rtol=1e-5, atol=1e-6)
+
+
+def test_tune_blend_picks_the_best_validation_weight_and_never_below_retrieval_order() -> None:
+    from recsys_models.data import time_split
+    from recsys_models.validation import tune_blend
+    from tests.model.snapshots import synthetic_case
+
+    case = synthetic_case()
+    bundle = dataclasses.replace(trained_bundle())  # a copy: the cached bundle stays as it is
+    fit_rows, val_rows, _ = time_split(case.train, 0.1)
+    choice = tune_blend(bundle, fit_rows, val_rows, candidates=100, grid=(0.0, 1.0, 1e6),
+                        max_users=60)
+    assert choice is not None and choice.users == 60
+    assert bundle.blend.retrieval_weight == choice.retrieval_weight
+    assert choice.scores[choice.retrieval_weight] == max(choice.scores.values())
+    assert choice.scores[choice.retrieval_weight] >= choice.scores[1e6]  # retrieval order
