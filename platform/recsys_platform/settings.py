@@ -274,6 +274,8 @@ class TrainingSettings(_Section):
     meta_dim: int | None = Field(default=None, ge=1)
     hidden: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, gt=0)  # softmax temperature
+    softmax: Literal["auto", "full", "sampled"] | None = None  # full: over the whole catalog
+    full_softmax_max_items: int | None = Field(default=None, ge=1)  # auto: full up to this
     logq_correction: bool | None = None
     random_negatives: int | None = Field(default=None, ge=0)  # uniform catalog negatives/batch
     id_dropout: float | None = Field(default=None, ge=0, lt=1)
