@@ -13,8 +13,10 @@ import pyarrow.parquet as pq
 
 from recsys_models.bundle import Bundle
 from recsys_models.fast_rank import ranking_catalog
+from recsys_platform.experiments.definition import ACTIVE_TAG, Experiment
 from recsys_platform.features import HISTORY_LENGTH
 from recsys_platform.serving.bundle_manager import BundleManager, LastGood
+from recsys_platform.serving.experiments import ExperimentArms
 from recsys_platform.serving.impressions import ImpressionLogger
 from recsys_platform.serving.metrics import ServingMetrics
 from recsys_platform.serving.online_features import (
@@ -114,6 +116,44 @@ def registry_manager(settings: Settings, metrics: ServingMetrics, alias: str = C
     return BundleManager(resolve, load, check, metrics, last_good)
 
 
+def registry_arms(settings: Settings, metrics: ServingMetrics,
+                  prepare: Callable[[Any], None] | None = None) -> ExperimentArms:
+    """Online experiment arms that follow the registered model's ``experiment.active`` tag in
+    MLflow, load treatments with the same checks as a champion (digest, smoke query,
+    ``prepare``) and log shadow rankings to ``landing/shadow``."""
+    from mlflow import MlflowClient
+
+    from recsys_models.provenance import load_verified
+
+    name = settings.mlflow.model_name
+    client = MlflowClient(tracking_uri=settings.mlflow_tracking_uri,
+                          registry_uri=settings.mlflow_tracking_uri)
+
+    def read_active() -> Experiment | None:
+        try:
+            tags = client.get_registered_model(name).tags
+        except Exception as exc:
+            if "RESOURCE_DOES_NOT_EXIST" in str(exc) or "not found" in str(exc).lower():
+                return None
+            raise
+        text = tags.get(ACTIVE_TAG)
+        return Experiment.from_json(text) if text else None
+
+    def load(version: str) -> Any:
+        return load_verified(settings.mlflow_tracking_uri, name, version,
+                             settings.path(settings.mlflow.artifact_location))
+
+    def check(bundle: Any) -> None:
+        smoke_test(bundle)
+        if prepare is not None:
+            prepare(bundle)
+
+    shadow_log = ImpressionLogger(settings.landing_dir, folder="shadow", events=False,
+                                  flush_every=500)
+    shadow_log.start()
+    return ExperimentArms(read_active, load, check, metrics, shadow_log)
+
+
 def catalog_ids(settings: Settings, manager: BundleManager) -> Sequence[str]:
     """Item ids of the serving catalog: the bundle's items plus the landed catalog snapshot."""
     ids: list[str] = []
@@ -202,15 +242,20 @@ def build_recommender(settings: Settings) -> tuple[Recommender, ItemCache]:
                       if redis_store else None)
     caches.append(cache)
 
+    arms = registry_arms(settings, metrics, prepare)  # online experiments: split, shadow
+
     def on_refresh(snapshot: ItemSnapshot) -> None:
         current = manager.current
         if current is not None:
             prepare_bundle(current.bundle, snapshot, catalog)
+        arms.prepare(lambda bundle: prepare_bundle(bundle, snapshot, catalog))
 
     cache.on_refresh.append(on_refresh)
     cache.refresh()
     cache.start()
     manager.start(settings.serving.poll_interval_s)
+    arms.refresh()
+    arms.start(settings.serving.poll_interval_s)
     stream_dir = Path(settings.path(settings.flink.stream_dir))
     impressions = ImpressionLogger(settings.landing_dir,
                                    stream_dir if settings.flink.source == "file" else None,
@@ -229,5 +274,5 @@ def build_recommender(settings: Settings) -> tuple[Recommender, ItemCache]:
         reader = RedisUserFeatures(store, settings.redis.url,
                                    max(settings.redis.timeout_ms / 1000, 0.05))
     recommender = Recommender(manager, FeastFeatureSource(store, cache, reader), impressions,
-                              metrics, options)
+                              metrics, options, experiments=arms)
     return recommender, cache
