@@ -311,7 +311,8 @@ def list_versions(settings: Settings) -> pd.DataFrame:
     """Registered versions, newest first, with aliases and the main tags."""
     name = settings.mlflow.model_name
     cols = ["version", "aliases", "created", "snapshot_id", "feature_service",
-            *GATED_METRICS, "promoted_by", "promotion_reason"]
+            *GATED_METRICS, BASELINE_METRIC, POPULARITY_METRIC, *SHOWN_BASELINES[:2],
+            "promoted_by", "promotion_reason"]
     with tracking(settings.mlflow_tracking_uri) as client:
         try:
             versions = client.search_model_versions(f"name = '{name}'")
