@@ -309,7 +309,7 @@ class EvaluationSettings(_Section):
     holdout_fraction: float = Field(default=0.2, gt=0, lt=1)
     baselines: bool = True  # tuned EASE and ALS next to popularity (validation split of train)
     ease_max_items: int = Field(default=10_000, ge=1)  # EASE on the N most engaged items
-    chunk_users: int = Field(default=1_024, ge=1)  # users scored at once (bounded memory)
+    chunk_users: int = Field(default=256, ge=1)  # users at once (final list: x 500 candidates)
 
 
 class Settings(BaseSettings):
