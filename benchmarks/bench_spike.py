@@ -30,6 +30,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -217,9 +218,15 @@ def main() -> None:
         options = deployment_options(serving)
         serve.start(http_options={"host": "127.0.0.1", "port": PORT},
                     logging_config={"enable_access_log": False})
-        serve.run(RecommenderDeployment.options(**options)  # type: ignore[attr-defined]
-                  .bind(config_file=str(config_file)), name=APP, route_prefix="/",
-                  blocking=False)
+        def deploy(autoscaling: dict[str, Any]) -> None:
+            serve.run(RecommenderDeployment.options(  # type: ignore[attr-defined]
+                **{**options, "autoscaling_config": autoscaling})
+                .bind(config_file=str(config_file)), name=APP, route_prefix="/",
+                blocking=False)
+
+        # One replica pinned while its capacity is measured (a closed loop is load enough to
+        # scale up), then the profile's autoscaling: a lightweight update of the same replica.
+        deploy({**options["autoscaling_config"], "max_replicas": 1})
         url = replica_urls(APP, host="127.0.0.1", timeout_s=180)[0]
         import urllib.request
 
@@ -245,6 +252,8 @@ def main() -> None:
                 return capacity, p99(unloaded.admitted)
 
         capacity, unloaded_p99 = asyncio.run(measure())
+        deploy(options["autoscaling_config"])
+        time.sleep(2)
         print(f"one replica: capacity {capacity:.0f} req/s (closed loop c=2, full path), "
               f"unloaded p99 {unloaded_p99:.1f} ms (open loop at {args.low:g}x); autoscaling "
               f"{options['autoscaling_config']}")
