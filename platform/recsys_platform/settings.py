@@ -179,6 +179,11 @@ class ServingSettings(_Section):
     max_replicas: int = Field(default=4, ge=1)
     target_ongoing_requests: int = Field(default=8, ge=1)
     max_queued_requests: int = Field(default=64, ge=1)
+    # Item features of each request's candidates: one Redis read per request behind an LRU of
+    # this many rows, each served for at most item_cache_ttl_s (also the cold-start lists'
+    # refresh interval).
+    item_cache_size: int = Field(default=100_000, ge=1)
+    item_cache_ttl_s: float = Field(default=30.0, gt=0)
     # Set: each replica serves /metrics on this port of its own (one replica per pod: the
     # chart's direct ingress) and the public port answers 404 for /metrics, /docs, /openapi.json.
     admin_port: int | None = Field(default=None, ge=1, le=65535)

@@ -1,0 +1,294 @@
+"""Request-sized item features: the candidates a request has, not a snapshot of the catalog.
+
+- :class:`ItemFeatureCache`: the features of the <= ``serving.candidates`` items of one
+  request, from ONE pipelined ``HMGET`` of Feast's Redis layout for the items it does not hold
+  (:func:`redis_item_fetch`; Feast's ``get_online_features`` for other online stores,
+  :func:`feast_item_fetch`), behind a bounded LRU whose entries live ``ttl_s``: an item whose
+  features change in Redis is served with the new values within ``ttl_s``. The ranker's
+  numeric inputs and the diversity metadata (``creator_id``, ``category``) come from the same
+  read (:class:`ItemRows`).
+- :class:`ColdStartLists`: trending, fresh and popular, read from the small sorted sets the
+  pipelines keep (:mod:`recsys_platform.cold_start`) every ``ttl_s``; ``O(list)`` per refresh.
+
+Nothing here reads the whole catalog; a replica's item memory is the LRU's ``capacity`` rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from recsys_platform.cold_start import LIST_NAMES, LIST_SIZE
+from recsys_platform.features import ITEM_KEY
+from recsys_platform.serving.online_features import (
+    ITEM_VIEWS,
+    RedisHashReader,
+    feature_refs,
+)
+
+logger = logging.getLogger(__name__)
+
+Fetch = Callable[[Sequence[str]], list[tuple[Any, ...]]]  # ids -> one values row per id
+_META = ("creator_id", "category")
+
+
+@lru_cache(maxsize=262_144)
+def _decode(blob: bytes) -> Any:
+    """One serialized Feast value -> Python (counts and ids repeat: decode each once)."""
+    from feast.protos.feast.types.Value_pb2 import Value
+    from feast.type_map import feast_value_type_to_python_type
+
+    proto = Value()
+    proto.ParseFromString(blob)
+    return feast_value_type_to_python_type(proto)
+
+
+def _number(value: Any) -> float:
+    """``pd.to_numeric(errors="coerce").fillna(0)`` of one value."""
+    if value is None or isinstance(value, list | tuple | bool):
+        return 0.0
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return 0.0
+    return 0.0 if number != number else number
+
+
+@dataclass(frozen=True)
+class _Entry:
+    expires: float
+    values: tuple[Any, ...]  # in the cache's ``names`` order, None where absent
+    numbers: np.ndarray  # (len(names),) float64: ``_number`` of each value
+    meta: tuple[str, str]  # (creator_id, category), "" where absent
+
+
+class ItemRows:
+    """The features of one request's candidates (a read-only view of cache entries).
+
+    Example:
+        >>> rows = cache.rows(["i1", "i2"])
+        >>> rows.metadata["i1"]  # (creator_id, category)
+        >>> rows.numeric(["i1", "i2"], ("item_ctr_7d",))  # (2, 1) raw floats
+    """
+
+    def __init__(self, names: tuple[str, ...], entries: dict[str, _Entry]) -> None:
+        self.names = names
+        self._entries = entries
+        self._column = {n: i for i, n in enumerate(names)}
+        self.metadata: dict[str, tuple[str, str]] = {k: e.meta for k, e in entries.items()}
+
+    @classmethod
+    def empty(cls) -> ItemRows:
+        return cls((), {})
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def values(self, item_id: str) -> dict[str, Any]:
+        """One item's features (absent ones left out); ``{}`` for an item not read."""
+        entry = self._entries.get(item_id)
+        if entry is None:
+            return {}
+        return {n: v for n, v in zip(self.names, entry.values, strict=True) if v is not None}
+
+    def numeric(self, item_ids: Sequence[str], names: Sequence[str]) -> np.ndarray:
+        """(n, len(names)) float64 of the named features, 0 where absent or not numeric."""
+        out = np.zeros((len(item_ids), len(names)), dtype=np.float64)
+        cols = [self._column.get(n, -1) for n in names]
+        if not cols or not self._entries:
+            return out
+        present = [c for c in cols if c >= 0]
+        if not present:
+            return out
+        zeros = np.zeros(len(self.names))
+        get = self._entries.get
+        table = np.stack([(e.numbers if (e := get(i)) is not None else zeros)
+                          for i in item_ids]) if len(item_ids) else np.zeros((0, len(zeros)))
+        for j, c in enumerate(cols):
+            if c >= 0:
+                out[:, j] = table[:, c]
+        return out
+
+    def frame(self, item_ids: Sequence[str]) -> pd.DataFrame:
+        """Rows of ``item_ids`` indexed by ``item_id`` (missing items: NaN rows)."""
+        get = self._entries.get
+        data = [list(e.values) if (e := get(i)) is not None else [None] * len(self.names)
+                for i in item_ids]
+        return pd.DataFrame(data, columns=list(self.names),
+                            index=pd.Index(list(item_ids), name=ITEM_KEY))
+
+
+class ItemFeatureCache:
+    """A bounded LRU of item feature rows in front of one pipelined read per request.
+
+    Args:
+        fetch: Reads the rows of the ids it gets (one round trip; raises on failure).
+        names: The feature names of ``fetch``'s rows, in order.
+        ttl_s: How long a row is served before it is read again.
+        capacity: Rows kept at most (least recently used ones are dropped first).
+    """
+
+    def __init__(self, fetch: Fetch, names: Sequence[str], ttl_s: float = 30.0,
+                 capacity: int = 100_000, clock: Callable[[], float] = time.monotonic) -> None:
+        if capacity < 1 or ttl_s <= 0:
+            raise ValueError(f"item cache needs capacity >= 1 and ttl_s > 0, got {capacity}, "
+                             f"{ttl_s}")
+        self.names = tuple(names)
+        self._fetch, self._ttl_s, self._capacity, self._clock = fetch, ttl_s, capacity, clock
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._lock = threading.Lock()
+        meta = [self.names.index(n) if n in self.names else -1 for n in _META]
+        self._meta_cols = meta
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _entry(self, values: tuple[Any, ...], expires: float) -> _Entry:
+        creator, category = (values[c] if c >= 0 else None for c in self._meta_cols)
+        return _Entry(expires, values, np.fromiter((_number(v) for v in values), np.float64,
+                                                   count=len(values)),
+                      ("" if creator is None else str(creator),
+                       "" if category is None else str(category)))
+
+    def rows(self, item_ids: Sequence[str]) -> ItemRows:
+        """The rows of ``item_ids`` (absent items: rows of ``None``); raises when the read
+        of the items the cache does not hold fails."""
+        now = self._clock()
+        found: dict[str, _Entry] = {}
+        missing: list[str] = []
+        with self._lock:
+            entries = self._entries
+            for item in item_ids:
+                entry = entries.get(item)
+                if entry is not None and entry.expires > now:
+                    entries.move_to_end(item)
+                    found[item] = entry
+                elif item not in found:
+                    missing.append(item)
+        missing = list(dict.fromkeys(missing))
+        self.hits += len(found)
+        self.misses += len(missing)
+        if missing:
+            fetched = self._fetch(missing)
+            expires = self._clock() + self._ttl_s
+            new = {item: self._entry(tuple(values), expires)
+                   for item, values in zip(missing, fetched, strict=True)}
+            found.update(new)
+            with self._lock:
+                self._entries.update(new)
+                while len(self._entries) > self._capacity:
+                    self._entries.popitem(last=False)
+        return ItemRows(self.names, found)
+
+
+def redis_item_fetch(store: Any, url: str, timeout_s: float) -> tuple[Fetch, list[str]]:
+    """A :data:`Fetch` of every item view's features from Feast's Redis layout (ONE pipeline
+    for up to 1,000 items), and its feature names."""
+    reader = RedisHashReader(store, url, timeout_s, ITEM_KEY, ITEM_VIEWS)
+
+    def fetch(ids: Sequence[str]) -> list[tuple[Any, ...]]:
+        raw = reader.fetch([reader.key(i) for i in ids])
+        return [tuple(_decode(b) if b else None for b in reply) for reply in raw]
+
+    return fetch, list(reader.names)
+
+
+def feast_item_fetch(store: Any) -> tuple[Fetch, list[str]]:
+    """A :data:`Fetch` through Feast's ``get_online_features`` (any online store)."""
+    refs = feature_refs(store, ITEM_VIEWS)
+    names = [r.split(":", 1)[1] for r in refs]
+
+    def fetch(ids: Sequence[str]) -> list[tuple[Any, ...]]:
+        values = store.get_online_features(
+            features=refs, entity_rows=[{ITEM_KEY: i} for i in ids]).to_dict()
+        return list(zip(*(values[n] for n in names), strict=True)) if names else [
+            () for _ in ids]
+
+    return fetch, names
+
+
+class ColdStartLists:
+    """Trending, fresh and popular, re-read every ``ttl_s`` from the pipelines' sorted sets.
+
+    A failed read keeps the previous lists. ``on_refresh`` callbacks run with the new lists
+    before they are published (the factory indexes the new items among them).
+    """
+
+    def __init__(self, read: Callable[[], dict[str, list[str]]], ttl_s: float = 30.0) -> None:
+        self._read, self._ttl_s = read, ttl_s
+        self._lists: dict[str, list[str]] = {name: [] for name in LIST_NAMES}
+        self._loaded_at: float | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.on_refresh: list[Callable[[dict[str, list[str]]], None]] = []
+
+    @property
+    def lists(self) -> dict[str, list[str]]:
+        return self._lists
+
+    @property
+    def has_features(self) -> bool:
+        """False when the pipelines have written no list (online store empty or flushed)."""
+        return any(self._lists.values())
+
+    def refresh(self) -> bool:
+        try:
+            lists = {name: list(members)[:LIST_SIZE] for name, members in self._read().items()}
+        except Exception as exc:
+            logger.warning("cold-start list refresh failed, keeping the old lists: %s", exc)
+            return False
+        for callback in self.on_refresh:
+            try:
+                callback(lists)
+            except Exception as exc:
+                logger.warning("cold-start list callback failed: %s", exc)
+        self._lists = {name: lists.get(name, []) for name in LIST_NAMES}  # atomic swap
+        self._loaded_at = time.monotonic()
+        return True
+
+    def age_s(self) -> float | None:
+        return None if self._loaded_at is None else time.monotonic() - self._loaded_at
+
+    def start(self) -> None:
+        def loop() -> None:
+            while not self._stop.wait(self._ttl_s):
+                self.refresh()
+
+        self._thread = threading.Thread(target=loop, name="cold-start-lists", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class FeastFeatureSource:
+    """The serving :class:`~recsys_platform.serving.recommender.FeatureSource` over Feast:
+    one user's features, its candidates' item rows and the cold-start lists."""
+
+    def __init__(self, user_reader: Callable[[str], dict[str, Any] | None],
+                 items: ItemFeatureCache, lists: ColdStartLists) -> None:
+        self._user = user_reader
+        self.items = items
+        self.lists = lists
+
+    def user_features(self, user_id: str) -> dict[str, Any] | None:
+        return self._user(user_id)
+
+    def item_rows(self, item_ids: Sequence[str]) -> ItemRows:
+        return self.items.rows(item_ids)
+
+    def cold_start_lists(self) -> dict[str, list[str]]:
+        return self.lists.lists
+
+    def has_item_features(self) -> bool:
+        return self.lists.has_features
