@@ -298,7 +298,9 @@ def save_bundle(bundle: Bundle, directory: Path | str) -> Path:
         "snapshot_id": bundle.snapshot_id, "as_of": bundle.as_of.isoformat(),
         "spec": bundle.spec.to_dict(), "two_tower": bundle.two_tower.cfg.to_dict(),
         "ranker": bundle.ranker.cfg.to_dict(), "blend": bundle.blend.to_dict(),
-        "hnsw": vars(bundle.index.cfg), "metrics": bundle.metrics,
+        # build_threads is a build-time knob: bundles stay loadable by code without it.
+        "hnsw": {k: v for k, v in vars(bundle.index.cfg).items() if k != "build_threads"},
+        "metrics": bundle.metrics,
         "build_stats": bundle.build_stats,
     }
     (out / "bundle.json").write_text(json.dumps(meta, indent=2, default=str))
