@@ -54,8 +54,9 @@ class Features:
 
     def __init__(self, known: bool = True, down: bool = False, empty: bool = False) -> None:
         self.known, self.down, self.empty = known, down, empty  # empty: no online features
-        self.items = ItemFeatureCache(lambda ids: [(f"cr{int(i[1:]) % 3}", f"cat{int(i[1:]) % 2}")
-                                                   for i in ids], ("creator_id", "category"))
+        self.items = ItemFeatureCache(lambda ids: [((f"cr{int(i[1:]) % 3}", 0.0),
+                                                    (f"cat{int(i[1:]) % 2}", 0.0)) for i in ids],
+                                      ("creator_id", "category"))
 
     def user_features(self, user_id: str) -> dict[str, Any] | None:
         if self.down:
@@ -278,10 +279,11 @@ def test_item_cache_reads_misses_once_and_expires_rows_after_the_ttl() -> None:
 
     def fetch(ids: Any) -> list[tuple[Any, ...]]:
         reads.append(list(ids))
-        return [table.get(i, (None, None, None)) for i in ids]
+        return [tuple((v, float(v) if isinstance(v, int) else 0.0)
+                      for v in table.get(i, (None, None, None))) for i in ids]
 
     cache = ItemFeatureCache(fetch, ("item_clicks_7d", "creator_id", "category"), ttl_s=30,
-                             capacity=3, clock=lambda: now[0])
+                             capacity=3, clock=lambda: now[0], refresh_after=1.0)
     rows = cache.rows(["a", "b", "a", "gone"])
     assert reads == [["a", "b", "gone"]]  # one read of the distinct misses
     assert rows.metadata["a"] == ("cr1", "cat1") and rows.metadata["b"] == ("", "cat2")
@@ -295,6 +297,21 @@ def test_item_cache_reads_misses_once_and_expires_rows_after_the_ttl() -> None:
     assert cache.rows(["a"]).values("a")["item_clicks_7d"] == 5 and reads[-1] == ["a"]
     cache.rows(["c", "d"])
     assert len(cache) == 3  # bounded: the least recently used row was dropped
+
+
+def test_rows_in_use_are_re_read_in_the_background_before_they_expire() -> None:
+    now = [0.0]
+    value = [1]
+    cache = ItemFeatureCache(lambda ids: [((value[0], float(value[0])),) for _ in ids],
+                             ("item_clicks_7d",), ttl_s=30, clock=lambda: now[0])
+    assert cache.rows(["a"]).values("a") == {"item_clicks_7d": 1}
+    value[0] = 2
+    now[0] = 20.0  # past half the TTL: served as it is, and marked for a re-read
+    cache._thread = threading.Thread()  # no background thread: refresh_due is called here
+    assert cache.rows(["a"]).values("a") == {"item_clicks_7d": 1}
+    assert cache.refresh_due() == 1 and cache.misses == 1
+    now[0] = 45.0  # past the first read's TTL, within the re-read's
+    assert cache.rows(["a"]).values("a") == {"item_clicks_7d": 2} and cache.misses == 1
 
 
 def test_cold_start_lists_keep_the_old_lists_when_a_read_fails() -> None:

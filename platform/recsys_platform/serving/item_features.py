@@ -16,6 +16,7 @@ Nothing here reads the whole catalog; a replica's item memory is the LRU's ``cap
 from __future__ import annotations
 
 import logging
+import struct
 import threading
 import time
 from collections import OrderedDict
@@ -37,19 +38,10 @@ from recsys_platform.serving.online_features import (
 
 logger = logging.getLogger(__name__)
 
-Fetch = Callable[[Sequence[str]], list[tuple[Any, ...]]]  # ids -> one values row per id
+# ids -> one row per id: (value, its number) per feature, (None, 0.0) where absent
+Fetch = Callable[[Sequence[str]], list[tuple[tuple[Any, float], ...]]]
+_ABSENT: tuple[Any, float] = (None, 0.0)
 _META = ("creator_id", "category")
-
-
-@lru_cache(maxsize=262_144)
-def _decode(blob: bytes) -> Any:
-    """One serialized Feast value -> Python (counts and ids repeat: decode each once)."""
-    from feast.protos.feast.types.Value_pb2 import Value
-    from feast.type_map import feast_value_type_to_python_type
-
-    proto = Value()
-    proto.ParseFromString(blob)
-    return feast_value_type_to_python_type(proto)
 
 
 def _number(value: Any) -> float:
@@ -61,6 +53,40 @@ def _number(value: Any) -> float:
     except (TypeError, ValueError):
         return 0.0
     return 0.0 if number != number else number
+
+
+_DOUBLE = struct.Struct("<d")
+
+
+def _varint(blob: bytes) -> int:
+    value = shift = 0
+    for byte in blob[1:]:
+        value |= (byte & 0x7F) << shift
+        shift += 7
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+@lru_cache(maxsize=262_144)
+def _decode(blob: bytes | None) -> tuple[Any, float]:
+    """One serialized Feast value -> (its Python value, its number); counts and ids repeat, so
+    each distinct blob is decoded once. ``double_val`` and ``int64_val`` are read directly,
+    every other type through Feast's own type map (same values: the serving tests compare
+    with ``get_online_features``)."""
+    if not blob:
+        return _ABSENT
+    if len(blob) == 9 and blob[0] == 0x29:  # field 5 (double_val), fixed64
+        number = _DOUBLE.unpack_from(blob, 1)[0]
+        return number, 0.0 if number != number else number
+    if blob[0] == 0x20 and blob[-1] < 0x80 and all(b >= 0x80 for b in blob[1:-1]):
+        value = _varint(blob)  # field 4 (int64_val), one varint
+        return value, float(value)
+    from feast.protos.feast.types.Value_pb2 import Value
+    from feast.type_map import feast_value_type_to_python_type
+
+    proto = Value()
+    proto.ParseFromString(blob)
+    value = feast_value_type_to_python_type(proto)
+    return value, _number(value)
 
 
 @dataclass(frozen=True)
@@ -130,22 +156,34 @@ class ItemRows:
 class ItemFeatureCache:
     """A bounded LRU of item feature rows in front of one pipelined read per request.
 
+    A row is served for at most ``ttl_s``. Rows a request uses after ``refresh_after`` x
+    ``ttl_s`` are still served, and re-read by a background thread (one pipelined read of
+    every such row at a time), so items requests keep using never expire on the request path;
+    only items the cache does not hold (or let expire) are read by the request itself.
+
     Args:
         fetch: Reads the rows of the ids it gets (one round trip; raises on failure).
         names: The feature names of ``fetch``'s rows, in order.
-        ttl_s: How long a row is served before it is read again.
+        ttl_s: How long a row is served at most before it is read again.
         capacity: Rows kept at most (least recently used ones are dropped first).
+        refresh_after: Fraction of ``ttl_s`` after which a used row is re-read in the
+            background (>= 1: never, rows are only read on the request path).
     """
 
     def __init__(self, fetch: Fetch, names: Sequence[str], ttl_s: float = 30.0,
-                 capacity: int = 100_000, clock: Callable[[], float] = time.monotonic) -> None:
+                 capacity: int = 100_000, clock: Callable[[], float] = time.monotonic,
+                 refresh_after: float = 0.5) -> None:
         if capacity < 1 or ttl_s <= 0:
             raise ValueError(f"item cache needs capacity >= 1 and ttl_s > 0, got {capacity}, "
                              f"{ttl_s}")
         self.names = tuple(names)
         self._fetch, self._ttl_s, self._capacity, self._clock = fetch, ttl_s, capacity, clock
+        self._refresh_s = ttl_s * (1.0 - refresh_after) if refresh_after < 1 else -1.0
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._lock = threading.Lock()
+        self._due: set[str] = set()  # rows to re-read in the background
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
         meta = [self.names.index(n) if n in self.names else -1 for n in _META]
         self._meta_cols = meta
         self.hits = self.misses = 0
@@ -153,12 +191,22 @@ class ItemFeatureCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def _entry(self, values: tuple[Any, ...], expires: float) -> _Entry:
+    def _entry(self, row: Sequence[tuple[Any, float]], expires: float) -> _Entry:
+        values, numbers = zip(*row, strict=True) if row else ((), ())
         creator, category = (values[c] if c >= 0 else None for c in self._meta_cols)
-        return _Entry(expires, values, np.fromiter((_number(v) for v in values), np.float64,
-                                                   count=len(values)),
+        return _Entry(expires, values, np.array(numbers, dtype=np.float64),
                       ("" if creator is None else str(creator),
                        "" if category is None else str(category)))
+
+    def _store(self, ids: list[str]) -> dict[str, _Entry]:
+        fetched = self._fetch(ids)
+        expires = self._clock() + self._ttl_s
+        new = {item: self._entry(row, expires) for item, row in zip(ids, fetched, strict=True)}
+        with self._lock:
+            self._entries.update(new)
+            while len(self._entries) > self._capacity:
+                self._entries.popitem(last=False)
+        return new
 
     def rows(self, item_ids: Sequence[str]) -> ItemRows:
         """The rows of ``item_ids`` (absent items: rows of ``None``); raises when the read
@@ -166,6 +214,7 @@ class ItemFeatureCache:
         now = self._clock()
         found: dict[str, _Entry] = {}
         missing: list[str] = []
+        due = False
         with self._lock:
             entries = self._entries
             for item in item_ids:
@@ -173,22 +222,44 @@ class ItemFeatureCache:
                 if entry is not None and entry.expires > now:
                     entries.move_to_end(item)
                     found[item] = entry
+                    if entry.expires - now < self._refresh_s:
+                        self._due.add(item)
+                        due = True
                 elif item not in found:
                     missing.append(item)
+        if due:
+            self._wake_refresher()
         missing = list(dict.fromkeys(missing))
         self.hits += len(found)
         self.misses += len(missing)
         if missing:
-            fetched = self._fetch(missing)
-            expires = self._clock() + self._ttl_s
-            new = {item: self._entry(tuple(values), expires)
-                   for item, values in zip(missing, fetched, strict=True)}
-            found.update(new)
-            with self._lock:
-                self._entries.update(new)
-                while len(self._entries) > self._capacity:
-                    self._entries.popitem(last=False)
+            found.update(self._store(missing))
         return ItemRows(self.names, found)
+
+    def refresh_due(self) -> int:
+        """Re-reads the rows marked for a background refresh; returns how many."""
+        with self._lock:
+            ids, self._due = list(self._due), set()
+        for start in range(0, len(ids), 1_000):
+            self._store(ids[start:start + 1_000])
+        return len(ids)
+
+    def _wake_refresher(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._refresh_loop, name="item-refresh",
+                                            daemon=True)
+            self._thread.start()
+        self._wake.set()
+
+    def _refresh_loop(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            try:
+                self.refresh_due()
+            except Exception as exc:  # the rows expire and are read by requests instead
+                logger.warning("background item refresh failed: %s", exc)
+            time.sleep(0.05)  # batch the rows that come due meanwhile into one read
 
 
 def redis_item_fetch(store: Any, url: str, timeout_s: float) -> tuple[Fetch, list[str]]:
@@ -196,9 +267,9 @@ def redis_item_fetch(store: Any, url: str, timeout_s: float) -> tuple[Fetch, lis
     for up to 1,000 items), and its feature names."""
     reader = RedisHashReader(store, url, timeout_s, ITEM_KEY, ITEM_VIEWS)
 
-    def fetch(ids: Sequence[str]) -> list[tuple[Any, ...]]:
+    def fetch(ids: Sequence[str]) -> list[tuple[tuple[Any, float], ...]]:
         raw = reader.fetch([reader.key(i) for i in ids])
-        return [tuple(_decode(b) if b else None for b in reply) for reply in raw]
+        return [tuple(map(_decode, reply)) for reply in raw]  # one C-level pass per item
 
     return fetch, list(reader.names)
 
@@ -208,11 +279,11 @@ def feast_item_fetch(store: Any) -> tuple[Fetch, list[str]]:
     refs = feature_refs(store, ITEM_VIEWS)
     names = [r.split(":", 1)[1] for r in refs]
 
-    def fetch(ids: Sequence[str]) -> list[tuple[Any, ...]]:
+    def fetch(ids: Sequence[str]) -> list[tuple[tuple[Any, float], ...]]:
         values = store.get_online_features(
             features=refs, entity_rows=[{ITEM_KEY: i} for i in ids]).to_dict()
-        return list(zip(*(values[n] for n in names), strict=True)) if names else [
-            () for _ in ids]
+        rows = zip(*(values[n] for n in names), strict=True) if names else (() for _ in ids)
+        return [tuple((v, _number(v)) for v in row) for row in rows]
 
     return fetch, names
 

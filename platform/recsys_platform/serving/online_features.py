@@ -17,6 +17,7 @@ from typing import Any, cast
 
 import pandas as pd
 
+from recsys_pipelines.stream.layout import entity_key_encoder
 from recsys_platform.features import (
     HISTORY_LENGTH,
     ITEM_KEY,
@@ -99,16 +100,11 @@ class RedisHashReader:
         refs = feature_refs(store, views)
         self.names = [ref.split(":", 1)[1] for ref in refs]
         self.fields = [_mmh3(ref) for ref in refs]  # hash field of each name
+        # Feast's key, from its own serialization (checked at start-up by the encoder)
+        self._key = entity_key_encoder(join_key, self._project, self._version)
 
     def key(self, entity_id: str) -> bytes:
-        from feast.infra.online_stores.helpers import _redis_key
-        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
-        from feast.protos.feast.types.Value_pb2 import Value
-
-        entity = EntityKey(join_keys=[self._join_key],
-                           entity_values=[Value(string_val=entity_id)])
-        return bytes(_redis_key(self._project, entity, entity_key_serialization_version=
-                                self._version))
+        return self._key(entity_id)
 
     def fetch(self, keys: Sequence[bytes], chunk: int = 1000) -> list[list[bytes | None]]:
         """Raw ``HMGET`` replies (serialized values, ``None`` where absent), one list per key."""
