@@ -19,8 +19,7 @@ import logging
 import struct
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -97,8 +96,29 @@ class _Entry:
     meta: tuple[str, str]  # (creator_id, category), "" where absent
 
 
+class _Metadata(Mapping[str, tuple[str, str]]):
+    """``item -> (creator_id, category)`` of one request's rows, looked up only for the items
+    diversity actually reaches (k plus the skipped ones), never built for all 500."""
+
+    def __init__(self, rows: ItemRows) -> None:
+        self._rows = rows
+
+    def __getitem__(self, item_id: str) -> tuple[str, str]:
+        entry = self._rows.entry(item_id)
+        if entry is None:
+            raise KeyError(item_id)
+        return entry.meta
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._rows.by_id)
+
+    def __len__(self) -> int:
+        return len(self._rows.by_id)
+
+
 class ItemRows:
-    """The features of one request's candidates (a read-only view of cache entries).
+    """The features of one request's candidates (a read-only view of cache entries, aligned
+    with the ids they were read for).
 
     Example:
         >>> rows = cache.rows(["i1", "i2"])
@@ -106,48 +126,57 @@ class ItemRows:
         >>> rows.numeric(["i1", "i2"], ("item_ctr_7d",))  # (2, 1) raw floats
     """
 
-    def __init__(self, names: tuple[str, ...], entries: dict[str, _Entry]) -> None:
+    def __init__(self, names: tuple[str, ...], ids: Sequence[str],
+                 entries: Sequence[_Entry | None]) -> None:
         self.names = names
-        self._entries = entries
-        self._column = {n: i for i, n in enumerate(names)}
-        self.metadata: dict[str, tuple[str, str]] = {k: e.meta for k, e in entries.items()}
+        self._ids, self._entries = ids, entries
+        self._by_id: dict[str, _Entry] | None = None
+        self.metadata: Mapping[str, tuple[str, str]] = _Metadata(self)
 
     @classmethod
     def empty(cls) -> ItemRows:
-        return cls((), {})
+        return cls((), [], [])
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self.by_id)
+
+    @property
+    def by_id(self) -> dict[str, _Entry]:
+        if self._by_id is None:
+            self._by_id = {i: e for i, e in zip(self._ids, self._entries, strict=True)
+                           if e is not None}
+        return self._by_id
+
+    def entry(self, item_id: str) -> _Entry | None:
+        return self.by_id.get(item_id)
 
     def values(self, item_id: str) -> dict[str, Any]:
         """One item's features (absent ones left out); ``{}`` for an item not read."""
-        entry = self._entries.get(item_id)
+        entry = self.entry(item_id)
         if entry is None:
             return {}
         return {n: v for n, v in zip(self.names, entry.values, strict=True) if v is not None}
 
     def numeric(self, item_ids: Sequence[str], names: Sequence[str]) -> np.ndarray:
         """(n, len(names)) float64 of the named features, 0 where absent or not numeric."""
+        column = {n: i for i, n in enumerate(self.names)}
+        cols = np.array([column.get(n, -1) for n in names], dtype=np.int64)
         out = np.zeros((len(item_ids), len(names)), dtype=np.float64)
-        cols = [self._column.get(n, -1) for n in names]
-        if not cols or not self._entries:
+        if not len(item_ids) or not (cols >= 0).any():
             return out
-        present = [c for c in cols if c >= 0]
-        if not present:
-            return out
+        if list(item_ids) == list(self._ids):  # the request's own order: no id lookups
+            entries: Sequence[_Entry | None] = self._entries
+        else:
+            entries = [self.entry(i) for i in item_ids]
         zeros = np.zeros(len(self.names))
-        get = self._entries.get
-        table = np.stack([(e.numbers if (e := get(i)) is not None else zeros)
-                          for i in item_ids]) if len(item_ids) else np.zeros((0, len(zeros)))
-        for j, c in enumerate(cols):
-            if c >= 0:
-                out[:, j] = table[:, c]
+        table = np.stack([e.numbers if e is not None else zeros for e in entries])
+        known = cols >= 0
+        out[:, known] = table[:, cols[known]]
         return out
 
     def frame(self, item_ids: Sequence[str]) -> pd.DataFrame:
         """Rows of ``item_ids`` indexed by ``item_id`` (missing items: NaN rows)."""
-        get = self._entries.get
-        data = [list(e.values) if (e := get(i)) is not None else [None] * len(self.names)
+        data = [list(e.values) if (e := self.entry(i)) is not None else [None] * len(self.names)
                 for i in item_ids]
         return pd.DataFrame(data, columns=list(self.names),
                             index=pd.Index(list(item_ids), name=ITEM_KEY))
@@ -156,7 +185,8 @@ class ItemRows:
 class ItemFeatureCache:
     """A bounded LRU of item feature rows in front of one pipelined read per request.
 
-    A row is served for at most ``ttl_s``. Rows a request uses after ``refresh_after`` x
+    A row is served for at most ``ttl_s``; when the cache is full, the rows read longest ago
+    are dropped first. Rows a request uses after ``refresh_after`` x
     ``ttl_s`` are still served, and re-read by a background thread (one pipelined read of
     every such row at a time), so items requests keep using never expire on the request path;
     only items the cache does not hold (or let expire) are read by the request itself.
@@ -165,7 +195,7 @@ class ItemFeatureCache:
         fetch: Reads the rows of the ids it gets (one round trip; raises on failure).
         names: The feature names of ``fetch``'s rows, in order.
         ttl_s: How long a row is served at most before it is read again.
-        capacity: Rows kept at most (least recently used ones are dropped first).
+        capacity: Rows kept at most.
         refresh_after: Fraction of ``ttl_s`` after which a used row is re-read in the
             background (>= 1: never, rows are only read on the request path).
     """
@@ -179,7 +209,7 @@ class ItemFeatureCache:
         self.names = tuple(names)
         self._fetch, self._ttl_s, self._capacity, self._clock = fetch, ttl_s, capacity, clock
         self._refresh_s = ttl_s * (1.0 - refresh_after) if refresh_after < 1 else -1.0
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._entries: dict[str, _Entry] = {}  # insertion order: oldest read first
         self._lock = threading.Lock()
         self._due: set[str] = set()  # rows to re-read in the background
         self._wake = threading.Event()
@@ -203,38 +233,38 @@ class ItemFeatureCache:
         expires = self._clock() + self._ttl_s
         new = {item: self._entry(row, expires) for item, row in zip(ids, fetched, strict=True)}
         with self._lock:
-            self._entries.update(new)
-            while len(self._entries) > self._capacity:
-                self._entries.popitem(last=False)
+            entries = self._entries
+            for item, entry in new.items():
+                entries.pop(item, None)  # re-inserted last: eviction is oldest-read first
+                entries[item] = entry
+            while len(entries) > self._capacity:
+                del entries[next(iter(entries))]
         return new
 
     def rows(self, item_ids: Sequence[str]) -> ItemRows:
         """The rows of ``item_ids`` (absent items: rows of ``None``); raises when the read
         of the items the cache does not hold fails."""
         now = self._clock()
-        found: dict[str, _Entry] = {}
+        ids = list(item_ids)
+        got: list[_Entry | None] = list(map(self._entries.get, ids))  # reads take no lock
         missing: list[str] = []
-        due = False
-        with self._lock:
-            entries = self._entries
-            for item in item_ids:
-                entry = entries.get(item)
-                if entry is not None and entry.expires > now:
-                    entries.move_to_end(item)
-                    found[item] = entry
-                    if entry.expires - now < self._refresh_s:
-                        self._due.add(item)
-                        due = True
-                elif item not in found:
-                    missing.append(item)
+        refresh_before = now + self._refresh_s
+        due = []
+        for item, entry in zip(ids, got, strict=True):
+            if entry is None or entry.expires <= now:
+                missing.append(item)
+            elif entry.expires < refresh_before:
+                due.append(item)
         if due:
+            with self._lock:
+                self._due.update(due)
             self._wake_refresher()
-        missing = list(dict.fromkeys(missing))
-        self.hits += len(found)
         self.misses += len(missing)
+        self.hits += len(ids) - len(missing)
         if missing:
-            found.update(self._store(missing))
-        return ItemRows(self.names, found)
+            new = self._store(list(dict.fromkeys(missing)))
+            got = [new.get(i, e) for i, e in zip(ids, got, strict=True)]
+        return ItemRows(self.names, ids, got)
 
     def refresh_due(self) -> int:
         """Re-reads the rows marked for a background refresh; returns how many."""
