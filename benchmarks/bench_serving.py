@@ -35,6 +35,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,9 @@ from recsys_pipelines.generator import GeneratorConfig, generate, write_generate
 from recsys_platform.serving.ingress import direct_ingress_env, replica_urls
 from recsys_platform.settings import Settings, load_settings
 
-REDIS_URL = "redis://127.0.0.1:6379/4"
+# Redis for the built platform's online store: DB 4 unless --redis-url or BENCH_SERVING_REDIS_URL
+# names another (parallel runs on one Redis each take their own DB).
+DEFAULT_REDIS_URL = os.environ.get("BENCH_SERVING_REDIS_URL", "redis://127.0.0.1:6379/4")
 CFG = GeneratorConfig(events=150_000, days=7, users=3_000, items=6_000)
 PORT = 8765
 logger = logging.getLogger("bench_serving")
@@ -58,17 +61,19 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values) * 1000, q)) if values else float("nan")
 
 
-def setup(workdir: Path) -> tuple[Settings, Path, list[str]]:
+def setup(workdir: Path, redis_url: str) -> tuple[Settings, Path, list[str]]:
     """The built platform in ``workdir`` (built now unless a previous run left it there)."""
     marker = workdir / "built.json"
     config_file = workdir / "settings.yaml"
     if marker.is_file():
         users: list[str] = json.loads(marker.read_text())["users"]
-        return load_settings("local", config_file), config_file, users
+        settings = load_settings("local", config_file)
+        ensure_champion(settings)
+        return settings, config_file, users
     from recsys_platform.orchestration import platform_flow
 
     project = f"bench_{uuid.uuid4().hex[:8]}"
-    config = {"data_dir": str(workdir / "data"), "redis": {"url": REDIS_URL},
+    config = {"data_dir": str(workdir / "data"), "redis": {"url": redis_url},
               "feast": {"project": project, "online_store": "redis",
                         "repo_path": str(workdir / "feature_repo"),
                         "registry_path": str(workdir / "data" / "feast" / "registry.db")},
@@ -85,48 +90,113 @@ def setup(workdir: Path) -> tuple[Settings, Path, list[str]]:
                         settings=settings, epochs=1, workers=1, why="benchmark")
     logger.info("setup: platform flow %.0fs, version %s, promoted=%s",
                 time.perf_counter() - t0, run.version, run.promoted)
+    ensure_champion(settings)
     users = sorted(set(data.events["user_id"].dropna()))[:500]
     marker.write_text(json.dumps({"users": users, "project": project}))
     return settings, config_file, users
 
 
-def cleanup(workdir: Path) -> None:
+def ensure_champion(settings: Settings) -> None:
+    """Serving needs a champion: when the quality gate refused the benchmark's one-epoch model
+    (it measures speed, not quality), the newest version gets the alias anyway."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    uri = settings.mlflow_tracking_uri
+    client = MlflowClient(uri, uri)
+    name = settings.mlflow.model_name
+    try:
+        client.get_model_version_by_alias(name, "champion")
+    except MlflowException:
+        newest = max(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+        client.set_registered_model_alias(name, "champion", str(newest))
+        logger.info("setup: the gate refused version %d; made it champion for the benchmark",
+                    newest)
+
+
+def cleanup(workdir: Path, redis_url: str) -> None:
     marker = workdir / "built.json"
     if marker.is_file():
         project = json.loads(marker.read_text())["project"]
-        client = redis.Redis.from_url(REDIS_URL)
+        client = redis.Redis.from_url(redis_url)
         keys = list(client.scan_iter(match=f"*{project}".encode(), count=1000))
         if keys:
             client.delete(*keys)
 
 
-def in_process(settings: Settings, users: list[str], calls: int = 400) -> tuple[float, float]:
-    """p50/p99 of ``Recommender.recommend`` in this process; prints stage means."""
+@dataclass
+class Floor:
+    """The in-process pipeline, one request at a time: the floor the replica is held to."""
+
+    p50: float  # ms
+    p99: float
+    cpu_ms: float  # CPU per request of this process
+    cheap_p50: float = float("nan")  # the cheaper path under load (degraded: ["load"])
+    cheap_p99: float = float("nan")
+    cheap_cpu_ms: float = float("nan")
+    overlap: float = float("nan")  # share of the full top-k the cheaper path also returns
+
+
+def _timed_calls(recommender: Any, users: list[str], calls: int, cheap: bool
+                 ) -> tuple[list[float], float, list[list[str]]]:
+    from recsys_platform.serving.schemas import RecommendRequest
+
+    latencies: list[float] = []
+    lists: list[list[str]] = []
+    c0 = time.process_time()
+    for n in range(calls):
+        t1 = time.perf_counter()
+        response = recommender.recommend(RecommendRequest(user_id=users[n % len(users)], k=20),
+                                         log=False, cheap=cheap)
+        latencies.append(time.perf_counter() - t1)
+        lists.append([i.item_id for i in response.items])
+    return latencies, 1000 * (time.process_time() - c0) / calls, lists
+
+
+def cheaper_path(recommender: Any, users: list[str], calls: int, full_cpu_ms: float,
+                 full: list[list[str]]) -> tuple[float, float, float, float]:
+    """p50, p99, CPU per request of the cheaper path, and the share of the full path's top-k
+    it returns too; printed next to the full path's."""
+    latencies, cpu_ms, cheap = _timed_calls(recommender, users, calls, cheap=True)
+    overlap = float(np.mean([len(set(a) & set(b)) / max(len(a), 1)
+                             for a, b in zip(full, cheap, strict=True)]))
+    options = recommender.options
+    print(f"in-process cheaper path ({options.load_candidates} candidates, "
+          f"{'ranked' if options.load_rank else 'retrieval order'}, degraded load): "
+          f"p50 {pct(latencies, 50):.2f} ms, p99 {pct(latencies, 99):.2f} ms, CPU {cpu_ms:.2f} ms "
+          f"per request ({cpu_ms / full_cpu_ms:.2f}x the full path); its top-20 holds "
+          f"{overlap:.0%} of the full path's top-20 (same users)")
+    return pct(latencies, 50), pct(latencies, 99), cpu_ms, overlap
+
+
+def in_process(settings: Settings, users: list[str], calls: int = 400) -> Floor:
+    """``Recommender.recommend`` in this process (full and cheaper path); prints stage means."""
     import torch
 
     from recsys_platform.serving.factory import build_recommender, warm_up
-    from recsys_platform.serving.schemas import RecommendRequest
 
     torch.set_num_threads(1)  # as in a replica
     recommender, cache = build_recommender(settings)
     warm_up(recommender, 20)
     gc.collect()
     gc.freeze()
-    latencies: list[float] = []
-    for n in range(calls):
-        t1 = time.perf_counter()
-        recommender.recommend(RecommendRequest(user_id=users[n % len(users)], k=20), log=False)
-        latencies.append(time.perf_counter() - t1)
-    f50, f99 = pct(latencies, 50), pct(latencies, 99)
-    print(f"in-process floor (500 candidates, k=20, c=1, {calls} calls): p50 {f50:.2f} ms, "
-          f"p99 {f99:.2f} ms")
+    latencies, cpu_ms, full = _timed_calls(recommender, users, calls, cheap=False)
+    floor = Floor(pct(latencies, 50), pct(latencies, 99), cpu_ms)
+    print(f"in-process floor (500 candidates, k=20, c=1, {calls} calls): p50 {floor.p50:.2f} ms, "
+          f"p99 {floor.p99:.2f} ms, CPU {cpu_ms:.2f} ms per request")
     print("in-process stage means: " + ", ".join(
         f"{stage} {ms:.2f} ms" for stage, ms in stage_means(recommender).items()))
+    configured = recommender.options  # the other variant first, for comparison
+    recommender.options = replace(configured, load_rank=not configured.load_rank)
+    cheaper_path(recommender, users, calls, cpu_ms, full)
+    recommender.options = configured
+    floor.cheap_p50, floor.cheap_p99, floor.cheap_cpu_ms, floor.overlap = cheaper_path(
+        recommender, users, calls, cpu_ms, full)
     item_refresh(settings, recommender.manager)
     recommender.manager.stop()
     cache.stop()
     gc.unfreeze()
-    return f50, f99
+    return floor
 
 
 def item_refresh(settings: Settings, manager: Any) -> None:
@@ -187,50 +257,91 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def _post(session: aiohttp.ClientSession, url: str, user: str) -> int:
-    """The HTTP status, 0 for a timeout or a connection error."""
+@dataclass
+class Outcome:
+    """What one load run got back; latencies in seconds."""
+
+    full: list[float] = field(default_factory=list)  # 200 on the full path
+    cheap: list[float] = field(default_factory=list)  # 200 on the cheaper path (load)
+    refused: list[float] = field(default_factory=list)  # 503 with Retry-After
+    bare_503: int = 0  # 503 without Retry-After (must stay 0)
+    other: int = 0  # any other status, a timeout or a connection error
+    seconds: float = float("nan")
+
+    @property
+    def admitted(self) -> list[float]:
+        return self.full + self.cheap
+
+    @property
+    def goodput(self) -> float:
+        return len(self.admitted) / self.seconds
+
+    @property
+    def sent(self) -> int:
+        return len(self.admitted) + len(self.refused) + self.bare_503 + self.other
+
+    def add(self, status: int, retry_after: bool, cheap: bool, latency: float) -> None:
+        if status == 200:
+            (self.cheap if cheap else self.full).append(latency)
+        elif status == 503 and retry_after:
+            self.refused.append(latency)
+        elif status == 503:
+            self.bare_503 += 1
+        else:
+            self.other += 1
+
+    def line(self) -> str:
+        adm = self.admitted
+        return (f"admitted p50 {pct(adm, 50):.1f} ms, p99 {pct(adm, 99):.1f} ms, goodput "
+                f"{self.goodput:.0f} req/s ({len(self.cheap)} of {len(adm)} on the cheaper path"
+                f"{f', its p99 {pct(self.cheap, 99):.1f} ms' if self.cheap else ''}), "
+                f"503 + Retry-After {len(self.refused)} (p99 {pct(self.refused, 99):.1f} ms), "
+                f"503 without Retry-After {self.bare_503}, other {self.other}")
+
+
+async def _post(session: aiohttp.ClientSession, url: str, user: str
+                ) -> tuple[int, bool, bool]:
+    """The HTTP status (0: a timeout or a connection error), whether it carried Retry-After,
+    and whether the answer took the cheaper path (``degraded: ["load"]``)."""
     try:
         async with session.post(url, json={"user_id": user, "k": 20}) as resp:
-            await resp.read()
-            return resp.status
+            body = await resp.read()
+            return resp.status, "Retry-After" in resp.headers, b'"load"' in body
     except (TimeoutError, aiohttp.ClientError):
-        return 0
+        return 0, False, False
 
 
 async def closed_loop(session: aiohttp.ClientSession, url: str, users: list[str],
-                      concurrency: int, seconds: float) -> tuple[list[float], int, float]:
-    latencies: list[float] = []
-    errors = 0
+                      concurrency: int, seconds: float) -> Outcome:
+    out = Outcome()
     deadline = time.perf_counter() + seconds
 
     async def worker(i: int) -> None:
-        nonlocal errors
         n = i
         while time.perf_counter() < deadline:
             t0 = time.perf_counter()
-            if await _post(session, url, users[n % len(users)]) == 200:
-                latencies.append(time.perf_counter() - t0)
-            else:
-                errors += 1
+            status, retry_after, cheap = await _post(session, url, users[n % len(users)])
+            out.add(status, retry_after, cheap, time.perf_counter() - t0)
+            if status == 503:  # as a client honouring Retry-After would, but sooner
+                await asyncio.sleep(0.01)
             n += concurrency
 
     start = time.perf_counter()
     await asyncio.gather(*(worker(i) for i in range(concurrency)))
-    return latencies, errors, len(latencies) / (time.perf_counter() - start)
+    out.seconds = time.perf_counter() - start
+    return out
 
 
-async def open_loop(session: aiohttp.ClientSession, url: str, users: list[str], rps: float,
-                    seconds: float) -> tuple[list[float], int, float]:
-    """Latency from each request's scheduled send time; returns the achieved rate too."""
-    latencies: list[float] = []
-    errors = 0
+async def open_loop(session: aiohttp.ClientSession, url: str | Any, users: list[str],
+                    rps: float, seconds: float) -> Outcome:
+    """Latency from each request's scheduled send time. ``url``: a string, or a function of
+    the request's number giving its URL (a client spreading over replicas)."""
+    out = Outcome()
+    target = url if callable(url) else (lambda n: url)
 
     async def one(n: int, scheduled: float) -> None:
-        nonlocal errors
-        if await _post(session, url, users[n % len(users)]) == 200:
-            latencies.append(time.perf_counter() - scheduled)
-        else:
-            errors += 1
+        status, retry_after, cheap = await _post(session, target(n), users[n % len(users)])
+        out.add(status, retry_after, cheap, time.perf_counter() - scheduled)
 
     tasks = []
     start = time.perf_counter()
@@ -239,44 +350,163 @@ async def open_loop(session: aiohttp.ClientSession, url: str, users: list[str], 
         await asyncio.sleep(max(0.0, scheduled - time.perf_counter()))
         tasks.append(asyncio.create_task(one(n, scheduled)))
     await asyncio.gather(*tasks)
-    return latencies, errors, len(latencies) / (time.perf_counter() - start)
+    out.seconds = time.perf_counter() - start
+    return out
 
 
-async def over_http(users: list[str], f50: float, f99: float, rates: list[float],
-                    seconds: float, base: str) -> None:
-    url = f"{base}/recommend"
+def client_session(limit: int = 256) -> aiohttp.ClientSession:
+    """The load generator's one session; its garbage collector is off while it measures."""
     gc.collect()
     gc.freeze()
-    gc.disable()  # no collector pauses in the load generator while it measures
-    connector = aiohttp.TCPConnector(limit=128)
-    async with aiohttp.ClientSession(connector=connector,
-                                     timeout=aiohttp.ClientTimeout(total=30)) as session:
-        await closed_loop(session, url, users, 4, 3)  # warm-up
-        for c in (1, 8, 32):
+    gc.disable()
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit),
+                                 timeout=aiohttp.ClientTimeout(total=30))
+
+
+async def closed_loops(users: list[str], floor: Floor, base: str) -> float:
+    """Closed loops at c=1, 2, 4 on the full path only; CPU per request of the replica
+    against the in-process floor's. Returns one replica's capacity: the most 200/s."""
+    url = f"{base}/recommend"
+    capacity = 0.0
+    async with client_session() as session:
+        await closed_loop(session, url, users, 2, 3)  # warm-up
+        for c in (1, 2, 4):
             pids = serve_pids()
             before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-            lat, errors, rps = await closed_loop(session, url, users, c, 8)
-            per_request = ", ".join(
-                f"{name} {1000 * (cpu_seconds(pid) - before[name]) / max(len(lat), 1):.1f}"
-                for name, pid in pids.items())
-            print(f"http closed loop c={c}: p50 {pct(lat, 50):.1f} ms, p99 {pct(lat, 99):.1f} ms, "
-                  f"{rps:.0f} req/s, non-200 {errors}; p50 vs in-process {pct(lat, 50) / f50:.1f}x;"
-                  f" CPU ms per request: {per_request}")
+            out = await closed_loop(session, url, users, c, 8)
+            served = max(len(out.admitted), 1)
+            cpu = {name: 1000 * (cpu_seconds(pid) - before[name]) / served
+                   for name, pid in pids.items()}
+            capacity = max(capacity, len(out.full) / out.seconds)
+            print(f"http closed loop c={c}: {out.line()}; CPU ms per 200: " + ", ".join(
+                f"{name} {ms:.2f}" for name, ms in cpu.items())
+                + f"; replica CPU per request {cpu['replica'] / floor.cpu_ms:.2f}x the "
+                f"in-process pipeline's {floor.cpu_ms:.2f} ms (target <= 1.3x)")
+    print(f"one replica's capacity (most 200/s of the closed loops, full path): "
+          f"{capacity:.0f} req/s")
+    return capacity
+
+
+async def unloaded(users: list[str], base: str, capacity: float, seconds: float) -> float:
+    """Open loop at 0.25x capacity; returns its p99 (the reference of the overload runs)."""
+    async with client_session() as session:
+        out = await open_loop(session, f"{base}/recommend", users, 0.25 * capacity, seconds)
+    print(f"http open loop, unloaded ({0.25 * capacity:.0f} req/s = 0.25x capacity, "
+          f"{seconds:.0f}s): {out.line()}")
+    return pct(out.admitted, 99)
+
+
+async def overloaded(users: list[str], base: str, capacity: float, unloaded_p99: float,
+                     overload: float, seconds: float, what: str) -> None:
+    """Open loop at ``overload`` x capacity: goodput and admitted p99 against the targets."""
+    rate = overload * capacity
+    async with client_session() as session:
+        out = await open_loop(session, f"{base}/recommend", users, rate, seconds)
+    p99 = pct(out.admitted, 99)
+    ok = (out.goodput >= 0.8 * capacity and p99 <= 2 * unloaded_p99 and out.bare_503 == 0
+          and out.other == 0)
+    print(f"http open loop, overload, {what} ({rate:.0f} req/s = {overload:g}x capacity, "
+          f"{seconds:.0f}s, {out.sent} sent): {out.line()}; goodput "
+          f"{out.goodput / capacity:.2f}x capacity (target >= 0.8x), full-path goodput "
+          f"{len(out.full) / out.seconds / capacity:.2f}x, admitted p99 "
+          f"{p99 / unloaded_p99:.2f}x the unloaded p99 (target <= 2x): "
+          f"{'MET' if ok else 'NOT met'}")
+
+
+async def fixed_rates(users: list[str], base: str, floor: Floor, rates: list[float],
+                      seconds: float) -> None:
+    """Open loops at fixed rates (the issue-6 target: p99 <= 50 ms at 100 req/s, all 200)."""
+    async with client_session() as session:
         for rate in rates:
             await asyncio.sleep(2)
-            lat, errors, rps = await open_loop(session, url, users, rate, seconds)
-            ok = pct(lat, 99) <= 50 and errors == 0 and rps >= 99.5  # 100 req/s, rounded
-            print(f"http open loop {rate:.0f} req/s for {seconds:.0f}s: p50 {pct(lat, 50):.1f} ms, "
-                  f"p99 {pct(lat, 99):.1f} ms, served {rps:.0f} req/s, non-200 {errors}; "
-                  f"p99 vs in-process p99 {pct(lat, 99) / f99:.1f}x; "
-                  f"target (p99 <= 50 ms at >= 100 req/s) {'MET' if ok else 'NOT met'}")
+            out = await open_loop(session, f"{base}/recommend", users, rate, seconds)
+            lat = out.admitted
+            ok = pct(lat, 99) <= 50 and out.sent == len(lat) and out.goodput >= 0.995 * rate
+            print(f"http open loop {rate:.0f} req/s for {seconds:.0f}s: {out.line()}; p99 vs "
+                  f"in-process p99 {pct(lat, 99) / floor.p99:.1f}x; target (p99 <= 50 ms at "
+                  f">= {rate:.0f} req/s, all 200) {'MET' if ok else 'NOT met'}")
+
+
+async def ray_backpressure(users: list[str], base: str) -> None:
+    """A burst against Ray Serve's own limits (max_ongoing_requests=1, max_queued_requests=1):
+    its 503s must carry Retry-After too (serving/ingress.py's middleware)."""
+    async with client_session() as session:
+        out = await closed_loop(session, f"{base}/recommend", users, 16, 3)
+    print(f"Ray Serve's own backpressure (max_ongoing_requests=1, max_queued_requests=1, "
+          f"closed loop c=16 for 3 s): {len(out.admitted)} served, "
+          f"{len(out.refused) + out.bare_503} refused, {out.bare_503} without Retry-After, "
+          f"{out.other} other")
+
+
+# Leaf frames of threads that wait (in C: a lock, a queue, epoll); on a loaded machine py-spy
+# samples some of them as active.
+IDLE_FRAMES = ("Condition.wait", "Event.wait", "_worker (concurrent/futures/thread.py:81)",
+               "Thread.run (threading.py:982)", "_run_user_code_event_loop", "main_loop",
+               "select (selectors.py", "run_forever")
+
+
+async def profile_replica(users: list[str], base: str, seconds: float) -> None:
+    """py-spy samples of the replica (all its threads, native frames off) under a bounded
+    closed loop; prints the functions holding the most samples, self and total."""
+    import subprocess
+    import sys
+
+    out = Path(tempfile.mkdtemp(prefix="pyspy_")) / "replica.txt"
+    spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "-p",
+                            str(serve_pids()["replica"]), "-d", f"{seconds:g}", "-r", "200",
+                            "-f", "raw", "-o", str(out)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    async with client_session() as session:
+        await closed_loop(session, f"{base}/recommend", users, 2, seconds + 1)
+    spy.wait()
+    own: dict[str, int] = {}
+    total: dict[str, int] = {}
+    samples = 0
+    for line in out.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        if any(idle in frames[-1] for idle in IDLE_FRAMES):
+            continue  # a thread blocked in a wait that py-spy sampled as active
+        n = int(count)
+        samples += n
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+        for frame in set(frames):
+            total[frame] = total.get(frame, 0) + n
+    print(f"py-spy of the replica: {samples} busy samples; top self / top total:")
+    for name, table in (("self", own), ("total", total)):
+        for frame, n in sorted(table.items(), key=lambda kv: -kv[1])[:25]:
+            print(f"  {name} {100 * n / samples:5.1f}%  {frame}")
+
+
+def wait_ready(base: str, timeout_s: float = 180) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{base}/readyz", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{base}/readyz not 200 after {timeout_s:.0f}s")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", type=Path, help="keep/reuse the built platform here")
-    parser.add_argument("--rates", default="100", help="open-loop rates, comma separated")
+    parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL,
+                        help="online store of the built platform (default: DB 4, or "
+                        "$BENCH_SERVING_REDIS_URL)")
+    parser.add_argument("--rates", default="100",
+                        help="open loops at these fixed rates too, comma separated ('': none)")
     parser.add_argument("--seconds", type=float, default=20.0, help="open-loop duration")
+    parser.add_argument("--overload", type=float, default=3.0,
+                        help="the overload run's rate, in multiples of the measured capacity")
+    parser.add_argument("--profile-replica", type=float, default=0.0, metavar="SECONDS",
+                        help="py-spy the replica this long under a closed loop at c=2 "
+                        "(needs py-spy in the venv) and print its top functions")
     parser.add_argument("--batch-ranker", action="store_true",
                         help="rank with @serve.batch across concurrent requests")
     parser.add_argument("--throughput-optimized", action="store_true",
@@ -299,38 +529,50 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     try:
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-        settings, config_file, users = setup(workdir)
-        f50, f99 = in_process(settings, users)
+        settings, config_file, users = setup(workdir, args.redis_url)
+        floor = in_process(settings, users)
         serve.start(http_options={"host": "127.0.0.1", "port": PORT},
                     logging_config={"enable_access_log": False})
-        app = RecommenderDeployment.options(  # type: ignore[attr-defined]
-            autoscaling_config=None, num_replicas=1).bind(
-            config_file=str(config_file), batch_ranker=args.batch_ranker)
-        serve.run(app, name="bench", route_prefix="/", blocking=False)
-        import urllib.request
 
-        base = (f"http://127.0.0.1:{PORT}" if args.proxy
-                else replica_urls("bench", host="127.0.0.1", timeout_s=180)[0])
-        for _ in range(180):
-            try:
-                with urllib.request.urlopen(f"{base}/readyz", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            time.sleep(1)
+        def deploy(**options: Any) -> str:
+            """(Re)deploys the one replica; returns its URL once /readyz answers 200."""
+            serve.run(RecommenderDeployment.options(  # type: ignore[attr-defined]
+                autoscaling_config=None, num_replicas=1, **options).bind(
+                    config_file=str(config_file), batch_ranker=args.batch_ranker),
+                name="bench", route_prefix="/", blocking=False)
+            base = (f"http://127.0.0.1:{PORT}" if args.proxy
+                    else replica_urls("bench", host="127.0.0.1", timeout_s=180)[0])
+            wait_ready(base)
+            return base
+
+        # Admission alone first (no cheaper path: refusals only), then the cheaper path
+        # switched on in the same replica (Serve's user_config, no restart).
+        base = deploy(user_config={"cheap_path": False})
         print(f"one replica (0.5 CPU reserved), batch_ranker={args.batch_ranker}, "
               f"throughput_optimized={args.throughput_optimized}, {base}"
               f"{' (proxy)' if args.proxy else ' (replica, direct ingress as `serve up`)'}, "
               f"pid {os.getpid()}, load average {os.getloadavg()[0]:.1f}")
+        if args.profile_replica:
+            asyncio.run(profile_replica(users, base, args.profile_replica))
+        capacity = asyncio.run(closed_loops(users, floor, base))
+        base_p99 = asyncio.run(unloaded(users, base, capacity, args.seconds))
+        asyncio.run(overloaded(users, base, capacity, base_p99, args.overload, args.seconds,
+                               "admission only (cheap_path off)"))
+        base = deploy(user_config={"cheap_path": True})
+        asyncio.run(overloaded(users, base, capacity, base_p99, args.overload, args.seconds,
+                               "with the cheaper path (cheap_path on)"))
         rates = [float(r) for r in args.rates.split(",") if r]
-        asyncio.run(over_http(users, f50, f99, rates, args.seconds, base))
+        asyncio.run(fixed_rates(users, base, floor, rates, args.seconds))
+        # Ray Serve's own backpressure: its limits at 1 (a lightweight update, same replica)
+        base = deploy(user_config={"cheap_path": True}, max_ongoing_requests=1,
+                      max_queued_requests=1)
+        asyncio.run(ray_backpressure(users, base))
         print(f"load average after: {os.getloadavg()[0]:.1f}")
         serve.shutdown()
         ray.shutdown()
     finally:
         if args.workdir is None:
-            cleanup(workdir)
+            cleanup(workdir, args.redis_url)
             shutil.rmtree(workdir, ignore_errors=True)
 
 

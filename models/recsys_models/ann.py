@@ -90,21 +90,46 @@ class HnswIndex:
         return cls(index, item_ids, cfg)
 
 
-def exact_search(embeddings: np.ndarray, queries: np.ndarray, n: int) -> np.ndarray:
-    """Row positions of the exact top-``n`` inner products: (q, n)."""
-    scores = queries @ embeddings.T  # (q, items)
-    k = min(n, embeddings.shape[0])
-    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+EXACT_CHUNK = 256  # query rows scored at once: (256, items) float32 + int64 argpartition
+
+
+def _exact_top(embeddings: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Exact top-``k`` row positions for one chunk of queries: (q, k), best first."""
+    scores = queries @ embeddings.T  # (q, items) float32
+    top = np.argpartition(scores, scores.shape[1] - k, axis=1)[:, -k:]
     order = np.take_along_axis(scores, top, axis=1).argsort(axis=1)[:, ::-1]
     return np.take_along_axis(top, order, axis=1)
 
 
+def exact_search(embeddings: np.ndarray, queries: np.ndarray, n: int,
+                 chunk: int = EXACT_CHUNK) -> np.ndarray:
+    """Row positions of the exact top-``n`` inner products: (q, n).
+
+    Scores ``chunk`` queries at a time in float32, so the peak is a (chunk, items) matrix,
+    whatever the number of queries.
+    """
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    queries = np.asarray(queries, dtype=np.float32)
+    k = min(n, embeddings.shape[0])
+    out = np.empty((len(queries), k), dtype=np.int64)
+    for start in range(0, len(queries), chunk):
+        out[start:start + chunk] = _exact_top(embeddings, queries[start:start + chunk], k)
+    return out
+
+
 def recall_vs_exact(index: HnswIndex, embeddings: np.ndarray, queries: np.ndarray,
-                    n: int = 100) -> float:
+                    n: int = 100, chunk: int = EXACT_CHUNK) -> float:
     """Mean fraction of the exact top-``n`` that the index returns (``embeddings`` in index
-    order)."""
-    exact = exact_search(embeddings, queries, n)
-    k = exact.shape[1]
-    labels, _ = index.index.knn_query(queries.astype(np.float32), k=k)
-    hits = [len(set(a) & set(b)) for a, b in zip(labels.tolist(), exact.tolist(), strict=True)]
-    return float(np.mean(hits) / k) if hits else 0.0
+    order); ``chunk`` queries at a time (memory independent of the number of queries)."""
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    k = min(n, embeddings.shape[0])
+    if len(queries) == 0 or k == 0:
+        return 0.0
+    hits = 0
+    for start in range(0, len(queries), chunk):
+        part = np.asarray(queries[start:start + chunk], dtype=np.float32)
+        exact = _exact_top(embeddings, part, k)
+        labels, _ = index.index.knn_query(part, k=k)
+        hits += sum(len(set(a) & set(b)) for a, b in zip(labels.tolist(), exact.tolist(),
+                                                         strict=True))
+    return float(hits / (len(queries) * k))

@@ -47,6 +47,17 @@ class AliasNotFoundError(ModelsError):
         self.alias = alias
 
 
+class UnknownTrainingKeyError(ModelsError):
+    """A ``training`` setting that no model config has a field for."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(
+            f"unknown setting 'training.{key}': no field {key!r} in TrainConfig, "
+            "TwoTowerConfig or EncoderSpec (ranker fields are 'ranker_<field>'); remove it "
+            "or check its spelling")
+        self.key = key
+
+
 class PromotionRefusedError(ModelsError):
     """The promotion gate refused the challenger (below popularity by the margin, or worse than
     the champion)."""

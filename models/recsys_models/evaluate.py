@@ -27,6 +27,8 @@ from sklearn.metrics import roc_auc_score  # noqa: E402
 logger = logging.getLogger(__name__)
 
 KS: tuple[int, ...] = (10, 50, 100)
+CHUNK_USERS = 1_024  # users per evaluation chunk (settings.evaluation.chunk_users)
+CHUNK_ROWS = 50_000  # holdout rows ranked at once
 Recommender = Callable[[pd.DataFrame, int, dict[str, set[str]]], np.ndarray]
 
 
@@ -65,43 +67,119 @@ def popularity_recommender(train: pd.DataFrame) -> Recommender:
     return recommend
 
 
+def holdout_cutoffs(frame: pd.DataFrame, fraction: float, protocol: str = "global"
+                    ) -> pd.Timestamp | pd.Series:
+    """Where the holdout starts: one time (``global``: the ``1 - fraction`` quantile of event
+    time) or, for ``per-user``, a time per user (the time of their row at position
+    ``ceil(size * (1 - fraction))`` in time order; users with too few rows have none: NaT).
+    Rows at or after their cutoff are the holdout."""
+    times = pd.to_datetime(frame["event_time"], utc=True)
+    if protocol == "global":
+        return times.quantile(1.0 - fraction)
+    if protocol != "per-user":
+        raise ValueError(f"unknown holdout protocol {protocol!r} (global or per-user)")
+    ordered = pd.DataFrame({"u": frame["user_id"].to_numpy(), "t": times.to_numpy()})
+    ordered = ordered.sort_values(["u", "t"], kind="stable")
+    pos = ordered.groupby("u", sort=False).cumcount().to_numpy()
+    size = ordered.groupby("u", sort=False)["t"].transform("size").to_numpy()
+    first = ordered[pos == np.ceil(size * (1.0 - fraction)).astype(np.int64)]
+    return first.set_index("u")["t"]
+
+
+def in_holdout(frame: pd.DataFrame, cutoff: pd.Timestamp | pd.Series) -> np.ndarray:
+    """Boolean mask of ``frame``'s rows at or after their cutoff (see :func:`holdout_cutoffs`)."""
+    times = pd.to_datetime(frame["event_time"], utc=True)
+    if isinstance(cutoff, pd.Series):
+        per_row = pd.to_datetime(frame["user_id"].map(cutoff), utc=True)
+        return (times >= per_row).fillna(False).to_numpy(dtype=bool)
+    return (times >= cutoff).to_numpy(dtype=bool)
+
+
+def holdout_split(frame: pd.DataFrame, fraction: float, protocol: str = "global"
+                  ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(before, after)``: the last ``fraction`` by time, globally or per user."""
+    mask = in_holdout(frame, holdout_cutoffs(frame, fraction, protocol))
+    return frame[~mask], frame[mask]
+
+
+class _RetrievalSums:
+    """Running sums of per-user Recall@K, NDCG@K and the recall curve over chunks of users."""
+
+    def __init__(self, ks: Sequence[int]) -> None:
+        self.ks, self.max_k = tuple(ks), max(ks)
+        self.discounts = 1.0 / np.log2(np.arange(2, self.max_k + 2))
+        self.recall = dict.fromkeys(self.ks, 0.0)
+        self.ndcg = dict.fromkeys(self.ks, 0.0)
+        self.curve = np.zeros(self.max_k)
+        self.users = 0
+
+    def add(self, recs: np.ndarray, relevant: Sequence[set[str]]) -> None:
+        if len(relevant) == 0:
+            return
+        width = min(self.max_k, recs.shape[1] if recs.ndim == 2 else 0)
+        hits = np.zeros((len(relevant), self.max_k))  # (users, max K)
+        for i, (row, rel) in enumerate(zip(recs, relevant, strict=True)):
+            hits[i, :width] = [x in rel for x in row[:width]]
+        sizes = np.array([len(r) for r in relevant], dtype=float)
+        cum = np.cumsum(hits, axis=1)
+        gains = np.cumsum(hits * self.discounts, axis=1)
+        ideal = np.cumsum(self.discounts)
+        for k in self.ks:
+            self.recall[k] += float((cum[:, k - 1] / sizes).sum())
+            self.ndcg[k] += float((gains[:, k - 1] / ideal[np.minimum(sizes, k).astype(int) - 1])
+                                  .sum())
+        self.curve += (cum / sizes[:, None]).sum(axis=0)
+        self.users += len(relevant)
+
+    def metrics(self) -> dict[str, float]:
+        n = max(self.users, 1)
+        out: dict[str, float] = {}
+        for k in self.ks:
+            out[f"recall@{k}"] = self.recall[k] / n
+            out[f"ndcg@{k}"] = self.ndcg[k] / n
+        return out
+
+
 def retrieval_metrics(recs: np.ndarray, relevant: Sequence[set[str]],
                       ks: Sequence[int] = KS) -> dict[str, float]:
     """Mean Recall@K and NDCG@K (binary relevance) over users; ``recs`` is (n_users, >=max K)."""
-    out: dict[str, float] = {}
-    if len(relevant) == 0:
-        return {f"{m}@{k}": 0.0 for k in ks for m in ("recall", "ndcg")}
-    discounts = 1.0 / np.log2(np.arange(2, max(ks) + 2))
-    for k in ks:
-        recalls, ndcgs = [], []
-        for row, rel in zip(recs, relevant, strict=True):
-            hits = np.fromiter((x in rel for x in row[:k]), dtype=bool, count=min(k, len(row)))
-            recalls.append(hits.sum() / len(rel))
-            ideal = discounts[: min(len(rel), k)].sum()
-            ndcgs.append((discounts[: len(hits)] * hits).sum() / ideal)
-        out[f"recall@{k}"] = float(np.mean(recalls))
-        out[f"ndcg@{k}"] = float(np.mean(ndcgs))
-    return out
+    sums = _RetrievalSums(ks)
+    sums.add(recs, relevant)
+    return sums.metrics()
 
 
 def recall_curve(recs: np.ndarray, relevant: Sequence[set[str]], max_k: int) -> np.ndarray:
     """Recall@k for k = 1..max_k: (max_k,)."""
-    hits = np.array([[x in rel for x in row[:max_k]] for row, rel in
-                     zip(recs, relevant, strict=True)], dtype=float)
-    sizes = np.array([len(r) for r in relevant], dtype=float)[:, None]
-    return (np.cumsum(hits, axis=1) / sizes).mean(axis=0) if len(hits) else np.zeros(max_k)
+    sums = _RetrievalSums((max_k,))
+    sums.add(recs, relevant)
+    return sums.curve / max(sums.users, 1)
+
+
+def _chunk(queries: HoldoutQueries, start: int, stop: int) -> HoldoutQueries:
+    users = queries.users.iloc[start:stop].reset_index(drop=True)
+    return HoldoutQueries(users, queries.relevant[start:stop],
+                          {u: queries.exclude.get(u, set()) for u in users["user_id"]})
 
 
 def evaluate_retrieval(recommenders: dict[str, Recommender], queries: HoldoutQueries,
-                       ks: Sequence[int] = KS) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-    """Metrics ``<model>/<metric>@K`` for each recommender, plus their recall curves."""
+                       ks: Sequence[int] = KS, chunk_users: int = CHUNK_USERS
+                       ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Metrics ``<model>/<metric>@K`` for each recommender, plus their recall curves.
+
+    Users are asked ``chunk_users`` at a time, so memory depends on the chunk, not on the
+    number of holdout users.
+    """
     metrics: dict[str, float] = {}
     curves: dict[str, np.ndarray] = {}
+    n = len(queries.users)
     for name, recommend in recommenders.items():
-        recs = recommend(queries.users, max(ks), queries.exclude)
-        for key, value in retrieval_metrics(recs, queries.relevant, ks).items():
+        sums = _RetrievalSums(ks)
+        for start in range(0, n, chunk_users):
+            part = _chunk(queries, start, start + chunk_users)
+            sums.add(recommend(part.users, max(ks), part.exclude), part.relevant)
+        for key, value in sums.metrics().items():
             metrics[f"{name}/{key}"] = value
-        curves[name] = recall_curve(recs, queries.relevant, max(ks))
+        curves[name] = sums.curve / max(sums.users, 1)
     return metrics, curves
 
 
@@ -190,20 +268,22 @@ class EvaluationReport:
 def evaluate_bundle(bundle: Any, train: pd.DataFrame, holdout: pd.DataFrame,
                     ks: Sequence[int] = KS, extra: dict[str, Recommender] | None = None,
                     history: list[dict[str, float]] | None = None,
-                    candidates: int = 500) -> EvaluationReport:
-    """Evaluates a :class:`~recsys_models.bundle.Bundle` and popularity on the same holdout.
+                    candidates: int = 500, chunk_users: int = CHUNK_USERS) -> EvaluationReport:
+    """Evaluates a :class:`~recsys_models.bundle.Bundle` and the baselines on the same holdout.
 
     Three kinds of list go through the same metric code: ``two_tower`` (retrieval order
     alone), ``final`` (retrieval of ``candidates`` items, then the ranker: what
     ``Bundle.recommend`` and so ``recsys recommend`` return) and the baselines
-    (``popularity``, plus any in ``extra``, e.g. tuned EASE and ALS). Ratios
+    (``popularity``, plus any in ``extra``, e.g. tuned EASE and ALS from
+    :func:`~recsys_models.baselines.tuned_baselines`). Ratios
     ``final/recall@K_vs_<baseline>`` compare the final list with each baseline.
 
     Metric keys: ``<list>/recall@K`` and ``ndcg@K``, ``ranker/auc``, ``ranker/gauc``,
     ``ranker/logloss``, ``ranker/ece``, ``ranker/watch_mae_ms``; the ranker's reference points
     ``ranker/logreg_auc`` (a logistic regression on the same features) and
     ``ranker/item_mean_watch_mae_ms``; also the ``ann/recall@100`` of the index against exact
-    search for the holdout users.
+    search for the holdout users. Users are evaluated ``chunk_users`` at a time and holdout
+    rows ranked :data:`CHUNK_ROWS` at a time: memory does not grow with the holdout's users.
     """
     from recsys_models.ann import recall_vs_exact
 
@@ -213,7 +293,7 @@ def evaluate_bundle(bundle: Any, train: pd.DataFrame, holdout: pd.DataFrame,
         "final": final_recommender(bundle, candidates),
         "popularity": popularity_recommender(train), **(extra or {}),
     }
-    metrics, curves = evaluate_retrieval(recommenders, queries, ks)
+    metrics, curves = evaluate_retrieval(recommenders, queries, ks, chunk_users)
     for name in recommenders:
         if name == "final":
             continue
@@ -221,7 +301,12 @@ def evaluate_bundle(bundle: Any, train: pd.DataFrame, holdout: pd.DataFrame,
             base = metrics[f"{name}/recall@{k}"]
             metrics[f"final/recall@{k}_vs_{name}"] = (metrics[f"final/recall@{k}"] / base
                                                       if base > 0 else float("nan"))
-    ranked = bundle.rank(holdout, holdout)  # aligned: each impression with its own item
+    holdout = holdout.reset_index(drop=True)
+    # aligned: each impression with its own item, CHUNK_ROWS rows at a time
+    ranked = pd.concat([bundle.rank(part, part) for part in
+                        (holdout.iloc[i:i + CHUNK_ROWS] for i in range(0, len(holdout),
+                                                                       CHUNK_ROWS))]
+                       or [bundle.rank(holdout, holdout)], ignore_index=True)
     labels = holdout["clicked"].to_numpy(dtype=float)
     watch = pd.to_numeric(holdout["watch_time_ms"], errors="coerce").to_numpy(dtype=float)
     p = ranked["p_click"].to_numpy()
@@ -230,7 +315,9 @@ def evaluate_bundle(bundle: Any, train: pd.DataFrame, holdout: pd.DataFrame,
         metrics[f"ranker/{key}"] = value
     metrics |= ranker_references(bundle, holdout)
     if len(queries.users):
-        user_emb = bundle.encode_users(queries.users)
+        user_emb = np.concatenate([  # (users, dim)
+            bundle.encode_users(queries.users.iloc[i:i + chunk_users])
+            for i in range(0, len(queries.users), chunk_users)])
         metrics["ann/recall@100"] = recall_vs_exact(bundle.index, bundle.item_embeddings,
                                                     user_emb, 100)
     metrics["holdout/users"] = float(len(queries.users))

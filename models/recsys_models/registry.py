@@ -30,6 +30,7 @@ from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
+from recsys_models.baselines import Baselines, tuned_baselines
 from recsys_models.bundle import Bundle, load_bundle, save_bundle, serving_memory_bytes
 from recsys_models.errors import AliasNotFoundError
 from recsys_models.evaluate import EvaluationReport, evaluate_bundle
@@ -149,7 +150,7 @@ def register_bundle(
         exp_id = _experiment_id(client, settings)
         with mlflow.start_run(experiment_id=exp_id, run_name=run_name) as run, \
                 tempfile.TemporaryDirectory() as tmp:
-            mlflow.log_params({k: str(v)[:500] for k, v in (params or {}).items()})
+            mlflow.log_params({metric_key(k): str(v)[:500] for k, v in (params or {}).items()})
             mlflow.set_tags({"feature_service": bundle.feature_service,
                              "snapshot_id": bundle.snapshot_id, "bundle_version": bundle.version})
             for h in history or []:
@@ -177,7 +178,8 @@ def register_bundle(
                            ("bundle_version", bundle.version)):
             client.set_model_version_tag(name, version, key, value)
         if report is not None:
-            for metric in (*GATED_METRICS, BASELINE_METRIC, POPULARITY_METRIC):
+            for metric in (*GATED_METRICS, BASELINE_METRIC, POPULARITY_METRIC,
+                           *(m for m in SHOWN_BASELINES if m in report.metrics)):
                 client.set_model_version_tag(name, version, metric_key(metric),
                                              f"{report.metrics.get(metric, float('nan')):.6f}")
         client.set_registered_model_alias(name, CHALLENGER, version)
@@ -223,6 +225,9 @@ class PromotionResult:
 
 BASELINE_METRIC = "final/recall@50"  # what users receive, against popularity's
 POPULARITY_METRIC = "popularity/recall@50"
+# Shown next to the gate (tags, model card), not gated: the tuned baselines on the same holdout.
+SHOWN_BASELINES: tuple[str, ...] = ("ease/recall@50", "als/recall@50", "final/recall@50_vs_ease",
+                                    "final/recall@50_vs_als")
 
 
 def baseline_gate(challenger: dict[str, float], margin: float) -> list[str]:
@@ -249,10 +254,14 @@ def gate(challenger: dict[str, float], champion: dict[str, float], tolerance: fl
 
 def promote(
     settings: Settings, train: pd.DataFrame, holdout: pd.DataFrame, *, why: str,
-    who: str | None = None, force: bool = False,
+    who: str | None = None, force: bool = False, baselines: Baselines | None = None,
 ) -> PromotionResult:
     """Evaluates challenger and champion on the same holdout and moves ``champion`` if the
     challenger is not worse beyond the tolerance (or ``force``). Records the decision as tags.
+
+    The challenger must beat popularity by ``settings.mlflow.popularity_margin``; the tuned
+    EASE and ALS (``baselines``, else tuned here when ``settings.evaluation.baselines``) are
+    evaluated on the same holdout and shown in the gate's tags and the model card, not gated.
 
     Raises:
         AliasNotFoundError: There is no challenger.
@@ -265,13 +274,19 @@ def promote(
     except AliasNotFoundError:
         champion = None
     result = PromotionResult(False, challenger, champion)
+    if baselines is None:
+        baselines = (tuned_baselines(train, protocol=settings.evaluation.holdout,
+                                     ease_max_items=settings.evaluation.ease_max_items)
+                     if settings.evaluation.baselines else Baselines())
+    chunk = settings.evaluation.chunk_users
     result.challenger_metrics = evaluate_bundle(load_alias(settings, CHALLENGER), train,
-                                                holdout).metrics
+                                                holdout, extra=baselines.recommenders,
+                                                chunk_users=chunk).metrics
     result.reasons = baseline_gate(result.challenger_metrics,
                                    settings.mlflow.popularity_margin)
     if champion is not None and champion != challenger:
         result.champion_metrics = evaluate_bundle(load_alias(settings, CHAMPION), train,
-                                                  holdout).metrics
+                                                  holdout, chunk_users=chunk).metrics
         result.reasons += gate(result.challenger_metrics, result.champion_metrics,
                                settings.mlflow.promotion_tolerance)
     result.promoted = force or not result.reasons
@@ -279,16 +294,20 @@ def promote(
     what = {m: {"challenger": result.challenger_metrics.get(m),
                 "champion": result.champion_metrics.get(m)}
             for m in (*GATED_METRICS, BASELINE_METRIC, POPULARITY_METRIC)}
+    shown = {m: result.challenger_metrics[m] for m in SHOWN_BASELINES
+             if m in result.challenger_metrics}
     tags = {
         "gate.decision": "promoted" if result.promoted else "refused",
         "gate.who": who, "gate.why": why, "gate.when": now,
         "gate.what": json.dumps({"metrics": what, "previous_champion": champion,
                                  "forced": force, "refusals": result.reasons}),
+        "gate.baselines": json.dumps(shown),
     }
     with tracking(settings.mlflow_tracking_uri) as client:
         for key, value in tags.items():
             client.set_model_version_tag(name, challenger, key, value[:5000])
-        describe_gate(client, name, challenger, tags, what, champion, result.reasons)
+        describe_gate(client, name, challenger, tags, what, champion, result.reasons,
+                      baselines=shown)
         if result.promoted:
             client.set_registered_model_alias(name, CHAMPION, challenger)
             for key, value in (("promoted_by", who), ("promoted_at", now),

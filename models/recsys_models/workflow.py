@@ -8,21 +8,31 @@ from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from recsys_models.baselines import Baselines, tuned_baselines
 from recsys_models.bundle import Bundle, build_bundle
 from recsys_models.data import CategoryIndex, EncoderSpec, item_log_q, read_snapshot, snapshot_dir
-from recsys_models.evaluate import EvaluationReport, evaluate_bundle
+from recsys_models.errors import UnknownTrainingKeyError
+from recsys_models.evaluate import (
+    EvaluationReport,
+    evaluate_bundle,
+    holdout_cutoffs,
+    holdout_split,
+)
+from recsys_models.ranker import RankerConfig
 from recsys_models.registry import Registered, register_bundle
 from recsys_models.sequences import engaged_mask, pit_histories
 from recsys_models.train import TrainConfig, TrainedModels, fit, prepare_datasets
+from recsys_models.two_tower import TwoTowerConfig
 from recsys_models.validation import build_validation, split_for_validation
 from recsys_platform.features import HISTORY_LENGTH
 from recsys_platform.runtime import ensure_ray
@@ -30,7 +40,6 @@ from recsys_platform.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-HOLDOUT_FRACTION = 0.2
 EVAL_COLUMNS = ["user_id", "item_id", "event_time", "clicked"]
 
 
@@ -47,6 +56,50 @@ def load_catalog(settings: Settings, rows: pd.DataFrame | None = None) -> pd.Dat
     items["published_at"] = pd.to_datetime(items["event_time"], utc=True) - pd.to_timedelta(
         items["item_age_days"].fillna(0), unit="D")
     return items[["item_id", "category", "creator_id", "tags", "duration_ms", "published_at"]]
+
+
+RANKER_PREFIX = "ranker_"
+
+
+def _names(cls: type) -> set[str]:
+    return {f.name for f in fields(cls)}
+
+
+def training_config(settings: Settings, base: TrainConfig | None = None
+                    ) -> tuple[TrainConfig, dict[str, Any]]:
+    """``settings.training`` forwarded by name into the dataclass configs.
+
+    Each set key goes to the first of :class:`TrainConfig`, :class:`TwoTowerConfig` and
+    :class:`EncoderSpec` with a field of that name; ``ranker_<field>`` to :class:`RankerConfig`.
+    Unset keys keep ``base`` (default: the dataclasses' own defaults).
+
+    Returns:
+        ``(train config, EncoderSpec overrides)``.
+
+    Raises:
+        UnknownTrainingKeyError: A key no config has (a field renamed in the model code).
+    """
+    cfg = base or TrainConfig()
+    top: dict[str, Any] = {}
+    tower: dict[str, Any] = {}
+    ranker: dict[str, Any] = {}
+    spec: dict[str, Any] = {}
+    plain = _names(TrainConfig) - {"two_tower", "ranker"}
+    for key, value in settings.training.overrides().items():
+        short = key.removeprefix(RANKER_PREFIX)
+        if key in plain:
+            top[key] = value
+        elif key in _names(TwoTowerConfig):
+            tower[key] = value
+        elif key in _names(EncoderSpec):
+            spec[key] = value
+        elif key.startswith(RANKER_PREFIX) and short in _names(RankerConfig):
+            ranker[short] = value
+        else:
+            raise UnknownTrainingKeyError(key)
+    cfg = replace(cfg, **top, two_tower=replace(cfg.two_tower, **tower),
+                  ranker=replace(cfg.ranker, **ranker))
+    return cfg, spec
 
 
 @dataclass
@@ -77,27 +130,54 @@ def _arrow_to_pandas(ds: Any) -> pd.DataFrame:
     return pa.concat_tables(tables, promote_options="default").to_pandas()
 
 
+def _holdout_mask(table: pa.Table, cutoff: pd.Timestamp | pd.Series) -> pa.ChunkedArray:
+    """Rows at or after their cutoff (one time, or a time per user), computed in Arrow."""
+    times = _utc(table)
+    if not isinstance(cutoff, pd.Series):
+        return pc.greater_equal(times, pa.scalar(cutoff, times.type))
+    users = table.column("user_id").to_pandas()
+    per_row = pa.array(pd.to_datetime(users.map(cutoff), utc=True), type=times.type)
+    return pc.fill_null(pc.greater_equal(times, per_row), False)
+
+
 def split_snapshot(settings: Settings, snapshot_id: str | None = None,
-                   holdout_fraction: float = HOLDOUT_FRACTION) -> Split:
-    """Reads a snapshot with Ray Data and splits it at a time quantile."""
+                   holdout_fraction: float | None = None, protocol: str | None = None) -> Split:
+    """Reads a snapshot with Ray Data and splits it by time: the last ``holdout_fraction``
+    (default ``settings.evaluation.holdout_fraction``) of the time range (``global``) or of each
+    user's rows (``per-user``; default ``settings.evaluation.holdout``)."""
+    fraction = holdout_fraction or settings.evaluation.holdout_fraction
+    protocol = protocol or settings.evaluation.holdout
     path = snapshot_dir(settings.data_dir, snapshot_id)
     ds = read_snapshot(path)
-    times = pd.to_datetime(ds.select_columns(["event_time"]).to_pandas()["event_time"], utc=True)
-    cutoff = times.quantile(1.0 - holdout_fraction)
+    keys = _arrow_to_pandas(ds.select_columns(["user_id", "event_time"]))
+    cut = holdout_cutoffs(keys, fraction, protocol)
+    # the time the bundle is built "as of": the global cutoff, or (per user) after every row
+    cutoff = cut if not isinstance(cut, pd.Series) else (
+        pd.to_datetime(keys["event_time"], utc=True).max() + pd.Timedelta(microseconds=1))
 
     # Filter in Arrow: a pandas round trip of list columns (history, tags) through Ray Data's
     # tensor extension fails on the ragged arrays the Feast join returns.
     def before(table: pa.Table) -> pa.Table:
-        return table.filter(pc.less(_utc(table), pa.scalar(cutoff, _utc(table).type)))
+        return table.filter(pc.invert(_holdout_mask(table, cut)))
 
     def after(table: pa.Table) -> pa.Table:
-        return table.filter(pc.greater_equal(_utc(table), pa.scalar(cutoff, _utc(table).type)))
+        return table.filter(_holdout_mask(table, cut))
 
     train = ds.map_batches(before, batch_format="pyarrow")
     holdout = _arrow_to_pandas(ds.map_batches(after, batch_format="pyarrow"))
     labels = _arrow_to_pandas(train.select_columns(EVAL_COLUMNS))
     _, holdout = with_pit_histories(labels, holdout.reset_index(drop=True), HISTORY_LENGTH)
     return Split(path.name, cutoff, train, labels, holdout)
+
+
+def baselines_for(settings: Settings, train_labels: pd.DataFrame) -> Baselines:
+    """Tuned EASE and ALS on the training side (``settings.evaluation``), or none when
+    ``evaluation.baselines`` is off."""
+    ev = settings.evaluation
+    if not ev.baselines:
+        return Baselines(info={"baseline/skipped": "evaluation.baselines is false"})
+    return tuned_baselines(train_labels, protocol=ev.holdout,
+                           ease_max_items=ev.ease_max_items)
 
 
 @dataclass
@@ -110,6 +190,7 @@ class TrainOutcome:
     registered: Registered | None
     split: Split
     seconds: dict[str, float] = field(default_factory=dict)
+    baselines: Baselines = field(default_factory=Baselines)
 
 
 def with_pit_histories(train: pd.DataFrame, holdout: pd.DataFrame, length: int
@@ -124,28 +205,48 @@ def with_pit_histories(train: pd.DataFrame, holdout: pd.DataFrame, length: int
     return train, holdout
 
 
+def _validation_split(settings: Settings, rows: pd.DataFrame, fraction: float
+                      ) -> tuple[pd.DataFrame, pd.DataFrame, pd.Timestamp]:
+    """(fit rows, validation rows, cutoff) by the holdout's own protocol."""
+    if settings.evaluation.holdout == "global":
+        return split_for_validation(rows, fraction)
+    fit_rows, val_rows = holdout_split(rows, fraction, "per-user")
+    cut = pd.to_datetime(rows["event_time"], utc=True).max() + pd.Timedelta(microseconds=1)
+    return fit_rows, val_rows, cut
+
+
 def train_evaluate_register(
-    settings: Settings, cfg: TrainConfig, *, snapshot_id: str | None = None,
+    settings: Settings, cfg: TrainConfig | None = None, *, snapshot_id: str | None = None,
     workers: int | None = None, register: bool = True, spec_overrides: dict[str, Any] | None =
     None,
 ) -> TrainOutcome:
     """Trains both models on Ray Train, builds the bundle, evaluates it and registers it.
 
+    ``cfg`` defaults to ``settings.training`` mapped onto :class:`TrainConfig`
+    (:func:`training_config`); ``spec_overrides`` win over the settings' encoder keys.
     The training rows get point-in-time engagement histories; the last
     ``cfg.validation_fraction`` of the training period is held out for early stopping (the
-    models train on the rows before it), and the holdout is only used for the report.
+    models train on the rows before it), and the holdout is only used for the report, next to
+    popularity, EASE and ALS tuned on that same validation split of the training side.
     """
     import ray.data
 
     ensure_ray(settings)
+    mapped, spec_settings = training_config(settings)
+    cfg = cfg or mapped
+    spec_overrides = {**spec_settings, **(spec_overrides or {})}
     t0 = datetime.now(UTC)
     split = split_snapshot(settings, snapshot_id)
-    catalog = load_catalog(settings, split.holdout)
-    spec = EncoderSpec.from_catalog(catalog, list(split.holdout.columns), **(spec_overrides or {}))
+    train_rows = _arrow_to_pandas(split.train)
+    try:
+        catalog = load_catalog(settings)
+    except FileNotFoundError:  # no catalog file: the item metadata the snapshot rows carry
+        catalog = load_catalog(settings, pd.concat([train_rows, split.holdout],
+                                                   ignore_index=True))
+    spec = EncoderSpec.from_catalog(catalog, list(split.holdout.columns), **spec_overrides)
     CategoryIndex(spec)  # validates the vocabulary early
-    train_rows, _ = with_pit_histories(_arrow_to_pandas(split.train), split.holdout.iloc[:0],
-                                       spec.history_length)
-    fit_rows, val_rows, val_cut = split_for_validation(train_rows, cfg.validation_fraction)
+    train_rows, _ = with_pit_histories(train_rows, split.holdout.iloc[:0], spec.history_length)
+    fit_rows, val_rows, val_cut = _validation_split(settings, train_rows, cfg.validation_fraction)
     published = pd.to_datetime(catalog["published_at"], utc=True)
     validation = build_validation(fit_rows, val_rows, catalog[published < val_cut], spec,
                                   set(fit_rows["item_id"]))
@@ -166,20 +267,29 @@ def train_evaluate_register(
         set(split.train_labels["item_id"]), version=run_name,
         feature_service=settings.feast.retrieval_service, snapshot_id=split.snapshot_id,
         as_of=split.cutoff)
-    report = evaluate_bundle(bundle, split.train_labels, split.holdout, history=trained.history)
+    baselines = baselines_for(settings, split.train_labels)
     t3 = datetime.now(UTC)
+    report = evaluate_bundle(bundle, split.train_labels, split.holdout, history=trained.history,
+                             extra=baselines.recommenders,
+                             chunk_users=settings.evaluation.chunk_users)
+    t4 = datetime.now(UTC)
     registered = None
     if register:
         params = {"workers": workers or settings.ray.train_workers, **_flat(cfg.to_dict()),
+                  **{f"spec.{k}": v for k, v in spec_overrides.items()},
+                  **{f"training.{k}": v for k, v in settings.training.overrides().items()},
+                  **{f"evaluation.{k}": v for k, v in settings.evaluation.model_dump().items()},
+                  **baselines.info,
                   "snapshot_id": split.snapshot_id, "cutoff": split.cutoff.isoformat(),
                   "validation_cutoff": val_cut.isoformat(),
                   "validation_users": validation.size if validation is not None else 0}
         registered = register_bundle(settings, bundle, params=params, history=trained.history,
                                      report=report, run_name=run_name)
-    t4 = datetime.now(UTC)
+    t5 = datetime.now(UTC)
     seconds = {"prepare": (t1 - t0).total_seconds(), "fit": (t2 - t1).total_seconds(),
-               "evaluate": (t3 - t2).total_seconds(), "register": (t4 - t3).total_seconds()}
-    return TrainOutcome(trained, bundle, report, registered, split, seconds)
+               "baselines": (t3 - t2).total_seconds(), "evaluate": (t4 - t3).total_seconds(),
+               "register": (t5 - t4).total_seconds()}
+    return TrainOutcome(trained, bundle, report, registered, split, seconds, baselines)
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -190,3 +300,18 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def snapshot_histories(settings: Settings, users: list[str], snapshot_id: str | None = None,
+                       length: int = HISTORY_LENGTH) -> dict[str, list[str]]:
+    """Each user's latest ``length`` distinct engaged items in a training snapshot, newest
+    first (batch scoring where there is no online store, e.g. an imported MovieLens)."""
+    ds = read_snapshot(snapshot_dir(settings.data_dir, snapshot_id))
+    rows = _arrow_to_pandas(ds.select_columns(EVAL_COLUMNS))
+    rows = rows[rows["user_id"].astype(str).isin(set(users))]
+    events = rows.loc[engaged_mask(rows), ["user_id", "item_id", "event_time"]]
+    events = events.assign(user_id=events["user_id"].astype(str))
+    end = pd.to_datetime(rows["event_time"], utc=True).max() + pd.Timedelta(seconds=1)
+    query = pd.DataFrame({"user_id": users, "event_time": end})
+    histories = pit_histories(query, np.zeros(len(query), bool), length, events=events)
+    return dict(zip(users, histories, strict=True))

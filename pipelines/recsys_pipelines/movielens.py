@@ -6,7 +6,8 @@ Mapping (also in docs/data.md):
 - a rating >= :data:`POSITIVE_RATING` is a positive engagement: one ``click`` event one second
   later (watch time is unknown in MovieLens, so ``watch_time_ms`` stays null and the ranker
   masks its watch-time head on these rows);
-- ``movieId`` -> ``item_id`` ``m<id>``, ``userId`` -> ``user_id`` ``ml<id>``;
+- ``movieId`` -> ``item_id`` and ``userId`` -> ``user_id``, unchanged (MovieLens's own ids, as
+  strings: ``recsys recommend`` answers in them; the generator's ids are ``u<n>``/``i<n>``);
 - genres -> ``tags`` (all genres) and ``category`` (the first genre); the release year in the
   title -> ``published_at`` (January 1st; the first rating's time when the title has no year);
 - ``creator_id`` is ``unknown`` and ``duration_ms`` null: MovieLens has neither;
@@ -26,6 +27,7 @@ import pyarrow.parquet as pq
 
 from recsys_platform.contracts import EVENT_SCHEMA, ITEM_SCHEMA, USER_SCHEMA, to_table
 from recsys_platform.errors import DatasetNotFoundError
+from recsys_platform.features import HISTORY_LENGTH
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +60,8 @@ def load_movielens(path: Path) -> MovieLensData:
 
     interactions = pd.DataFrame(
         {
-            "user_id": "ml" + ratings["userId"].astype(str),
-            "item_id": "m" + ratings["movieId"].astype(str),
+            "user_id": ratings["userId"].astype(str),
+            "item_id": ratings["movieId"].astype(str),
             "rating": ratings["rating"].astype(float),
             "event_time": pd.to_datetime(ratings["timestamp"], unit="s", utc=True).dt.as_unit(
                 "ms"
@@ -98,7 +100,7 @@ def _events(interactions: pd.DataFrame) -> pd.DataFrame:
 
 
 def _items(movies: pd.DataFrame, interactions: pd.DataFrame) -> pd.DataFrame:
-    item_id = "m" + movies["movieId"].astype(str)
+    item_id = movies["movieId"].astype(str)
     genres = movies["genres"].fillna("(no genres listed)").str.split("|")
     year = movies["title"].str.extract(r"\((\d{4})\)\s*$")[0]
     first_rating = interactions.groupby("item_id")["event_time"].min()
@@ -155,3 +157,60 @@ def summarize(data: MovieLensData) -> dict[str, int]:
         "items": len(data.items),
         "rated_items": data.interactions["item_id"].nunique(),
     }
+
+
+def training_rows(import_dir: Path, length: int = HISTORY_LENGTH) -> pd.DataFrame:
+    """A training snapshot frame from an import (:func:`write_movielens`'s folder).
+
+    One row per rating, as the batch pipeline's snapshots have one per impression: ``clicked``
+    is the positive flag (rating >= 4), ``watch_time_ms`` unknown (NaN), the item's metadata
+    and its age at the rating, and ``user_history``: the user's last ``length`` distinct
+    positives strictly before the row, newest first (point in time). MovieLens has no stream
+    or daily batch features, so nothing else is joined.
+
+    Raises:
+        DatasetNotFoundError: ``import_dir`` holds no import.
+    """
+    for name in ("interactions.parquet", "items.parquet"):
+        if not (import_dir / name).is_file():
+            raise DatasetNotFoundError(str(import_dir / name),
+                                       "run `recsys data import-movielens` first")
+    rows = pd.read_parquet(import_dir / "interactions.parquet")
+    items = pd.read_parquet(import_dir / "items.parquet")
+    rows = rows.sort_values(["event_time", "user_id", "item_id"], kind="stable")
+    rows = rows.reset_index(drop=True)
+    rows["clicked"] = rows["positive"].astype(np.int64)
+    rows["watch_time_ms"] = np.nan
+    rows["item_duration_ms"] = np.nan
+    rows["user_history"] = _histories(rows, length)
+    meta = items[["item_id", "category", "creator_id", "tags", "duration_ms", "published_at"]]
+    rows = rows.drop(columns=["rating", "positive"]).merge(meta, on="item_id", how="left")
+    age = rows["event_time"] - pd.to_datetime(rows["published_at"], utc=True)
+    rows["item_age_days"] = (age.dt.total_seconds() / 86_400.0).clip(lower=0)
+    return rows.drop(columns="published_at")
+
+
+def _histories(rows: pd.DataFrame, length: int) -> list[list[str]]:
+    """Per row (sorted by time): the user's last ``length`` distinct positives before it."""
+    out: list[list[str]] = [[] for _ in range(len(rows))]
+    for _, group in rows.groupby("user_id", sort=False):
+        liked: list[str] = []  # oldest first
+        times = group["event_time"].to_numpy()
+        positive = group["clicked"].to_numpy()
+        items = group["item_id"].to_numpy()
+        index = group.index.to_numpy()
+        pending: list[str] = []  # positives at the current time: visible from the next time
+        for j in range(len(group)):
+            if j and times[j] != times[j - 1]:
+                liked += pending
+                pending = []
+            recent: list[str] = []
+            for item in reversed(liked):
+                if item not in recent:
+                    recent.append(item)
+                if len(recent) == length:
+                    break
+            out[index[j]] = recent
+            if positive[j]:
+                pending.append(str(items[j]))
+    return out

@@ -177,9 +177,29 @@ class ServingSettings(_Section):
     poll_interval_s: float = Field(default=10.0, gt=0)
     min_replicas: int = Field(default=1, ge=0)
     max_replicas: int = Field(default=4, ge=1)
-    target_ongoing_requests: int = Field(default=8, ge=1)
-    max_queued_requests: int = Field(default=64, ge=1)
-    # Item features of each request's candidates: one Redis read per request behind an LRU of
+    # Serve autoscaling on ongoing requests (rendered by serving/deployment.py into the Serve
+    # config, `serve up` and the Helm chart).
+    target_ongoing_requests: int = Field(default=2, ge=1)
+    upscale_delay_s: float = Field(default=2.0, ge=0)
+    downscale_delay_s: float = Field(default=20.0, ge=0)
+    metrics_interval_s: float = Field(default=1.0, gt=0)  # replica -> controller pushes
+    look_back_period_s: float = Field(default=3.0, gt=0)  # ongoing requests averaged over this
+    # Ray Serve's own limits sit far above the app's admission, so that every refusal is the
+    # app's (fast, with Retry-After); Ray's backpressure only guards against a stalled replica.
+    max_ongoing_requests: int = Field(default=256, ge=1)
+    max_queued_requests: int = Field(default=256, ge=1)
+    replica_cpus: float = Field(default=0.5, gt=0)  # 1 CPU per replica starves a 2-core node
+    # Admission (serving/admission.py): a request is admitted while its predicted wait for the
+    # hot path (work in flight x measured service time) stays within the budget; past
+    # degrade_share of it admitted requests take the cheaper path (load_candidates candidates,
+    # ranked if load_rank else in retrieval order; `degraded: ["load"]`); beyond it they get
+    # 503 + Retry-After.
+    queue_budget_ms: float = Field(default=10.0, gt=0)
+    degrade_share: float = Field(default=0.5, ge=0, le=1)
+    cheap_path: bool = True
+    load_candidates: int = Field(default=100, ge=1, le=5000)
+    load_rank: bool = False
+    # Item features of each request's candidates: one Redis read per request behind a cache of
     # this many rows, each served for at most item_cache_ttl_s (also the cold-start lists'
     # refresh interval).
     item_cache_size: int = Field(default=100_000, ge=1)
@@ -230,6 +250,71 @@ class MonitoringSettings(_Section):
         return None if value is None else check_url(value, ("http", "https"), "metrics")
 
 
+class TrainingSettings(_Section):
+    """Model and training knobs of ``recsys train`` (``--set KEY=VALUE``, a ``--config`` file,
+    or ``RECSYS_TRAINING__<KEY>``). Unset (None) keeps the model code's own default.
+
+    Each key is forwarded by name (:func:`recsys_models.workflow.training_config`) into the
+    first of ``TrainConfig``, ``TwoTowerConfig`` and ``EncoderSpec`` that has a field of that
+    name; ``ranker_<field>`` goes to ``RankerConfig``. A key no config has is refused there.
+    """
+
+    # TrainConfig: schedule and loop
+    epochs: int | None = Field(default=None, ge=1)  # most retrieval epochs (early stopping)
+    ranker_epochs: int | None = Field(default=None, ge=0)
+    patience: int | None = Field(default=None, ge=1)  # epochs without a better validation recall
+    batch_size: int | None = Field(default=None, ge=2)  # rows per step per worker
+    lr: float | None = Field(default=None, gt=0)  # peak learning rate, dense parameters
+    sparse_lr: float | None = Field(default=None, gt=0)  # peak learning rate, embedding tables
+    warmup: float | None = Field(default=None, ge=0, lt=1)  # share of steps warming up
+    lr_floor: float | None = Field(default=None, ge=0, le=1)  # cosine decay ends here
+    validation_fraction: float | None = Field(default=None, gt=0, lt=1)  # early-stopping split
+    seed: int | None = None
+    train_ranker: bool | None = None
+    max_steps_per_epoch: int | None = Field(default=None, ge=1)
+    threads_per_worker: int | None = Field(default=None, ge=1)
+    # TwoTowerConfig: retrieval model
+    dim: int | None = Field(default=None, ge=2)  # output embedding size
+    id_dim: int | None = Field(default=None, ge=2)
+    meta_dim: int | None = Field(default=None, ge=1)
+    hidden: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, gt=0)  # softmax temperature
+    logq_correction: bool | None = None
+    random_negatives: int | None = Field(default=None, ge=0)  # uniform catalog negatives/batch
+    id_dropout: float | None = Field(default=None, ge=0, lt=1)
+    seq_layers: int | None = Field(default=None, ge=0)  # self-attention blocks over the history
+    seq_heads: int | None = Field(default=None, ge=1)
+    seq_dropout: float | None = Field(default=None, ge=0, lt=1)
+    # RankerConfig (ranker_<field>)
+    ranker_emb_dim: int | None = Field(default=None, ge=1)
+    ranker_hidden: int | None = Field(default=None, ge=1)
+    ranker_watch_loss_weight: float | None = Field(default=None, ge=0)
+    ranker_negatives: int | None = Field(default=None, ge=0)  # never-shown negatives per row
+    ranker_negatives_from_top: int | None = Field(default=None, ge=1)
+    ranker_retrieval_weight: float | None = None
+    # EncoderSpec: inputs
+    history_length: int | None = Field(default=None, ge=1)  # engagement sequence length
+    use_item_age: bool | None = None  # off when item embeddings must not depend on query time
+    user_buckets: int | None = Field(default=None, ge=1)
+    item_buckets: int | None = Field(default=None, ge=1)
+    creator_buckets: int | None = Field(default=None, ge=1)
+    tag_buckets: int | None = Field(default=None, ge=1)
+
+    def overrides(self) -> dict[str, Any]:
+        """The keys that are set (not None), by name."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class EvaluationSettings(_Section):
+    """How ``recsys train | evaluate`` and ``models promote`` split and judge a snapshot."""
+
+    holdout: Literal["global", "per-user"] = "global"  # time quantile, or each user's last rows
+    holdout_fraction: float = Field(default=0.2, gt=0, lt=1)
+    baselines: bool = True  # tuned EASE and ALS next to popularity (validation split of train)
+    ease_max_items: int = Field(default=10_000, ge=1)  # EASE on the N most engaged items
+    chunk_users: int = Field(default=1_024, ge=1)  # users scored at once (bounded memory)
+
+
 class Settings(BaseSettings):
     """The whole platform configuration. Unknown keys are errors at every level."""
 
@@ -249,6 +334,8 @@ class Settings(BaseSettings):
     privacy: PrivacySettings = PrivacySettings()
     labels: LabelSettings = LabelSettings()
     monitoring: MonitoringSettings = MonitoringSettings()
+    training: TrainingSettings = TrainingSettings()
+    evaluation: EvaluationSettings = EvaluationSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -435,3 +522,39 @@ def load_settings(profile: str | None = None, config_file: Path | None = None,
     if secrets:
         check_secrets(settings)
     return settings
+
+
+def with_overrides(settings: Settings, assignments: list[str],
+                   section: str = "training") -> Settings:
+    """``settings`` with ``KEY=VALUE`` assignments applied (``recsys train --set``).
+
+    A key is a dotted settings path (``evaluation.holdout``) or, without a dot, a key of
+    ``section``; the value is read as YAML (``0.05``, ``true``, ``per-user``). The result is
+    validated like a config file, so an unknown key or a bad value fails the same way.
+
+    Raises:
+        SettingsError: An assignment without ``=``, an unknown key or an invalid value; one
+            line naming the key.
+    """
+    values = settings.model_dump()
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise SettingsError(f"invalid --set {assignment!r}: expected KEY=VALUE, e.g. "
+                                f"{section}.epochs=12")
+        path = key.split(".") if "." in key else [section, key]
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        node = values
+        for part in path[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise SettingsError(f"unknown setting {key!r} (remove it or check its spelling)")
+            node = node[part]
+        node[path[-1]] = value
+    try:
+        return Settings.model_validate(values)
+    except ValidationError as exc:
+        raise SettingsError("; ".join(_describe(e) for e in exc.errors())) from None

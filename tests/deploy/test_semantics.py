@@ -87,6 +87,17 @@ def test_serve_config_parses_and_import_path_exists(rendered: dict[str, list[Man
             assert defines_top_level(path, attr), f"{path} defines no top-level {attr!r}"
 
 
+def test_committed_serve_config_is_the_local_profile() -> None:
+    """``serve_config.yaml`` (``serve run``) carries serving/deployment.py's rendering of the
+    local profile."""
+    from recsys_platform.serving.deployment import DEPLOYMENT_NAME, deployment_options
+
+    path = REPO_ROOT / "platform" / "recsys_platform" / "serving" / "serve_config.yaml"
+    deployment = yaml.safe_load(path.read_text())["applications"][0]["deployments"][0]
+    expected = deployment_options(load_settings("local", secrets=False).serving)
+    assert deployment == {"name": DEPLOYMENT_NAME, **expected}
+
+
 def test_ray_version_matches_installed_ray(rendered: dict[str, list[Manifest]]) -> None:
     ray_version = metadata.version("ray")
     for objects in rendered.values():
@@ -257,10 +268,15 @@ def _pod_labels(obj: Manifest) -> dict[str, str]:
     return {}
 
 
-def test_default_autoscaling_is_the_k8s_profile(rendered: dict[str, list[Manifest]]) -> None:
-    serving = load_settings("k8s", secrets=False).serving
+def test_default_deployment_options_are_the_k8s_profile(
+        rendered: dict[str, list[Manifest]]) -> None:
+    """The chart's Serve deployment = serving/deployment.py's rendering of the k8s profile
+    (the replica's CPUs aside: direct ingress pins one replica per 1-CPU pod)."""
+    from recsys_platform.serving.deployment import DEPLOYMENT_NAME, deployment_options
+
+    expected = deployment_options(load_settings("k8s", secrets=False).serving)
+    expected.pop("ray_actor_options")
     config = yaml.safe_load(one(rendered["default"], "RayService")["spec"]["serveConfigV2"])
-    autoscaling = config["applications"][0]["deployments"][0]["autoscaling_config"]
-    assert autoscaling == {"min_replicas": serving.min_replicas,
-                           "max_replicas": serving.max_replicas,
-                           "target_ongoing_requests": serving.target_ongoing_requests}
+    deployment = config["applications"][0]["deployments"][0]
+    deployment.pop("ray_actor_options", None)
+    assert deployment == {"name": DEPLOYMENT_NAME, **expected}

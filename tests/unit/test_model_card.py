@@ -47,3 +47,18 @@ def test_the_latest_gate_decision_replaces_the_previous_one() -> None:
 def test_model_description_explains_the_aliases() -> None:
     text = model_description("recsys-bundle")
     assert "`champion`" in text and "`challenger`" in text and "recsys models promote" in text
+
+
+def test_card_and_gate_show_the_tuned_baselines_next_to_the_version() -> None:
+    metrics = {**METRICS, "final/recall@50": 0.21, "ease/recall@50": 0.19, "als/recall@50": 0.17,
+               "final/recall@50_vs_popularity": 0.21 / 0.137, "final/recall@50_vs_ease":
+               0.21 / 0.19, "final/recall@50_vs_als": 0.21 / 0.17}
+    card = version_card(BUNDLE, metrics, run_id="r1")
+    assert "| metric | this version | popularity baseline | EASE | ALS |" in card
+    assert "| served recall@50 (ranked) | 0.2100 | 0.1370 | 0.1900 | 0.1700 |" in card
+    assert "Served recall@50 = 1.53x popularity, 1.11x EASE, 1.24x ALS." in card
+    section = gate_section("promoted", "ci", "weekly", "2026-12-01T00:00:00+00:00",
+                           {"final/recall@50": {"challenger": 0.21, "champion": None}}, None, [],
+                           baselines={"ease/recall@50": 0.19, "als/recall@50": 0.17})
+    assert "Baselines on the same holdout (not gated): ease/recall@50 0.1900, als/recall@50 " \
+        "0.1700." in section

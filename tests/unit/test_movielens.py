@@ -27,7 +27,7 @@ def test_events_fit_the_contract(movielens_dir: Path) -> None:
     raw = data.events.assign(event_time=data.events["event_time"].dt.strftime("%Y-%m-%dT%H:%M:%SZ"))
     valid, rejected = validate_events(raw)
     assert rejected.empty and len(valid) == len(data.events)
-    toy = data.items.set_index("item_id").loc["m1"]
+    toy = data.items.set_index("item_id").loc["1"]  # MovieLens's own movieId
     assert toy["category"] == "Adventure" and "Animation" in list(toy["tags"])
     assert toy["published_at"].year == 1995
 

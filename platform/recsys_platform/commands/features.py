@@ -141,13 +141,26 @@ def features_materialize(
 
 
 @app.command("training-set")
-def features_training_set(start: StartOpt = None, end: EndOpt = None) -> None:
+def features_training_set(
+    start: StartOpt = None, end: EndOpt = None,
+    movielens: Annotated[Path | None, typer.Option(
+        help="Build it from a MovieLens import (`recsys data import-movielens`'s folder, e.g. "
+             "data/movielens) instead of the lake: one row per rating, point-in-time "
+             "histories of the ratings >= 4.")] = None,
+) -> None:
     """Labels the lake's impressions, joins features point in time, writes a snapshot."""
-    from recsys_pipelines.feature_store import load_store
-    from recsys_pipelines.training_set import build_snapshot
-
     s = current_settings()
-    snapshot, rows = build_snapshot(s, load_store(s), _day(start), _day(end))
+    if movielens is not None:
+        from recsys_pipelines.movielens import training_rows
+        from recsys_pipelines.training_set import write_training_snapshot
+
+        frame = training_rows(movielens)
+        snapshot, rows = write_training_snapshot(frame, s), len(frame)
+    else:
+        from recsys_pipelines.feature_store import load_store
+        from recsys_pipelines.training_set import build_snapshot
+
+        snapshot, rows = build_snapshot(s, load_store(s), _day(start), _day(end))
     console.print(f"training snapshot {snapshot}: {rows:,} rows under "
                   f"{s.data_dir / 'training' / snapshot}")
 

@@ -40,55 +40,121 @@ def train(
     workers: Annotated[int | None, typer.Option(help="Ray Train workers "
                                                      "(default: settings.ray.train_workers).")]
     = None,
-    epochs: Annotated[int, typer.Option(help="Most retrieval epochs (early stopping on a "
-                                            "validation split of the training rows).")] = 8,
-    batch_size: Annotated[int, typer.Option(help="Rows per step per worker.")] = 256,
+    epochs: Annotated[int | None, typer.Option(help="Most retrieval epochs (early stopping on "
+                                                   "a validation split of the training rows); "
+                                                   "same as --set epochs=N.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Rows per step per worker; same as "
+                                                       "--set batch_size=N.")] = None,
+    assignments: Annotated[list[str] | None, typer.Option(
+        "--set", help="KEY=VALUE of the training settings (repeatable), e.g. --set "
+                      "temperature=0.05 --set ranker_negatives=4; dotted keys reach other "
+                      "sections (evaluation.holdout=per-user). See docs/training.md.")] = None,
     snapshot: Annotated[str | None, typer.Option(help="Snapshot id (default: newest).")] = None,
     register: Annotated[bool, typer.Option(help="Register the bundle in MLflow.")] = True,
 ) -> None:
-    """Trains the two-tower and the ranker on Ray Train, evaluates, registers a challenger."""
-    from recsys_models.train import TrainConfig
+    """Trains the two-tower and the ranker on Ray Train, evaluates it next to popularity, EASE
+    and ALS on the same holdout, registers a challenger."""
     from recsys_models.workflow import train_evaluate_register
 
-    s = current_settings()
-    with console.status("training on Ray Train"):
-        out = train_evaluate_register(s, TrainConfig(epochs=epochs, batch_size=batch_size),
-                                      snapshot_id=snapshot, workers=workers, register=register)
-    _print_metrics(f"bundle {out.bundle.version} (snapshot {out.bundle.snapshot_id})",
-                   {k: v for k, v in out.report.metrics.items() if "@100" not in k})
+    s = _with_sets(current_settings(), epochs, batch_size, assignments)
+    with console.status("training on Ray Train, then tuning the baselines and evaluating"):
+        out = train_evaluate_register(s, snapshot_id=snapshot, workers=workers,
+                                      register=register)
+    _print_lists(f"bundle {out.bundle.version} (snapshot {out.bundle.snapshot_id}, "
+                 f"{int(out.report.metrics['holdout/users']):,} holdout users)",
+                 out.report.metrics)
+    _print_metrics("ranker and index", {k: v for k, v in out.report.metrics.items()
+                                        if k.startswith(("ranker/", "ann/"))})
     if out.registered is not None:
         console.print(f"registered {out.registered.uri} as challenger")
     console.print(f"seconds: {json.dumps({k: round(v, 1) for k, v in out.seconds.items()})}")
 
 
+def _with_sets(s: Settings, epochs: int | None, batch_size: int | None,
+               assignments: list[str] | None) -> Settings:
+    from recsys_platform.settings import with_overrides
+
+    sets = [f"epochs={epochs}"] if epochs is not None else []
+    sets += [f"batch_size={batch_size}"] if batch_size is not None else []
+    sets += list(assignments or [])
+    return with_overrides(s, sets) if sets else s
+
+
+LIST_NAMES: tuple[tuple[str, str], ...] = (
+    ("final", "final list (retrieval + ranker)"), ("two_tower", "retrieval only"),
+    ("als", "als (tuned)"), ("ease", "ease (tuned)"), ("popularity", "popularity"))
+
+
+def _print_lists(title: str, metrics: dict[str, float]) -> None:
+    """One row per list on the same holdout: Recall@10/50, NDCG@10, and the final list's
+    Recall@50 as a multiple of each list's."""
+    table = Table(title=title)
+    for col in ("list", "Recall@10", "Recall@50", "NDCG@10", "final R@50 / list"):
+        table.add_column(col, justify="left" if col == "list" else "right")
+    for key, label in LIST_NAMES:
+        if f"{key}/recall@10" not in metrics:
+            continue
+        ratio = metrics.get(f"final/recall@50_vs_{key}")
+        table.add_row(label, f"{metrics[f'{key}/recall@10']:.4f}",
+                      f"{metrics[f'{key}/recall@50']:.4f}", f"{metrics[f'{key}/ndcg@10']:.4f}",
+                      "-" if ratio is None or ratio != ratio else f"{ratio:.2f}x")
+    console.print(table)
+
+
 def evaluate(
     alias: Annotated[str, typer.Option(help="Registry alias to evaluate.")] = "champion",
     snapshot: Annotated[str | None, typer.Option(help="Snapshot id (default: newest).")] = None,
+    assignments: Annotated[list[str] | None, typer.Option(
+        "--set", help="KEY=VALUE of the evaluation settings (repeatable), e.g. --set "
+                      "holdout=per-user --set baselines=false.")] = None,
 ) -> None:
-    """Evaluates a registered bundle and popularity on the snapshot's time holdout."""
+    """Evaluates a registered bundle next to popularity, tuned EASE and tuned ALS on the
+    snapshot's holdout (the baselines tuned on a validation split of the training side)."""
     from recsys_models.evaluate import evaluate_bundle
     from recsys_models.registry import load_alias
-    from recsys_models.workflow import split_snapshot
+    from recsys_models.workflow import baselines_for, split_snapshot
     from recsys_platform.runtime import ensure_ray
+    from recsys_platform.settings import with_overrides
 
-    s = current_settings()
+    s = with_overrides(current_settings(), list(assignments or []), section="evaluation")
     ensure_ray(s)
     split = split_snapshot(s, snapshot)
-    report = evaluate_bundle(load_alias(s, alias), split.train_labels, split.holdout)
-    _print_metrics(f"{alias} on snapshot {split.snapshot_id}", report.metrics)
+    bundle = load_alias(s, alias)
+    with console.status("tuning the baselines on the training side, evaluating"):
+        baselines = baselines_for(s, split.train_labels)
+        report = evaluate_bundle(bundle, split.train_labels, split.holdout,
+                                 extra=baselines.recommenders,
+                                 chunk_users=s.evaluation.chunk_users)
+    m = report.metrics
+    _print_lists(f"{alias} (bundle {bundle.version}) on snapshot {split.snapshot_id}, "
+                 f"{s.evaluation.holdout} holdout, {int(m['holdout/users']):,} users", m)
+    _print_metrics("ranker and index", {k: v for k, v in m.items()
+                                        if k.startswith(("ranker/", "ann/"))})
+    if baselines.info:
+        console.print("baselines: " + ", ".join(f"{k.removeprefix('baseline/')}={v}"
+                                                 for k, v in baselines.info.items()),
+                      soft_wrap=True)
 
 
 def recommend(
-    users: Annotated[Path, typer.Option(help="Parquet/CSV/JSONL with user_id "
-                                             "(+ optional user_history).")],
+    users: Annotated[Path, typer.Option(help="Parquet/CSV/JSONL with user_id (or MovieLens's "
+                                             "userId) (+ optional user_history).")],
     out: Annotated[Path, typer.Option(help="Output file (.parquet or .csv).")],
     k: Annotated[int, typer.Option(help="Items per user.")] = 10,
     alias: Annotated[str, typer.Option(help="Registry alias.")] = "champion",
     bundle_path: Annotated[Path | None, typer.Option("--bundle", help="Bundle directory "
                                                      "instead of the registry.")] = None,
+    history_from: Annotated[str, typer.Option(
+        "--history", help="Where users' engagement histories come from: 'file' (the file's "
+                          "user_history, else none) or 'snapshot' (each user's latest "
+                          "engagements in the training snapshot: batch scoring without an "
+                          "online store, e.g. MovieLens).")] = "file",
+    snapshot: Annotated[str | None, typer.Option(help="Snapshot for --history snapshot "
+                                                      "(default: newest).")] = None,
     exclude_seen: Annotated[bool, typer.Option(
-        help="Leave out the items each user engaged with, as serving does: the file's "
-             "user_history and the online store's (history + the stream's recent items).")]
+        help="Leave out the items each user engaged with, as serving does: the user's history "
+             "(file or snapshot) and the online store's (history + the stream's recent "
+             "items).")]
     = False,
 ) -> None:
     """Writes the top-K items per user from a registered bundle (offline evaluation)."""
@@ -97,9 +163,20 @@ def recommend(
 
     s = current_settings()
     frame = _read_users(users)
+    if history_from not in ("file", "snapshot"):
+        raise typer.BadParameter(f"--history {history_from!r}: expected file or snapshot")
+    seen: dict[str, set[str]] | None = None
+    if history_from == "snapshot":
+        from recsys_models.workflow import snapshot_histories
+
+        histories = snapshot_histories(s, frame["user_id"].astype(str).tolist(), snapshot)
+        frame["user_history"] = [histories.get(str(u), []) for u in frame["user_id"]]
     bundle = load_bundle(bundle_path) if bundle_path else load_alias(s, alias)
-    recs = bundle.recommend(frame, k, candidates=max(s.serving.candidates, k),
-                            exclude=_seen_items(s, frame) if exclude_seen else None)
+    if exclude_seen:
+        seen = (_seen_items(s, frame) if history_from == "file" else
+                {str(u): set(h) for u, h in zip(frame["user_id"], frame["user_history"],
+                                                strict=True)})
+    recs = bundle.recommend(frame, k, candidates=max(s.serving.candidates, k), exclude=seen)
     recs.insert(0, "model_version", bundle.version)
     out.parent.mkdir(parents=True, exist_ok=True)
     recs.to_csv(out, index=False) if out.suffix == ".csv" else recs.to_parquet(out, index=False)
@@ -130,6 +207,9 @@ def _read_users(path: Path) -> pd.DataFrame:
         frame = pd.read_json(path, lines=path.suffix == ".jsonl")
     else:
         frame = pd.read_csv(path)
+    if "user_id" not in frame.columns and "userId" in frame.columns:  # MovieLens's own files
+        frame = frame.drop_duplicates("userId").rename(columns={"userId": "user_id"})
+    frame["user_id"] = frame["user_id"].astype(str)
     if "user_history" not in frame.columns:
         frame["user_history"] = [[] for _ in range(len(frame))]
     frame["user_history"] = [json.loads(h) if isinstance(h, str) else list(h)
@@ -190,26 +270,27 @@ def register(root: typer.Typer) -> None:
 def demo_step(settings: Settings, console: Console) -> None:
     """Demo: short training on 2 Ray Train workers, evaluate, register, promote."""
     from recsys_models.registry import promote
-    from recsys_models.train import TrainConfig
     from recsys_models.workflow import train_evaluate_register
 
     with stage(console, "models: train on 2 Ray Train workers, evaluate, register, promote",
                2) as step:
         step("training on Ray Train (early stopping on a validation split), evaluating, "
              "registering in MLflow")
-        out = train_evaluate_register(settings, TrainConfig(), workers=2)
+        out = train_evaluate_register(settings, workers=2)
         m = out.report.metrics
+        nan = float("nan")
         epochs = sum(1 for h in out.trained.history if h.get("phase") == 0.0)
         console.print(
             f"two-tower recall@50 {m['two_tower/recall@50']:.3f} vs popularity "
             f"{m['popularity/recall@50']:.3f}; final list recall@50 "
-            f"{m['final/recall@50']:.3f}; ranker AUC {m['ranker/auc']:.3f} (logistic "
-            f"regression {m.get('ranker/logreg_auc', float('nan')):.3f}); ANN recall@100 "
+            f"{m['final/recall@50']:.3f} (tuned EASE {m.get('ease/recall@50', nan):.3f}, ALS "
+            f"{m.get('als/recall@50', nan):.3f}); ranker AUC {m['ranker/auc']:.3f} (logistic "
+            f"regression {m.get('ranker/logreg_auc', nan):.3f}); ANN recall@100 "
             f"{m['ann/recall@100']:.3f}; fit {out.seconds['fit']:.0f}s ({epochs} retrieval "
             "epochs)")
         step("promotion gate: beats popularity by the margin, not below the champion")
         result = promote(settings, out.split.train_labels, out.split.holdout, why="make demo",
-                         who="demo")
+                         who="demo", baselines=out.baselines)
     state = "promoted to champion" if result.promoted else "refused: " + "; ".join(result.reasons)
     console.print(f"gate: version {result.challenger} {state}")
     if not result.promoted:
@@ -217,7 +298,7 @@ def demo_step(settings: Settings, console: Console) -> None:
         # promote anyway, recorded as forced in the version's gate tags, and say so.
         forced = promote(settings, out.split.train_labels, out.split.holdout,
                          why="make demo: forced after the gate refused, to demonstrate serving",
-                         who="demo", force=True)
+                         who="demo", force=True, baselines=out.baselines)
         console.print(f"[yellow]demo: version {forced.challenger} promoted with --force so "
                       "serving has a model; the refusal is kept in its gate.* tags. A real "
                       "deployment would keep the previous champion.[/yellow]")

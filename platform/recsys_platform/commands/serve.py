@@ -133,15 +133,13 @@ def deploy(settings: Settings, config_file: Path | None = None) -> str:
 
     from recsys_platform.logs import quiet_after_import
     from recsys_platform.serving.app import RecommenderDeployment
+    from recsys_platform.serving.deployment import deployment_options
 
     quiet_after_import("ray.serve")  # Serve sets its driver logger to INFO on import
     s = settings.serving
     serve.start(http_options={"host": s.host, "port": s.port})
     deployment = RecommenderDeployment.options(  # type: ignore[attr-defined]
-        max_queued_requests=s.max_queued_requests,
-        autoscaling_config={"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
-                            "target_ongoing_requests": s.target_ongoing_requests},
-    )
+        **deployment_options(s))
     serve.run(deployment.bind(profile=settings.profile,
                               config_file=str(config_file.resolve()) if config_file else None),
               name=APP_NAME, route_prefix="/", blocking=False)

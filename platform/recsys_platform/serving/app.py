@@ -21,7 +21,9 @@ import asyncio
 import gc
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,11 @@ from prometheus_client import generate_latest, start_http_server
 from ray import serve
 
 from recsys_platform.errors import InvalidRequestError
+from recsys_platform.serving.admission import Admission, AdmissionPolicy, Mode
+from recsys_platform.serving.admission import install as install_admission
+from recsys_platform.serving.deployment import DEPLOYMENT_NAME, deployment_options
 from recsys_platform.serving.factory import build_recommender, warm_up
+from recsys_platform.serving.ingress import RETRY_AFTER_S, TICKET
 from recsys_platform.serving.recommender import Prepared, rank_many
 from recsys_platform.serving.schemas import (
     MAX_BODY_BYTES,
@@ -44,7 +50,7 @@ from recsys_platform.serving.schemas import (
     request_json_schema,
     validation_reasons,
 )
-from recsys_platform.settings import load_settings
+from recsys_platform.settings import ServingSettings, load_settings
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +61,9 @@ api = FastAPI(
     docs_url=None, redoc_url=None, openapi_url=None,  # served below, unless admin-only
 )
 NOT_HERE = {"error": "not found"}
+# user_config keys (RecommenderDeployment.reconfigure) -> AdmissionPolicy fields
+LIVE_KNOBS = {"queue_budget_ms": "queue_budget_s", "degrade_share": "degrade_share",
+              "cheap_path": "cheap_path"}
 
 
 def refusal(status: int, reasons: list[str]) -> JSONResponse:
@@ -110,28 +119,22 @@ def start_admin_server(port: int, recommender: Any) -> None:
     logger.info("replica metrics on :%d/metrics (admin port)", port)
 
 
-@serve.deployment(
-    name="recommender",
-    ray_actor_options={"num_cpus": 0.5},  # the default of 1 CPU starves a 2-core machine
-    max_ongoing_requests=32,
-    max_queued_requests=64,
-    autoscaling_config={
-        "min_replicas": 1,
-        "max_replicas": 4,
-        "target_ongoing_requests": 8,
-        "upscale_delay_s": 5,
-        "downscale_delay_s": 60,
-    },
-    health_check_period_s=10,
-    logging_config={"enable_access_log": False},  # no per-request log line on the hot path
-)
+def overloaded() -> JSONResponse:
+    """The refusal of a request beyond admission: at once, with ``Retry-After``."""
+    return JSONResponse(status_code=503, headers={"Retry-After": RETRY_AFTER_S},
+                        content={"error": "overloaded, retry later"})
+
+
+# Defaults from the default settings; `serve up`, the Serve config and the chart pass the
+# profile's values (serving/deployment.py).
+@serve.deployment(name=DEPLOYMENT_NAME, **deployment_options(ServingSettings()))
 @serve.ingress(api)
 class RecommenderDeployment:
     """HTTP ingress + the in-process hot path of one replica."""
 
     def __init__(self, profile: str | None = None, config_file: str | None = None,
-                 admission_limit: int = 24, batch_ranker: bool = False,
-                 hot_path_threads: int = 1) -> None:
+                 batch_ranker: bool = False, hot_path_threads: int = 1,
+                 queue_budget_ms: float | None = None, cheap_path: bool | None = None) -> None:
         import torch
 
         torch.set_num_threads(1)  # one replica, one thread: no OpenMP oversubscription
@@ -142,17 +145,44 @@ class RecommenderDeployment:
         gc.collect()
         gc.freeze()  # long-lived model objects out of the GC's way: fewer p99 spikes
         self.settings = settings
-        self.admission_limit = admission_limit
+        serving = settings.serving
+        self.admission = Admission(AdmissionPolicy(
+            queue_budget_s=(queue_budget_ms or serving.queue_budget_ms) / 1000,
+            degrade_share=serving.degrade_share,
+            cheap_path=serving.cheap_path if cheap_path is None else cheap_path,
+            workers=max(1, hot_path_threads)), on_refuse=self._count_refusal)
+        install_admission(self.admission)  # the HTTP gate of this replica asks it first
         self.batch_ranker = batch_ranker
         # Threads running the hot path (0: in the event loop itself). Few threads: requests
         # queue for them instead of 8-32 threads fighting over the GIL.
         self._worker = (ThreadPoolExecutor(max_workers=hot_path_threads,
                                            thread_name_prefix="recommend")
                         if hot_path_threads > 0 else None)
-        self._in_flight = 0
         self.admin_only = settings.serving.admin_port is not None
         if settings.serving.admin_port is not None:
             start_admin_server(settings.serving.admin_port, self.recommender)
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """Serve's ``user_config``: admission knobs changed on the running replica, without a
+        restart (``queue_budget_ms``, ``degrade_share``, ``cheap_path``).
+
+        Raises:
+            ValueError: an unknown key (the update is refused, nothing changes).
+        """
+        unknown = set(config) - set(LIVE_KNOBS)
+        if unknown:
+            raise ValueError(f"unknown user_config keys {sorted(unknown)}; known: "
+                             f"{', '.join(LIVE_KNOBS)}")
+        policy = self.admission.policy
+        changes = {LIVE_KNOBS[k]: (v / 1000 if k == "queue_budget_ms" else v)
+                   for k, v in config.items()}
+        self.admission.policy = replace(policy, **changes)
+        logger.info("admission now %s", self.admission.state())
+
+    def _count_refusal(self) -> None:
+        metrics = self.recommender.metrics
+        metrics.rejections.labels("overload").inc()
+        metrics.requests.labels("503").inc()
 
     def check_health(self) -> None:
         """Ray Serve's replica health check: a replica without a bundle is still healthy."""
@@ -170,7 +200,8 @@ class RecommenderDeployment:
                                 "fallback": manager.fallback,  # serving the last good version
                                 "rejected_versions": sorted(manager.rejected_versions),
                                 "last_error": (manager.last_error or "")[:300] or None,
-                                "item_cache_age_s": self.cache.age_s()}
+                                "item_cache_age_s": self.cache.age_s(),
+                                "admission": self.admission.state()}
         ready = current is not None
         return JSONResponse(status_code=200 if ready else 503,
                             content={"ready": ready, **body})
@@ -206,29 +237,37 @@ class RecommenderDeployment:
             metrics.requests.labels(str(exc.status)).inc()
             logger.info("refused a request (%d): %s", exc.status, "; ".join(exc.reasons)[:300])
             return refusal(exc.status, exc.reasons)
-        if self._in_flight >= self.admission_limit:
-            metrics.rejections.labels("overload").inc()
-            metrics.requests.labels("503").inc()
-            return JSONResponse(status_code=503, headers={"Retry-After": "1"},
-                                content={"error": "overloaded, retry later"})
-        self._in_flight += 1
+        ticket = request.scope.get(TICKET) or self.admission.admit()  # the gate's, if any
+        if ticket is None:
+            return overloaded()
+        service_s: float | None = None
         try:
-            if self.batch_ranker:
+            if self.batch_ranker and ticket.mode is Mode.FULL:
+                start = time.perf_counter()
                 prepared = await asyncio.to_thread(self.recommender.prepare, body)
                 scores, error = await self._rank(prepared)
                 response = self.recommender.finish(prepared, scores, error)
+                service_s = time.perf_counter() - start
             else:
-                response = await self._recommend(body)
+                response, service_s = await self._recommend(body, ticket.mode is Mode.CHEAP)
             metrics.requests.labels("200").inc()
             return Response(response.model_dump_json(), media_type="application/json")
         finally:
-            self._in_flight -= 1
+            self.admission.done(ticket, service_s)
 
-    async def _recommend(self, body: RecommendRequest) -> RecommendResponse:
+    def _timed_recommend(self, body: RecommendRequest, cheap: bool
+                         ) -> tuple[RecommendResponse, float]:
+        start = time.perf_counter()
+        response = self.recommender.recommend(body, cheap=cheap)
+        return response, time.perf_counter() - start
+
+    async def _recommend(self, body: RecommendRequest, cheap: bool
+                         ) -> tuple[RecommendResponse, float]:
+        """The response and the seconds it held a worker (the admission's service time)."""
         if self._worker is None:
-            return self.recommender.recommend(body)
+            return self._timed_recommend(body, cheap)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._worker, self.recommender.recommend, body)
+        return await loop.run_in_executor(self._worker, self._timed_recommend, body, cheap)
 
     async def _rank(self, prepared: Prepared) -> tuple[np.ndarray | None, Exception | None]:
         if prepared.loaded is None or not prepared.candidates:

@@ -25,9 +25,106 @@ DIRECT_INGRESS_ENV = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
 DRAINING_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
 
 
+# Serve's HTTP servers (the proxy and, under direct ingress, each replica's own) wrap their ASGI
+# app with the middlewares this import path returns: how Ray's own 503s get a Retry-After.
+MIDDLEWARES_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+MIDDLEWARES = "recsys_platform.serving.ingress:http_middlewares"
+# The replica runs the app on Serve's own event loop, not a second loop in another thread:
+# no hand-over between the two loops per request (the hot path has its own worker thread).
+SAME_LOOP_ENV = "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"
+RETRY_AFTER_S = "1"
+
+
+class RetryAfterOn503:
+    """ASGI middleware: every 503 leaving the server carries ``Retry-After``.
+
+    The app's own refusals set it; Ray Serve's backpressure answers (``max_queued_requests``
+    reached, no replica available) have none, and a client (or a load balancer) should back
+    off from them as from any other 503.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_retry_after(message: Any) -> None:
+            if message["type"] == "http.response.start" and message["status"] == 503:
+                headers = list(message.get("headers") or [])
+                if not any(name.lower() == b"retry-after" for name, _ in headers):
+                    headers.append((b"retry-after", RETRY_AFTER_S.encode()))
+                    message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_retry_after)
+
+
+RECOMMEND_PATH = "/recommend"
+# ray.serve._private.constants.SERVE_HTTP_REQUEST_DISCONNECT_DISABLED_HEADER, value "?1"
+DISCONNECT_WATCH_OFF = (b"x-request-disconnect-disabled", b"?1")
+TICKET = "recsys.admission_ticket"  # the scope key the gate leaves for the handler
+OVERLOADED_BODY = b'{"error":"overloaded, retry later"}'
+
+
+async def send_overloaded(send: Any) -> None:
+    """The refusal beyond admission: 503, ``Retry-After``, the documented JSON body."""
+    await send({"type": "http.response.start", "status": 503,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(OVERLOADED_BODY)).encode()),
+                            (b"retry-after", RETRY_AFTER_S.encode())]})
+    await send({"type": "http.response.body", "body": OVERLOADED_BODY})
+
+
+class AdmissionGate:
+    """ASGI middleware: ``POST /recommend`` asks the replica's admission before Ray Serve's
+    per-request machinery runs, so a refusal costs the replica (and the requests it admitted)
+    little CPU. The ticket travels in the ASGI scope to the handler, which releases it; it is
+    released here too if the request never reached the hot path. Where no admission is
+    installed (Serve's proxy process) requests pass through."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        from recsys_platform.serving.admission import installed
+
+        admission = installed()
+        if (admission is None or scope["type"] != "http" or scope.get("method") != "POST"
+                or scope.get("path") != RECOMMEND_PATH):
+            await self.app(scope, receive, send)
+            return
+        ticket = admission.admit()
+        if ticket is None:
+            await send_overloaded(send)
+            return
+        scope[TICKET] = ticket
+        # Serve then skips its per-request disconnect watcher (a task and a wait per request);
+        # an admitted request is done in milliseconds anyway.
+        scope["headers"] = [*scope.get("headers", ()), DISCONNECT_WATCH_OFF]
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            admission.done(ticket, None)  # no-op when the handler released it
+
+
+def http_middlewares() -> list[Any]:
+    """The middlewares of Serve's HTTP servers (named by :data:`MIDDLEWARES_ENV`; Serve wraps
+    them in this order, the last outermost): every 503 gets ``Retry-After``, and
+    ``/recommend`` is admitted before any of Serve's per-request work."""
+    from starlette.middleware import Middleware
+
+    return [Middleware(RetryAfterOn503), Middleware(AdmissionGate)]
+
+
 def direct_ingress_env(enabled: bool, draining_s: float | None = None) -> dict[str, str]:
-    """The variables a Ray cluster must start with for ``enabled`` (``draining_s``: local)."""
-    env = {DIRECT_INGRESS_ENV: "1" if enabled else "0"}
+    """The variables a Ray cluster must start with for ``enabled`` (``draining_s``: local),
+    plus, in both modes, the HTTP middlewares of Serve's servers and the app on Serve's own
+    event loop."""
+    env = {DIRECT_INGRESS_ENV: "1" if enabled else "0", MIDDLEWARES_ENV: MIDDLEWARES,
+           SAME_LOOP_ENV: "0"}
     if enabled and draining_s is not None:
         env[DRAINING_ENV] = f"{draining_s:g}"
     return env

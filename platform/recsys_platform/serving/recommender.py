@@ -15,7 +15,9 @@ types (the unit tests' stand-ins) go through their ``encode_users``/``rank`` fra
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import time
 import uuid
 from collections import Counter
@@ -53,6 +55,31 @@ logger = logging.getLogger(__name__)
 _METADATA = ("category", "creator_id", "tags", "duration_ms", "published_at", "title")
 
 
+class _RequestIds:
+    """Unique 32-hex-digit request ids: a random per-process prefix (renewed in a forked
+    child) + a counter. A ``uuid4`` per request reads ``os.urandom``, a system call on the hot
+    path; the prefix keeps ids of different replicas apart."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.prefix = uuid.uuid4().hex[:16]
+        self.counter = itertools.count()
+
+    def next(self) -> str:
+        return f"{self.prefix}{next(self.counter):016x}"
+
+
+_request_ids = _RequestIds()
+os.register_at_fork(after_in_child=_request_ids.reset)
+
+
+def next_request_id() -> str:
+    """A request id unique across processes (see :class:`_RequestIds`)."""
+    return _request_ids.next()
+
+
 class FeatureSource(Protocol):
     """Online features; ``user_features`` may raise on any dependency failure."""
 
@@ -76,6 +103,8 @@ class ServingOptions:
     max_per_creator: int = 2
     max_per_category: int = 5
     cold_start_share: float = 0.2  # of the candidate budget kept for trending/fresh/popular
+    load_candidates: int = 100  # the cheaper path under load: this many candidates,
+    load_rank: bool = False  # ranked (True) or in retrieval order (False: no ranker at all)
     pseudonym_key: str | None = None  # set: user ids are pseudonymized before any lookup
 
 
@@ -175,9 +204,10 @@ class Recommender:
         ids, scores = bundle.search(emb, n)
         return list(ids[0]), np.asarray(scores[0], dtype=np.float64).tolist()
 
-    def prepare(self, request: RecommendRequest) -> Prepared:
-        """Features, retrieval and candidate assembly for one request."""
-        request_id = uuid.uuid4().hex
+    def prepare(self, request: RecommendRequest, budget: int | None = None) -> Prepared:
+        """Features, retrieval and candidate assembly for one request (``budget``: how many
+        candidates, default ``options.candidates``)."""
+        request_id = next_request_id()
         degraded: list[str] = []
         loaded = self.manager.current  # read once: this request's version
         user_key = self.user_key(request.user_id)
@@ -192,7 +222,7 @@ class Recommender:
         encoded: dict[str, np.ndarray] | None = None
         if loaded is not None and isinstance(loaded.bundle, Bundle):
             encoded = encode_user(loaded.bundle.spec, user_key, row["user_history"], row)
-        budget = self.options.candidates
+        budget = budget or self.options.candidates
         cold = max(1, int(budget * self.options.cold_start_share))
         sources: list[tuple[str, list[str], list[float] | None]] = []
         if loaded is not None and known:
@@ -223,10 +253,14 @@ class Recommender:
         return result
 
     def finish(self, prepared: Prepared, scores: np.ndarray | None,
-               rank_error: BaseException | None = None, log: bool = True
-               ) -> RecommendResponse:
-        """Orders, diversifies, logs impressions and builds the response."""
+               rank_error: BaseException | None = None, log: bool = True,
+               load_shed: bool = False) -> RecommendResponse:
+        """Orders, diversifies, logs impressions and builds the response (``load_shed``: the
+        ranker was skipped on purpose, the cheaper path under load)."""
         degraded = list(prepared.degraded)
+        if load_shed:
+            degraded.append("load")
+            self.metrics.fallbacks.labels("load").inc()
         if prepared.loaded is None:
             degraded.append("bundle")
             self.metrics.fallbacks.labels("bundle").inc()
@@ -244,7 +278,7 @@ class Recommender:
                          np.asarray(scores)[order].tolist(), strict=True)
             source = "model"
         else:
-            if prepared.loaded is not None and cands:
+            if prepared.loaded is not None and cands and (rank_error or not load_shed):
                 self._fallback(degraded, "ranker", rank_error or RuntimeError("no scores"))
             ranked = iter([(c, c.retrieval_score) for c in cands])  # retrieval order
             source = "retrieval_order" if prepared.loaded is not None else "popular"
@@ -265,17 +299,26 @@ class Recommender:
             bundle_version=version, items=items, degraded=degraded,
             source=source)  # type: ignore[arg-type]
 
-    def recommend(self, request: RecommendRequest, log: bool = True) -> RecommendResponse:
-        """The whole path in one call (the deployment, tests, warm-up, benchmarks)."""
-        with self._stage("total"):
-            prepared = self.prepare(request)
-            try:
-                with self._stage("ranking"):
-                    scores: np.ndarray | None = self.rank(prepared)
-                error: BaseException | None = None
-            except Exception as exc:
-                scores, error = None, exc
-            return self.finish(prepared, scores, error, log=log)
+    def recommend(self, request: RecommendRequest, log: bool = True, cheap: bool = False
+                  ) -> RecommendResponse:
+        """The whole path in one call (the deployment, tests, warm-up, benchmarks).
+
+        ``cheap``: the path a loaded replica takes instead of refusing: ``load_candidates``
+        candidates, ranked when ``load_rank`` else in retrieval order (no ranker); the
+        response says ``degraded: ["load"]``.
+        """
+        rank = not cheap or self.options.load_rank
+        with self._stage("total_cheap" if cheap else "total"):
+            prepared = self.prepare(request, self.options.load_candidates if cheap else None)
+            scores: np.ndarray | None = None
+            error: BaseException | None = None
+            if rank:
+                try:
+                    with self._stage("ranking"):
+                        scores = self.rank(prepared)
+                except Exception as exc:
+                    error = exc
+            return self.finish(prepared, scores, error, log=log, load_shed=cheap)
 
 
 def user_frame(user_key: str, row: dict[str, Any]) -> pd.DataFrame:

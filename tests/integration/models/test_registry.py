@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from recsys_models.baselines import tuned_baselines
 from recsys_models.bundle import load_bundle
 from recsys_models.evaluate import evaluate_bundle
 from recsys_models.registry import (
@@ -55,12 +56,15 @@ def test_bundle_round_trips_and_gate_refuses_a_worse_challenger(
     users = case.holdout["user_id"].drop_duplicates().head(120)
     holdout = case.holdout[case.holdout["user_id"].isin(users)]  # small: the gate runs 3 evals
 
-    report = evaluate_bundle(good, case.train, holdout)
-    first = register_bundle(settings, good, params={"epochs": 3}, report=report,
+    baselines = tuned_baselines(case.train)  # once: both promotions judge the same holdout
+    report = evaluate_bundle(good, case.train, holdout, extra=baselines.recommenders)
+    first = register_bundle(settings, good, params={"epochs": 3, **baselines.info},
+                            report=report,
                             history=[{"epoch": 0.0, "retrieval_loss": 1.0,
                                               "val_recall@50": 0.2}], run_name="good")
     assert alias_version(settings, CHALLENGER) == first.version
-    decision = promote(settings, case.train, holdout, why="first model", who="ci")
+    decision = promote(settings, case.train, holdout, why="first model", who="ci",
+                       baselines=baselines)
     assert decision.promoted and alias_version(settings, CHAMPION) == first.version
 
     # Same scores through models:/<name>@champion as from the in-memory bundle.
@@ -94,7 +98,8 @@ def test_bundle_round_trips_and_gate_refuses_a_worse_challenger(
     worse = make_bundle(case, untrained_tt, untrained_rk, "untrained")
     second = register_bundle(settings, worse, run_name="worse")
     assert alias_version(settings, CHALLENGER) == second.version
-    refused = promote(settings, case.train, holdout, why="should fail", who="ci")
+    refused = promote(settings, case.train, holdout, why="should fail", who="ci",
+                      baselines=baselines)
     assert not refused.promoted and refused.reasons
     assert any("popularity/recall@50" in r for r in refused.reasons), refused.reasons
     assert alias_version(settings, CHAMPION) == first.version
@@ -108,7 +113,15 @@ def test_bundle_round_trips_and_gate_refuses_a_worse_challenger(
     tags_second = client.get_model_version(settings.mlflow.model_name, second.version).tags
     assert tags_second["gate.decision"] == "refused"
     assert json.loads(tags_second["gate.what"])["previous_champion"] == first.version
+    # The tuned baselines on the same holdout: in the gate's tags, the card and the run.
+    shown = json.loads(tags_first["gate.baselines"])
+    assert shown["ease/recall@50"] == pytest.approx(decision.challenger_metrics["ease/recall@50"])
+    assert "als/recall@50" in shown and "final/recall@50_vs_ease" in shown
+    card = client.get_model_version(settings.mlflow.model_name, first.version).description
+    assert "| EASE | ALS |" in card and "Baselines on the same holdout (not gated)" in card
     run = client.get_run(first.run_id)
+    assert run.data.params["baseline/ease_lambda"] == str(baselines.info["baseline/ease_lambda"])
+    assert "final/recall_at_50_vs_als" in run.data.metrics
     assert run.data.metrics["two_tower/recall_at_50"] == pytest.approx(
         report.metrics["two_tower/recall@50"])
     artifacts = {a.path for a in client.list_artifacts(first.run_id, "plots")}

@@ -101,7 +101,9 @@ def serving_env(batch_env: Any, features_state: Any, ray_cluster: Any,
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(RecommenderDeployment.options(autoscaling_config=None, num_replicas=1)
-              .bind(config_file=str(config_file), admission_limit=4),
+              # a 50 ms queue budget: the 3-client loads below are always admitted, the
+              # 24-client burst of the overload test is not
+              .bind(config_file=str(config_file), queue_budget_ms=50),
               name="recsys-test", route_prefix="/", blocking=False)
     url = _app_url("recsys-test", port, direct_ingress_requested(default=False))
     _wait(lambda: call(f"{url}/readyz")[0] == 200, 120, "/readyz")

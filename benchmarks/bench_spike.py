@@ -1,0 +1,259 @@
+"""A traffic spike on a real local Ray Serve: scale-up, admission, scale-down, second by second.
+
+Reuses the platform ``bench_serving.py`` builds (``--workdir``; built first when missing),
+deploys the app as ``recsys serve up`` does (direct ingress, the local profile's autoscaling
+from ``serving.*``: on ongoing requests, up to ``--max-replicas``), measures one replica's
+capacity (closed loop at concurrency 2, full-path answers per second), then drives an open
+loop: ``--low`` x capacity for ``--before`` s, ``--spike`` x capacity for ``--spike-s`` s, and
+``--low`` again until the replicas are back to the minimum (at most ``--after`` s).
+
+The client spreads requests round-robin over the replicas' own URLs and refreshes that list
+every second (what a load balancer fed by the controller's target groups does). Latency counts
+from each request's scheduled send time. Per second of scheduled send time it prints the
+running replicas, the offered and served rates, the admitted p99, the share of 503s and
+whether each carried ``Retry-After``; ``--plot FILE`` draws the timeline (matplotlib).
+
+    flock /tmp/heavy.lock .venv/bin/python benchmarks/bench_spike.py \\
+        --workdir /tmp/bench_serving_work --plot docs/img/spike.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from bench_serving import DEFAULT_REDIS_URL, Outcome, _post, client_session, closed_loop, setup
+
+from recsys_platform.serving.ingress import direct_ingress_env, replica_urls
+
+APP = "spike"
+PORT = 8766
+
+
+@dataclass
+class Second:
+    """What was sent in one second of scheduled send time, and what came back."""
+
+    replicas: int = 0
+    offered: int = 0
+    out: Outcome = field(default_factory=lambda: Outcome(seconds=1.0))
+
+
+def running_replicas() -> int:
+    from ray import serve
+
+    app = serve.status().applications.get(APP)
+    if app is None:
+        return 0
+    states = app.deployments["recommender"].replica_states
+    return int(states.get("RUNNING", 0))
+
+
+async def spike_run(users: list[str], capacity: float, low: float, spike: float,
+                    before_s: float, spike_s: float, after_s: float, min_replicas: int
+                    ) -> list[Second]:
+    urls = await asyncio.to_thread(replica_urls, APP, "127.0.0.1", 60)
+    seconds: list[Second] = []
+    done = asyncio.Event()
+    start = time.perf_counter()
+    spike_end = before_s + spike_s
+
+    async def watch() -> None:
+        nonlocal urls
+        while not done.is_set():
+            replicas, found = await asyncio.gather(
+                asyncio.to_thread(running_replicas),
+                asyncio.to_thread(replica_urls, APP, "127.0.0.1", 5))
+            urls = found or urls
+            second = int(time.perf_counter() - start)
+            while len(seconds) <= second:
+                seconds.append(Second())
+            seconds[second].replicas = replicas
+            await asyncio.sleep(1.0)
+
+    async with client_session(limit=512) as session:
+        async def one(n: int, scheduled: float) -> None:
+            url = f"{urls[n % len(urls)]}/recommend"
+            status, retry_after, cheap = await _post(session, url, users[n % len(users)])
+            second = int(scheduled - start)
+            while len(seconds) <= second:
+                seconds.append(Second())
+            seconds[second].out.add(status, retry_after, cheap,
+                                    time.perf_counter() - scheduled)
+
+        watcher = asyncio.create_task(watch())
+        tasks = []
+        t, n = 0.0, 0
+        while True:
+            if t >= spike_end + after_s:
+                break
+            if t >= spike_end + 10 and seconds and seconds[-1].replicas <= min_replicas:
+                break  # back to the minimum (and at least 10 s of the low phase seen)
+            rate = capacity * (spike if before_s <= t < spike_end else low)
+            scheduled = start + t
+            await asyncio.sleep(max(0.0, scheduled - time.perf_counter()))
+            tasks.append(asyncio.create_task(one(n, scheduled)))
+            second = int(t)
+            while len(seconds) <= second:
+                seconds.append(Second())
+            seconds[second].offered += 1
+            t += 1.0 / rate
+            n += 1
+        await asyncio.gather(*tasks)
+        done.set()
+        await watcher
+    for i, s in enumerate(seconds):  # a second the watcher missed shows the one before it
+        if s.replicas == 0 and i:
+            s.replicas = seconds[i - 1].replicas
+    return seconds
+
+
+def p99(values: list[float]) -> float:
+    return float(np.percentile(np.asarray(values) * 1000, 99)) if values else float("nan")
+
+
+def table(seconds: list[Second], before_s: float, spike_s: float) -> str:
+    rows = ["| s | phase | replicas | offered req/s | 200/s (cheaper path) | admitted p99 ms | "
+            "503 share | 503 with Retry-After | other |", "|" + "---|" * 9]
+    for i, s in enumerate(seconds):
+        o = s.out
+        phase = "spike" if before_s <= i < before_s + spike_s else "low"
+        share = len(o.refused) + o.bare_503
+        rows.append(f"| {i} | {phase} | {s.replicas} | {s.offered} | {len(o.admitted)} "
+                    f"({len(o.cheap)}) | {p99(o.admitted):.0f} | "
+                    f"{share / max(o.sent, 1):.0%} | {len(o.refused)}/{share} | {o.other} |")
+    return "\n".join(rows)
+
+
+def plot(seconds: list[Second], before_s: float, spike_s: float, path: Path,
+         unloaded_p99: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = np.arange(len(seconds))
+    fig, axes = plt.subplots(4, 1, figsize=(9, 8), sharex=True)
+    axes[0].step(x, [s.replicas for s in seconds], where="post", color="black")
+    axes[0].set_ylabel("replicas")
+    axes[1].plot(x, [s.offered for s in seconds], label="offered")
+    axes[1].plot(x, [len(s.out.admitted) for s in seconds], label="served (200)")
+    axes[1].plot(x, [len(s.out.cheap) for s in seconds], label="of which cheaper path")
+    axes[1].set_ylabel("req/s")
+    axes[1].legend(loc="upper right", fontsize=8)
+    axes[2].plot(x, [p99(s.out.admitted) for s in seconds], color="tab:red",
+                 label="admitted p99")
+    axes[2].axhline(2 * unloaded_p99, color="grey", linestyle="--",
+                    label="2x unloaded p99")
+    axes[2].set_ylabel("ms")
+    axes[2].legend(loc="upper right", fontsize=8)
+    axes[3].plot(x, [(len(s.out.refused) + s.out.bare_503) / max(s.out.sent, 1)
+                     for s in seconds], color="tab:orange")
+    axes[3].set_ylabel("503 share")
+    axes[3].set_xlabel("seconds")
+    for ax in axes:
+        ax.axvspan(before_s, before_s + spike_s, color="tab:red", alpha=0.08)
+    fig.suptitle("spike: one replica's capacity x3 for "
+                 f"{spike_s:.0f} s (shaded), Serve autoscaling on ongoing requests")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", type=Path, help="bench_serving's built platform")
+    parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
+    parser.add_argument("--max-replicas", type=int, default=3)
+    parser.add_argument("--low", type=float, default=0.3, help="x capacity before and after")
+    parser.add_argument("--spike", type=float, default=3.0, help="x capacity in the spike")
+    parser.add_argument("--before", type=float, default=10.0)
+    parser.add_argument("--spike-s", type=float, default=40.0)
+    parser.add_argument("--after", type=float, default=60.0)
+    parser.add_argument("--plot", type=Path, help="write the timeline here (PNG)")
+    args = parser.parse_args()
+    os.environ.update(direct_ingress_env(True, draining_s=1))  # as `serve up`
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    import ray
+    from ray import serve
+
+    from recsys_platform.serving.app import RecommenderDeployment
+    from recsys_platform.serving.deployment import deployment_options
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_spike_"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        settings, config_file, users = setup(workdir, args.redis_url)
+        serving = settings.serving.model_copy(update={"max_replicas": args.max_replicas,
+                                                      "min_replicas": 1})
+        options = deployment_options(serving)
+        serve.start(http_options={"host": "127.0.0.1", "port": PORT},
+                    logging_config={"enable_access_log": False})
+        serve.run(RecommenderDeployment.options(**options)  # type: ignore[attr-defined]
+                  .bind(config_file=str(config_file)), name=APP, route_prefix="/",
+                  blocking=False)
+        url = replica_urls(APP, host="127.0.0.1", timeout_s=180)[0]
+        import urllib.request
+
+        for _ in range(180):
+            try:
+                with urllib.request.urlopen(f"{url}/readyz", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            time.sleep(1)
+
+        async def measure() -> tuple[float, float]:
+            async with client_session() as session:
+                await closed_loop(session, f"{url}/recommend", users, 2, 3)  # warm-up
+                out = await closed_loop(session, f"{url}/recommend", users, 2, 8)
+                capacity = len(out.full) / out.seconds
+                from bench_serving import open_loop
+
+                unloaded = await open_loop(session, f"{url}/recommend", users,
+                                           args.low * capacity, 8)
+                return capacity, p99(unloaded.admitted)
+
+        capacity, unloaded_p99 = asyncio.run(measure())
+        print(f"one replica: capacity {capacity:.0f} req/s (closed loop c=2, full path), "
+              f"unloaded p99 {unloaded_p99:.1f} ms (open loop at {args.low:g}x); autoscaling "
+              f"{options['autoscaling_config']}")
+        timeline = asyncio.run(spike_run(users, capacity, args.low, args.spike, args.before,
+                                         args.spike_s, args.after, 1))
+        print(table(timeline, args.before, args.spike_s))
+        in_spike = [s for i, s in enumerate(timeline)
+                    if args.before <= i < args.before + args.spike_s]
+        admitted = [x for s in in_spike for x in s.out.admitted]
+        refused = sum(len(s.out.refused) + s.out.bare_503 for s in in_spike)
+        bare = sum(s.out.bare_503 for s in timeline)
+        peak = max(s.replicas for s in timeline)
+        up = next((i for i, s in enumerate(timeline) if s.replicas > 1), None)
+        down = next((i for i, s in enumerate(timeline)
+                     if i > args.before + args.spike_s and s.replicas == 1), None)
+        print(f"spike: {sum(s.offered for s in in_spike) / len(in_spike):.0f} req/s offered "
+              f"({args.spike:g}x capacity), {len(admitted) / len(in_spike):.0f} req/s served, "
+              f"admitted p99 {p99(admitted):.1f} ms ({p99(admitted) / unloaded_p99:.2f}x the "
+              f"unloaded p99), {refused} refused of which {bare} without Retry-After; "
+              f"replicas 1 -> {peak} (first >1 at t={up}s, spike from t={args.before:g}s), "
+              f"back to 1 at t={down}s (spike ended t={args.before + args.spike_s:g}s); "
+              f"other answers (timeouts, connection errors) "
+              f"{sum(s.out.other for s in timeline)}")
+        if args.plot:
+            plot(timeline, args.before, args.spike_s, args.plot, unloaded_p99)
+            print(f"wrote {args.plot}")
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
