@@ -158,6 +158,77 @@ def pipeline(settings: Settings, cfg: GeneratorConfig, out: dict[str, Any]) -> l
     return users
 
 
+def pipeline_reusing_model(settings: Settings, cfg: GeneratorConfig, out: dict[str, Any],
+                           model_settings: Settings) -> list[str]:
+    """The catalog-sized stages only, for a size whose training does not fit the time: the
+    data path (generate, ETL, features, materialize) as :func:`pipeline`, then the models of
+    an already trained size (its champion) embed THIS catalog and index it (item embedding,
+    HNSW build, bundle size, recall@100 vs exact), registered here as the champion."""
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    from recsys_models.ann import recall_vs_exact
+    from recsys_models.bundle import build_bundle, save_bundle
+    from recsys_models.provenance import load_verified
+    from recsys_models.registry import bundle_size_stats, register_bundle
+    from recsys_pipelines import batch_features, feature_store
+    from recsys_pipelines.flows import etl_flow
+    from recsys_platform.runtime import ensure_ray
+
+    data = timed(out, "generate_s", lambda: generate(cfg))
+    write_generated(data, settings.landing_dir)
+    users = sorted(set(data.events["user_id"].dropna().astype(str)))[:500]
+    out["events"] = len(data.events)
+    del data
+    gc.collect()
+    start, end = cfg.start, cfg.start + timedelta(days=cfg.days - 1)
+    timed(out, "etl_s", lambda: etl_flow(start=start, end=end, settings=settings))
+    ensure_ray(settings)
+    tables = timed(out, "features_s", lambda: batch_features.compute_features(
+        settings.lake_dir, start, end))
+    batch_features.write_feature_tables(tables, feature_store.offline_dir(settings))
+    del tables
+    gc.collect()
+    feature_store.apply_definitions(settings)
+    window = (batch_features.day_end(start).to_pydatetime(),
+              batch_features.day_end(end).to_pydatetime())
+    result = timed(out, "materialize_s", lambda: feature_store.materialize(settings, *window))
+    out["materialized_rows"] = result.rows
+    out["materialize_rows_per_s"] = result.rows / max(out["materialize_s"], 1e-9)
+    name = model_settings.mlflow.model_name
+    client = MlflowClient(tracking_uri=model_settings.mlflow_tracking_uri,
+                          registry_uri=model_settings.mlflow_tracking_uri)
+    version = client.get_model_version_by_alias(name, "champion").version
+    trained = load_verified(model_settings.mlflow_tracking_uri, name, str(version),
+                            model_settings.path(model_settings.mlflow.artifact_location))
+    catalog = pd.read_parquet(settings.lake_dir / "catalog" / "items.parquet")
+    bundle = build_bundle(trained.two_tower, trained.ranker, trained.spec, catalog,
+                          set(catalog["item_id"].astype(str)), version=f"scale-{cfg.items}",
+                          feature_service=trained.feature_service, snapshot_id="none",
+                          as_of=pd.Timestamp(window[1]))
+    stats = bundle.build_stats
+    out["embed_items_s"] = stats.get("embed_items_s")
+    out["index_build_s"] = stats.get("index_build_s")
+    out["catalog_items"] = int(stats.get("items", 0))
+    queries = bundle.encode_users(pd.DataFrame({"user_id": users}))
+    out["recall_at_100_vs_exact"] = recall_vs_exact(bundle.index, bundle.item_embeddings,
+                                                    queries, 100)
+    with tempfile.TemporaryDirectory() as tmp:
+        sizes = bundle_size_stats(bundle, save_bundle(bundle, Path(tmp) / "b"))
+    out["bundle_mib"] = sizes["bundle_bytes"] / 2**20
+    out["index_mib"] = sizes["index_bytes"] / 2**20
+    out["replica_memory_estimate_gib"] = sizes["replica_memory_estimate_bytes"] / 2**30
+    registered = register_bundle(settings, bundle, run_name=f"scale-{cfg.items}")
+    MlflowClient(tracking_uri=settings.mlflow_tracking_uri,
+                 registry_uri=settings.mlflow_tracking_uri).set_registered_model_alias(
+        settings.mlflow.model_name, "champion", str(registered.version))
+    del bundle, trained
+    gc.collect()
+    out["pipeline_peak_rss_gib"] = peak_rss_gib()
+    out["model_from"] = f"{model_settings.data_dir} champion v{version} (not retrained)"
+    return users
+
+
 async def _post(session: aiohttp.ClientSession, url: str, user: str) -> int:
     try:
         async with session.post(url, json={"user_id": user, "k": 20}) as resp:
@@ -305,6 +376,9 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, help="data of every size (default: a temp dir)")
     parser.add_argument("--seconds", type=float, default=20.0, help="open-loop duration")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
+    parser.add_argument("--reuse-model", type=Path, metavar="SETTINGS_YAML",
+                        help="skip the training-set build and training: embed and index each "
+                        "size's catalog with this platform's champion models")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from recsys_platform.serving.ingress import direct_ingress_env
@@ -328,7 +402,9 @@ def main() -> None:
             folder.mkdir(parents=True)
             settings = write_config(folder, args.redis, size)
             t0 = time.perf_counter()
-            users = pipeline(settings, SIZES[size], out)
+            users = (pipeline_reusing_model(settings, SIZES[size], out,
+                                            load_settings("local", args.reuse_model))
+                     if args.reuse_model else pipeline(settings, SIZES[size], out))
             out["pipeline_s"] = time.perf_counter() - t0
             serve_size(settings, folder / "settings.yaml", users, args.seconds, out)
             print(f"{size}: {json.dumps(out, default=str)}", flush=True)
