@@ -16,7 +16,7 @@ def test_ray_data_and_chunked_embeddings_equal_the_bundles(ray_cluster: Any) -> 
     rows = bundle.catalog
     chunked = embed_catalog(bundle.two_tower, bundle.spec, rows, bundle.known_items, chunk=97,
                             use_ray=False)
-    on_ray = embed_catalog(bundle.two_tower, bundle.spec, rows, bundle.known_items, chunk=500,
+    on_ray = embed_catalog(bundle.two_tower, bundle.spec, rows, bundle.known_items, chunk=4096,
                            use_ray=True)
     np.testing.assert_allclose(chunked, bundle.item_embeddings, atol=1e-6)
     np.testing.assert_allclose(on_ray, bundle.item_embeddings, atol=1e-6)

@@ -314,6 +314,34 @@ def test_rows_in_use_are_re_read_in_the_background_before_they_expire() -> None:
     assert cache.rows(["a"]).values("a") == {"item_clicks_7d": 2} and cache.misses == 1
 
 
+def test_a_failed_item_read_serves_stale_rows_and_pauses_reads() -> None:
+    from recsys_platform.serving.item_features import ItemReadError
+
+    now = [0.0]
+    down = [False]
+    reads: list[list[str]] = []
+
+    def fetch(ids: Any) -> list[tuple[Any, ...]]:
+        reads.append(list(ids))
+        if down[0]:
+            raise ConnectionError("redis down")
+        return [((7, 7.0),) for _ in ids]
+
+    cache = ItemFeatureCache(fetch, ("item_clicks_7d",), ttl_s=30, clock=lambda: now[0],
+                             refresh_after=1.0)
+    cache.rows(["a"])
+    down[0], now[0] = True, 40.0  # "a" expired, Redis down
+    with pytest.raises(ItemReadError) as failed:
+        cache.rows(["a", "b"])
+    assert failed.value.rows.values("a") == {"item_clicks_7d": 7}  # stale beats nothing
+    assert failed.value.rows.values("b") == {}
+    with pytest.raises(ItemReadError):
+        cache.rows(["b"])
+    assert len(reads) == 2  # paused: no third read within retry_after_s
+    down[0], now[0] = False, 42.0
+    assert cache.rows(["b"]).values("b") == {"item_clicks_7d": 7} and len(reads) == 3
+
+
 def test_cold_start_lists_keep_the_old_lists_when_a_read_fails() -> None:
     answers: list[Any] = [{"popular": ["a"], "fresh": ["b"]}, RuntimeError("redis down")]
 

@@ -184,6 +184,14 @@ class ItemRows:
                             index=pd.Index(list(item_ids), name=ITEM_KEY))
 
 
+class ItemReadError(Exception):
+    """The item read failed; ``rows`` holds what the cache still had (stale rows included)."""
+
+    def __init__(self, rows: ItemRows, cause: BaseException) -> None:
+        super().__init__(f"item feature read failed: {type(cause).__name__}: {cause}")
+        self.rows = rows
+
+
 class ItemFeatureCache:
     """A bounded LRU of item feature rows in front of one pipelined read per request.
 
@@ -214,6 +222,8 @@ class ItemFeatureCache:
         self._entries: dict[str, _Entry] = {}  # insertion order: oldest read first
         self._lock = threading.Lock()
         self._due: set[str] = set()  # rows to re-read in the background
+        self._down_until = 0.0  # no reads before this (clock) time: the last one failed
+        self.retry_after_s = 1.0
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         meta = [self.names.index(n) if n in self.names else -1 for n in _META]
@@ -244,8 +254,14 @@ class ItemFeatureCache:
         return new
 
     def rows(self, item_ids: Sequence[str]) -> ItemRows:
-        """The rows of ``item_ids`` (absent items: rows of ``None``); raises when the read
-        of the items the cache does not hold fails."""
+        """The rows of ``item_ids`` (absent items: rows of ``None``).
+
+        Raises:
+            ItemReadError: The read of the items the cache does not hold failed, or failed
+                less than ``retry_after_s`` ago (then Redis is not tried: a dead Redis costs
+                one timeout per ``retry_after_s``, not one per request). It carries the rows
+                the cache still has, expired ones included (stale beats nothing).
+        """
         now = self._clock()
         ids = list(item_ids)
         got: list[_Entry | None] = list(map(self._entries.get, ids))  # reads take no lock
@@ -264,7 +280,14 @@ class ItemFeatureCache:
         self.misses += len(missing)
         self.hits += len(ids) - len(missing)
         if missing:
-            new = self._store(list(dict.fromkeys(missing)))
+            if now < self._down_until:
+                raise ItemReadError(ItemRows(self.names, ids, got),
+                                    RuntimeError("item reads paused after a failure"))
+            try:
+                new = self._store(list(dict.fromkeys(missing)))
+            except Exception as exc:
+                self._down_until = self._clock() + self.retry_after_s
+                raise ItemReadError(ItemRows(self.names, ids, got), exc) from exc
             got = [new.get(i, e) for i, e in zip(ids, got, strict=True)]
         return ItemRows(self.names, ids, got)
 
@@ -272,6 +295,8 @@ class ItemFeatureCache:
         """Re-reads the rows marked for a background refresh; returns how many."""
         with self._lock:
             ids, self._due = list(self._due), set()
+        if self._clock() < self._down_until:
+            return 0
         for start in range(0, len(ids), 1_000):
             self._store(ids[start:start + 1_000])
         return len(ids)

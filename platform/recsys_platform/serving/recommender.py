@@ -46,7 +46,7 @@ from recsys_platform.privacy import pseudonymize
 from recsys_platform.serving.bundle_manager import BundleManager, LoadedBundle
 from recsys_platform.serving.candidates import Candidate, diversify, drop_items, merge_sources
 from recsys_platform.serving.impressions import ImpressionLogger
-from recsys_platform.serving.item_features import ItemRows
+from recsys_platform.serving.item_features import ItemReadError, ItemRows
 from recsys_platform.serving.metrics import ServingMetrics
 from recsys_platform.serving.schemas import RecommendedItem, RecommendRequest, RecommendResponse
 
@@ -190,7 +190,10 @@ class Recommender:
         with self._stage("item_features"):
             try:
                 return self.features.item_rows(item_ids)
-            except Exception as exc:  # Redis down or slow
+            except ItemReadError as exc:  # Redis down or slow: the rows the cache still has
+                self._fallback(degraded, "item_features", exc)
+                return exc.rows
+            except Exception as exc:
                 self._fallback(degraded, "item_features", exc)
                 return ItemRows.empty()
 
