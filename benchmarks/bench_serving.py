@@ -17,6 +17,10 @@ Redis read of each user's features:
 The load generator shares the 2 cores with the server, so it is kept cheap: one aiohttp
 session with connection reuse, and its garbage collector off while it measures.
 
+``--experiments`` adds the online-experiment section (:func:`experiments_section`): the same
+open loop with no experiment, with a 50% split experiment, and with a shadow experiment, one
+after the other on the same replica, each p99 next to the no-experiment run's.
+
 ``--workdir DIR`` keeps the built platform (and its Redis keys) in DIR and reuses it on the
 next run, so repeated measurements skip the ~minutes of setup. Run it under the heavy lock::
 
@@ -299,7 +303,7 @@ class Outcome:
                 f"503 without Retry-After {self.bare_503}, other {self.other}")
 
 
-async def _post(session: aiohttp.ClientSession, url: str, user: str
+async def post(session: aiohttp.ClientSession, url: str, user: str
                 ) -> tuple[int, bool, bool]:
     """The HTTP status (0: a timeout or a connection error), whether it carried Retry-After,
     and whether the answer took the cheaper path (``degraded: ["load"]``)."""
@@ -320,7 +324,7 @@ async def closed_loop(session: aiohttp.ClientSession, url: str, users: list[str]
         n = i
         while time.perf_counter() < deadline:
             t0 = time.perf_counter()
-            status, retry_after, cheap = await _post(session, url, users[n % len(users)])
+            status, retry_after, cheap = await post(session, url, users[n % len(users)])
             out.add(status, retry_after, cheap, time.perf_counter() - t0)
             if status == 503:  # as a client honouring Retry-After would, but sooner
                 await asyncio.sleep(0.01)
@@ -340,7 +344,7 @@ async def open_loop(session: aiohttp.ClientSession, url: str | Any, users: list[
     target = url if callable(url) else (lambda n: url)
 
     async def one(n: int, scheduled: float) -> None:
-        status, retry_after, cheap = await _post(session, target(n), users[n % len(users)])
+        status, retry_after, cheap = await post(session, target(n), users[n % len(users)])
         out.add(status, retry_after, cheap, time.perf_counter() - scheduled)
 
     tasks = []
@@ -428,14 +432,30 @@ async def fixed_rates(users: list[str], base: str, floor: Floor, rates: list[flo
 
 
 async def ray_backpressure(users: list[str], base: str) -> None:
-    """A burst against Ray Serve's own limits (max_ongoing_requests=1, max_queued_requests=1):
-    its 503s must carry Retry-After too (serving/ingress.py's middleware)."""
+    """A burst against Ray Serve's own limits (max_ongoing_requests=1, max_queued_requests=1)
+    while the app's admission lets everything in: Ray's 503s must carry Retry-After too
+    (serving/ingress.py's middleware)."""
+    counts = {"200": 0, "ray 503": 0, "ray 503 with Retry-After": 0, "other": 0}
+    deadline = time.perf_counter() + 3
+
+    async def worker(session: aiohttp.ClientSession, i: int) -> None:
+        while time.perf_counter() < deadline:
+            async with session.post(f"{base}/recommend",
+                                    json={"user_id": users[i % len(users)], "k": 20}) as resp:
+                body = await resp.read()
+                if resp.status == 200:
+                    counts["200"] += 1
+                elif resp.status == 503 and b"backpressure" in body:
+                    counts["ray 503"] += 1
+                    counts["ray 503 with Retry-After"] += "Retry-After" in resp.headers
+                else:
+                    counts["other"] += 1
+
     async with client_session() as session:
-        out = await closed_loop(session, f"{base}/recommend", users, 16, 3)
-    print(f"Ray Serve's own backpressure (max_ongoing_requests=1, max_queued_requests=1, "
-          f"closed loop c=16 for 3 s): {len(out.admitted)} served, "
-          f"{len(out.refused) + out.bare_503} refused, {out.bare_503} without Retry-After, "
-          f"{out.other} other")
+        await asyncio.gather(*(worker(session, i) for i in range(16)))
+    print("Ray Serve's own backpressure (max_ongoing_requests=1, max_queued_requests=1, app "
+          "admission open, closed loop c=16 for 3 s): "
+          + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
 
 # Leaf frames of threads that wait (in C: a lock, a queue, epoll); on a loaded machine py-spy
@@ -493,6 +513,91 @@ def wait_ready(base: str, timeout_s: float = 180) -> None:
     raise TimeoutError(f"{base}/readyz not 200 after {timeout_s:.0f}s")
 
 
+# --- online experiments (issue 17): p99 with a split and with shadow, next to none ---------
+
+
+def experiment_config(config_file: Path) -> Path:
+    """The bench config with a 2 s registry poll, so replicas pick experiments up quickly."""
+    data = yaml.safe_load(config_file.read_text())
+    data.setdefault("serving", {})["poll_interval_s"] = 2
+    path = config_file.with_name("settings-experiments.yaml")
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _readyz(base: str) -> dict[str, Any]:
+    import urllib.request
+
+    with urllib.request.urlopen(f"{base}/readyz", timeout=5) as r:
+        body: dict[str, Any] = json.loads(r.read())
+        return body
+
+
+def _metric(base: str, line_start: str) -> float:
+    import urllib.request
+
+    with urllib.request.urlopen(f"{base}/metrics", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(line_start):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def _await_experiment(base: str, exp_id: str | None, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        got = _readyz(base).get("experiment")
+        if (got is None and exp_id is None) or (got and got["id"] == exp_id and got["live"]):
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"serving did not pick up experiment {exp_id} in {timeout_s:.0f}s")
+
+
+async def experiments_section(settings: Settings, users: list[str], rate: float,
+                              seconds: float, base: str) -> None:
+    """Open loop at ``rate`` with no experiment, a 50% split, then shadow; p99 of each."""
+    from recsys_models.registry import load_alias, register_bundle
+    from recsys_platform.experiments import lifecycle
+
+    if lifecycle.current(settings) is not None:
+        lifecycle.stop(settings, why="benchmark start", who="bench_serving")
+    treatment = register_bundle(settings, load_alias(settings, "champion"),
+                                run_name="bench-treatment").version  # same model, 2nd copy
+    url = f"{base}/recommend"
+    gc.collect()
+    gc.disable()
+    results: dict[str, tuple[float, float, int]] = {}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=128),
+                                     timeout=aiohttp.ClientTimeout(total=30)) as session:
+        for mode in ("none", "split", "shadow"):
+            if mode != "none":
+                exp = lifecycle.start(settings, treatment, mode, 0.5 if mode == "split" else 1.0,
+                                      why="benchmark", who="bench_serving",
+                                      min_samples=10**9)
+                _await_experiment(base, exp.id)
+            await closed_loop(session, url, users, 4, 3)  # warm-up (both arms' caches)
+            shadow_before = {o: _metric(base, f'recsys_experiment_shadow_total{{outcome="{o}"')
+                             for o in ("logged", "dropped", "stale")}
+            lat, errors, rps = await open_loop(session, url, users, rate, seconds)
+            results[mode] = (pct(lat, 50), pct(lat, 99), errors)
+            extra = ""
+            if mode == "shadow":
+                got = {o: _metric(base, f'recsys_experiment_shadow_total{{outcome="{o}"')
+                       - shadow_before[o] for o in shadow_before}
+                extra = (f"; shadow rankings logged {got['logged']:.0f}, dropped "
+                         f"{got['dropped']:.0f} (queue full), stale {got['stale']:.0f} of "
+                         f"{len(lat) + errors} requests")
+            base99 = results["none"][1]
+            print(f"experiment {mode:6s} open loop {rate:.0f} req/s for {seconds:.0f}s: p50 "
+                  f"{pct(lat, 50):.1f} ms, p99 {pct(lat, 99):.1f} ms "
+                  f"({pct(lat, 99) / base99:.2f}x no experiment), served {rps:.0f} req/s, "
+                  f"non-200 {errors}{extra}")
+            if mode != "none":
+                lifecycle.stop(settings, why="benchmark", who="bench_serving")
+                _await_experiment(base, None)
+    gc.enable()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", type=Path, help="keep/reuse the built platform here")
@@ -512,6 +617,10 @@ def main() -> None:
     parser.add_argument("--throughput-optimized", action="store_true",
                         help="start Ray with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (Ray Serve's own "
                         "same-loop / gRPC / log-buffer settings)")
+    parser.add_argument("--experiments", action="store_true",
+                        help="also: p99 with a split and with a shadow experiment, next to none")
+    parser.add_argument("--experiments-only", action="store_true",
+                        help="only the experiments section (skips the closed loops)")
     parser.add_argument("--proxy", action="store_true",
                         help="no direct ingress: requests go through Serve's proxy "
                         "(`recsys serve up --no-direct-ingress`)")
@@ -533,12 +642,14 @@ def main() -> None:
         floor = in_process(settings, users)
         serve.start(http_options={"host": "127.0.0.1", "port": PORT},
                     logging_config={"enable_access_log": False})
+        experiments = args.experiments or args.experiments_only
+        served_config = experiment_config(config_file) if experiments else config_file
 
         def deploy(**options: Any) -> str:
             """(Re)deploys the one replica; returns its URL once /readyz answers 200."""
             serve.run(RecommenderDeployment.options(  # type: ignore[attr-defined]
                 autoscaling_config=None, num_replicas=1, **options).bind(
-                    config_file=str(config_file), batch_ranker=args.batch_ranker),
+                    config_file=str(served_config), batch_ranker=args.batch_ranker),
                 name="bench", route_prefix="/", blocking=False)
             base = (f"http://127.0.0.1:{PORT}" if args.proxy
                     else replica_urls("bench", host="127.0.0.1", timeout_s=180)[0])
@@ -552,6 +663,15 @@ def main() -> None:
               f"throughput_optimized={args.throughput_optimized}, {base}"
               f"{' (proxy)' if args.proxy else ' (replica, direct ingress as `serve up`)'}, "
               f"pid {os.getpid()}, load average {os.getloadavg()[0]:.1f}")
+        rates = [float(r) for r in args.rates.split(",") if r]
+        if experiments:  # p99 with a split and with shadow, next to none, on a fresh replica
+            asyncio.run(experiments_section(settings, users, rates[0], args.seconds,
+                                            deploy()))
+            if args.experiments_only:
+                serve.shutdown()
+                ray.shutdown()
+                return
+            base = deploy(user_config={"cheap_path": False})
         if args.profile_replica:
             asyncio.run(profile_replica(users, base, args.profile_replica))
         capacity = asyncio.run(closed_loops(users, floor, base))
@@ -561,11 +681,10 @@ def main() -> None:
         base = deploy(user_config={"cheap_path": True})
         asyncio.run(overloaded(users, base, capacity, base_p99, args.overload, args.seconds,
                                "with the cheaper path (cheap_path on)"))
-        rates = [float(r) for r in args.rates.split(",") if r]
         asyncio.run(fixed_rates(users, base, floor, rates, args.seconds))
         # Ray Serve's own backpressure: its limits at 1 (a lightweight update, same replica)
-        base = deploy(user_config={"cheap_path": True}, max_ongoing_requests=1,
-                      max_queued_requests=1)
+        base = deploy(user_config={"cheap_path": True, "queue_budget_ms": 60_000},
+                      max_ongoing_requests=1, max_queued_requests=1)
         asyncio.run(ray_backpressure(users, base))
         print(f"load average after: {os.getloadavg()[0]:.1f}")
         serve.shutdown()

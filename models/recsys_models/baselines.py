@@ -126,8 +126,9 @@ def als_recommender(train: pd.DataFrame, factors: int = 64, reg: float = 0.01,
 
     data = _interactions(train)
     with threadpool_limits(1, "blas"):  # implicit checks (and warns about) BLAS threads
+        # one thread: implicit's multi-threaded updates are not reproducible for a seed
         model = AlternatingLeastSquares(factors=factors, regularization=reg,
-                                        iterations=iterations, random_state=7)
+                                        iterations=iterations, random_state=7, num_threads=1)
         model.fit((data.matrix * alpha).tocsr(), show_progress=False)
     user_factors = np.asarray(model.user_factors, dtype=np.float32)
     item_factors = np.asarray(model.item_factors, dtype=np.float32)

@@ -303,15 +303,20 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def snapshot_histories(settings: Settings, users: list[str], snapshot_id: str | None = None,
-                       length: int = HISTORY_LENGTH) -> dict[str, list[str]]:
+                       length: int = HISTORY_LENGTH
+                       ) -> tuple[dict[str, list[str]], dict[str, set[str]]]:
     """Each user's latest ``length`` distinct engaged items in a training snapshot, newest
-    first (batch scoring where there is no online store, e.g. an imported MovieLens)."""
+    first, and every item they engaged with there (batch scoring where there is no online
+    store, e.g. an imported MovieLens)."""
     ds = read_snapshot(snapshot_dir(settings.data_dir, snapshot_id))
     rows = _arrow_to_pandas(ds.select_columns(EVAL_COLUMNS))
     rows = rows[rows["user_id"].astype(str).isin(set(users))]
     events = rows.loc[engaged_mask(rows), ["user_id", "item_id", "event_time"]]
-    events = events.assign(user_id=events["user_id"].astype(str))
+    events = events.assign(user_id=events["user_id"].astype(str),
+                           item_id=events["item_id"].astype(str))
     end = pd.to_datetime(rows["event_time"], utc=True).max() + pd.Timedelta(seconds=1)
     query = pd.DataFrame({"user_id": users, "event_time": end})
     histories = pit_histories(query, np.zeros(len(query), bool), length, events=events)
-    return dict(zip(users, histories, strict=True))
+    engaged = events.groupby("user_id")["item_id"].agg(set)
+    return (dict(zip(users, histories, strict=True)),
+            {u: engaged.get(u, set()) for u in users})

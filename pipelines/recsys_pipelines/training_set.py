@@ -69,7 +69,8 @@ class LabelJoin:
     as_of: pd.Timestamp | None  # None: there were no events
 
 
-def _label_all(events: pd.DataFrame, window: timedelta) -> pd.DataFrame:
+def _label_all(events: pd.DataFrame, window: timedelta,
+               columns: tuple[str, ...] = IMPRESSION_COLUMNS) -> pd.DataFrame:
     imp = events[events["event_type"] == "impression"].sort_values(["event_time", "event_id"])
     imp = imp.drop_duplicates(_KEY, keep="first")
     base = imp[[*_KEY, "event_time", "item_duration_ms"]].reset_index(drop=True)
@@ -91,11 +92,12 @@ def _label_all(events: pd.DataFrame, window: timedelta) -> pd.DataFrame:
     out["watch_time_ms"] = out["_imp"].map(watched).astype("float64")
     out["item_duration_ms"] = out["item_duration_ms"].astype("float64")
     out = out.sort_values(["event_time", "_imp"], kind="stable")
-    return out[list(IMPRESSION_COLUMNS)].reset_index(drop=True)
+    return out[list(columns)].reset_index(drop=True)
 
 
 def join_labels(
-    events: pd.DataFrame, window: timedelta = LABEL_WINDOW, as_of: datetime | None = None
+    events: pd.DataFrame, window: timedelta = LABEL_WINDOW, as_of: datetime | None = None,
+    with_request_id: bool = False,
 ) -> LabelJoin:
     """Labels impressions with later clicks/watches; keeps only those whose window closed.
 
@@ -104,15 +106,18 @@ def join_labels(
         window: How long after the impression a click or watch still counts.
         as_of: When the join is made; default: the newest event time in ``events``. Events
             after ``as_of`` are ignored, so a re-run with the same ``as_of`` gives the same rows.
+        with_request_id: Also return each impression's ``request_id`` (online experiments
+            join it back to the served log's arm).
 
     Returns:
         The closed, labelled impressions and the number still pending.
     """
+    columns = (*IMPRESSION_COLUMNS, "request_id") if with_request_id else IMPRESSION_COLUMNS
     if events.empty:
-        return LabelJoin(_label_all(events, window), 0, None)
+        return LabelJoin(_label_all(events, window, columns), 0, None)
     cut = pd.Timestamp(as_of) if as_of is not None else events["event_time"].max()
     cut = cut.tz_localize("UTC") if cut.tzinfo is None else cut.tz_convert("UTC")
-    labelled = _label_all(events[events["event_time"] <= cut], window)
+    labelled = _label_all(events[events["event_time"] <= cut], window, columns)
     closed = pd.to_datetime(labelled["event_time"], utc=True) <= cut - window
     pending = int((~closed).sum())
     if pending:

@@ -21,6 +21,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from recsys_platform.commands import deploy as deploy_commands
+from recsys_platform.commands import experiment as experiment_commands
 from recsys_platform.commands import features as features_commands
 from recsys_platform.commands import models as models_commands
 from recsys_platform.commands import monitor as monitor_commands
@@ -49,6 +50,7 @@ app.add_typer(stream_commands.app, name="stream")
 app.add_typer(serve_commands.app, name="serve")
 app.add_typer(deploy_commands.app, name="deploy")
 app.add_typer(monitor_commands.app, name="monitor")
+app.add_typer(experiment_commands.app, name="experiment")
 app.add_typer(platform_commands.app, name="platform")
 app.add_typer(privacy_commands.app, name="privacy")
 app.add_typer(ui_commands.app, name="ui")

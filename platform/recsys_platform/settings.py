@@ -179,9 +179,9 @@ class ServingSettings(_Section):
     max_replicas: int = Field(default=4, ge=1)
     # Serve autoscaling on ongoing requests (rendered by serving/deployment.py into the Serve
     # config, `serve up` and the Helm chart).
-    target_ongoing_requests: int = Field(default=2, ge=1)
+    target_ongoing_requests: int = Field(default=1, ge=1)
     upscale_delay_s: float = Field(default=2.0, ge=0)
-    downscale_delay_s: float = Field(default=20.0, ge=0)
+    downscale_delay_s: float = Field(default=30.0, ge=0)
     metrics_interval_s: float = Field(default=1.0, gt=0)  # replica -> controller pushes
     look_back_period_s: float = Field(default=3.0, gt=0)  # ongoing requests averaged over this
     # Ray Serve's own limits sit far above the app's admission, so that every refusal is the

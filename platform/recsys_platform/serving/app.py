@@ -202,6 +202,8 @@ class RecommenderDeployment:
                                 "last_error": (manager.last_error or "")[:300] or None,
                                 "item_cache_age_s": self.cache.age_s(),
                                 "admission": self.admission.state()}
+        arms = self.recommender.experiments
+        body["experiment"] = arms.status() if arms is not None else None  # online experiment
         ready = current is not None
         return JSONResponse(status_code=200 if ready else 503,
                             content={"ready": ready, **body})

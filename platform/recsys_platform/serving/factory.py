@@ -14,8 +14,10 @@ import redis
 from recsys_models.bundle import Bundle
 from recsys_models.fast_rank import ranking_catalog
 from recsys_platform.cold_start import cold_start_file, read_lists, read_lists_file
+from recsys_platform.experiments.definition import ACTIVE_TAG, Experiment
 from recsys_platform.features import HISTORY_LENGTH
 from recsys_platform.serving.bundle_manager import BundleManager, LastGood
+from recsys_platform.serving.experiments import ExperimentArms
 from recsys_platform.serving.impressions import ImpressionLogger
 from recsys_platform.serving.item_features import (
     ColdStartLists,
@@ -116,6 +118,44 @@ def registry_manager(settings: Settings, metrics: ServingMetrics, alias: str = C
 
     last_good = LastGood(settings.data_dir / "serving" / f"last_good-{alias}.json", name)
     return BundleManager(resolve, load, check, metrics, last_good)
+
+
+def registry_arms(settings: Settings, metrics: ServingMetrics,
+                  prepare: Callable[[Any], None] | None = None) -> ExperimentArms:
+    """Online experiment arms that follow the registered model's ``experiment.active`` tag in
+    MLflow, load treatments with the same checks as a champion (digest, smoke query,
+    ``prepare``) and log shadow rankings to ``landing/shadow``."""
+    from mlflow import MlflowClient
+
+    from recsys_models.provenance import load_verified
+
+    name = settings.mlflow.model_name
+    client = MlflowClient(tracking_uri=settings.mlflow_tracking_uri,
+                          registry_uri=settings.mlflow_tracking_uri)
+
+    def read_active() -> Experiment | None:
+        try:
+            tags = client.get_registered_model(name).tags
+        except Exception as exc:
+            if "RESOURCE_DOES_NOT_EXIST" in str(exc) or "not found" in str(exc).lower():
+                return None
+            raise
+        text = tags.get(ACTIVE_TAG)
+        return Experiment.from_json(text) if text else None
+
+    def load(version: str) -> Any:
+        return load_verified(settings.mlflow_tracking_uri, name, version,
+                             settings.path(settings.mlflow.artifact_location))
+
+    def check(bundle: Any) -> None:
+        smoke_test(bundle)
+        if prepare is not None:
+            prepare(bundle)
+
+    shadow_log = ImpressionLogger(settings.landing_dir, folder="shadow", events=False,
+                                  flush_every=500)
+    shadow_log.start()
+    return ExperimentArms(read_active, load, check, metrics, shadow_log)
 
 
 def index_new_items(bundle: Any, item_ids: Sequence[str], rows: ItemRows) -> int:
@@ -229,17 +269,29 @@ def build_recommender(settings: Settings) -> tuple[Recommender, ColdStartLists]:
 
     manager = registry_manager(settings, metrics, prepare=prepare)
 
+    arms = registry_arms(settings, metrics, prepare)  # online experiments: split, shadow
+
     def on_refresh(new_lists: dict[str, list[str]]) -> None:
-        current = manager.current
         ids = list_items(new_lists)
-        if current is not None and ids:
-            index_new_items(current.bundle, ids, items.rows(ids))
+        if not ids:
+            return
+        rows = items.rows(ids)
+        current = manager.current
+        if current is not None:
+            index_new_items(current.bundle, ids, rows)
+
+        def index_arm(bundle: Any) -> None:
+            index_new_items(bundle, ids, rows)
+
+        arms.prepare(index_arm)
 
     lists.on_refresh.append(on_refresh)
     lists.refresh()
     manager.refresh()
     lists.start()
     manager.start(settings.serving.poll_interval_s)
+    arms.refresh()
+    arms.start(settings.serving.poll_interval_s)
     stream_dir = Path(settings.path(settings.flink.stream_dir))
     impressions = ImpressionLogger(settings.landing_dir,
                                    stream_dir if settings.flink.source == "file" else None,
@@ -258,5 +310,5 @@ def build_recommender(settings: Settings) -> tuple[Recommender, ColdStartLists]:
         reader = RedisUserFeatures(store, settings.redis.url,
                                    max(settings.redis.timeout_ms / 1000, 0.05))
     recommender = Recommender(manager, FeastFeatureSource(reader, items, lists), impressions,
-                              metrics, options)
+                              metrics, options, experiments=arms)
     return recommender, lists

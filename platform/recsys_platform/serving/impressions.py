@@ -5,8 +5,12 @@ Two outputs, both written atomically (a hidden temp name, then a rename):
 - ``landing/events/date=YYYY-MM-DD/served-<stamp>-<pid>-<n>.parquet``: impression events in the
   raw event contract, which the ETL ingests and joins with later clicks and watches;
 - ``landing/served/date=YYYY-MM-DD/...parquet``: the full response (position, score, source,
-  bundle version), and with ``stream_dir`` set, the same impressions as newline-JSON for the
-  stream job.
+  bundle version, and per request the online experiment and arm it was served in, its
+  degraded stages and its latency), and with ``stream_dir`` set, the same impressions as
+  newline-JSON for the stream job.
+
+A shadow experiment's rankings, which no user saw, go through a second logger with
+``folder="shadow", events=False``: ``landing/shadow/`` only, never impression events.
 
 Responses are buffered and written by a flusher thread, never on the request path. With
 ``wal_dir`` set, :meth:`ImpressionLogger.log` first appends the response as one JSON line to a
@@ -50,11 +54,18 @@ SERVED_SCHEMA = pa.schema(
         pa.field("source", pa.string()),
         pa.field("bundle_version", pa.string()),
         pa.field("served_at", pa.timestamp("ms", tz="UTC")),
+        # Per request (repeated on its rows); null in files written before they existed.
+        pa.field("experiment_id", pa.string()),  # the online experiment it was served in
+        pa.field("arm", pa.string()),  # control | treatment
+        pa.field("degraded", pa.string()),  # comma-separated stages that fell back
+        pa.field("latency_ms", pa.float64()),  # request start to response built, in-process
     ]
 )
+_REQUEST_FIELDS = ("experiment_id", "arm", "degraded", "latency_ms")
 
-
-_Record = tuple[str, str, list[tuple[str, float, str]], str | None, str, str, datetime]
+# (request_id, user_id, items, version, surface, device, served_at, per-request fields)
+_Record = tuple[str, str, list[tuple[str, float, str]], str | None, str, str, datetime,
+                dict[str, Any]]
 
 
 def _atomic_parquet(rows: list[dict[str, Any]], schema: pa.Schema, path: Path) -> None:
@@ -62,15 +73,15 @@ def _atomic_parquet(rows: list[dict[str, Any]], schema: pa.Schema, path: Path) -
 
 
 def _wal_line(record: _Record) -> bytes:
-    request_id, user_id, items, version, surface, device, now = record
+    request_id, user_id, items, version, surface, device, now, extra = record
     return (json.dumps([request_id, user_id, items, version, surface, device,
-                        now.isoformat()], separators=(",", ":")) + "\n").encode()
+                        now.isoformat(), extra], separators=(",", ":")) + "\n").encode()
 
 
 def _wal_record(line: bytes) -> _Record:
-    request_id, user_id, items, version, surface, device, now = json.loads(line)
+    request_id, user_id, items, version, surface, device, now, *extra = json.loads(line)
     return (request_id, user_id, [(i, float(s), src) for i, s, src in items], version, surface,
-            device, datetime.fromisoformat(now))
+            device, datetime.fromisoformat(now), extra[0] if extra else {})
 
 
 class _Segment:
@@ -129,8 +140,11 @@ class ImpressionLogger:
     """
 
     def __init__(self, landing_dir: Path, stream_dir: Path | None = None,
-                 flush_every: int = 1000, wal_dir: Path | None = None) -> None:
+                 flush_every: int = 1000, wal_dir: Path | None = None,
+                 folder: str = "served", events: bool = True) -> None:
         self._landing = landing_dir
+        self._folder = folder  # landing/<folder>/ holds the full responses
+        self._events = events  # False: no impression events (shadow rankings nobody saw)
         self._stream = stream_dir
         self._flush_every = flush_every
         self._served: list[_Record] = []
@@ -213,9 +227,16 @@ class ImpressionLogger:
         self.flush()
 
     def log(self, request_id: str, user_id: str, items: list[tuple[str, float, str]],
-            bundle_version: str | None, surface: str, device: str) -> None:
-        """Records one response: ``items`` are ``(item_id, score, source)`` in served order."""
-        record = (request_id, user_id, items, bundle_version, surface, device, datetime.now(UTC))
+            bundle_version: str | None, surface: str, device: str, *,
+            experiment_id: str | None = None, arm: str | None = None, degraded: str = "",
+            latency_ms: float | None = None) -> None:
+        """Records one response: ``items`` are ``(item_id, score, source)`` in served order;
+        ``experiment_id``/``arm`` name the online experiment arm that served it."""
+        extra = {k: v for k, v in (("experiment_id", experiment_id), ("arm", arm),
+                                   ("degraded", degraded), ("latency_ms", latency_ms))
+                 if v not in (None, "")}
+        record = (request_id, user_id, items, bundle_version, surface, device,
+                  datetime.now(UTC), extra)
         with self._lock:
             if self._wal_dir is not None:
                 try:
@@ -268,8 +289,9 @@ class ImpressionLogger:
         rows = [
             {"request_id": request_id, "user_id": user_id, "item_id": item_id, "position": pos,
              "score": score, "source": source, "bundle_version": version, "served_at": now,
-             "surface": surface, "device": device}
-            for request_id, user_id, items, version, surface, device, now in records
+             "surface": surface, "device": device,
+             **{k: extra.get(k) for k in _REQUEST_FIELDS}}
+            for request_id, user_id, items, version, surface, device, now, extra in records
             for pos, (item_id, score, source) in enumerate(items)
         ]
         if not rows:
@@ -282,12 +304,13 @@ class ImpressionLogger:
         for row in rows:
             by_day.setdefault(row["served_at"].date().isoformat(), []).append(row)
         for day, day_rows in by_day.items():
-            events = [self._event(r) for r in day_rows]
-            _atomic_parquet(events, RAW_EVENT_SCHEMA,
-                            self._landing / "events" / f"date={day}" / f"served-{stamp}.parquet")
-            _atomic_parquet(day_rows, SERVED_SCHEMA,
-                            self._landing / "served" / f"date={day}" / f"served-{stamp}.parquet")
-            if self._stream is not None:
+            events = [self._event(r) for r in day_rows] if self._events else []
+            if events:  # first: a failed write below re-sends events, which the ETL dedupes
+                _atomic_parquet(events, RAW_EVENT_SCHEMA, self._landing / "events"
+                                / f"date={day}" / f"served-{stamp}.parquet")
+            _atomic_parquet(day_rows, SERVED_SCHEMA, self._landing / self._folder
+                            / f"date={day}" / f"{self._folder}-{stamp}.parquet")
+            if events and self._stream is not None:
                 self._write_jsonl(events, self._stream / f"served-{day}-{stamp}.jsonl")
 
     @staticmethod

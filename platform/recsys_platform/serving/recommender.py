@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -49,6 +49,9 @@ from recsys_platform.serving.impressions import ImpressionLogger
 from recsys_platform.serving.item_features import ItemReadError, ItemRows
 from recsys_platform.serving.metrics import ServingMetrics
 from recsys_platform.serving.schemas import RecommendedItem, RecommendRequest, RecommendResponse
+
+if TYPE_CHECKING:  # types only: the experiments module never imports this one
+    from recsys_platform.serving.experiments import ExperimentArms, Route
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +125,8 @@ class Prepared:
     degraded: list[str] = field(default_factory=list)
     known_user: bool = True
     encoded_user: dict[str, np.ndarray] | None = None  # fast path: encode_user's output
+    route: Route | None = None  # the online experiment arm this request is in
+    started: float = 0.0  # perf_counter at the request's start (latency in the impression log)
 
 
 class Recommender:
@@ -134,8 +139,10 @@ class Recommender:
         impressions: ImpressionLogger | None,
         metrics: ServingMetrics,
         options: ServingOptions = ServingOptions(),
+        experiments: ExperimentArms | None = None,
     ) -> None:
         self.manager = manager
+        self.experiments = experiments  # online experiment: split routing, shadow rankings
         self.features = features
         self.impressions = impressions
         self.metrics = metrics
@@ -210,10 +217,14 @@ class Recommender:
     def prepare(self, request: RecommendRequest, budget: int | None = None) -> Prepared:
         """Features, retrieval and candidate assembly for one request (``budget``: how many
         candidates, default ``options.candidates``)."""
+        started = time.perf_counter()
         request_id = next_request_id()
         degraded: list[str] = []
         loaded = self.manager.current  # read once: this request's version
         user_key = self.user_key(request.user_id)
+        route = self.experiments.route(user_key) if self.experiments is not None else None
+        if route is not None and route.serves_treatment:
+            loaded = route.treatment  # a split experiment's treatment user
         row, known = self._user_row(user_key, degraded)
         lists, has_features = self._lists(degraded)
         if not known and not has_features:
@@ -222,6 +233,17 @@ class Recommender:
             self._fallback(degraded, "user_features_missing",
                            LookupError("the online store holds no features (not materialized?)"))
             known = True
+        prepared = self.assemble(loaded, request, request_id, user_key, row, known, lists,
+                                 degraded, budget)
+        prepared.route, prepared.started = route, started
+        return prepared
+
+    def assemble(self, loaded: LoadedBundle | None, request: RecommendRequest,
+                 request_id: str, user_key: str, row: dict[str, Any], known: bool,
+                 lists: dict[str, list[str]], degraded: list[str], budget: int | None = None,
+                 count: bool = True) -> Prepared:
+        """Retrieval with ``loaded`` and the candidate list, from features already read
+        (a shadow arm reuses the control's; ``count=False`` keeps it out of the metrics)."""
         encoded: dict[str, np.ndarray] | None = None
         if loaded is not None and isinstance(loaded.bundle, Bundle):
             encoded = encode_user(loaded.bundle.spec, user_key, row["user_history"], row)
@@ -240,10 +262,20 @@ class Recommender:
             sources.append((name, lists.get(name, [])[:budget], None))
         merged = merge_sources(sources, budget)
         candidates = drop_items(merged, set(request.exclude) | set(row["user_history"]))
-        for source, count in Counter(c.source for c in candidates).items():
-            self.metrics.candidates.labels(source).inc(count)
-        items = self._items([c.item_id for c in candidates], degraded) if candidates \
-            else ItemRows.empty()
+        for source, n in Counter(c.source for c in candidates).items() if count else ():
+            self.metrics.candidates.labels(source).inc(n)
+        items = ItemRows.empty()
+        if candidates:
+            ids = [c.item_id for c in candidates]
+            if count:
+                items = self._items(ids, degraded)
+            else:  # a shadow arm: the same cached read, kept out of the metrics
+                try:
+                    items = self.features.item_rows(ids)
+                except ItemReadError as exc:
+                    items = exc.rows
+                except Exception:
+                    items = ItemRows.empty()
         return Prepared(request, request_id, loaded, user_key, row, candidates, items,
                         degraded, known, encoded)
 
@@ -292,15 +324,45 @@ class Recommender:
                                                  position=i)
                  for i, (c, s) in enumerate(top)]
         version = prepared.loaded.version if prepared.loaded else None
+        route = prepared.route
         if log and self.impressions is not None:
             self.impressions.log(prepared.request_id, prepared.user_key,
                                  [(i.item_id, i.score, i.source) for i in items], version,
                                  prepared.request.context.surface,
-                                 prepared.request.context.device)
+                                 prepared.request.context.device,
+                                 experiment_id=route.experiment.id if route else None,
+                                 arm=route.arm if route else None, degraded=",".join(degraded),
+                                 latency_ms=(time.perf_counter() - prepared.started) * 1000
+                                 if prepared.started else None)
+        if route is not None and self.experiments is not None:
+            # counts; queues a shadow ranking, unless the replica is shedding load
+            self.experiments.served(self, prepared, log, shed=load_shed)
         return RecommendResponse.model_construct(
             request_id=prepared.request_id, user_id=prepared.request.user_id,
             bundle_version=version, items=items, degraded=degraded,
             source=source)  # type: ignore[arg-type]
+
+    def shadow_items(self, prepared: Prepared, treatment: LoadedBundle
+                     ) -> list[tuple[str, float, str]]:
+        """``treatment``'s top-k for the request ``prepared`` was served for (same features,
+        cold-start lists and exclusions; its candidates read through the same item cache),
+        ranked and diversified as the request path does; nothing is counted in the metrics
+        (a shadow experiment's ranking, off the request path)."""
+        shadow = self.assemble(treatment, prepared.request, prepared.request_id,
+                               prepared.user_key, prepared.user, prepared.known_user,
+                               self._lists([])[0], [], count=False)
+        cands = shadow.candidates
+        scores = rank_many([shadow])[0] if cands else None
+        ranked: Iterator[tuple[Candidate, float]]
+        if isinstance(scores, np.ndarray) and len(scores) == len(cands) \
+                and np.isfinite(scores).all():
+            order = np.argsort(-scores, kind="stable").tolist()
+            ranked = iter([(cands[i], float(scores[i])) for i in order])
+        else:
+            ranked = iter([(c, c.retrieval_score) for c in cands])
+        top = diversify(ranked, prepared.items.metadata, prepared.request.k,
+                        self.options.max_per_creator, self.options.max_per_category)
+        return [(c.item_id, float(s), c.source) for c, s in top]
 
     def recommend(self, request: RecommendRequest, log: bool = True, cheap: bool = False
                   ) -> RecommendResponse:

@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.integration]
 EXPECTED_CRONS = {  # the whole loop: what docs/operations.md promises
     "etl-daily": "30 0 * * *", "features-daily": "30 1 * * *",
     "materialize-hourly": "5 * * * *", "retrain-weekly": "0 3 * * 1",
-    "monitoring-hourly": "15 * * * *",
+    "monitoring-hourly": "15 * * * *", "experiment-decide": "45 * * * *",
 }
 
 

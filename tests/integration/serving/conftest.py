@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 from recsys_platform.serving.ingress import direct_ingress_env
+from tests.integration.serving.env import serving_env  # noqa: F401  (the session's serving app)
 
 DIRECT_INGRESS = os.environ.get("RECSYS_TEST_DIRECT_INGRESS", "1") == "1"
 for _name, _value in direct_ingress_env(DIRECT_INGRESS, draining_s=1).items():
