@@ -299,7 +299,8 @@ class Outcome:
         return (f"admitted p50 {pct(adm, 50):.1f} ms, p99 {pct(adm, 99):.1f} ms, goodput "
                 f"{self.goodput:.0f} req/s ({len(self.cheap)} of {len(adm)} on the cheaper path"
                 f"{f', its p99 {pct(self.cheap, 99):.1f} ms' if self.cheap else ''}), "
-                f"503 + Retry-After {len(self.refused)} (p99 {pct(self.refused, 99):.1f} ms), "
+                f"503 + Retry-After {len(self.refused)} (p50 {pct(self.refused, 50):.1f} ms, "
+                f"p99 {pct(self.refused, 99):.1f} ms), "
                 f"503 without Retry-After {self.bare_503}, other {self.other}")
 
 

@@ -76,13 +76,16 @@ async def spike_run(users: list[str], capacity: float, low: float, spike: float,
     start = time.perf_counter()
     spike_end = before_s + spike_s
 
+    replicas_now = 1
+
     async def watch() -> None:
-        nonlocal urls
+        nonlocal urls, replicas_now
         while not done.is_set():
             replicas, found = await asyncio.gather(
                 asyncio.to_thread(running_replicas),
                 asyncio.to_thread(replica_urls, APP, "127.0.0.1", 5))
             urls = found or urls
+            replicas_now = replicas
             second = int(time.perf_counter() - start)
             while len(seconds) <= second:
                 seconds.append(Second())
@@ -105,7 +108,7 @@ async def spike_run(users: list[str], capacity: float, low: float, spike: float,
         while True:
             if t >= spike_end + after_s:
                 break
-            if t >= spike_end + 10 and seconds and seconds[-1].replicas <= min_replicas:
+            if t >= spike_end + 10 and replicas_now <= min_replicas:
                 break  # back to the minimum (and at least 10 s of the low phase seen)
             rate = capacity * (spike if before_s <= t < spike_end else low)
             scheduled = start + t
@@ -149,11 +152,13 @@ def plot(seconds: list[Second], before_s: float, spike_s: float, path: Path,
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     x = np.arange(len(seconds))
     fig, axes = plt.subplots(4, 1, figsize=(9, 8), sharex=True)
     axes[0].step(x, [s.replicas for s in seconds], where="post", color="black")
     axes[0].set_ylabel("replicas")
+    axes[0].yaxis.set_major_locator(MaxNLocator(integer=True))
     axes[1].plot(x, [s.offered for s in seconds], label="offered")
     axes[1].plot(x, [len(s.out.admitted) for s in seconds], label="served (200)")
     axes[1].plot(x, [len(s.out.cheap) for s in seconds], label="of which cheaper path")

@@ -27,7 +27,7 @@ from sklearn.metrics import roc_auc_score  # noqa: E402
 logger = logging.getLogger(__name__)
 
 KS: tuple[int, ...] = (10, 50, 100)
-CHUNK_USERS = 1_024  # users per evaluation chunk (settings.evaluation.chunk_users)
+CHUNK_USERS = 256  # users per evaluation chunk (settings.evaluation.chunk_users)
 CHUNK_ROWS = 50_000  # holdout rows ranked at once
 Recommender = Callable[[pd.DataFrame, int, dict[str, set[str]]], np.ndarray]
 

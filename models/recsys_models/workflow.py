@@ -33,7 +33,7 @@ from recsys_models.registry import Registered, register_bundle
 from recsys_models.sequences import engaged_mask, pit_histories
 from recsys_models.train import TrainConfig, TrainedModels, fit, prepare_datasets
 from recsys_models.two_tower import TwoTowerConfig
-from recsys_models.validation import build_validation, split_for_validation
+from recsys_models.validation import build_validation, split_for_validation, tune_blend
 from recsys_platform.features import HISTORY_LENGTH
 from recsys_platform.runtime import ensure_ray
 from recsys_platform.settings import Settings
@@ -260,13 +260,16 @@ def train_evaluate_register(
     trained = fit(datasets, spec, cfg, num_workers=workers or settings.ray.train_workers,
                   use_gpu=settings.ray.use_gpu,
                   storage_path=str((settings.data_dir / "ray_results").resolve()),
-                  name=run_name, catalog=catalog, validation=validation)
+                  name=run_name, catalog=catalog[published < val_cut], validation=validation)
     t2 = datetime.now(UTC)
     bundle = build_bundle(
         trained.two_tower, trained.ranker, spec, catalog[published < split.cutoff],
         set(split.train_labels["item_id"]), version=run_name,
         feature_service=settings.feast.retrieval_service, snapshot_id=split.snapshot_id,
         as_of=split.cutoff)
+    blend = tune_blend(bundle, fit_rows, val_rows)  # the final score's retrieval weight
+    if blend is not None:
+        logger.info("blend tuned on validation: %s", blend)
     baselines = baselines_for(settings, split.train_labels)
     t3 = datetime.now(UTC)
     report = evaluate_bundle(bundle, split.train_labels, split.holdout, history=trained.history,

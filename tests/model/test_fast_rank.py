@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+import dataclasses
 
 import numpy as np
 import pandas as pd
@@ -32,6 +32,7 @@ def test_fast_rank_equals_bundle_rank() -> None:
 def test_serving_fast_path_equals_frame_encoding_and_bundle_rank() -> None:
     from recsys_models.data import encode_users
     from recsys_models.fast_rank import (
+        USER_VECTOR,
         Query,
         catalog_rows,
         embed_user,
@@ -66,6 +67,15 @@ def test_serving_fast_path_equals_frame_encoding_and_bundle_rank() -> None:
     np.testing.assert_allclose(one, slow, rtol=1e-5, atol=1e-6)
     slow_two = bundle.rank(pd.DataFrame([{"user_id": "u2", "user_history": []}]), items[:50])
     np.testing.assert_allclose(two, slow_two["score"], rtol=1e-5, atol=1e-6)
+    # The request path reuses the retrieval embedding (no second user-tower pass), and a
+    # final score that weighs the retrieval score in gives Bundle.rank's scores too.
+    assert USER_VECTOR in encoded
+    blended = dataclasses.replace(bundle, blend=dataclasses.replace(bundle.blend,
+                                                                    retrieval_weight=3.0))
+    (reused,) = score_candidates(blended, ranking_catalog(blended, snapshot),
+                                 [Query(encoded, rows)])
+    np.testing.assert_allclose(reused, blended.rank(pd.DataFrame([user]), items)["score"],
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_per_query_item_features_and_appended_items_rank_like_bundle_rank() -> None:
@@ -80,8 +90,8 @@ def test_per_query_item_features_and_appended_items_rank_like_bundle_rank() -> N
     )
 
     shared = trained_bundle()  # a copy with its own index: add_items must not touch it
-    bundle = replace(shared, index=HnswIndex.build(shared.item_ids, shared.item_embeddings,
-                                                   shared.index.cfg))
+    index = HnswIndex.build(shared.item_ids, shared.item_embeddings, shared.index.cfg)
+    bundle = dataclasses.replace(shared, index=index)
     catalog = ranking_catalog(bundle)
     assert ranking_catalog(bundle) is catalog
     new = bundle.catalog.iloc[:3].assign(item_id=["fresh-a", "fresh-b", "fresh-c"])
