@@ -7,6 +7,7 @@ project's catalogs (measured; see docs/benchmarks.md), so that is the default.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,8 @@ class HnswConfig:
     m: int = 32
     ef_construction: int = 200
     ef_search: int = 200
-    threads: int = 1
+    threads: int = 1  # queries (one replica, one thread)
+    build_threads: int = 0  # the build and bulk adds; 0: every core of the machine
 
 
 class HnswIndex:
@@ -45,9 +47,10 @@ class HnswIndex:
         index = hnswlib.Index(space="ip", dim=dim)
         index.init_index(max_elements=max(n, 1), ef_construction=cfg.ef_construction, M=cfg.m,
                          random_seed=42)
-        index.set_num_threads(cfg.threads)
+        index.set_num_threads(cfg.build_threads or os.cpu_count() or 1)
         if n:
             index.add_items(embeddings.astype(np.float32), np.arange(n))
+        index.set_num_threads(cfg.threads)
         index.set_ef(cfg.ef_search)
         return cls(index, item_ids, cfg)
 
@@ -58,8 +61,9 @@ class HnswIndex:
         """Adds items (cold start); grows the index as needed."""
         start = len(self.item_ids)
         needed = start + len(item_ids)
-        if needed > self.index.get_max_elements():
-            self.index.resize_index(max(needed, 2 * self.index.get_max_elements()))
+        capacity = self.index.get_max_elements()
+        if needed > capacity:  # +12.5%: doubling a million-item index would double its RAM
+            self.index.resize_index(max(needed, capacity + capacity // 8 + 1024))
         self.index.add_items(embeddings.astype(np.float32), np.arange(start, needed))
         self.item_ids = np.concatenate([self.item_ids, np.asarray(item_ids, dtype=object)])
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -63,6 +65,7 @@ class Bundle:
     as_of: pd.Timestamp  # reference time for item ages
     blend: Blend = field(default_factory=Blend)
     metrics: dict[str, float] = field(default_factory=dict)
+    build_stats: dict[str, float] = field(default_factory=dict)  # embedding, index build
 
     @property
     def item_ids(self) -> np.ndarray:
@@ -222,13 +225,83 @@ def build_bundle(
 ) -> Bundle:
     """Embeds the whole catalog with the item tower and builds the HNSW index over it."""
     rows = catalog_frame(items[list(CATALOG_COLUMNS)].drop_duplicates("item_id"), as_of)
-    known = rows["item_id"].isin(known_items).to_numpy()
-    emb = embed_item_batch(two_tower.item_tower, encode_items(rows, spec, known=known))
+    began = time.perf_counter()
+    emb = embed_catalog(two_tower, spec, rows, known_items)
+    embedded = time.perf_counter()
     index = HnswIndex.build(rows["item_id"].to_numpy(), emb, hnsw)
+    built = time.perf_counter()
+    stats = {"items": float(len(rows)), "embed_items_s": embedded - began,
+             "index_build_s": built - embedded, "index_build_threads": float(
+                 (hnsw or HnswConfig()).build_threads or os.cpu_count() or 1)}
+    logger.info("bundle %s: %d items embedded in %.1f s, HNSW built in %.1f s", version,
+                len(rows), stats["embed_items_s"], stats["index_build_s"])
     return Bundle(version=version, feature_service=feature_service, snapshot_id=snapshot_id,
                   spec=spec, two_tower=two_tower.eval(), ranker=ranker.eval(), index=index,
                   item_embeddings=emb, catalog=rows, known_items=frozenset(known_items),
-                  as_of=as_of, blend=blend or Blend())
+                  as_of=as_of, blend=blend or Blend(), build_stats=stats)
+
+
+RAY_EMBED_MIN_ITEMS = 200_000  # below this, Ray Data's start-up costs more than it saves
+
+
+def embed_catalog(two_tower: TwoTowerModel, spec: EncoderSpec, rows: pd.DataFrame,
+                  known_items: set[str] | frozenset[str], chunk: int = 65_536,
+                  use_ray: bool | None = None) -> np.ndarray:
+    """Item-tower embeddings of catalog rows (n, dim), in row order.
+
+    With Ray running (and at least :data:`RAY_EMBED_MIN_ITEMS` rows, unless ``use_ray`` says
+    otherwise) the catalog is embedded by Ray Data ``map_batches`` on the cluster's workers;
+    otherwise ``chunk`` rows at a time in this process, so the encoded inputs of a million
+    items never sit in memory at once. Both give the same embeddings.
+    """
+    if use_ray is None:
+        import ray
+
+        use_ray = ray.is_initialized() and len(rows) >= RAY_EMBED_MIN_ITEMS
+    if use_ray and len(rows):
+        return _embed_with_ray(two_tower, spec, rows, known_items, chunk)
+    parts = []
+    for start in range(0, len(rows), chunk):
+        part = rows.iloc[start:start + chunk]
+        known = part["item_id"].isin(known_items).to_numpy()
+        parts.append(embed_item_batch(two_tower.item_tower, encode_items(part, spec, known)))
+    if not parts:
+        return np.zeros((0, two_tower.item_tower.dim), np.float32)
+    return np.concatenate(parts)
+
+
+def _embed_with_ray(two_tower: TwoTowerModel, spec: EncoderSpec, rows: pd.DataFrame,
+                    known_items: set[str] | frozenset[str], chunk: int) -> np.ndarray:
+    import pyarrow as pa
+    import ray.data
+
+    tower = two_tower.item_tower.eval()
+    known = frozenset(known_items)
+
+    def embed(batch: pd.DataFrame) -> pd.DataFrame:
+        mask = batch["item_id"].isin(known).to_numpy()
+        emb = embed_item_batch(tower, encode_items(batch, spec, mask))
+        return pd.DataFrame({"row": batch["row"].to_numpy(), "embedding": list(emb)})
+
+    # Through Arrow: Ray's pandas ingestion turns the ragged tags lists into tensors and fails.
+    table = pa.Table.from_pandas(rows.assign(row=np.arange(len(rows))), preserve_index=False)
+    out = ray.data.from_arrow(table).repartition(max(1, -(-len(rows) // chunk))).map_batches(
+        embed, batch_format="pandas", batch_size=chunk).to_pandas()
+    emb = np.zeros((len(rows), tower.dim), np.float32)
+    emb[out["row"].to_numpy()] = np.stack(out["embedding"].to_numpy())
+    return emb
+
+
+def serving_memory_bytes(bundle: Bundle, index_bytes: int) -> int:
+    """What one replica holds for this bundle: the HNSW index (``index_bytes``, its file
+    size), the item embeddings, both models' weights and the ranker's per-item inputs
+    (:func:`recsys_models.fast_rank.ranking_catalog`: item vector, id and category
+    embeddings, creator + tag embeddings and the dense columns, float32)."""
+    weights = sum(t.numel() * t.element_size() for m in (bundle.two_tower, bundle.ranker)
+                  for t in m.state_dict().values())
+    per_item = bundle.dim + 4 * bundle.ranker.cfg.emb_dim + bundle.spec.item_dense_dim
+    return int(index_bytes + bundle.item_embeddings.nbytes + weights
+               + 4 * per_item * len(bundle.catalog))
 
 
 def save_bundle(bundle: Bundle, directory: Path | str) -> Path:
@@ -240,7 +313,10 @@ def save_bundle(bundle: Bundle, directory: Path | str) -> Path:
         "snapshot_id": bundle.snapshot_id, "as_of": bundle.as_of.isoformat(),
         "spec": bundle.spec.to_dict(), "two_tower": bundle.two_tower.cfg.to_dict(),
         "ranker": bundle.ranker.cfg.to_dict(), "blend": bundle.blend.to_dict(),
-        "hnsw": vars(bundle.index.cfg), "metrics": bundle.metrics,
+        # build_threads is a build-time knob: bundles stay loadable by code without it.
+        "hnsw": {k: v for k, v in vars(bundle.index.cfg).items() if k != "build_threads"},
+        "metrics": bundle.metrics,
+        "build_stats": bundle.build_stats,
     }
     (out / "bundle.json").write_text(json.dumps(meta, indent=2, default=str))
     torch.save({"two_tower": bundle.two_tower.state_dict(), "ranker": bundle.ranker.state_dict()},
@@ -280,6 +356,7 @@ def _read_dir(path: Path) -> Bundle:
         known_items=frozenset(np.load(path / "known_items.npy").tolist()),
         as_of=pd.Timestamp(meta["as_of"]), blend=Blend(**meta["blend"]),
         metrics=dict(meta.get("metrics", {})),
+        build_stats=dict(meta.get("build_stats", {})),
     )
 
 

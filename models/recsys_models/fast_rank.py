@@ -7,9 +7,12 @@ and the same user history 500 times. Here:
 - :func:`encode_user` encodes ONE user from plain Python values (the same numbers as
   :func:`~recsys_models.data.encode_users` on a one-row frame), once per request; the user
   tower and the ranker both read that encoding;
-- :func:`ranking_catalog` encodes every catalog item's ranker inputs once per (bundle, item
-  feature snapshot) pair, as tensors, so a request only gathers candidate rows from them;
-- :func:`score_candidates` runs the ranker once over all candidates of one or more requests.
+- :func:`ranking_catalog` encodes every catalog item's static ranker inputs (embeddings of
+  id, category, creator, tags; duration and age) once per bundle, as tensors, and appends the
+  items added to the bundle later; a request only gathers candidate rows from them;
+- :func:`score_candidates` runs the ranker once over all candidates of one or more requests,
+  with each query's own numeric item features (read per request by serving) in place of the
+  catalog's.
 
 Scores equal ``Bundle.rank``'s (tests/model/test_fast_rank.py checks it).
 """
@@ -189,13 +192,37 @@ class RankingCatalog:
     tensors: dict[str, torch.Tensor]
 
 
-def ranking_catalog(bundle: Bundle, item_features: pd.DataFrame | None,
+def _unique_catalog(catalog: pd.DataFrame, seen: dict[str, int] | None = None
+                    ) -> pd.DataFrame:
+    rows = catalog.drop_duplicates("item_id", keep="last")
+    if seen:
+        rows = rows[~rows["item_id"].astype(str).isin(seen)]
+    return rows.reset_index(drop=True)
+
+
+def _encode_part(bundle: Bundle, rows: pd.DataFrame, item_features: pd.DataFrame | None
+                 ) -> dict[str, torch.Tensor]:
+    known = rows["item_id"].isin(bundle.known_items).to_numpy()
+    items = encode_items(rows, bundle.spec, known)
+    dense = items["item_dense"].astype(np.float32, copy=True)
+    names = bundle.spec.item_features
+    if names and item_features is not None:
+        aligned = item_features.reindex(pd.Index(rows["item_id"]))
+        dense[:, dense.shape[1] - len(names):] = numeric_features(aligned, names)
+    return _item_side(bundle, items, dense)
+
+
+def ranking_catalog(bundle: Bundle, item_features: pd.DataFrame | None = None,
                     features_key: object = None) -> RankingCatalog:
-    """The cached :class:`RankingCatalog` of ``bundle`` for this item-feature snapshot.
+    """The cached :class:`RankingCatalog` of ``bundle`` (built once per bundle and feature
+    snapshot; items added to the bundle since are encoded and appended, not the whole
+    catalog again).
 
     Args:
         bundle: The bundle (its catalog may have grown through ``add_items``).
         item_features: Numeric item features indexed by ``item_id`` (absent items: zeros).
+            Serving passes None and gives each query its candidates' features instead
+            (:attr:`Query.item_features`).
         features_key: Identity of the snapshot (defaults to the frame itself); a new key
             rebuilds the catalog.
     """
@@ -205,17 +232,23 @@ def ranking_catalog(bundle: Bundle, item_features: pd.DataFrame | None,
         return cached
     with _LOCK:
         cached = bundle.__dict__.get(_RANKING_ATTR)
-        if cached is not None and cached.features is key and cached.rows == len(bundle.catalog):
-            return cached
         rows = len(bundle.catalog)
-        encoded = _encoded_catalog(bundle)
-        dense = encoded.items["item_dense"].astype(np.float32, copy=True)
-        names = bundle.spec.item_features
-        if names and item_features is not None:
-            aligned = item_features.reindex(encoded.index)
-            dense[:, dense.shape[1] - len(names):] = numeric_features(aligned, names)
-        tensors = _item_side(bundle, encoded.items, dense)
-        positions = {str(item): pos for pos, item in enumerate(encoded.index)}
+        if cached is not None and cached.features is key:
+            if cached.rows == rows:
+                return cached
+            if cached.rows < rows:  # items were added: encode only those
+                new = _unique_catalog(bundle.catalog.iloc[cached.rows:], cached.positions)
+                base = len(cached.positions)
+                positions = dict(cached.positions)
+                positions.update((str(item), base + n) for n, item in enumerate(new["item_id"]))
+                part = _encode_part(bundle, new, item_features)
+                tensors = {k: torch.cat([v, part[k]]) for k, v in cached.tensors.items()}
+                built = RankingCatalog(rows, key, positions, tensors)
+                bundle.__dict__[_RANKING_ATTR] = built
+                return built
+        catalog = _unique_catalog(bundle.catalog)
+        tensors = _encode_part(bundle, catalog, item_features)
+        positions = {str(item): pos for pos, item in enumerate(catalog["item_id"])}
         built = RankingCatalog(rows, key, positions, tensors)
         bundle.__dict__[_RANKING_ATTR] = built
         return built
@@ -243,6 +276,7 @@ class Query:
 
     user: Batch  # encode_user's output
     rows: np.ndarray  # (n,) int64 positions in RankingCatalog
+    item_features: np.ndarray | None = None  # (n, I) raw numeric item features (serving)
 
 
 def catalog_rows(catalog: RankingCatalog, item_ids: Sequence[str]) -> np.ndarray | None:
@@ -270,6 +304,11 @@ def score_candidates(bundle: Bundle, catalog: RankingCatalog,
     item = catalog.tensors["item"].index_select(0, rows)  # (B, d)
     cat = catalog.tensors["category"].index_select(0, rows)  # (B, d)
     static = catalog.tensors["static"].index_select(0, rows)  # (B, 2d + dense)
+    names = len(bundle.spec.item_features)
+    if names and any(q.item_features is not None for q in queries):
+        raw = np.concatenate([q.item_features if q.item_features is not None
+                              else np.zeros((len(q.rows), names)) for q in queries])
+        static[:, static.shape[1] - names:] = torch.from_numpy(signed_log(raw))
     user_hash = torch.from_numpy(np.concatenate([q.user["user_hash"] for q in queries]))
     history = torch.from_numpy(np.concatenate([q.user["history"] for q in queries]))
     user_num = torch.from_numpy(np.concatenate([q.user["user_num"] for q in queries])).float()

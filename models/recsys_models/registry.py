@@ -31,7 +31,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 from recsys_models.baselines import Baselines, tuned_baselines
-from recsys_models.bundle import Bundle, load_bundle, save_bundle
+from recsys_models.bundle import Bundle, load_bundle, save_bundle, serving_memory_bytes
 from recsys_models.errors import AliasNotFoundError
 from recsys_models.evaluate import EvaluationReport, evaluate_bundle
 from recsys_models.model_card import describe_gate, describe_version
@@ -131,6 +131,15 @@ class Registered:
     uri: str
 
 
+def bundle_size_stats(bundle: Bundle, bundle_dir: Path) -> dict[str, float]:
+    """Build time, on-disk size and a replica's memory for the bundle (logged with it)."""
+    index_bytes = sum(f.stat().st_size for f in (bundle_dir / "index").iterdir())
+    return {**bundle.build_stats, "index_bytes": float(index_bytes),
+            "bundle_bytes": float(sum(f.stat().st_size for f in bundle_dir.rglob("*")
+                                      if f.is_file())),
+            "replica_memory_estimate_bytes": float(serving_memory_bytes(bundle, index_bytes))}
+
+
 def register_bundle(
     settings: Settings, bundle: Bundle, *, params: dict[str, Any] | None = None,
     history: list[dict[str, float]] | None = None, report: EvaluationReport | None = None,
@@ -159,6 +168,8 @@ def register_bundle(
                     mlflow.log_figure(fig, f"plots/{fname}")
                 bundle.metrics = dict(report.metrics)
             bundle_dir = save_bundle(bundle, Path(tmp) / "bundle")
+            mlflow.log_metrics({f"bundle/{k}": float(v)
+                                for k, v in bundle_size_stats(bundle, bundle_dir).items()})
             digest = bundle_digest(bundle_dir)  # verified by serving (provenance.load_verified)
             info = mlflow.pyfunc.log_model(
                 name="bundle", python_model=str(PYFUNC_CODE),

@@ -21,12 +21,15 @@ from typing import Any
 from urllib.parse import urlparse
 
 import pandas as pd
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import redis
 import yaml
 from feast import Entity, FeatureService, FeatureStore, FeatureView
 from feast.data_source import DataSource
 
 from recsys_pipelines.errors import FeatureRepoError
+from recsys_platform import cold_start
 from recsys_platform import features as F
 from recsys_platform.logs import library_stdout
 from recsys_platform.online import resolve_online_store
@@ -161,8 +164,9 @@ class MaterializeResult:
     start: str
     end: str
     views: list[str]
-    rows: int  # entity rows written (latest per entity and view in the window)
+    rows: int  # entity rows in the window (latest per entity and view)
     seconds: float
+    written: int = -1  # rows written (changed since the last run; -1: unknown)
 
 
 def rows_to_materialize(settings: Settings, start: datetime, end: datetime) -> int:
@@ -181,19 +185,81 @@ def rows_to_materialize(settings: Settings, start: datetime, end: datetime) -> i
     return total
 
 
+def _newest_rows(settings: Settings, view: str, columns: list[str], end: datetime
+                 ) -> pd.DataFrame:
+    """The rows of ``view``'s offline table at its newest ``window_end <= end``."""
+    folder = offline_dir(settings) / view
+    if not folder.is_dir():
+        return pd.DataFrame(columns=columns)
+    ds = pads.dataset(str(folder), format="parquet")
+    ts = pads.field(F.WINDOW_END)
+    ends = ds.to_table(columns=[F.WINDOW_END], filter=ts <= pd.Timestamp(end)).column(0)
+    if len(ends) == 0:
+        return pd.DataFrame(columns=columns)
+    newest = pc.max(ends)
+    return ds.to_table(columns=columns, filter=ts == newest).to_pandas()
+
+
+def cold_start_lists(settings: Settings, end: datetime) -> dict[str, dict[str, float]]:
+    """The batch cold-start lists as of ``end``: popular (7-day clicks, then impressions) and
+    fresh (newest publication time), ``LIST_SIZE`` items each with their scores."""
+    size = cold_start.LIST_SIZE
+    batch = _newest_rows(settings, "item_batch",
+                         [F.ITEM_KEY, "item_clicks_7d", "item_impressions_7d"], end)
+    score = pd.Series([cold_start.trending_score(c, i) for c, i in zip(
+        batch["item_clicks_7d"].fillna(0), batch["item_impressions_7d"].fillna(0),
+        strict=True)], index=batch[F.ITEM_KEY].astype(str), dtype="float64")
+    popular = score[score > 0].nlargest(size)
+    meta = _newest_rows(settings, "item_metadata", [F.ITEM_KEY, "published_at"], end)
+    published = pd.to_datetime(meta["published_at"], utc=True)
+    fresh = pd.Series(published.astype("int64").to_numpy() / 1e9,
+                      index=meta[F.ITEM_KEY].astype(str), dtype="float64").nlargest(size)
+    return {"popular": popular.to_dict(), "fresh": fresh.to_dict()}
+
+
+def publish_cold_start_lists(settings: Settings, end: datetime) -> dict[str, int]:
+    """Writes the batch lists where serving reads them (Redis sorted sets, else a file)."""
+    lists = cold_start_lists(settings, end)
+    if resolve_online_store(settings).kind == "redis":
+        client = redis.Redis.from_url(settings.redis.url)
+        try:
+            cold_start.write_batch_lists(client, settings.redis.key_prefix,
+                                         settings.feast.project, lists)
+        finally:
+            client.close()
+    else:
+        cold_start.write_lists_file(cold_start.cold_start_file(settings), lists)
+    return {name: len(members) for name, members in lists.items()}
+
+
 def materialize(
     settings: Settings, start: datetime, end: datetime, views: list[str] | None = None
 ) -> MaterializeResult:
-    """Loads the latest feature row per entity with ``start <= window_end <= end`` online."""
+    """Loads the latest feature row per entity with ``start <= window_end <= end`` online.
+
+    On Redis, only the rows that changed since the last run are written, with pipelined
+    batches from parallel Ray tasks (:mod:`recsys_pipelines.materialize`, the same bytes as
+    Feast's); other online stores go through Feast's ``materialize``.
+    """
     store = load_store(settings)
     chosen = list(views or BATCH_VIEWS)
     began = time.perf_counter()
-    with library_stdout(logger):  # Feast prints its progress
-        store.materialize(start_date=start, end_date=end, feature_views=chosen)
+    if resolve_online_store(settings).kind == "redis":
+        from recsys_pipelines.materialize import materialize_changed
+
+        results = materialize_changed(settings, store, chosen, start, end,
+                                      offline_dir(settings))
+        rows, written = sum(r.rows for r in results), sum(r.written for r in results)
+    else:
+        with library_stdout(logger):  # Feast prints its progress
+            store.materialize(start_date=start, end_date=end, feature_views=chosen)
+        rows = written = rows_to_materialize(settings, start, end)
+    publish_cold_start_lists(settings, end)
     seconds = time.perf_counter() - began
-    rows = rows_to_materialize(settings, start, end)
-    logger.info("materialized %s (%d rows) in %.1f s", chosen, rows, seconds)
-    return MaterializeResult(start.isoformat(), end.isoformat(), chosen, rows, seconds)
+    logger.info("materialized %s (%d rows, %d written) in %.1f s", chosen, rows, written,
+                seconds)
+    return MaterializeResult(start.isoformat(), end.isoformat(), chosen, rows, seconds,
+                             written)
 
 
 def materialize_incremental(settings: Settings, end: datetime) -> MaterializeResult:
@@ -202,6 +268,7 @@ def materialize_incremental(settings: Settings, end: datetime) -> MaterializeRes
     began = time.perf_counter()
     with library_stdout(logger):
         store.materialize_incremental(end_date=end, feature_views=list(BATCH_VIEWS))
+    publish_cold_start_lists(settings, end)
     seconds = time.perf_counter() - began
     logger.info("materialized incrementally up to %s in %.1f s", end, seconds)
     return MaterializeResult("incremental", end.isoformat(), list(BATCH_VIEWS), -1, seconds)

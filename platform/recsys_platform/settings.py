@@ -199,6 +199,11 @@ class ServingSettings(_Section):
     cheap_path: bool = True
     load_candidates: int = Field(default=100, ge=1, le=5000)
     load_rank: bool = False
+    # Item features of each request's candidates: one Redis read per request behind a cache of
+    # this many rows, each served for at most item_cache_ttl_s (also the cold-start lists'
+    # refresh interval).
+    item_cache_size: int = Field(default=100_000, ge=1)
+    item_cache_ttl_s: float = Field(default=30.0, gt=0)
     # Set: each replica serves /metrics on this port of its own (one replica per pod: the
     # chart's direct ingress) and the public port answers 404 for /metrics, /docs, /openapi.json.
     admin_port: int | None = Field(default=None, ge=1, le=65535)

@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import pandas as pd
 
+from recsys_models.ann import HnswIndex
 from recsys_models.fast_rank import rank_aligned
 from tests.model.snapshots import trained_bundle
 
@@ -91,3 +92,41 @@ def test_tune_blend_picks_the_best_validation_weight_and_never_below_retrieval_o
     assert bundle.blend.retrieval_weight == choice.retrieval_weight
     assert choice.scores[choice.retrieval_weight] == max(choice.scores.values())
     assert choice.scores[choice.retrieval_weight] >= choice.scores[1e6]  # retrieval order
+
+
+def test_per_query_item_features_and_appended_items_rank_like_bundle_rank() -> None:
+    """Serving's path: a catalog encoded once per bundle without item features, each query
+    carrying its candidates' features; items added later are appended, not re-encoded."""
+    from recsys_models.fast_rank import (
+        Query,
+        catalog_rows,
+        encode_user,
+        ranking_catalog,
+        score_candidates,
+    )
+
+    shared = trained_bundle()  # a copy with its own index: add_items must not touch it
+    index = HnswIndex.build(shared.item_ids, shared.item_embeddings, shared.index.cfg)
+    bundle = dataclasses.replace(shared, index=index)
+    catalog = ranking_catalog(bundle)
+    assert ranking_catalog(bundle) is catalog
+    new = bundle.catalog.iloc[:3].assign(item_id=["fresh-a", "fresh-b", "fresh-c"])
+    bundle.add_items(new)
+    grown = ranking_catalog(bundle)
+    assert grown is not catalog and len(grown.positions) == len(catalog.positions) + 3
+    ids = [*map(str, bundle.item_ids[:40]), "fresh-b", "fresh-a"]
+    names = bundle.spec.item_features
+    raw = np.arange(len(ids) * len(names), dtype=np.float64).reshape(len(ids), len(names))
+    rows = catalog_rows(grown, ids)
+    assert rows is not None
+    user = {"user_id": "u1", "user_history": ids[:4]}
+    encoded = encode_user(bundle.spec, "u1", user["user_history"], {})
+    fast = score_candidates(bundle, grown, [Query(encoded, rows, raw)])[0]
+    items = pd.DataFrame({"item_id": ids, **{n: raw[:, j] for j, n in enumerate(names)}})
+    slow = bundle.rank(pd.DataFrame([user]), items)["score"]
+    np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-6)
+    del bundle.__dict__["_fast_rank_ranking_catalog"]  # the whole catalog encoded at once
+    full = ranking_catalog(bundle)
+    assert full.positions == grown.positions
+    for key, tensor in full.tensors.items():
+        np.testing.assert_allclose(grown.tensors[key].numpy(), tensor.numpy(), atol=1e-6)

@@ -18,7 +18,8 @@ PACKAGES = {
 # Floors, bottom to top. A module may import its own floor or lower ones only.
 FLOOR_0 = {"recsys_platform.atomic", "recsys_platform.settings", "recsys_platform.contracts",
            "recsys_platform.features", "recsys_platform.errors", "recsys_platform.online",
-           "recsys_platform.privacy", "recsys_platform.runtime", "recsys_platform.logs"}
+           "recsys_platform.privacy", "recsys_platform.runtime", "recsys_platform.logs",
+           "recsys_platform.cold_start"}
 
 
 def test_stdlib_platform_is_not_shadowed(repo_root: Path) -> None:

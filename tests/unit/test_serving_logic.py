@@ -15,8 +15,8 @@ import pytest
 
 from recsys_platform.serving.bundle_manager import BundleManager
 from recsys_platform.serving.candidates import Candidate, diversify, merge_sources
+from recsys_platform.serving.item_features import ColdStartLists, ItemFeatureCache, ItemRows
 from recsys_platform.serving.metrics import ServingMetrics
-from recsys_platform.serving.online_features import ItemCache, ItemSnapshot
 from recsys_platform.serving.recommender import Recommender, ServingOptions
 from recsys_platform.serving.schemas import RecommendRequest
 
@@ -49,24 +49,32 @@ class TinyBundle:
 
 
 class Features:
+    """The feature source over an in-memory item table (``i<n>``: creator ``cr<n % 3>``,
+    category ``cat<n % 2>``) through the real :class:`ItemFeatureCache`."""
+
     def __init__(self, known: bool = True, down: bool = False, empty: bool = False) -> None:
         self.known, self.down, self.empty = known, down, empty  # empty: no online features
+        self.items = ItemFeatureCache(lambda ids: [((f"cr{int(i[1:]) % 3}", 0.0),
+                                                    (f"cat{int(i[1:]) % 2}", 0.0)) for i in ids],
+                                      ("creator_id", "category"))
 
     def user_features(self, user_id: str) -> dict[str, Any] | None:
         if self.down:
             raise ConnectionError("redis unreachable")
         return {"user_history": ["i29"], "user_ctr_7d": 0.1} if self.known else None
 
-    def items_snapshot(self) -> ItemSnapshot:
-        ids = [f"i{i}" for i in range(110)]
-        frame = pd.DataFrame({"creator_id": [f"cr{int(i[1:]) % 3}" for i in ids],
-                              "category": [f"cat{int(i[1:]) % 2}" for i in ids]},
-                             index=pd.Index(ids, name="item_id"))
-        lists = ({"trending": [], "fresh": [], "popular": ["i1", "i2", "i3"]} if self.down else
-                 {"trending": ["i100"], "fresh": ["i101"], "popular": ["i1", "i2", "i3"]})
+    def item_rows(self, item_ids: list[str]) -> ItemRows:
+        if self.down:
+            raise ConnectionError("redis unreachable")
+        return self.items.rows(item_ids)
+
+    def cold_start_lists(self) -> dict[str, list[str]]:
         if self.empty:
-            return ItemSnapshot.from_frame(frame.iloc[:, :0].assign(item_ctr_7d=np.nan))
-        return ItemSnapshot(frame, lists, ItemSnapshot.from_frame(frame).metadata)
+            return {"trending": [], "fresh": [], "popular": []}
+        return {"trending": ["i100"], "fresh": ["i101"], "popular": ["i1", "i2", "i3"]}
+
+    def has_item_features(self) -> bool:
+        return not self.empty
 
 
 def _manager(versions: dict[str, TinyBundle], alias: list[str]) -> BundleManager:
@@ -280,17 +288,89 @@ def test_pseudonymized_user_id_is_looked_up_and_logged(tmp_path: Any) -> None:
     assert asked[-1] == "alice"  # off by default
 
 
-def test_item_cache_rebuilds_only_when_features_change() -> None:
-    values = {"item_clicks_7d": [3.0, 1.0]}
-    cache = ItemCache(None, lambda: ["a", "b"], reader=lambda ids: pd.DataFrame(
-        {"item_id": list(ids), **values}).set_index("item_id"))
-    built: list[ItemSnapshot] = []
-    cache.on_refresh.append(built.append)
-    assert cache.refresh() and cache.refresh()
-    assert len(built) == 1 and cache.snapshot() is built[0]
-    values["item_clicks_7d"] = [1.0, 3.0]
-    assert cache.refresh() and len(built) == 2
-    assert cache.snapshot().lists["popular"] == ["b", "a"]
+def test_item_cache_reads_misses_once_and_expires_rows_after_the_ttl() -> None:
+    now = [0.0]
+    table = {"a": (3, "cr1", "cat1"), "b": (None, None, "cat2")}
+    reads: list[list[str]] = []
+
+    def fetch(ids: Any) -> list[tuple[Any, ...]]:
+        reads.append(list(ids))
+        return [tuple((v, float(v) if isinstance(v, int) else 0.0)
+                      for v in table.get(i, (None, None, None))) for i in ids]
+
+    cache = ItemFeatureCache(fetch, ("item_clicks_7d", "creator_id", "category"), ttl_s=30,
+                             capacity=3, clock=lambda: now[0], refresh_after=1.0)
+    rows = cache.rows(["a", "b", "a", "gone"])
+    assert reads == [["a", "b", "gone"]]  # one read of the distinct misses
+    assert rows.metadata["a"] == ("cr1", "cat1") and rows.metadata["b"] == ("", "cat2")
+    np.testing.assert_array_equal(rows.numeric(["b", "a", "x"], ["item_clicks_7d", "nope"]),
+                                  [[0, 0], [3, 0], [0, 0]])
+    assert rows.values("b") == {"category": "cat2"} and rows.values("x") == {}
+    table["a"] = (5, "cr1", "cat1")
+    now[0] = 29.0
+    assert cache.rows(["a"]).values("a")["item_clicks_7d"] == 3 and len(reads) == 1
+    now[0] = 31.0  # past the TTL: read again, new value served
+    assert cache.rows(["a"]).values("a")["item_clicks_7d"] == 5 and reads[-1] == ["a"]
+    cache.rows(["c", "d"])
+    assert len(cache) == 3  # bounded: the least recently used row was dropped
+
+
+def test_rows_in_use_are_re_read_in_the_background_before_they_expire() -> None:
+    now = [0.0]
+    value = [1]
+    cache = ItemFeatureCache(lambda ids: [((value[0], float(value[0])),) for _ in ids],
+                             ("item_clicks_7d",), ttl_s=30, clock=lambda: now[0])
+    assert cache.rows(["a"]).values("a") == {"item_clicks_7d": 1}
+    value[0] = 2
+    now[0] = 20.0  # past half the TTL: served as it is, and marked for a re-read
+    cache._thread = threading.Thread()  # no background thread: refresh_due is called here
+    assert cache.rows(["a"]).values("a") == {"item_clicks_7d": 1}
+    assert cache.refresh_due() == 1 and cache.misses == 1
+    now[0] = 45.0  # past the first read's TTL, within the re-read's
+    assert cache.rows(["a"]).values("a") == {"item_clicks_7d": 2} and cache.misses == 1
+
+
+def test_a_failed_item_read_serves_stale_rows_and_pauses_reads() -> None:
+    from recsys_platform.serving.item_features import ItemReadError
+
+    now = [0.0]
+    down = [False]
+    reads: list[list[str]] = []
+
+    def fetch(ids: Any) -> list[tuple[Any, ...]]:
+        reads.append(list(ids))
+        if down[0]:
+            raise ConnectionError("redis down")
+        return [((7, 7.0),) for _ in ids]
+
+    cache = ItemFeatureCache(fetch, ("item_clicks_7d",), ttl_s=30, clock=lambda: now[0],
+                             refresh_after=1.0)
+    cache.rows(["a"])
+    down[0], now[0] = True, 40.0  # "a" expired, Redis down
+    with pytest.raises(ItemReadError) as failed:
+        cache.rows(["a", "b"])
+    assert failed.value.rows.values("a") == {"item_clicks_7d": 7}  # stale beats nothing
+    assert failed.value.rows.values("b") == {}
+    with pytest.raises(ItemReadError):
+        cache.rows(["b"])
+    assert len(reads) == 2  # paused: no third read within retry_after_s
+    down[0], now[0] = False, 42.0
+    assert cache.rows(["b"]).values("b") == {"item_clicks_7d": 7} and len(reads) == 3
+
+
+def test_cold_start_lists_keep_the_old_lists_when_a_read_fails() -> None:
+    answers: list[Any] = [{"popular": ["a"], "fresh": ["b"]}, RuntimeError("redis down")]
+
+    def read() -> dict[str, list[str]]:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    lists = ColdStartLists(read)
+    assert not lists.has_features and lists.refresh() and lists.has_features
+    assert not lists.refresh()
+    assert lists.lists == {"trending": [], "fresh": ["b"], "popular": ["a"]}
 
 
 def test_nonfinite_scores_fall_back_to_retrieval_order_and_are_counted() -> None:

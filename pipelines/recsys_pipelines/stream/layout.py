@@ -8,7 +8,8 @@ This is what :class:`feast.infra.online_stores.redis.RedisOnlineStore` reads.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import struct
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from functools import lru_cache
 
@@ -26,6 +27,25 @@ def entity_key(join_key: str, entity_id: str, project: str, serialization_versio
     proto = EntityKeyProto(join_keys=[join_key], entity_values=[ValueProto(string_val=entity_id)])
     key: bytes = _redis_key(project, proto, entity_key_serialization_version=serialization_version)
     return key
+
+
+def entity_key_encoder(join_key: str, project: str, serialization_version: int
+                       ) -> Callable[[str], bytes]:
+    """:func:`entity_key` for many ids of one join key, ~10x faster: the bytes before the id's
+    length field come from Feast's own serialization of one id (checked on two more ids)."""
+    project_bytes = project.encode("utf-8")
+    sample = entity_key(join_key, "x", project, serialization_version)
+    head = sample[: len(sample) - 4 - 1 - len(project_bytes)]
+    pack = struct.Struct("<I").pack
+
+    def encode(entity_id: str) -> bytes:
+        raw = entity_id.encode("utf-8")
+        return b"".join((head, pack(len(raw)), raw, project_bytes))
+
+    for probe in ("item-0042", "usér_ü"):
+        if encode(probe) != entity_key(join_key, probe, project, serialization_version):
+            raise RuntimeError("Feast's entity key layout changed; update layout.py")
+    return encode
 
 
 @lru_cache(maxsize=1_024)

@@ -46,7 +46,8 @@ from recsys_pipelines.stream.sql import (
     RECENT_SEP,
     WindowPlan,
 )
-from recsys_platform.features import HISTORY_LENGTH, USER_RECENT_ITEMS, ratio
+from recsys_platform import cold_start
+from recsys_platform.features import HISTORY_LENGTH, ITEM_TRENDING, USER_RECENT_ITEMS, ratio
 
 logger = logging.getLogger(__name__)
 
@@ -205,6 +206,11 @@ class FeatureWriter:
         self.fields = [layout.feature_field(self.view, n) for n in self.names]
         self.ts_field = layout.timestamp_field(self.view)
         self.late_ttl_s = (self.size_ms + config.allowed_lateness_ms) // 1000 + 3_600
+        # The trending view also keeps the trending cold-start list (a small sorted set).
+        self._trending = (self.names.index("item_clicks_1h"),
+                          self.names.index("item_impressions_1h")) \
+            if self.view == ITEM_TRENDING.name else None
+        self._pruned_until_ms = 0
         self._keys: dict[str, bytes] = {}
         self._shared_id = (config.redis_url, config.project, config.run_id, self.view)
         with _SHARED_LOCK:
@@ -333,20 +339,28 @@ class FeatureWriter:
         stale, late_applied, events_in = counts
         now_ms = int(time.time() * 1000)
         metrics = self.config.metrics_key
+        trending: list[tuple[str, float, int]] = []
         with self.client.pipeline(transaction=False) as pipe:
             for entity in dirty:
                 state = self._entities[entity]
                 end = state.end_ms
                 mapping: dict[str | bytes, bytes] = {
                     self.ts_field: layout.encode_timestamp(end)}
-                for name_field, value in zip(self.fields, self._values(state, end),
-                                             strict=True):
+                values = self._values(state, end)
+                for name_field, value in zip(self.fields, values, strict=True):
                     mapping[name_field] = layout.encode_value(value)
+                if self._trending is not None:
+                    clicks, impressions = (values[i] for i in self._trending)
+                    trending.append((entity, cold_start.trending_score(clicks, impressions),
+                                     end))
                 pipe.hset(self._key(entity), mapping=mapping)  # type: ignore[arg-type]
                 # Late events older than every future window are no longer needed.
                 for event_id in [k for k, (ms, _) in state.late.items()
                                  if ms <= end - self.size_ms]:
                     del state.late[event_id]
+            if trending:
+                cold_start.trending_updates(pipe, self.config.key_prefix, self.config.project,
+                                            trending)
             for entity in recent_dirty:
                 pipe.set(self.config.recent_key(entity),
                          encode_recent(self._entities[entity].recent))
@@ -372,3 +386,8 @@ class FeatureWriter:
                     pipe.hsetnx(written_key, str(end), str(now_ms))
                 pipe.expire(written_key, WRITTEN_TTL_S)
             pipe.execute()
+        if self._trending is not None and window_ends and max(window_ends) > \
+                self._pruned_until_ms:
+            self._pruned_until_ms = max(window_ends)
+            cold_start.prune_trending(self.client, self.config.key_prefix, self.config.project,
+                                      self._pruned_until_ms)

@@ -3,14 +3,14 @@
 :class:`ExperimentArms` polls the registered model's ``experiment.active`` tag (written by
 ``recsys experiment start``) and holds the treatment bundle beside the champion the
 :class:`~recsys_platform.serving.bundle_manager.BundleManager` serves: loaded, checked
-(digest, smoke query) and prepared for the item snapshot exactly like a new champion, then
+(digest, smoke query) and prepared (ranker catalog, new items) like a new champion, then
 published with one reference assignment. A request reads that reference once
 (:meth:`ExperimentArms.route`), so it never mixes experiments or versions.
 
 - ``split``: a user whose bucket (:func:`~recsys_platform.experiments.definition.assign`) falls
   in the treatment's share is served by the treatment bundle; everyone else by the champion.
 - ``shadow``: the champion serves everyone. For the shadowed share of users the treatment's
-  ranking of the same request (same features, same item snapshot, same exclusions) is
+  ranking of the same request (same features, same item cache, same exclusions) is
   computed by one background thread after the response is built, and written to
   ``landing/shadow/`` (never to the impression events: nobody saw it). The queue in front of
   that thread is bounded and a job older than ``max_age_s`` is not run: under load shadow
@@ -230,7 +230,7 @@ class ExperimentArms:
             self.shadow.submit(job, exp.shadow_queue, exp.shadow_max_age_s)
 
     def prepare(self, prepare: Callable[[Any], None]) -> None:
-        """Runs ``prepare`` on the live treatment bundle (a new item snapshot)."""
+        """Runs ``prepare`` on the live treatment bundle (e.g. new items to index)."""
         live = self._live
         if live is not None:
             prepare(live.treatment.bundle)

@@ -9,23 +9,26 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
+import redis
 
 from recsys_models.bundle import Bundle
 from recsys_models.fast_rank import ranking_catalog
+from recsys_platform.cold_start import cold_start_file, read_lists, read_lists_file
 from recsys_platform.experiments.definition import ACTIVE_TAG, Experiment
 from recsys_platform.features import HISTORY_LENGTH
 from recsys_platform.serving.bundle_manager import BundleManager, LastGood
 from recsys_platform.serving.experiments import ExperimentArms
 from recsys_platform.serving.impressions import ImpressionLogger
-from recsys_platform.serving.metrics import ServingMetrics
-from recsys_platform.serving.online_features import (
+from recsys_platform.serving.item_features import (
+    ColdStartLists,
     FeastFeatureSource,
-    ItemCache,
-    ItemSnapshot,
-    RedisItemFrame,
-    RedisUserFeatures,
+    ItemFeatureCache,
+    ItemRows,
+    feast_item_fetch,
+    redis_item_fetch,
 )
+from recsys_platform.serving.metrics import ServingMetrics
+from recsys_platform.serving.online_features import FeastUserFeatures, RedisUserFeatures
 from recsys_platform.serving.recommender import Recommender, ServingOptions
 from recsys_platform.settings import Settings
 
@@ -34,6 +37,7 @@ logger = logging.getLogger(__name__)
 CHAMPION = "champion"
 
 
+_NEW_ITEM_COLUMNS = ("category", "creator_id", "tags", "duration_ms", "published_at")
 SMOKE_USERS = 8  # sample users of the load-time check, with histories of real items
 SMOKE_ITEMS = 100  # catalog items (spread over the whole catalog) each of them ranks
 
@@ -154,37 +158,42 @@ def registry_arms(settings: Settings, metrics: ServingMetrics,
     return ExperimentArms(read_active, load, check, metrics, shadow_log)
 
 
-def catalog_ids(settings: Settings, manager: BundleManager) -> Sequence[str]:
-    """Item ids of the serving catalog: the bundle's items plus the landed catalog snapshot."""
-    ids: list[str] = []
-    current = manager.current
-    if current is not None:
-        ids.extend(str(i) for i in current.bundle.item_ids)
-    snapshot = settings.landing_dir / "catalog" / "items.parquet"
-    if snapshot.is_file():
-        ids.extend(pq.read_table(snapshot, columns=["item_id"]).column(0).to_pylist())
-    return ids
+def index_new_items(bundle: Any, item_ids: Sequence[str], rows: ItemRows) -> int:
+    """Adds the items among ``item_ids`` that the bundle has never seen to its index (cold
+    start), embedded from the metadata the online store holds for them (``rows``).
 
-
-def index_new_items(bundle: Any, catalog: Path) -> None:
-    """Adds catalog items the bundle has never seen to its index (cold start)."""
-    if bundle is None or not catalog.is_file():
-        return
-    items = pq.read_table(catalog).to_pandas()
-    known = set(map(str, bundle.item_ids))
-    fresh = items[~items["item_id"].isin(known)]
-    if not fresh.empty:
-        bundle.add_items(fresh)
-        logger.info("indexed %d new items into bundle %s", len(fresh),
-                    getattr(bundle, "version", "?"))
-
-
-def prepare_bundle(bundle: Any, snapshot: ItemSnapshot, catalog: Path) -> None:
-    """Everything a bundle needs before it serves a snapshot: new items indexed, the ranker's
-    catalog inputs pre-encoded with the snapshot's item features."""
-    index_new_items(bundle, catalog)
+    Costs ``O(len(item_ids))``: the bundle's known ids are the ranking catalog's positions
+    (built once per bundle), never a scan of the catalog. Items without metadata online
+    (``category`` and ``published_at``) are left for a later refresh.
+    """
+    if bundle is None or not hasattr(bundle, "add_items"):
+        return 0
+    known: Any = (ranking_catalog(bundle).positions if isinstance(bundle, Bundle)
+                  else set(map(str, bundle.item_ids)))
+    fresh = []
+    for item in dict.fromkeys(item_ids):
+        if item in known:
+            continue
+        meta = rows.values(item)
+        if meta.get("category") is None or meta.get("published_at") is None:
+            continue
+        fresh.append({"item_id": item, **{c: meta.get(c) for c in _NEW_ITEM_COLUMNS}})
+    if not fresh:
+        return 0
+    frame = pd.DataFrame(fresh)
+    frame["tags"] = [list(t) if t is not None else [] for t in frame["tags"]]
+    frame["published_at"] = pd.to_datetime(frame["published_at"], utc=True)
+    bundle.add_items(frame)
     if isinstance(bundle, Bundle):
-        ranking_catalog(bundle, snapshot.frame, snapshot)
+        ranking_catalog(bundle)  # append their ranker inputs now, not on a request
+    logger.info("indexed %d new items into bundle %s", len(frame),
+                getattr(bundle, "version", "?"))
+    return len(frame)
+
+
+def list_items(lists: dict[str, list[str]]) -> list[str]:
+    """Every item id of the cold-start lists, once."""
+    return list(dict.fromkeys(i for members in lists.values() for i in members))
 
 
 def warm_up(recommender: Recommender, requests: int = 3) -> None:
@@ -222,37 +231,64 @@ def impressions_wal_dir(settings: Settings) -> Path:
     return settings.data_dir / "serving" / "impressions-wal"
 
 
-def build_recommender(settings: Settings) -> tuple[Recommender, ItemCache]:
+def item_sources(settings: Settings, store: Any) -> tuple[ItemFeatureCache, ColdStartLists]:
+    """The per-request item feature read (LRU in front) and the cold-start lists."""
+    serving = settings.serving
+    if store.config.online_store.type == "redis":
+        # 500 candidates are one pipelined round trip: allow it twice the user budget.
+        fetch, names = redis_item_fetch(store, settings.redis.url,
+                                        max(2 * settings.redis.timeout_ms / 1000, 0.1))
+        client = redis.Redis.from_url(settings.redis.url, socket_timeout=10.0,
+                                      socket_connect_timeout=10.0)
+        prefix, project = settings.redis.key_prefix, settings.feast.project
+
+        def read() -> dict[str, list[str]]:
+            return read_lists(client, prefix, project)
+    else:
+        fetch, names = feast_item_fetch(store)
+        path = cold_start_file(settings)
+
+        def read() -> dict[str, list[str]]:
+            return read_lists_file(path)
+    items = ItemFeatureCache(fetch, names, serving.item_cache_ttl_s, serving.item_cache_size)
+    return items, ColdStartLists(read, serving.item_cache_ttl_s)
+
+
+def build_recommender(settings: Settings) -> tuple[Recommender, ColdStartLists]:
     """Builds the whole serving object graph and starts its background refreshers."""
     metrics = ServingMetrics()
-    catalog = settings.landing_dir / "catalog" / "items.parquet"
-    caches: list[ItemCache] = []  # the cache is built after the manager it reads ids from
+    store = serving_store(settings)
+    items, lists = item_sources(settings, store)
 
-    def prepare(bundle: Any) -> None:
-        if caches:
-            prepare_bundle(bundle, caches[0].snapshot(), catalog)
+    def prepare(bundle: Any) -> None:  # before a new bundle serves: no request pays for it
+        if isinstance(bundle, Bundle):
+            ranking_catalog(bundle)
+        ids = list_items(lists.lists)
+        if ids:
+            index_new_items(bundle, ids, items.rows(ids))
 
     manager = registry_manager(settings, metrics, prepare=prepare)
-    manager.refresh()
-    store = serving_store(settings)
-    cache_store = serving_store(settings, timeout_s=10.0)
-    redis_store = store.config.online_store.type == "redis"
-    cache = ItemCache(cache_store, lambda: catalog_ids(settings, manager),
-                      reader=RedisItemFrame(cache_store, settings.redis.url, 10.0)
-                      if redis_store else None)
-    caches.append(cache)
 
     arms = registry_arms(settings, metrics, prepare)  # online experiments: split, shadow
 
-    def on_refresh(snapshot: ItemSnapshot) -> None:
+    def on_refresh(new_lists: dict[str, list[str]]) -> None:
+        ids = list_items(new_lists)
+        if not ids:
+            return
+        rows = items.rows(ids)
         current = manager.current
         if current is not None:
-            prepare_bundle(current.bundle, snapshot, catalog)
-        arms.prepare(lambda bundle: prepare_bundle(bundle, snapshot, catalog))
+            index_new_items(current.bundle, ids, rows)
 
-    cache.on_refresh.append(on_refresh)
-    cache.refresh()
-    cache.start()
+        def index_arm(bundle: Any) -> None:
+            index_new_items(bundle, ids, rows)
+
+        arms.prepare(index_arm)
+
+    lists.on_refresh.append(on_refresh)
+    lists.refresh()
+    manager.refresh()
+    lists.start()
     manager.start(settings.serving.poll_interval_s)
     arms.refresh()
     arms.start(settings.serving.poll_interval_s)
@@ -269,10 +305,10 @@ def build_recommender(settings: Settings) -> tuple[Recommender, ItemCache]:
                              load_rank=settings.serving.load_rank,
                              user_features_timeout_s=settings.redis.timeout_ms / 1000,
                              pseudonym_key=privacy.key if privacy.pseudonymize else None)
-    reader = None
-    if redis_store:
+    reader: Any = FeastUserFeatures(store)
+    if store.config.online_store.type == "redis":
         reader = RedisUserFeatures(store, settings.redis.url,
                                    max(settings.redis.timeout_ms / 1000, 0.05))
-    recommender = Recommender(manager, FeastFeatureSource(store, cache, reader), impressions,
+    recommender = Recommender(manager, FeastFeatureSource(reader, items, lists), impressions,
                               metrics, options, experiments=arms)
-    return recommender, cache
+    return recommender, lists

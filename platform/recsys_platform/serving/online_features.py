@@ -4,28 +4,22 @@
   (:class:`RedisUserFeatures`; :class:`FeastUserFeatures` through ``get_online_features``
   for other online stores): batch + stream views and the engagement history, run under a
   timeout budget by the caller.
-- Item features: never on the request path. :class:`ItemCache` reads every catalog item's
-  features in the background every ``ttl_s`` (pipelined ``HMGET`` s, :class:`RedisItemFrame`;
-  Feast's ``get_online_features`` for other online stores) into an :class:`ItemSnapshot`,
-  which also holds the diversity metadata and the cold-start lists (trending from the stream
-  view, fresh from publication time, popular from the batch view). When a refresh fails, the
-  previous snapshot keeps serving.
+- Item features: the candidates of each request, read with the same :class:`RedisHashReader`
+  behind a small LRU (:mod:`recsys_platform.serving.item_features`), never the whole catalog.
+  :func:`feast_item_frame` is Feast's own read of the same rows (the tests' reference).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any, cast
 
 import pandas as pd
 
+from recsys_pipelines.stream.layout import entity_key_encoder
 from recsys_platform.features import (
     HISTORY_LENGTH,
-    ITEM_AGE_DAYS,
     ITEM_KEY,
     USER_HISTORY,
     USER_KEY,
@@ -36,7 +30,6 @@ logger = logging.getLogger(__name__)
 
 USER_VIEWS: tuple[str, ...] = ("user_batch", "user_stream", "user_history")
 ITEM_VIEWS: tuple[str, ...] = ("item_batch", "item_trending", "item_metadata")
-LIST_SIZE = 200
 
 
 def feature_refs(store: Any, views: Sequence[str]) -> list[str]:
@@ -107,16 +100,11 @@ class RedisHashReader:
         refs = feature_refs(store, views)
         self.names = [ref.split(":", 1)[1] for ref in refs]
         self.fields = [_mmh3(ref) for ref in refs]  # hash field of each name
+        # Feast's key, from its own serialization (checked at start-up by the encoder)
+        self._key = entity_key_encoder(join_key, self._project, self._version)
 
     def key(self, entity_id: str) -> bytes:
-        from feast.infra.online_stores.helpers import _redis_key
-        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
-        from feast.protos.feast.types.Value_pb2 import Value
-
-        entity = EntityKey(join_keys=[self._join_key],
-                           entity_values=[Value(string_val=entity_id)])
-        return bytes(_redis_key(self._project, entity, entity_key_serialization_version=
-                                self._version))
+        return self._key(entity_id)
 
     def fetch(self, keys: Sequence[bytes], chunk: int = 1000) -> list[list[bytes | None]]:
         """Raw ``HMGET`` replies (serialized values, ``None`` where absent), one list per key."""
@@ -175,187 +163,3 @@ def feast_item_frame(store: Any, ids: Sequence[str], chunk: int = 2000) -> pd.Da
             features=refs, entity_rows=rows).to_dict()))
     return (pd.concat(parts, ignore_index=True) if parts
             else pd.DataFrame(columns=[ITEM_KEY])).set_index(ITEM_KEY)
-
-
-class RedisItemFrame:
-    """Item feature rows of ``ids`` from Feast's Redis layout: the same frame as
-    :func:`feast_item_frame` for a fraction of the CPU, so a refresh never stalls requests.
-
-    A refresh of the whole catalog every 30 s used to cost ~0.35-0.45 s of CPU in one burst
-    (key encoding, then ~160k protobuf decodes for 6,700 items) and held the replica's GIL
-    long enough to push the open-loop p99 past 300 ms. Now the keys are encoded once per item,
-    the read runs in pipelines of ``chunk`` items with a ``pause_s`` sleep between them (the
-    reader thread never holds the GIL and a core for long), and only replies whose raw bytes
-    changed since the previous read are decoded; when nothing changed, the previous frame
-    object comes back as it was (the cache then keeps its snapshot).
-    """
-
-    def __init__(self, store: Any, url: str, timeout_s: float, chunk: int = 250,
-                 pause_s: float = 0.002) -> None:
-        self._reader = RedisHashReader(store, url, timeout_s, ITEM_KEY, ITEM_VIEWS)
-        self._chunk = chunk
-        self._pause_s = pause_s
-        self._keys: dict[str, bytes] = {}
-        self._rows: dict[str, tuple[list[bytes | None], list[Any]]] = {}  # id -> (raw, values)
-        self._ids: list[str] = []
-        self._frame: pd.DataFrame | None = None
-
-    def _key(self, item_id: str) -> bytes:
-        key = self._keys.get(item_id)
-        if key is None:
-            key = self._keys[item_id] = self._reader.key(item_id)
-        return key
-
-    def __call__(self, ids: Sequence[str]) -> pd.DataFrame:
-        ids = list(ids)
-        changed = self._frame is None or ids != self._ids
-        rows: dict[str, tuple[list[bytes | None], list[Any]]] = {}
-        for start in range(0, len(ids), self._chunk):
-            if start and self._pause_s:
-                time.sleep(self._pause_s)
-            part = ids[start: start + self._chunk]
-            raw = self._reader.fetch([self._key(i) for i in part], self._chunk)
-            for item_id, reply in zip(part, raw, strict=True):
-                previous = self._rows.get(item_id)
-                if previous is not None and previous[0] == reply:
-                    rows[item_id] = previous
-                else:
-                    rows[item_id] = (reply, self._reader.decode(reply))
-                    changed = True
-        self._rows = rows
-        if not changed and self._frame is not None:
-            return self._frame
-        names = self._reader.names
-        table = [rows[i][1] for i in ids]
-        by_column = list(zip(*table, strict=True)) if table else [() for _ in names]  # in C
-        columns: dict[str, list[Any]] = {ITEM_KEY: ids}
-        columns.update((name, list(values)) for name, values in zip(names, by_column,
-                                                                     strict=True))
-        self._frame = pd.DataFrame(columns).set_index(ITEM_KEY)
-        self._ids = ids
-        return self._frame
-
-
-@dataclass(frozen=True)
-class ItemSnapshot:
-    """One refresh of the item cache: features, diversity metadata and cold-start lists.
-
-    Built once per refresh (never per request); a request reads the snapshot once and uses it
-    for its whole life. ``metadata`` maps an item to ``(creator_id, category)``.
-    """
-
-    frame: pd.DataFrame  # indexed by item_id
-    lists: dict[str, list[str]]
-    metadata: dict[str, tuple[str, str]]
-    has_features: bool = True  # False: the online store holds no feature of any item
-
-    @classmethod
-    def from_frame(cls, frame: pd.DataFrame) -> ItemSnapshot:
-        metadata: dict[str, tuple[str, str]] = {}
-        if {"creator_id", "category"} <= set(frame.columns):
-            meta = frame[["creator_id", "category"]].fillna("").astype(str)
-            metadata = {str(k): (c, g) for k, c, g in meta.itertuples(name=None)}
-        return cls(frame, cold_start_lists(frame), metadata,
-                   bool(frame.notna().to_numpy().any()))
-
-    @classmethod
-    def empty(cls) -> ItemSnapshot:
-        return cls.from_frame(pd.DataFrame(index=pd.Index([], name=ITEM_KEY)))
-
-    def rows(self, item_ids: list[str]) -> pd.DataFrame:
-        """Feature rows of ``item_ids`` (missing items: NaN rows); for non-bundle rankers."""
-        return self.frame.reindex(item_ids).rename_axis(ITEM_KEY)
-
-
-class ItemCache:
-    """Item features for the whole catalog, refreshed in the background.
-
-    Each refresh builds a new :class:`ItemSnapshot`, runs the ``on_refresh`` callbacks with it
-    (index new items, pre-encode the ranker's item inputs) and only then publishes it, so
-    requests never pay for a refresh; when no item's features changed, the current snapshot
-    stays (no rebuild, no re-encoding).
-    """
-
-    def __init__(self, store: Any, item_ids: Callable[[], Sequence[str]], ttl_s: float = 30.0,
-                 reader: Callable[[Sequence[str]], pd.DataFrame] | None = None) -> None:
-        self._read = reader or (lambda ids: feast_item_frame(store, ids))
-        self._item_ids = item_ids
-        self._ttl_s = ttl_s
-        self._snapshot = ItemSnapshot.empty()
-        self._loaded_at: float | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.on_refresh: list[Callable[[ItemSnapshot], None]] = []
-
-    def refresh(self) -> bool:
-        """Reads every item's features; keeps the old snapshot on failure."""
-        try:
-            frame = self._read(list(dict.fromkeys(self._item_ids())))
-        except Exception as exc:
-            logger.warning("item feature refresh failed, keeping the old snapshot: %s", exc)
-            return False
-        unchanged = frame is self._snapshot.frame or frame.equals(self._snapshot.frame)
-        if self._loaded_at is not None and unchanged:
-            self._loaded_at = time.monotonic()  # nothing changed: no rebuild, no re-encoding
-            return True
-        snapshot = ItemSnapshot.from_frame(frame)
-        for callback in self.on_refresh:
-            try:
-                callback(snapshot)
-            except Exception as exc:
-                logger.warning("item refresh callback failed: %s", exc)
-        self._snapshot = snapshot  # atomic swap
-        self._loaded_at = time.monotonic()
-        return True
-
-    def age_s(self) -> float | None:
-        return None if self._loaded_at is None else time.monotonic() - self._loaded_at
-
-    def snapshot(self) -> ItemSnapshot:
-        return self._snapshot
-
-    def start(self) -> None:
-        def loop() -> None:
-            while not self._stop.wait(self._ttl_s):
-                self.refresh()
-
-        self._thread = threading.Thread(target=loop, name="item-cache", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-
-def _top(frame: pd.DataFrame, column: str, n: int = LIST_SIZE, ascending: bool = False
-         ) -> list[str]:
-    if column not in frame.columns:
-        return []
-    values = pd.to_numeric(frame[column], errors="coerce").dropna()
-    if not ascending:
-        values = values[values > 0]
-    return [str(i) for i in values.sort_values(ascending=ascending, kind="stable").index[:n]]
-
-
-def cold_start_lists(frame: pd.DataFrame) -> dict[str, list[str]]:
-    """Trending (stream clicks in the last hour), fresh (youngest items), popular (7-day clicks)."""
-    popular = _top(frame, "item_clicks_7d") or _top(frame, "item_impressions_7d")
-    return {
-        "trending": _top(frame, "item_clicks_1h") or _top(frame, "item_impressions_1h"),
-        "fresh": _top(frame, ITEM_AGE_DAYS, n=LIST_SIZE, ascending=True),
-        "popular": popular,
-    }
-
-
-class FeastFeatureSource:
-    """The serving :class:`~recsys_platform.serving.recommender.FeatureSource` over Feast."""
-
-    def __init__(self, store: Any, items: ItemCache,
-                 user_reader: Callable[[str], dict[str, Any] | None] | None = None) -> None:
-        self._user = user_reader or FeastUserFeatures(store)
-        self.items = items
-
-    def user_features(self, user_id: str) -> dict[str, Any] | None:
-        return self._user(user_id)
-
-    def items_snapshot(self) -> ItemSnapshot:
-        return self.items.snapshot()

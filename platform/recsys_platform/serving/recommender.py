@@ -7,8 +7,9 @@ raises for a dependency failure.
 
 The hot path is numpy/torch only for real bundles (:mod:`recsys_models.fast_rank`): the user is
 encoded once from plain values and that encoding feeds both the user tower and the ranker; the
-ranker gathers candidate rows from item inputs pre-encoded when the item cache refreshed, and
-scores every candidate in one forward. No pandas frame is built per request. Bundles of other
+candidates' item features come from one read of those items (behind a small LRU), the ranker
+gathers their static inputs pre-encoded once per bundle, and scores every candidate in one
+forward. No pandas frame is built per request. Bundles of other
 types (the unit tests' stand-ins) go through their ``encode_users``/``rank`` frame API.
 """
 
@@ -45,8 +46,8 @@ from recsys_platform.privacy import pseudonymize
 from recsys_platform.serving.bundle_manager import BundleManager, LoadedBundle
 from recsys_platform.serving.candidates import Candidate, diversify, drop_items, merge_sources
 from recsys_platform.serving.impressions import ImpressionLogger
+from recsys_platform.serving.item_features import ItemReadError, ItemRows
 from recsys_platform.serving.metrics import ServingMetrics
-from recsys_platform.serving.online_features import ItemSnapshot
 from recsys_platform.serving.schemas import RecommendedItem, RecommendRequest, RecommendResponse
 
 if TYPE_CHECKING:  # types only: the experiments module never imports this one
@@ -88,8 +89,14 @@ class FeatureSource(Protocol):
     def user_features(self, user_id: str) -> dict[str, Any] | None:
         """Numeric features plus ``user_history`` (list of item ids), None if unknown."""
 
-    def items_snapshot(self) -> ItemSnapshot:
-        """The current in-memory item snapshot (features, metadata, cold-start lists)."""
+    def item_rows(self, item_ids: list[str]) -> ItemRows:
+        """Features and diversity metadata of these items (one read); may raise."""
+
+    def cold_start_lists(self) -> dict[str, list[str]]:
+        """Trending, fresh and popular item ids, best first (kept in memory)."""
+
+    def has_item_features(self) -> bool:
+        """False when the online store holds no item feature at all (not materialized)."""
 
 
 @dataclass(frozen=True)
@@ -114,7 +121,7 @@ class Prepared:
     user_key: str  # the id features, model and impression log see (pseudonym when enabled)
     user: dict[str, Any]  # numeric features + ``user_history``
     candidates: list[Candidate]
-    items: ItemSnapshot
+    items: ItemRows  # the candidates' features and diversity metadata
     degraded: list[str] = field(default_factory=list)
     known_user: bool = True
     encoded_user: dict[str, np.ndarray] | None = None  # fast path: encode_user's output
@@ -178,12 +185,24 @@ class Recommender:
         row["user_history"] = list(row.get("user_history") or [])[:HISTORY_LENGTH]
         return row, known
 
-    def _items(self, degraded: list[str]) -> ItemSnapshot:
+    def _lists(self, degraded: list[str]) -> tuple[dict[str, list[str]], bool]:
         try:
-            return self.features.items_snapshot()
+            return self.features.cold_start_lists(), self.features.has_item_features()
         except Exception as exc:
-            self._fallback(degraded, "item_features", exc)
-            return ItemSnapshot.empty()
+            self._fallback(degraded, "cold_start_lists", exc)
+            return {}, True
+
+    def _items(self, item_ids: list[str], degraded: list[str]) -> ItemRows:
+        """The candidates' features; defaults (zeros, no metadata) when the read fails."""
+        with self._stage("item_features"):
+            try:
+                return self.features.item_rows(item_ids)
+            except ItemReadError as exc:  # Redis down or slow: the rows the cache still has
+                self._fallback(degraded, "item_features", exc)
+                return exc.rows
+            except Exception as exc:
+                self._fallback(degraded, "item_features", exc)
+                return ItemRows.empty()
 
     def _retrieve(self, loaded: LoadedBundle, user_key: str, row: dict[str, Any], n: int,
                   prepared_user: list[dict[str, np.ndarray]]) -> tuple[list[str], list[float]]:
@@ -207,21 +226,21 @@ class Recommender:
         if route is not None and route.serves_treatment:
             loaded = route.treatment  # a split experiment's treatment user
         row, known = self._user_row(user_key, degraded)
-        snapshot = self._items(degraded)
-        if not known and not snapshot.has_features:
+        lists, has_features = self._lists(degraded)
+        if not known and not has_features:
             # An empty online store (not materialized, flushed): the user may well be known to
             # the bundle, so retrieval runs with default features, as when Redis is down.
             self._fallback(degraded, "user_features_missing",
                            LookupError("the online store holds no features (not materialized?)"))
             known = True
-        prepared = self.assemble(loaded, request, request_id, user_key, row, known, snapshot,
+        prepared = self.assemble(loaded, request, request_id, user_key, row, known, lists,
                                  degraded, budget)
         prepared.route, prepared.started = route, started
         return prepared
 
     def assemble(self, loaded: LoadedBundle | None, request: RecommendRequest,
                  request_id: str, user_key: str, row: dict[str, Any], known: bool,
-                 snapshot: ItemSnapshot, degraded: list[str], budget: int | None = None,
+                 lists: dict[str, list[str]], degraded: list[str], budget: int | None = None,
                  count: bool = True) -> Prepared:
         """Retrieval with ``loaded`` and the candidate list, from features already read
         (a shadow arm reuses the control's; ``count=False`` keeps it out of the metrics)."""
@@ -239,14 +258,25 @@ class Recommender:
                     sources.append(("retrieval", ids, scores))
                 except Exception as exc:
                     self._fallback(degraded, "retrieval", exc)
-        lists = snapshot.lists
         for name in ("trending", "fresh", "popular"):
             sources.append((name, lists.get(name, [])[:budget], None))
         merged = merge_sources(sources, budget)
         candidates = drop_items(merged, set(request.exclude) | set(row["user_history"]))
         for source, n in Counter(c.source for c in candidates).items() if count else ():
             self.metrics.candidates.labels(source).inc(n)
-        return Prepared(request, request_id, loaded, user_key, row, candidates, snapshot,
+        items = ItemRows.empty()
+        if candidates:
+            ids = [c.item_id for c in candidates]
+            if count:
+                items = self._items(ids, degraded)
+            else:  # a shadow arm: the same cached read, kept out of the metrics
+                try:
+                    items = self.features.item_rows(ids)
+                except ItemReadError as exc:
+                    items = exc.rows
+                except Exception:
+                    items = ItemRows.empty()
+        return Prepared(request, request_id, loaded, user_key, row, candidates, items,
                         degraded, known, encoded)
 
     @staticmethod
@@ -315,11 +345,12 @@ class Recommender:
     def shadow_items(self, prepared: Prepared, treatment: LoadedBundle
                      ) -> list[tuple[str, float, str]]:
         """``treatment``'s top-k for the request ``prepared`` was served for (same features,
-        snapshot, exclusions), ranked and diversified as the request path does; nothing is
-        counted in the metrics (a shadow experiment's ranking, off the request path)."""
+        cold-start lists and exclusions; its candidates read through the same item cache),
+        ranked and diversified as the request path does; nothing is counted in the metrics
+        (a shadow experiment's ranking, off the request path)."""
         shadow = self.assemble(treatment, prepared.request, prepared.request_id,
                                prepared.user_key, prepared.user, prepared.known_user,
-                               prepared.items, [], count=False)
+                               self._lists([])[0], [], count=False)
         cands = shadow.candidates
         scores = rank_many([shadow])[0] if cands else None
         ranked: Iterator[tuple[Candidate, float]]
@@ -362,7 +393,7 @@ def user_frame(user_key: str, row: dict[str, Any]) -> pd.DataFrame:
 
 def _frames(prepared: Prepared) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Aligned user and item rows: row i pairs the user with candidate i."""
-    items = prepared.items.rows([c.item_id for c in prepared.candidates])
+    items = prepared.items.frame([c.item_id for c in prepared.candidates])
     # Metadata comes from the bundle's own catalog (new items are added to it at index
     # refresh), so a stale cache row can never disagree with the index.
     items = items.drop(columns=[c for c in _METADATA if c in items.columns])
@@ -382,20 +413,22 @@ def _rank_frames(bundle: Any, batch: list[Prepared]) -> list[np.ndarray]:
 
 
 def _rank_group(bundle: Any, batch: list[Prepared]) -> list[np.ndarray]:
-    """Scores of requests sharing one bundle version (and item snapshot)."""
+    """Scores of requests sharing one bundle version."""
     if not isinstance(bundle, Bundle):
         return _rank_frames(bundle, batch)
-    snapshot = batch[0].items
-    catalog = ranking_catalog(bundle, snapshot.frame, snapshot)
+    catalog = ranking_catalog(bundle)
+    names = bundle.spec.item_features
     out: list[np.ndarray | None] = [None] * len(batch)
     queries: list[Query] = []
     fast: list[int] = []
     for i, prepared in enumerate(batch):
-        rows = catalog_rows(catalog, [c.item_id for c in prepared.candidates])
+        ids = [c.item_id for c in prepared.candidates]
+        rows = catalog_rows(catalog, ids)
         if rows is None or prepared.encoded_user is None:  # an item not indexed yet
             out[i] = _rank_frames(bundle, [prepared])[0]
         else:
-            queries.append(Query(prepared.encoded_user, rows))
+            features = prepared.items.numeric(ids, names) if names else None
+            queries.append(Query(prepared.encoded_user, rows, features))
             fast.append(i)
     for i, scores in zip(fast, score_candidates(bundle, catalog, queries), strict=True):
         out[i] = scores
@@ -403,14 +436,14 @@ def _rank_group(bundle: Any, batch: list[Prepared]) -> list[np.ndarray]:
 
 
 def rank_many(batch: list[Prepared]) -> list[np.ndarray | Exception]:
-    """Ranks several requests with one ranker call per (bundle version, item snapshot)."""
+    """Ranks several requests with one ranker call per bundle version."""
     results: list[np.ndarray | Exception] = [RuntimeError("not ranked")] * len(batch)
-    groups: dict[tuple[int, int], list[int]] = {}
+    groups: dict[int, list[int]] = {}
     for idx, prepared in enumerate(batch):
         if prepared.loaded is None or not prepared.candidates:
             results[idx] = RuntimeError("no bundle or no candidates to rank")
         else:
-            groups.setdefault((id(prepared.loaded), id(prepared.items)), []).append(idx)
+            groups.setdefault(id(prepared.loaded), []).append(idx)
     for members in groups.values():
         loaded = batch[members[0]].loaded
         assert loaded is not None

@@ -13,11 +13,13 @@ import json
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
 
+from recsys_platform.settings import Settings, load_settings
 from tests.fixtures.feast_store import derive_config
 from tests.fixtures.net import free_port
 from tests.integration.serving.env import ServingEnv, _app_url, _wait, call
@@ -83,61 +85,142 @@ def test_direct_redis_read_equals_feast(serving_env: ServingEnv) -> None:
     assert direct(serving_env.known_user)["user_history"]
 
 
-def test_direct_redis_item_frame_equals_feast(serving_env: ServingEnv) -> None:
-    import pandas as pd
+def _catalog_ids(settings: Settings, n: int) -> list[str]:
     import pyarrow.parquet as pq
+
+    catalog = settings.landing_dir / "catalog" / "items.parquet"
+    return sorted(map(str, pq.read_table(catalog, columns=["item_id"]).column(0).to_pylist()))[:n]
+
+
+def test_per_request_item_read_equals_feast(serving_env: ServingEnv) -> None:
+    import pandas as pd
 
     from recsys_platform.serving.factory import serving_store
-    from recsys_platform.serving.online_features import RedisItemFrame, feast_item_frame
+    from recsys_platform.serving.item_features import ItemFeatureCache, redis_item_fetch
+    from recsys_platform.serving.online_features import feast_item_frame
 
     store = serving_store(serving_env.settings, timeout_s=5.0)
-    catalog = serving_env.settings.landing_dir / "catalog" / "items.parquet"
-    known = pq.read_table(catalog, columns=["item_id"]).column(0).to_pylist()
-    ids = [*sorted(map(str, known))[:300], "never-seen-item"]
-    reader = RedisItemFrame(store, serving_env.settings.redis.url, 5.0, chunk=64)
-    direct = reader(ids)
+    ids = [*_catalog_ids(serving_env.settings, 300), "never-seen-item"]
+    fetch, names = redis_item_fetch(store, serving_env.settings.redis.url, 5.0)
+    rows = ItemFeatureCache(fetch, names).rows(ids)
+    direct = rows.frame(ids)
     feast = feast_item_frame(store, ids)
-    pd.testing.assert_frame_equal(direct, feast, check_like=True)  # column order: Feast's own
+    pd.testing.assert_frame_equal(direct, feast, check_like=True, check_dtype=False)
     assert direct.notna().any(axis=None)
-    assert reader(ids) is direct  # nothing changed in Redis: the same frame, nothing decoded
+    assert rows.metadata[ids[0]] == (str(feast.loc[ids[0], "creator_id"]),
+                                     str(feast.loc[ids[0], "category"]))
 
 
-def test_item_frame_sees_a_changed_item(serving_env: ServingEnv) -> None:
-    """Only changed replies are decoded, so a change in one item must still show up."""
-    import pandas as pd
-    import pyarrow.parquet as pq
+@pytest.fixture(scope="module")
+def short_ttl(serving_env: ServingEnv, tmp_path_factory: pytest.TempPathFactory
+              ) -> Iterator[tuple[Any, Any]]:
+    """A recommender (not the deployment) whose item rows and lists live 1 s."""
+    from recsys_platform.serving.factory import build_recommender
+
+    config = derive_config(serving_env.config_file,
+                           tmp_path_factory.mktemp("ttl") / "settings.yaml",
+                           {"serving": {"item_cache_ttl_s": 1.0}})
+    recommender, lists = build_recommender(load_settings("local", config))
+    recommender.manager.stop()  # keeps the version it loaded while other tests swap theirs
+    yield recommender, lists
+    lists.stop()
+    recommender.manager.stop()
+    if recommender.impressions is not None:
+        recommender.impressions.stop()
+
+
+def test_changed_item_features_are_served_within_the_ttl(
+        serving_env: ServingEnv, short_ttl: tuple[Any, Any]) -> None:
     import redis
 
     from recsys_platform.features import ITEM_KEY
     from recsys_platform.serving.factory import serving_store
-    from recsys_platform.serving.online_features import (
-        ITEM_VIEWS,
-        RedisHashReader,
-        RedisItemFrame,
-        feast_item_frame,
-    )
+    from recsys_platform.serving.online_features import ITEM_VIEWS, RedisHashReader
+    from recsys_platform.serving.schemas import RecommendRequest
 
+    recommender, _ = short_ttl
+    prepared = recommender.prepare(RecommendRequest(user_id=serving_env.known_user, k=10))
+    ids = [c.item_id for c in prepared.candidates]
+    column = "item_clicks_7d"
+    item = next(i for i in ids if prepared.items.values(i).get(column))
+    before = prepared.items.values(item)[column]
     store = serving_store(serving_env.settings, timeout_s=5.0)
     url = serving_env.settings.redis.url
-    catalog = serving_env.settings.landing_dir / "catalog" / "items.parquet"
-    ids = sorted(map(str, pq.read_table(catalog, columns=["item_id"]).column(0).to_pylist()))[:50]
-    reader = RedisItemFrame(store, url, 5.0, chunk=16)
-    before = reader(ids)
     hashes = RedisHashReader(store, url, 5.0, ITEM_KEY, ITEM_VIEWS)
-    column = next(c for c in before.columns if before[c].notna().any())
-    item = str(before[column].first_valid_index())
     key, field = hashes.key(item), hashes.fields[hashes.names.index(column)]
     client = redis.Redis.from_url(url)
-    saved = cast(bytes | None, client.hget(key, field))
-    assert saved is not None
+    saved = cast(bytes, client.hget(key, field))
+    from recsys_pipelines.stream.layout import encode_value
+
     try:
-        client.hdel(key, field)
-        after = reader(ids)
-        assert after is not before and pd.isna(after.loc[item, column])
-        pd.testing.assert_frame_equal(after, feast_item_frame(store, ids), check_like=True)
+        client.hset(key, field, encode_value(before + 1000))  # type: ignore[arg-type]
+        changed = _wait(lambda: recommender.features.item_rows([item]).values(item)[column]
+                        == before + 1000, 5, "the changed value")
+        assert changed
+        again = recommender.prepare(RecommendRequest(user_id=serving_env.known_user, k=10))
+        assert again.items.values(item)[column] == before + 1000
+        # The fast path ranks with the candidates' read features, as Bundle.rank does.
+        import numpy as np
+        import pandas as pd
+
+        from recsys_platform.serving.recommender import Recommender
+
+        bundle = again.loaded.bundle
+        assert bundle.spec.item_features
+        frame = again.items.frame([c.item_id for c in again.candidates])
+        features = frame[list(bundle.spec.item_features)]  # metadata, age: the catalog's
+        expected = bundle.rank(pd.DataFrame([{**again.user, "user_id": again.user_key}]),
+                               features.rename_axis("item_id").reset_index())["score"]
+        np.testing.assert_allclose(Recommender.rank(again), expected, rtol=1e-4, atol=1e-5)
     finally:
         client.hset(key, field, saved)  # type: ignore[arg-type]  # bytes are fine
-    assert reader(ids).loc[item, column] == before.loc[item, column]
+
+
+def test_a_replica_serves_items_added_after_its_bundle(
+        serving_env: ServingEnv, short_ttl: tuple[Any, Any]) -> None:
+    """A new item (metadata written online by Feast, listed fresh by the pipelines) is indexed
+    from the cold-start lists, retrieved and ranked by the model, with no catalog scan."""
+    from datetime import UTC, datetime
+
+    import numpy as np
+    import pandas as pd
+    import redis
+
+    from recsys_models.fast_rank import catalog_rows, ranking_catalog
+    from recsys_platform import cold_start
+    from recsys_platform.features import ITEM_KEY, WINDOW_END
+    from recsys_platform.serving.factory import serving_store
+    from recsys_platform.serving.schemas import RecommendRequest
+
+    recommender, lists = short_ttl
+    settings = serving_env.settings
+    bundle = recommender.manager.current.bundle
+    item = f"new-item-{time.time_ns()}"
+    assert item not in set(map(str, bundle.item_ids))
+    template = bundle.catalog.iloc[0]
+    now = datetime.now(UTC)
+    store = serving_store(settings, timeout_s=5.0)
+    store.write_to_online_store("item_metadata", pd.DataFrame([{
+        ITEM_KEY: item, "category": str(template["category"]),
+        "creator_id": str(template["creator_id"]), "tags": list(template["tags"]),
+        "duration_ms": int(template["duration_ms"]), "published_at": pd.Timestamp(now),
+        "item_age_days": 0.0, WINDOW_END: pd.Timestamp(now)}]))
+    client = redis.Redis.from_url(settings.redis.url)
+    key = cold_start.list_key(settings.redis.key_prefix, settings.feast.project, "fresh")
+    client.zadd(key, {item: now.timestamp()})
+    try:
+        _wait(lambda: item in set(map(str, bundle.item_ids)), 10, "the new item indexed")
+        assert item in lists.lists["fresh"]
+        row = int(np.flatnonzero(bundle.item_ids == item)[0])
+        found, _ = bundle.search(bundle.item_embeddings[row][None, :], 5)
+        assert item in list(found[0])  # retrievable
+        assert catalog_rows(ranking_catalog(bundle), [item]) is not None  # fast-path ranked
+        prepared = recommender.prepare(RecommendRequest(user_id="never-seen-user", k=10))
+        assert item in [c.item_id for c in prepared.candidates]
+        response = recommender.finish(prepared, recommender.rank(prepared), log=False)
+        assert response.source == "model"
+    finally:
+        client.zrem(key, item)
 
 
 def test_excluded_items_never_come_back(serving_env: ServingEnv) -> None:

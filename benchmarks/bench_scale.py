@@ -1,0 +1,424 @@
+"""The platform at 10k, 100k and 1M items, end to end on one machine: what grows with what.
+
+For each size the project's generator makes a catalog (users and events scaled with it, as
+issue 13 tried them) and the real stages run one after another, each timed:
+
+generate -> ETL (Prefect flow) -> batch features (Ray Data) -> materialize (Feast, online
+Redis) -> training-set build -> training (one epoch; its item embedding and HNSW build are
+timed inside the bundle build) -> evaluate + register -> champion alias -> one Ray Serve
+replica (start time to ``/readyz``, RSS after warm-up) -> ``POST /recommend`` with 500
+candidates: a closed loop measures the replica's capacity, then an open loop at 100 req/s, or
+at 80% of the capacity where that is below 125 req/s (the rule applied is printed).
+
+Redis is a private ``redis-server`` (``--port``, no persistence) so a million items do not
+fill a shared one. Speeds are only comparable within one run: the table prints each figure's
+growth ratio against the smallest size of the same run. Run it under the heavy lock::
+
+    redis-server --port 6405 --save "" --appendonly no --daemonize yes
+    flock /tmp/heavy.lock .venv/bin/python benchmarks/bench_scale.py --sizes 10k,100k \\
+        --redis redis://127.0.0.1:6405/0 --out /tmp/scale.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import logging
+import os
+import resource
+import shutil
+import subprocess
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import yaml
+
+from recsys_pipelines.generator import GeneratorConfig, generate, write_generated
+from recsys_platform.settings import Settings, load_settings
+
+logger = logging.getLogger("bench_scale")
+
+SIZES: dict[str, GeneratorConfig] = {  # issue 13's sizes
+    "10k": GeneratorConfig(items=10_000, users=5_000, events=200_000, days=7),
+    "100k": GeneratorConfig(items=100_000, users=50_000, events=1_000_000, days=7),
+    "1M": GeneratorConfig(items=1_000_000, users=200_000, events=2_000_000, days=7),
+}
+FULL_RATE = 100.0  # req/s of the acceptance test
+CAPACITY_RULE = 125.0  # below this measured capacity the rate is 80% of it
+
+
+@dataclass
+class Stage:
+    seconds: float
+    peak_rss_gib: float  # this process's peak RSS so far
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def rss_gib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def timed(results: dict[str, Any], name: str, fn: Callable[[], Any]) -> Any:
+    t0 = time.perf_counter()
+    value = fn()
+    results[name] = time.perf_counter() - t0
+    logger.info("%s: %.1f s (peak RSS %.2f GiB)", name, results[name], peak_rss_gib())
+    return value
+
+
+def write_config(workdir: Path, redis_url: str, size: str) -> Settings:
+    project = f"scale_{size.lower()}"
+    config = {"data_dir": str(workdir / "data"), "redis": {"url": redis_url},
+              "feast": {"project": project, "online_store": "redis",
+                        "repo_path": str(workdir / "feature_repo"),
+                        "registry_path": str(workdir / "data" / "feast" / "registry.db")},
+              "serving": {"candidates": 500, "poll_interval_s": 30}}
+    (workdir / "feature_repo").mkdir(parents=True, exist_ok=True)
+    repo = Path(__file__).resolve().parents[1] / "feature_repo" / "definitions.py"
+    (workdir / "feature_repo" / "definitions.py").write_text(repo.read_text())
+    (workdir / "settings.yaml").write_text(yaml.safe_dump(config))
+    return load_settings("local", workdir / "settings.yaml")
+
+
+def pipeline(settings: Settings, cfg: GeneratorConfig, out: dict[str, Any]) -> list[str]:
+    """Every offline stage of one size; returns sample users for the serving load."""
+    from mlflow import MlflowClient
+
+    from recsys_models.train import TrainConfig
+    from recsys_models.workflow import train_evaluate_register
+    from recsys_pipelines import batch_features, feature_store
+    from recsys_pipelines.flows import etl_flow
+    from recsys_pipelines.training_set import build_snapshot
+    from recsys_platform.runtime import ensure_ray
+
+    data = timed(out, "generate_s", lambda: generate(cfg))
+    write_generated(data, settings.landing_dir)
+    users = sorted(set(data.events["user_id"].dropna().astype(str)))[:500]
+    out["events"] = len(data.events)
+    del data
+    gc.collect()
+    start, end = cfg.start, cfg.start + timedelta(days=cfg.days - 1)
+    timed(out, "etl_s", lambda: etl_flow(start=start, end=end, settings=settings))
+    ensure_ray(settings)
+    tables = timed(out, "features_s", lambda: batch_features.compute_features(
+        settings.lake_dir, start, end))
+    batch_features.write_feature_tables(tables, feature_store.offline_dir(settings))
+    del tables
+    feature_store.apply_definitions(settings)
+    window = (batch_features.day_end(start).to_pydatetime(),
+              batch_features.day_end(end).to_pydatetime())
+    result = timed(out, "materialize_s", lambda: feature_store.materialize(settings, *window))
+    out["materialized_rows"] = result.rows
+    out["materialize_rows_per_s"] = result.rows / max(out["materialize_s"], 1e-9)
+    snapshot_id, rows = timed(out, "training_set_s", lambda: build_snapshot(
+        settings, feature_store.load_store(settings), None, None))
+    out["training_rows"] = rows
+    outcome = timed(out, "train_register_s", lambda: train_evaluate_register(
+        settings, TrainConfig(epochs=1), snapshot_id=snapshot_id, workers=1))
+    out["train_epoch_s"] = outcome.seconds.get("fit")
+    out["evaluate_s"] = outcome.seconds.get("evaluate")
+    out["register_s"] = outcome.seconds.get("register")
+    stats = outcome.bundle.build_stats
+    out["embed_items_s"] = stats.get("embed_items_s")
+    out["index_build_s"] = stats.get("index_build_s")
+    out["catalog_items"] = int(stats.get("items", 0))
+    out["recall_at_100_vs_exact"] = outcome.report.metrics.get("ann/recall@100")
+    with tempfile.TemporaryDirectory() as tmp:
+        from recsys_models.bundle import save_bundle
+        from recsys_models.registry import bundle_size_stats
+
+        sizes = bundle_size_stats(outcome.bundle, save_bundle(outcome.bundle, Path(tmp) / "b"))
+    out["bundle_mib"] = sizes["bundle_bytes"] / 2**20
+    out["index_mib"] = sizes["index_bytes"] / 2**20
+    out["replica_memory_estimate_gib"] = sizes["replica_memory_estimate_bytes"] / 2**30
+    assert outcome.registered is not None
+    client = MlflowClient(tracking_uri=settings.mlflow_tracking_uri,
+                          registry_uri=settings.mlflow_tracking_uri)
+    client.set_registered_model_alias(settings.mlflow.model_name, "champion",
+                                      str(outcome.registered.version))  # no quality gate here
+    del outcome
+    gc.collect()
+    out["pipeline_peak_rss_gib"] = peak_rss_gib()
+    return users
+
+
+def pipeline_reusing_model(settings: Settings, cfg: GeneratorConfig, out: dict[str, Any],
+                           model_settings: Settings) -> list[str]:
+    """The catalog-sized stages only, for a size whose training does not fit the time: the
+    data path (generate, ETL, features, materialize) as :func:`pipeline`, then the models of
+    an already trained size (its champion) embed THIS catalog and index it (item embedding,
+    HNSW build, bundle size, recall@100 vs exact), registered here as the champion."""
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    from recsys_models.ann import recall_vs_exact
+    from recsys_models.bundle import build_bundle, save_bundle
+    from recsys_models.provenance import load_verified
+    from recsys_models.registry import bundle_size_stats, register_bundle
+    from recsys_pipelines import batch_features, feature_store
+    from recsys_pipelines.flows import etl_flow
+    from recsys_platform.runtime import ensure_ray
+
+    data = timed(out, "generate_s", lambda: generate(cfg))
+    write_generated(data, settings.landing_dir)
+    users = sorted(set(data.events["user_id"].dropna().astype(str)))[:500]
+    out["events"] = len(data.events)
+    del data
+    gc.collect()
+    start, end = cfg.start, cfg.start + timedelta(days=cfg.days - 1)
+    timed(out, "etl_s", lambda: etl_flow(start=start, end=end, settings=settings))
+    ensure_ray(settings)
+    tables = timed(out, "features_s", lambda: batch_features.compute_features(
+        settings.lake_dir, start, end))
+    batch_features.write_feature_tables(tables, feature_store.offline_dir(settings))
+    del tables
+    gc.collect()
+    feature_store.apply_definitions(settings)
+    window = (batch_features.day_end(start).to_pydatetime(),
+              batch_features.day_end(end).to_pydatetime())
+    result = timed(out, "materialize_s", lambda: feature_store.materialize(settings, *window))
+    out["materialized_rows"] = result.rows
+    out["materialize_rows_per_s"] = result.rows / max(out["materialize_s"], 1e-9)
+    name = model_settings.mlflow.model_name
+    client = MlflowClient(tracking_uri=model_settings.mlflow_tracking_uri,
+                          registry_uri=model_settings.mlflow_tracking_uri)
+    version = client.get_model_version_by_alias(name, "champion").version
+    trained = load_verified(model_settings.mlflow_tracking_uri, name, str(version),
+                            model_settings.path(model_settings.mlflow.artifact_location))
+    catalog = pd.read_parquet(settings.lake_dir / "catalog" / "items.parquet")
+    bundle = build_bundle(trained.two_tower, trained.ranker, trained.spec, catalog,
+                          set(catalog["item_id"].astype(str)), version=f"scale-{cfg.items}",
+                          feature_service=trained.feature_service, snapshot_id="none",
+                          as_of=pd.Timestamp(window[1]))
+    stats = bundle.build_stats
+    out["embed_items_s"] = stats.get("embed_items_s")
+    out["index_build_s"] = stats.get("index_build_s")
+    out["catalog_items"] = int(stats.get("items", 0))
+    queries = bundle.encode_users(pd.DataFrame({"user_id": users}))
+    out["recall_at_100_vs_exact"] = recall_vs_exact(bundle.index, bundle.item_embeddings,
+                                                    queries, 100)
+    with tempfile.TemporaryDirectory() as tmp:
+        sizes = bundle_size_stats(bundle, save_bundle(bundle, Path(tmp) / "b"))
+    out["bundle_mib"] = sizes["bundle_bytes"] / 2**20
+    out["index_mib"] = sizes["index_bytes"] / 2**20
+    out["replica_memory_estimate_gib"] = sizes["replica_memory_estimate_bytes"] / 2**30
+    registered = register_bundle(settings, bundle, run_name=f"scale-{cfg.items}")
+    MlflowClient(tracking_uri=settings.mlflow_tracking_uri,
+                 registry_uri=settings.mlflow_tracking_uri).set_registered_model_alias(
+        settings.mlflow.model_name, "champion", str(registered.version))
+    del bundle, trained
+    gc.collect()
+    out["pipeline_peak_rss_gib"] = peak_rss_gib()
+    out["model_from"] = f"{model_settings.data_dir} champion v{version} (not retrained)"
+    return users
+
+
+async def _post(session: aiohttp.ClientSession, url: str, user: str) -> int:
+    try:
+        async with session.post(url, json={"user_id": user, "k": 20}) as resp:
+            await resp.read()
+            return resp.status
+    except (TimeoutError, aiohttp.ClientError):
+        return 0
+
+
+async def load(url: str, users: list[str], seconds: float, out: dict[str, Any]) -> None:
+    """Capacity (closed loop, 8 in flight), then the open loop at the rule's rate."""
+    gc.collect()
+    gc.disable()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=128),
+                                     timeout=aiohttp.ClientTimeout(total=30)) as session:
+        done = 0
+        deadline = time.perf_counter() + 8
+
+        async def worker(i: int) -> None:
+            nonlocal done
+            n = i
+            while time.perf_counter() < deadline:
+                if await _post(session, url, users[n % len(users)]) == 200:
+                    done += 1
+                n += 8
+
+        await asyncio.gather(*(worker(i) for i in range(4)))  # warm-up
+        done, deadline = 0, time.perf_counter() + 10
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(i) for i in range(8)))
+        capacity = done / (time.perf_counter() - t0)
+        rate = FULL_RATE if capacity >= CAPACITY_RULE else 0.8 * capacity
+        rule = (f"100 req/s (capacity {capacity:.0f} >= {CAPACITY_RULE:.0f} req/s)"
+                if capacity >= CAPACITY_RULE else
+                f"80% of the measured capacity {capacity:.0f} req/s = {rate:.0f} req/s "
+                f"(capacity < {CAPACITY_RULE:.0f} req/s)")
+        print(f"  open-loop rate rule: {rule}")
+        latencies: list[float] = []
+        errors = 0
+
+        async def one(n: int, scheduled: float) -> None:
+            nonlocal errors
+            if await _post(session, url, users[n % len(users)]) == 200:
+                latencies.append(time.perf_counter() - scheduled)
+            else:
+                errors += 1
+
+        await asyncio.sleep(2)
+        tasks = []
+        start = time.perf_counter()
+        for n in range(int(rate * seconds)):
+            scheduled = start + n / rate
+            await asyncio.sleep(max(0.0, scheduled - time.perf_counter()))
+            tasks.append(asyncio.create_task(one(n, scheduled)))
+        await asyncio.gather(*tasks)
+    gc.enable()
+    ms = np.asarray(latencies) * 1000
+    out.update({"capacity_rps": capacity, "rate_rps": rate, "rate_rule": rule,
+                "p50_ms": float(np.percentile(ms, 50)) if len(ms) else None,
+                "p99_ms": float(np.percentile(ms, 99)) if len(ms) else None,
+                "non_200": errors})
+
+
+def serve_size(settings: Settings, config_file: Path, users: list[str], seconds: float,
+               out: dict[str, Any]) -> None:
+    """One replica of the real deployment: start time, RSS after warm-up, latency."""
+    from ray import serve
+
+    from recsys_platform.serving.app import RecommenderDeployment
+    from recsys_platform.serving.ingress import replica_urls
+
+    t0 = time.perf_counter()
+    app = RecommenderDeployment.options(  # type: ignore[attr-defined]
+        autoscaling_config=None, num_replicas=1).bind(config_file=str(config_file))
+    serve.run(app, name="scale", route_prefix="/", blocking=False)
+    base = replica_urls("scale", host="127.0.0.1", timeout_s=600)[0]
+    while True:
+        try:
+            with urllib.request.urlopen(f"{base}/readyz", timeout=5) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if time.perf_counter() - t0 > 900:
+            raise TimeoutError("replica not ready in 15 min")
+        time.sleep(0.5)
+    out["replica_start_s"] = time.perf_counter() - t0
+    asyncio.run(load(f"{base}/recommend", users, seconds, out))
+    pid = replica_pid()
+    out["replica_rss_gib"] = rss_gib(pid) if pid else None
+    serve.delete("scale")
+
+
+def replica_pid() -> int | None:
+    listing = subprocess.run(["ps", "-eo", "pid,args", "--sort=start_time"], check=True,
+                             capture_output=True, text=True).stdout
+    pids = [int(line.split()[0]) for line in listing.splitlines() if "ServeReplica:scale" in line]
+    return pids[-1] if pids else None
+
+
+ROWS = [("events", "events", "{:,.0f}"), ("ETL", "etl_s", "{:.0f} s"),
+        ("batch features", "features_s", "{:.0f} s"),
+        ("materialize", "materialize_s", "{:.0f} s"),
+        ("materialize rate", "materialize_rows_per_s", "{:,.0f} rows/s"),
+        ("training-set build", "training_set_s", "{:.0f} s"),
+        ("train (1 epoch)", "train_epoch_s", "{:.0f} s"),
+        ("evaluate", "evaluate_s", "{:.0f} s"),
+        ("item embedding", "embed_items_s", "{:.1f} s"),
+        ("HNSW build (all cores)", "index_build_s", "{:.1f} s"),
+        ("bundle size", "bundle_mib", "{:.0f} MiB"), ("index size", "index_mib", "{:.0f} MiB"),
+        ("pipeline peak RSS (driver)", "pipeline_peak_rss_gib", "{:.2f} GiB"),
+        ("replica start", "replica_start_s", "{:.0f} s"),
+        ("replica RSS after warm-up", "replica_rss_gib", "{:.2f} GiB"),
+        ("replica capacity (c=8)", "capacity_rps", "{:.0f} req/s"),
+        ("open-loop rate", "rate_rps", "{:.0f} req/s"),
+        ("POST /recommend p50", "p50_ms", "{:.1f} ms"),
+        ("POST /recommend p99", "p99_ms", "{:.1f} ms"),
+        ("non-200", "non_200", "{:.0f}")]
+
+
+def table(results: dict[str, dict[str, Any]], sizes: list[str]) -> str:
+    """Markdown: one row per figure, one column per size, growth vs the smallest size."""
+    base = sizes[0]
+    head = "| stage | " + " | ".join([*sizes, *(f"{base} -> {s}" for s in sizes[1:])]) + " |"
+    lines = [head, "|" + "---|" * (2 * len(sizes))]
+    for label, key, fmt in ROWS:
+        cells = []
+        for s in sizes:
+            value = results.get(s, {}).get(key)
+            cells.append(fmt.format(value) if isinstance(value, int | float) else "not run")
+        ratios = []
+        for s in sizes[1:]:
+            a, b = results.get(base, {}).get(key), results.get(s, {}).get(key)
+            ok = isinstance(a, int | float) and isinstance(b, int | float) and a
+            ratios.append(f"x{b / a:.1f}" if ok else "-")
+        lines.append(f"| {label} | " + " | ".join([*cells, *ratios]) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="10k,100k", help="of " + ",".join(SIZES))
+    parser.add_argument("--redis", default="redis://127.0.0.1:6405/0",
+                        help="a private Redis (its DB is used by this run only)")
+    parser.add_argument("--workdir", type=Path, help="data of every size (default: a temp dir)")
+    parser.add_argument("--seconds", type=float, default=20.0, help="open-loop duration")
+    parser.add_argument("--out", type=Path, help="also write the results as JSON here")
+    parser.add_argument("--reuse-model", type=Path, metavar="SETTINGS_YAML",
+                        help="skip the training-set build and training: embed and index each "
+                        "size's catalog with this platform's champion models")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    from recsys_platform.serving.ingress import direct_ingress_env
+
+    os.environ.update(direct_ingress_env(True, draining_s=1))  # as `recsys serve up`
+    import ray
+    from ray import serve
+
+    sizes = [s for s in args.sizes.split(",") if s]
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_scale_"))
+    results: dict[str, dict[str, Any]] = {}
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": 0},
+                logging_config={"enable_access_log": False})
+    try:
+        for size in sizes:
+            out: dict[str, Any] = {"size": size}
+            results[size] = out
+            folder = workdir / size
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            settings = write_config(folder, args.redis, size)
+            t0 = time.perf_counter()
+            users = (pipeline_reusing_model(settings, SIZES[size], out,
+                                            load_settings("local", args.reuse_model))
+                     if args.reuse_model else pipeline(settings, SIZES[size], out))
+            out["pipeline_s"] = time.perf_counter() - t0
+            serve_size(settings, folder / "settings.yaml", users, args.seconds, out)
+            print(f"{size}: {json.dumps(out, default=str)}", flush=True)
+            if args.out:
+                args.out.write_text(json.dumps(results, indent=2, default=str))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    print(table(results, sizes))
+    for size in sizes[1:]:
+        a, b = results[sizes[0]].get("p99_ms"), results[size].get("p99_ms")
+        if a and b:
+            print(f"p99({size}) / p99({sizes[0]}) = {b / a:.2f} (target <= 1.5)")
+
+
+if __name__ == "__main__":
+    main()
