@@ -14,24 +14,35 @@ running replicas, the offered and served rates, the admitted p99, the share of 5
 whether each carried ``Retry-After``; ``--plot FILE`` draws the timeline (matplotlib).
 
     flock /tmp/heavy.lock .venv/bin/python benchmarks/bench_spike.py \\
-        --workdir /tmp/bench_serving_work --plot docs/img/spike.png
+        --workdir /tmp/bench_serving_work --table --plot docs/serving-spike.png
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import logging
 import os
+import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from bench_serving import DEFAULT_REDIS_URL, Outcome, _post, client_session, closed_loop, setup
 
 from recsys_platform.serving.ingress import direct_ingress_env, replica_urls
+
+# The built platform and the load generator are bench_serving.py's, loaded from beside this
+# file so that the script runs from any directory.
+_SPEC = importlib.util.spec_from_file_location(
+    "bench_serving", Path(__file__).with_name("bench_serving.py"))
+assert _SPEC is not None and _SPEC.loader is not None
+bench = importlib.util.module_from_spec(_SPEC)
+sys.modules["bench_serving"] = bench  # its dataclasses look their module up
+_SPEC.loader.exec_module(bench)
 
 APP = "spike"
 PORT = 8766
@@ -43,7 +54,7 @@ class Second:
 
     replicas: int = 0
     offered: int = 0
-    out: Outcome = field(default_factory=lambda: Outcome(seconds=1.0))
+    out: bench.Outcome = field(default_factory=lambda: bench.Outcome(seconds=1.0))
 
 
 def running_replicas() -> int:
@@ -65,23 +76,26 @@ async def spike_run(users: list[str], capacity: float, low: float, spike: float,
     start = time.perf_counter()
     spike_end = before_s + spike_s
 
+    replicas_now = 1
+
     async def watch() -> None:
-        nonlocal urls
+        nonlocal urls, replicas_now
         while not done.is_set():
             replicas, found = await asyncio.gather(
                 asyncio.to_thread(running_replicas),
                 asyncio.to_thread(replica_urls, APP, "127.0.0.1", 5))
             urls = found or urls
+            replicas_now = replicas
             second = int(time.perf_counter() - start)
             while len(seconds) <= second:
                 seconds.append(Second())
             seconds[second].replicas = replicas
             await asyncio.sleep(1.0)
 
-    async with client_session(limit=512) as session:
+    async with bench.client_session(limit=512) as session:
         async def one(n: int, scheduled: float) -> None:
             url = f"{urls[n % len(urls)]}/recommend"
-            status, retry_after, cheap = await _post(session, url, users[n % len(users)])
+            status, retry_after, cheap = await bench.post(session, url, users[n % len(users)])
             second = int(scheduled - start)
             while len(seconds) <= second:
                 seconds.append(Second())
@@ -94,7 +108,7 @@ async def spike_run(users: list[str], capacity: float, low: float, spike: float,
         while True:
             if t >= spike_end + after_s:
                 break
-            if t >= spike_end + 10 and seconds and seconds[-1].replicas <= min_replicas:
+            if t >= spike_end + 10 and replicas_now <= min_replicas:
                 break  # back to the minimum (and at least 10 s of the low phase seen)
             rate = capacity * (spike if before_s <= t < spike_end else low)
             scheduled = start + t
@@ -138,11 +152,13 @@ def plot(seconds: list[Second], before_s: float, spike_s: float, path: Path,
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     x = np.arange(len(seconds))
     fig, axes = plt.subplots(4, 1, figsize=(9, 8), sharex=True)
     axes[0].step(x, [s.replicas for s in seconds], where="post", color="black")
     axes[0].set_ylabel("replicas")
+    axes[0].yaxis.set_major_locator(MaxNLocator(integer=True))
     axes[1].plot(x, [s.offered for s in seconds], label="offered")
     axes[1].plot(x, [len(s.out.admitted) for s in seconds], label="served (200)")
     axes[1].plot(x, [len(s.out.cheap) for s in seconds], label="of which cheaper path")
@@ -170,14 +186,18 @@ def plot(seconds: list[Second], before_s: float, spike_s: float, path: Path,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", type=Path, help="bench_serving's built platform")
-    parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
+    parser.add_argument("--redis-url", default=bench.DEFAULT_REDIS_URL)
     parser.add_argument("--max-replicas", type=int, default=3)
     parser.add_argument("--low", type=float, default=0.3, help="x capacity before and after")
     parser.add_argument("--spike", type=float, default=3.0, help="x capacity in the spike")
     parser.add_argument("--before", type=float, default=10.0)
-    parser.add_argument("--spike-s", type=float, default=40.0)
-    parser.add_argument("--after", type=float, default=60.0)
+    parser.add_argument("--spike-s", type=float, default=60.0)
+    parser.add_argument("--after", type=float, default=80.0)
     parser.add_argument("--plot", type=Path, help="write the timeline here (PNG)")
+    parser.add_argument("--table", action="store_true",
+                        help="print the per-second timeline as a Markdown table")
+    parser.add_argument("--capacity", type=float, default=0.0,
+                        help="one replica's capacity in req/s (default: measured first)")
     args = parser.parse_args()
     os.environ.update(direct_ingress_env(True, draining_s=1))  # as `serve up`
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -191,7 +211,7 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        settings, config_file, users = setup(workdir, args.redis_url)
+        settings, config_file, users = bench.setup(workdir, args.redis_url)
         serving = settings.serving.model_copy(update={"max_replicas": args.max_replicas,
                                                       "min_replicas": 1})
         options = deployment_options(serving)
@@ -213,13 +233,14 @@ def main() -> None:
             time.sleep(1)
 
         async def measure() -> tuple[float, float]:
-            async with client_session() as session:
-                await closed_loop(session, f"{url}/recommend", users, 2, 3)  # warm-up
-                out = await closed_loop(session, f"{url}/recommend", users, 2, 8)
-                capacity = len(out.full) / out.seconds
-                from bench_serving import open_loop
-
-                unloaded = await open_loop(session, f"{url}/recommend", users,
+            async with bench.client_session() as session:
+                # warm-up: past the replica's first item-cache refresh and index update
+                await bench.closed_loop(session, f"{url}/recommend", users, 2, 15)
+                capacity = args.capacity
+                if not capacity:
+                    out = await bench.closed_loop(session, f"{url}/recommend", users, 2, 10)
+                    capacity = len(out.full) / out.seconds
+                unloaded = await bench.open_loop(session, f"{url}/recommend", users,
                                            args.low * capacity, 8)
                 return capacity, p99(unloaded.admitted)
 
@@ -229,7 +250,8 @@ def main() -> None:
               f"{options['autoscaling_config']}")
         timeline = asyncio.run(spike_run(users, capacity, args.low, args.spike, args.before,
                                          args.spike_s, args.after, 1))
-        print(table(timeline, args.before, args.spike_s))
+        if args.table:
+            print(table(timeline, args.before, args.spike_s))
         in_spike = [s for i, s in enumerate(timeline)
                     if args.before <= i < args.before + args.spike_s]
         admitted = [x for s in in_spike for x in s.out.admitted]
@@ -253,6 +275,9 @@ def main() -> None:
         serve.shutdown()
     finally:
         ray.shutdown()
+        if args.workdir is None:
+            bench.cleanup(workdir, args.redis_url)
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

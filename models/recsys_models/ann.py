@@ -87,6 +87,12 @@ class HnswIndex:
 
 
 EXACT_CHUNK = 256  # query rows scored at once: (256, items) float32 + int64 argpartition
+EXACT_CELLS = 1 << 25  # and at most this many scores (large catalogs get smaller chunks)
+
+
+def _chunk(chunk: int, items: int) -> int:
+    """Query rows per chunk: ``chunk``, fewer where the catalog would exceed EXACT_CELLS."""
+    return max(1, min(chunk, EXACT_CELLS // max(items, 1)))
 
 
 def _exact_top(embeddings: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
@@ -107,6 +113,7 @@ def exact_search(embeddings: np.ndarray, queries: np.ndarray, n: int,
     embeddings = np.asarray(embeddings, dtype=np.float32)
     queries = np.asarray(queries, dtype=np.float32)
     k = min(n, embeddings.shape[0])
+    chunk = _chunk(chunk, embeddings.shape[0])
     out = np.empty((len(queries), k), dtype=np.int64)
     for start in range(0, len(queries), chunk):
         out[start:start + chunk] = _exact_top(embeddings, queries[start:start + chunk], k)
@@ -122,6 +129,7 @@ def recall_vs_exact(index: HnswIndex, embeddings: np.ndarray, queries: np.ndarra
     if len(queries) == 0 or k == 0:
         return 0.0
     hits = 0
+    chunk = _chunk(chunk, embeddings.shape[0])
     for start in range(0, len(queries), chunk):
         part = np.asarray(queries[start:start + chunk], dtype=np.float32)
         exact = _exact_top(embeddings, part, k)

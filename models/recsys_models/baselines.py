@@ -45,7 +45,7 @@ ALS_QUICK_GRID: tuple[tuple[int, float, float], ...] = tuple(
     (f, 0.01, a) for f in (32, 64) for a in (1.0, 10.0))
 EASE_MAX_ITEMS = 10_000  # a dense items^2 float32 inverse: 0.4 GB and ~20 s at 10k items
 TUNE_USERS = 2_000  # validation users the grids are scored on
-SCORE_CHUNK = 512  # users scored at once
+SCORE_CELLS = 1 << 24  # users x items scored at once (64 MB float32 + 128 MB argpartition)
 
 
 @dataclass(frozen=True)
@@ -71,8 +71,8 @@ def _interactions(train: pd.DataFrame, max_items: int | None = None) -> _Interac
 
 def _scored_recommender(data: _Interactions, score: Callable[[np.ndarray], np.ndarray],
                         train: pd.DataFrame) -> Recommender:
-    """Users known to the model get its top-k (scored ``SCORE_CHUNK`` users at a time:
-    ``score(user rows) -> (n, items)``); others get popularity."""
+    """Users known to the model get its top-k (scored :data:`SCORE_CELLS` / items users at a
+    time: ``score(user rows) -> (n, items)``); others get popularity."""
     fallback = popularity_recommender(train)
     column = {item: i for i, item in enumerate(data.items)}
 
@@ -81,8 +81,9 @@ def _scored_recommender(data: _Interactions, score: Callable[[np.ndarray], np.nd
         uids = users["user_id"].tolist()
         known = [i for i, u in enumerate(uids) if u in data.users]
         kk = min(k, len(data.items))
-        for start in range(0, len(known), SCORE_CHUNK):
-            rows = known[start:start + SCORE_CHUNK]
+        chunk = max(1, SCORE_CELLS // max(len(data.items), 1))
+        for start in range(0, len(known), chunk):
+            rows = known[start:start + chunk]
             scores = score(np.array([data.users[uids[r]] for r in rows]))  # (n, items)
             for j, r in enumerate(rows):
                 seen = [column[i] for i in exclude.get(uids[r], ()) if i in column]
@@ -126,8 +127,9 @@ def als_recommender(train: pd.DataFrame, factors: int = 64, reg: float = 0.01,
 
     data = _interactions(train)
     with threadpool_limits(1, "blas"):  # implicit checks (and warns about) BLAS threads
+        # one thread: implicit's multi-threaded updates are not reproducible for a seed
         model = AlternatingLeastSquares(factors=factors, regularization=reg,
-                                        iterations=iterations, random_state=7)
+                                        iterations=iterations, random_state=7, num_threads=1)
         model.fit((data.matrix * alpha).tocsr(), show_progress=False)
     user_factors = np.asarray(model.user_factors, dtype=np.float32)
     item_factors = np.asarray(model.item_factors, dtype=np.float32)

@@ -91,7 +91,7 @@ class Bundle:
         return base.join(meta[add], on="item_id")
 
     def rank(self, users: pd.DataFrame, items: pd.DataFrame) -> pd.DataFrame:
-        """``user_id, item_id, p_click, watch_time_ms_pred, score`` per aligned row.
+        """``user_id, item_id, p_click, watch_time_ms_pred, score, retrieval_score`` per row.
 
         From ``users`` only ``user_id``, ``user_history`` and numeric user features are read;
         ``items`` needs ``item_id`` (metadata columns are taken from the bundle's catalog when
@@ -119,7 +119,9 @@ class Bundle:
         p, watch = predict(self.ranker, batch)
         return pd.DataFrame({
             "user_id": frame["user_id"].to_numpy(), "item_id": frame["item_id"].to_numpy(),
-            "p_click": p, "watch_time_ms_pred": watch, "score": self.blend.score(p, watch),
+            "p_click": p, "watch_time_ms_pred": watch,
+            "score": self.blend.score(p, watch, batch["retrieval_score"]),
+            "retrieval_score": batch["retrieval_score"],
         })
 
     @staticmethod
@@ -141,13 +143,14 @@ class Bundle:
         self.catalog = pd.concat([self.catalog, rows], ignore_index=True)
         logger.info("added %d items to bundle %s", len(rows), self.version)
 
-    def recommend(self, users: pd.DataFrame, k: int, candidates: int = 200,
-                  exclude: dict[str, set[str]] | None = None, chunk: int = 32) -> pd.DataFrame:
-        """Two stages: retrieve ``candidates`` per user, rank them, keep the top ``k``.
+    def rank_candidates(self, users: pd.DataFrame, candidates: int = 200,
+                        exclude: dict[str, set[str]] | None = None,
+                        chunk: int = 32) -> pd.DataFrame:
+        """Retrieves ``candidates`` per user and scores them all with the ranker (unsorted).
 
-        Items in ``exclude[user_id]`` and in the user's ``user_history`` are never returned
-        (as serving does). Returns ``user_id, rank, item_id, score, p_click,
-        watch_time_ms_pred``.
+        Items in ``exclude[user_id]`` and in the user's ``user_history`` are dropped first (as
+        serving does). Returns :meth:`rank`'s columns plus ``query``, the user's row in
+        ``users``.
         """
         exclude = exclude or {}
         users = users.reset_index(drop=True)
@@ -158,7 +161,6 @@ class Bundle:
                 for u, h in zip(users["user_id"], histories, strict=True)]
         extra = max((len(v) for v in drop), default=0)
         ids, _ = self.search(self.encode_users(users), candidates + extra)
-        cols = ["user_id", "rank", "item_id", "score", "p_click", "watch_time_ms_pred"]
         out = []
         for start in range(0, len(users), chunk):
             members = range(start, min(start + chunk, len(users)))
@@ -166,14 +168,27 @@ class Bundle:
             which = np.repeat(np.arange(start, start + len(cands)), [len(c) for c in cands])
             ranked = self.rank(users.loc[which], pd.DataFrame(
                 {"item_id": [x for c in cands for x in c]}))
-            ranked["_order"] = which
-            ranked = ranked.sort_values(["_order", "score"], ascending=[True, False],
-                                        kind="stable")
-            top = ranked.groupby("_order", sort=False).head(k)
-            out.append(top.assign(rank=top.groupby("_order").cumcount() + 1))
+            out.append(ranked.assign(query=which))
         if not out:
+            return pd.DataFrame(columns=["user_id", "item_id", "p_click", "watch_time_ms_pred",
+                                         "score", "retrieval_score", "query"])
+        return pd.concat(out, ignore_index=True)
+
+    def recommend(self, users: pd.DataFrame, k: int, candidates: int = 200,
+                  exclude: dict[str, set[str]] | None = None, chunk: int = 32) -> pd.DataFrame:
+        """Two stages: retrieve ``candidates`` per user, rank them, keep the top ``k``.
+
+        Items in ``exclude[user_id]`` and in the user's ``user_history`` are never returned
+        (as serving does). Returns ``user_id, rank, item_id, score, p_click,
+        watch_time_ms_pred``.
+        """
+        cols = ["user_id", "rank", "item_id", "score", "p_click", "watch_time_ms_pred"]
+        ranked = self.rank_candidates(users, candidates, exclude, chunk)
+        if ranked.empty:
             return pd.DataFrame(columns=cols)
-        return pd.concat(out, ignore_index=True)[cols]
+        ranked = ranked.sort_values(["query", "score"], ascending=[True, False], kind="stable")
+        top = ranked.groupby("query", sort=False).head(k)
+        return top.assign(rank=top.groupby("query").cumcount() + 1)[cols].reset_index(drop=True)
 
 
 @torch.no_grad()

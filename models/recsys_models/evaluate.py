@@ -27,7 +27,7 @@ from sklearn.metrics import roc_auc_score  # noqa: E402
 logger = logging.getLogger(__name__)
 
 KS: tuple[int, ...] = (10, 50, 100)
-CHUNK_USERS = 1_024  # users per evaluation chunk (settings.evaluation.chunk_users)
+CHUNK_USERS = 256  # users per evaluation chunk (settings.evaluation.chunk_users)
 CHUNK_ROWS = 50_000  # holdout rows ranked at once
 Recommender = Callable[[pd.DataFrame, int, dict[str, set[str]]], np.ndarray]
 
@@ -54,7 +54,10 @@ def holdout_queries(train: pd.DataFrame, holdout: pd.DataFrame) -> HoldoutQuerie
 
 def popularity_recommender(train: pd.DataFrame) -> Recommender:
     """Most-clicked training items, minus the user's excluded items."""
-    ranked = train.loc[train["clicked"] == 1, "item_id"].value_counts().index.to_numpy()
+    counts = train.loc[train["clicked"] == 1, "item_id"].value_counts()
+    # ties by item id: the same list whatever order the rows arrive in
+    ranked = counts.sort_index(kind="stable").sort_values(ascending=False, kind="stable")
+    ranked = ranked.index.to_numpy()
 
     def recommend(users: pd.DataFrame, k: int, exclude: dict[str, set[str]]) -> np.ndarray:
         out = np.empty((len(users), k), dtype=object)

@@ -92,7 +92,7 @@ def rank_aligned(bundle: Bundle, users: pd.DataFrame, items: pd.DataFrame) -> pd
     batch["retrieval_score"] = retrieval_scores(bundle.two_tower, batch)
     p_click, watch = predict(bundle.ranker, batch)
     return pd.DataFrame({"p_click": p_click, "watch_time_ms_pred": watch,
-                         "score": bundle.blend.score(p_click, watch)})
+                         "score": bundle.blend.score(p_click, watch, batch["retrieval_score"])})
 
 
 # --- one user, plain values -------------------------------------------------------------------
@@ -148,13 +148,26 @@ def encode_user(spec: EncoderSpec, user_id: str, history: Sequence[Any],
             "history": history_row, "user_num": user_num}
 
 
+USER_VECTOR = "user_vector"  # key under which embed_user leaves its result in the encoding
+
+
 @torch.inference_mode()
 def embed_user(bundle: Bundle, user: Batch) -> np.ndarray:
-    """User-tower embedding (1, dim) of :func:`encode_user`'s output."""
+    """User-tower embedding (1, dim) of :func:`encode_user`'s output.
+
+    The vector is also kept in ``user[USER_VECTOR]``, so that :func:`score_candidates` reuses
+    the retrieval embedding for the ranker's retrieval score instead of running the user tower
+    a second time on the request path.
+    """
+    cached = user.get(USER_VECTOR)
+    if cached is not None:
+        return cached
     tower = bundle.two_tower.user_tower
     out = tower(torch.from_numpy(user["user_hash"]), torch.from_numpy(user["history"]),
                 torch.from_numpy(user["user_num"]).float())
-    return out.numpy().astype(np.float32)
+    vector = out.numpy().astype(np.float32)
+    user[USER_VECTOR] = vector
+    return vector
 
 
 # --- the catalog, encoded once per (bundle, item snapshot) -------------------------------------
@@ -261,7 +274,10 @@ def score_candidates(bundle: Bundle, catalog: RankingCatalog,
     history = torch.from_numpy(np.concatenate([q.user["history"] for q in queries]))
     user_num = torch.from_numpy(np.concatenate([q.user["user_num"] for q in queries])).float()
     owner = torch.from_numpy(np.repeat(np.arange(len(queries)), sizes))
-    user_vec = bundle.two_tower.user_tower(user_hash, history, user_num)  # (Q, dim)
+    if all(USER_VECTOR in q.user for q in queries):  # the retrieval embeddings, reused
+        user_vec = torch.from_numpy(np.concatenate([q.user[USER_VECTOR] for q in queries]))
+    else:
+        user_vec = bundle.two_tower.user_tower(user_hash, history, user_num)  # (Q, dim)
     vector = catalog.tensors["vector"].index_select(0, rows)  # (B, dim)
     retrieval = (user_vec.index_select(0, owner) * vector).sum(1, keepdim=True)  # (B, 1)
     user = ranker.user_emb(user_hash).index_select(0, owner)  # (B, d)
@@ -275,5 +291,5 @@ def score_candidates(bundle: Bundle, catalog: RankingCatalog,
     wlog = ranker.watch_head(h).squeeze(1)
     p_click = torch.sigmoid(logit).numpy().astype(np.float32)
     watch = (torch.expm1(wlog.clamp(min=0, max=20)) * 1000.0).numpy().astype(np.float32)
-    scores = bundle.blend.score(p_click, watch)
+    scores = bundle.blend.score(p_click, watch, retrieval.squeeze(1).numpy())
     return list(np.split(scores, np.cumsum(sizes)[:-1]))

@@ -42,6 +42,11 @@ logger = logging.getLogger(__name__)
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 GATED_METRICS: tuple[str, ...] = ("two_tower/recall@50", "ranker/auc")  # higher is better
+BASELINE_METRIC = "final/recall@50"  # what users receive, against popularity's
+POPULARITY_METRIC = "popularity/recall@50"
+# Shown next to the gate (tags, model card), not gated: the tuned baselines on the same holdout.
+SHOWN_BASELINES: tuple[str, ...] = ("ease/recall@50", "als/recall@50", "final/recall@50_vs_ease",
+                                    "final/recall@50_vs_als")
 _REQUIREMENTS = ("torch", "numpy", "pandas", "pyarrow", "hnswlib", "mlflow", "scikit-learn")
 
 
@@ -212,11 +217,6 @@ class PromotionResult:
     champion_metrics: dict[str, float] = field(default_factory=dict)
 
 
-BASELINE_METRIC = "final/recall@50"  # what users receive, against popularity's
-POPULARITY_METRIC = "popularity/recall@50"
-# Shown next to the gate (tags, model card), not gated: the tuned baselines on the same holdout.
-SHOWN_BASELINES: tuple[str, ...] = ("ease/recall@50", "als/recall@50", "final/recall@50_vs_ease",
-                                    "final/recall@50_vs_als")
 
 
 def baseline_gate(challenger: dict[str, float], margin: float) -> list[str]:
@@ -311,7 +311,8 @@ def list_versions(settings: Settings) -> pd.DataFrame:
     """Registered versions, newest first, with aliases and the main tags."""
     name = settings.mlflow.model_name
     cols = ["version", "aliases", "created", "snapshot_id", "feature_service",
-            *GATED_METRICS, "promoted_by", "promotion_reason"]
+            *GATED_METRICS, BASELINE_METRIC, POPULARITY_METRIC, *SHOWN_BASELINES[:2],
+            "promoted_by", "promotion_reason"]
     with tracking(settings.mlflow_tracking_uri) as client:
         try:
             versions = client.search_model_versions(f"name = '{name}'")

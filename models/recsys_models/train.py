@@ -32,7 +32,12 @@ from torch import Tensor, nn
 from recsys_models.data import Batch, EncoderSpec, encode_items, encode_rows
 from recsys_models.errors import EmptyTrainingSetError, TrainingFailedError
 from recsys_models.ranker import Ranker, RankerConfig, RankingTask
-from recsys_models.two_tower import RetrievalTask, TwoTowerConfig, TwoTowerModel
+from recsys_models.two_tower import (
+    RetrievalTask,
+    TwoTowerConfig,
+    TwoTowerModel,
+    use_full_softmax,
+)
 from recsys_models.validation import ValidationSet, validation_recall
 from recsys_platform.atomic import atomic_write_text
 
@@ -304,7 +309,8 @@ def fit_local(
 def _catalog_tensors(catalog: pd.DataFrame | None, spec: EncoderSpec,
                      cfg: TrainConfig) -> dict[str, Tensor] | None:
     """Encoded catalog items for random retrieval negatives and the ranker's negatives."""
-    wanted = cfg.two_tower.random_negatives > 0 or (cfg.train_ranker and cfg.ranker.negatives > 0)
+    wanted = (cfg.two_tower.random_negatives > 0 or cfg.two_tower.softmax != "sampled"
+              or (cfg.train_ranker and cfg.ranker.negatives > 0))
     if catalog is None or not wanted:
         return None
     return to_tensors(encode_items(catalog, spec))
@@ -313,9 +319,12 @@ def _catalog_tensors(catalog: pd.DataFrame | None, spec: EncoderSpec,
 def _make_loops(two_tower: nn.Module, ranker: nn.Module, raw_two_tower: TwoTowerModel,
                 cfg: TrainConfig, catalog: dict[str, Tensor] | None,
                 total_steps: int = 1) -> _Loops:
+    n_items = 0 if catalog is None else int(catalog["item_hash"].shape[0])
+    full = use_full_softmax(cfg.two_tower, n_items)
     return _Loops(
         retrieval=RetrievalTask(two_tower, cfg.two_tower,
-                                catalog if cfg.two_tower.random_negatives > 0 else None),
+                                catalog if full or cfg.two_tower.random_negatives > 0 else None,
+                                full=full),
         ranker=RankingTask(ranker, raw_two_tower, cfg.ranker, catalog),
         retrieval_opts=make_optimizers(raw_two_tower, cfg),
         ranker_opts=make_optimizers(ranker, cfg),

@@ -33,7 +33,7 @@ from recsys_models.registry import Registered, register_bundle
 from recsys_models.sequences import engaged_mask, pit_histories
 from recsys_models.train import TrainConfig, TrainedModels, fit, prepare_datasets
 from recsys_models.two_tower import TwoTowerConfig
-from recsys_models.validation import build_validation, split_for_validation
+from recsys_models.validation import build_validation, split_for_validation, tune_blend
 from recsys_platform.features import HISTORY_LENGTH
 from recsys_platform.runtime import ensure_ray
 from recsys_platform.settings import Settings
@@ -260,13 +260,16 @@ def train_evaluate_register(
     trained = fit(datasets, spec, cfg, num_workers=workers or settings.ray.train_workers,
                   use_gpu=settings.ray.use_gpu,
                   storage_path=str((settings.data_dir / "ray_results").resolve()),
-                  name=run_name, catalog=catalog, validation=validation)
+                  name=run_name, catalog=catalog[published < val_cut], validation=validation)
     t2 = datetime.now(UTC)
     bundle = build_bundle(
         trained.two_tower, trained.ranker, spec, catalog[published < split.cutoff],
         set(split.train_labels["item_id"]), version=run_name,
         feature_service=settings.feast.retrieval_service, snapshot_id=split.snapshot_id,
         as_of=split.cutoff)
+    blend = tune_blend(bundle, fit_rows, val_rows)  # the final score's retrieval weight
+    if blend is not None:
+        logger.info("blend tuned on validation: %s", blend)
     baselines = baselines_for(settings, split.train_labels)
     t3 = datetime.now(UTC)
     report = evaluate_bundle(bundle, split.train_labels, split.holdout, history=trained.history,
@@ -303,15 +306,20 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def snapshot_histories(settings: Settings, users: list[str], snapshot_id: str | None = None,
-                       length: int = HISTORY_LENGTH) -> dict[str, list[str]]:
+                       length: int = HISTORY_LENGTH
+                       ) -> tuple[dict[str, list[str]], dict[str, set[str]]]:
     """Each user's latest ``length`` distinct engaged items in a training snapshot, newest
-    first (batch scoring where there is no online store, e.g. an imported MovieLens)."""
+    first, and every item they engaged with there (batch scoring where there is no online
+    store, e.g. an imported MovieLens)."""
     ds = read_snapshot(snapshot_dir(settings.data_dir, snapshot_id))
     rows = _arrow_to_pandas(ds.select_columns(EVAL_COLUMNS))
     rows = rows[rows["user_id"].astype(str).isin(set(users))]
     events = rows.loc[engaged_mask(rows), ["user_id", "item_id", "event_time"]]
-    events = events.assign(user_id=events["user_id"].astype(str))
+    events = events.assign(user_id=events["user_id"].astype(str),
+                           item_id=events["item_id"].astype(str))
     end = pd.to_datetime(rows["event_time"], utc=True).max() + pd.Timedelta(seconds=1)
     query = pd.DataFrame({"user_id": users, "event_time": end})
     histories = pit_histories(query, np.zeros(len(query), bool), length, events=events)
-    return dict(zip(users, histories, strict=True))
+    engaged = events.groupby("user_id")["item_id"].agg(set)
+    return (dict(zip(users, histories, strict=True)),
+            {u: engaged.get(u, set()) for u in users})

@@ -99,6 +99,7 @@ class GeneratedData:
     item_factors: np.ndarray  # (n_items, dim)
     user_categories: np.ndarray  # (n_users, 2) favourite categories
     dirt: DirtReport
+    popularity_prior: np.ndarray  # (n_items,) unnormalised impression prior of each item
 
 
 @dataclass
@@ -200,8 +201,9 @@ def _impressions(
     users: pd.DataFrame,
     favourites: np.ndarray,
     n_impressions: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Returns (user index, item index, time ms) for every impression, day by day."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Returns (user index, item index, time ms) for every impression, day by day, and the
+    popularity prior (n_items,) the impressions were drawn from."""
     published = items["published_at"].astype("int64").to_numpy() // 1_000_000
     signup = users["signup_at"].astype("int64").to_numpy() // 1_000_000
     n_items = len(items)
@@ -238,7 +240,8 @@ def _impressions(
         users_out.append(u)
         items_out.append(chosen)
         times_out.append(t)
-    return np.concatenate(users_out), np.concatenate(items_out), np.concatenate(times_out)
+    return (np.concatenate(users_out), np.concatenate(items_out), np.concatenate(times_out),
+            prior)
 
 
 def generate(cfg: GeneratorConfig) -> GeneratedData:
@@ -254,7 +257,8 @@ def generate(cfg: GeneratorConfig) -> GeneratedData:
 
     # An impression yields ~2.4 events on average (itself, click, watch or skip, like, share).
     n_impressions = max(cfg.impressions_per_request * cfg.days, int(cfg.events / 2.4))
-    u, i, t = _impressions(cfg, rng, items, item_category, users, favourites, n_impressions)
+    u, i, t, prior = _impressions(cfg, rng, items, item_category, users, favourites,
+                                  n_impressions)
     n = u.size
     match = np.einsum("nd,nd->n", user_factors[u], item_factors[i]) / np.sqrt(cfg.dim)
     click = rng.random(n) < _sigmoid(2.0 * match - 1.0)
@@ -304,7 +308,27 @@ def generate(cfg: GeneratorConfig) -> GeneratedData:
     events["landing_date"] = pd.to_datetime(events["_ms"], unit="ms", utc=True).dt.date
     events = events.drop(columns="_ms")
     events, dirt = _add_dirt(events, cfg, rng)
-    return GeneratedData(events, items, users, user_factors, item_factors, favourites, dirt)
+    return GeneratedData(events, items, users, user_factors, item_factors, favourites, dirt,
+                         prior)
+
+
+def expected_clicks(data: GeneratedData, cfg: GeneratorConfig, users: np.ndarray,
+                    items: np.ndarray) -> np.ndarray:
+    """The ground truth: P(user is shown the item in a slot and clicks it), (users, items).
+
+    The impression policy draws half the slots from the popularity prior over the live
+    ``items`` and half uniformly from one of the user's two favourite categories; the click
+    probability is the one :func:`generate` samples from. Ranking by it is the best any model
+    can do on this data (the ceiling that ``benchmarks/bench_ceiling.py`` reports).
+    """
+    category = data.items["category"].str.slice(3).astype(int).to_numpy()[items]
+    sizes = np.bincount(category, minlength=cfg.categories).astype(np.float64)
+    prior = data.popularity_prior[items] / data.popularity_prior[items].sum()  # (items,)
+    fav = data.user_categories[users]  # (users, 2)
+    by_category = sum(0.25 * (category[None, :] == fav[:, j:j + 1]) / sizes[fav[:, j]][:, None]
+                      for j in range(2))  # (users, items)
+    match = data.user_factors[users] @ data.item_factors[items].T / np.sqrt(cfg.dim)
+    return (0.5 * prior[None, :] + by_category) * _sigmoid(2.0 * match - 1.0)
 
 
 def _add_dirt(

@@ -48,11 +48,12 @@ def build_snapshot(settings: Settings, start: date | None, end: date | None) -> 
 
 @task(cache_policy=NO_CACHE)
 def train_and_register(settings: Settings, snapshot_id: str, epochs: int, workers: int) -> Any:
-    from recsys_models.train import TrainConfig
     from recsys_models.workflow import train_evaluate_register
+    from recsys_platform.settings import with_overrides
 
-    return train_evaluate_register(settings, TrainConfig(epochs=epochs), snapshot_id=snapshot_id,
-                                   workers=workers)
+    # the flow's epochs over the settings' training section (its other knobs apply as set)
+    return train_evaluate_register(with_overrides(settings, [f"epochs={epochs}"]),
+                                   snapshot_id=snapshot_id, workers=workers)
 
 
 @task(cache_policy=NO_CACHE)
@@ -60,7 +61,7 @@ def gate_and_promote(settings: Settings, outcome: Any, why: str) -> Any:
     from recsys_models.registry import promote
 
     return promote(settings, outcome.split.train_labels, outcome.split.holdout, why=why,
-                   who="platform-flow")
+                   who="platform-flow", baselines=outcome.baselines)
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)

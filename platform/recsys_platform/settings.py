@@ -179,9 +179,9 @@ class ServingSettings(_Section):
     max_replicas: int = Field(default=4, ge=1)
     # Serve autoscaling on ongoing requests (rendered by serving/deployment.py into the Serve
     # config, `serve up` and the Helm chart).
-    target_ongoing_requests: int = Field(default=2, ge=1)
+    target_ongoing_requests: int = Field(default=1, ge=1)
     upscale_delay_s: float = Field(default=2.0, ge=0)
-    downscale_delay_s: float = Field(default=20.0, ge=0)
+    downscale_delay_s: float = Field(default=30.0, ge=0)
     metrics_interval_s: float = Field(default=1.0, gt=0)  # replica -> controller pushes
     look_back_period_s: float = Field(default=3.0, gt=0)  # ongoing requests averaged over this
     # Ray Serve's own limits sit far above the app's admission, so that every refusal is the
@@ -274,6 +274,8 @@ class TrainingSettings(_Section):
     meta_dim: int | None = Field(default=None, ge=1)
     hidden: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, gt=0)  # softmax temperature
+    softmax: Literal["auto", "full", "sampled"] | None = None  # full: over the whole catalog
+    full_softmax_max_items: int | None = Field(default=None, ge=1)  # auto: full up to this
     logq_correction: bool | None = None
     random_negatives: int | None = Field(default=None, ge=0)  # uniform catalog negatives/batch
     id_dropout: float | None = Field(default=None, ge=0, lt=1)
@@ -307,7 +309,7 @@ class EvaluationSettings(_Section):
     holdout_fraction: float = Field(default=0.2, gt=0, lt=1)
     baselines: bool = True  # tuned EASE and ALS next to popularity (validation split of train)
     ease_max_items: int = Field(default=10_000, ge=1)  # EASE on the N most engaged items
-    chunk_users: int = Field(default=1_024, ge=1)  # users scored at once (bounded memory)
+    chunk_users: int = Field(default=256, ge=1)  # users at once (final list: x 500 candidates)
 
 
 class Settings(BaseSettings):

@@ -76,6 +76,23 @@ def test_default_chart_serves_through_the_replicas_own_port(
         assert service_port["port"] == port and service_port["targetPort"] == "http-direct"
 
 
+def test_ray_pods_start_with_the_serve_variables_of_serve_up(
+        rendered: dict[str, list[Manifest]]) -> None:
+    """The admission gate + Retry-After middlewares and the same-loop setting: the chart's Ray
+    pods carry what ``recsys serve up`` gives a local head (``direct_ingress_env``)."""
+    from ray.serve._private import constants
+
+    from recsys_platform.serving.ingress import direct_ingress_env
+
+    expected = direct_ingress_env(True)
+    source = inspect.getsource(constants)
+    for objects in rendered.values():
+        for group in _groups(one(objects, "RayService")):
+            env = _env(group)
+            assert {k: env.get(k) for k in expected} == expected
+    assert all(f'"{name}"' in source for name in expected)  # names Ray reads
+
+
 def test_direct_ingress_can_be_turned_off(helm: Path) -> None:
     objects = helm_template(helm, [], "--set", "serving.directIngress.enabled=false")
     head, workers = _groups(one(objects, "RayService"))

@@ -52,6 +52,12 @@ def _resolve(words: list[str]) -> tuple[click.Command, list[str], list[str]]:
     command: click.Command = _root()
     path: list[str] = []
     rest = list(words)
+    while isinstance(command, click.Group) and rest and rest[0].startswith("-"):
+        # a group's own options before its sub-command (`recsys --config FILE train`)
+        option = next((p for p in command.params if rest[0] in p.opts), None)
+        if option is None:
+            break
+        del rest[: 1 if getattr(option, "is_flag", False) else 2]
     while isinstance(command, click.Group) and rest and not rest[0].startswith("-"):
         sub = command.get_command(click.Context(command), rest[0])
         assert sub is not None, f"`recsys {' '.join(path + rest[:1])}`: no such command"

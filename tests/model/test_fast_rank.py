@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 
@@ -29,6 +31,7 @@ def test_fast_rank_equals_bundle_rank() -> None:
 def test_serving_fast_path_equals_frame_encoding_and_bundle_rank() -> None:
     from recsys_models.data import encode_users
     from recsys_models.fast_rank import (
+        USER_VECTOR,
         Query,
         catalog_rows,
         embed_user,
@@ -63,3 +66,28 @@ def test_serving_fast_path_equals_frame_encoding_and_bundle_rank() -> None:
     np.testing.assert_allclose(one, slow, rtol=1e-5, atol=1e-6)
     slow_two = bundle.rank(pd.DataFrame([{"user_id": "u2", "user_history": []}]), items[:50])
     np.testing.assert_allclose(two, slow_two["score"], rtol=1e-5, atol=1e-6)
+    # The request path reuses the retrieval embedding (no second user-tower pass), and a
+    # final score that weighs the retrieval score in gives Bundle.rank's scores too.
+    assert USER_VECTOR in encoded
+    blended = dataclasses.replace(bundle, blend=dataclasses.replace(bundle.blend,
+                                                                    retrieval_weight=3.0))
+    (reused,) = score_candidates(blended, ranking_catalog(blended, snapshot),
+                                 [Query(encoded, rows)])
+    np.testing.assert_allclose(reused, blended.rank(pd.DataFrame([user]), items)["score"],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_tune_blend_picks_the_best_validation_weight_and_never_below_retrieval_order() -> None:
+    from recsys_models.data import time_split
+    from recsys_models.validation import tune_blend
+    from tests.model.snapshots import synthetic_case
+
+    case = synthetic_case()
+    bundle = dataclasses.replace(trained_bundle())  # a copy: the cached bundle stays as it is
+    fit_rows, val_rows, _ = time_split(case.train, 0.1)
+    choice = tune_blend(bundle, fit_rows, val_rows, candidates=100, grid=(0.0, 1.0, 1e6),
+                        max_users=60)
+    assert choice is not None and choice.users == 60
+    assert bundle.blend.retrieval_weight == choice.retrieval_weight
+    assert choice.scores[choice.retrieval_weight] == max(choice.scores.values())
+    assert choice.scores[choice.retrieval_weight] >= choice.scores[1e6]  # retrieval order

@@ -10,7 +10,13 @@ import torch.nn.functional as F
 from recsys_models.data import EncoderSpec
 from recsys_models.sequences import engaged_mask, pit_histories
 from recsys_models.train import TrainConfig, _Progress, fit_local, lr_factor
-from recsys_models.two_tower import RetrievalTask, TwoTowerConfig, TwoTowerModel, UserTower
+from recsys_models.two_tower import (
+    RetrievalTask,
+    TwoTowerConfig,
+    TwoTowerModel,
+    UserTower,
+    use_full_softmax,
+)
 
 SPEC = EncoderSpec(user_buckets=50, item_buckets=200, creator_buckets=10, tag_buckets=10,
                    categories=("c0", "c1"))
@@ -44,6 +50,33 @@ def test_sampled_softmax_matches_a_hand_computation_with_logq_and_duplicate_mask
                 logits[i, j] = -float("inf")  # the same item elsewhere is not a negative
     expected = F.cross_entropy(logits, torch.arange(4))
     torch.testing.assert_close(loss, expected)
+
+
+def test_full_softmax_matches_a_hand_computation_over_the_catalog() -> None:
+    cfg = TwoTowerConfig(dim=8, id_dim=8, meta_dim=4, hidden=8, sparse=False, id_dropout=0.0,
+                         temperature=0.2, seq_dropout=0.0, softmax="full")
+    torch.manual_seed(0)
+    model = TwoTowerModel(SPEC, cfg).eval()
+    b = _batch(4)
+    catalog = {"item_hash": torch.tensor([3, 5, 9, 11, 12]),
+               "category": torch.tensor([0, 1, 0, 1, 0]),
+               "creator": torch.ones(5, dtype=torch.long),
+               "tags": torch.zeros(5, 4, dtype=torch.long), "item_dense": torch.zeros(5, 2)}
+    loss = RetrievalTask(model, cfg, catalog, full=True)(b)
+    u, c = model.embed_users(b), model.embed_items(catalog)
+    expected = []
+    for i in range(4):  # a softmax over the catalog, the target being the positive's catalog row
+        logits = (c @ u[i]) / 0.2
+        target = int((catalog["item_hash"] == b["item_hash"][i]).nonzero()[0, 0])
+        expected.append(-torch.log_softmax(logits, 0)[target])
+    torch.testing.assert_close(loss, torch.stack(expected).mean())
+
+
+def test_softmax_switches_to_sampled_above_the_catalog_size_setting() -> None:
+    cfg = TwoTowerConfig(softmax="auto", full_softmax_max_items=1000)
+    assert use_full_softmax(cfg, 1000) and not use_full_softmax(cfg, 1001)
+    assert not use_full_softmax(TwoTowerConfig(softmax="sampled"), 10)
+    assert use_full_softmax(TwoTowerConfig(softmax="full"), 10**7)
 
 
 def test_user_tower_reads_newest_first_and_ignores_padding() -> None:
@@ -96,9 +129,9 @@ def test_a_followed_by_b_is_learned() -> None:
     rows, catalog = _pattern_rows()
     spec = EncoderSpec.from_catalog(catalog, list(rows.columns), user_buckets=500,
                                     item_buckets=500, creator_buckets=10, tag_buckets=10)
-    cfg = TrainConfig(epochs=15, ranker_epochs=0, train_ranker=False, batch_size=64,
+    cfg = TrainConfig(epochs=8, ranker_epochs=0, train_ranker=False, batch_size=64,
                       two_tower=TwoTowerConfig(dim=16, id_dim=16, hidden=32, temperature=0.1,
-                                               id_dropout=0.0))
+                                               id_dropout=0.0, softmax="full"))
     models = fit_local(rows, catalog, spec, cfg)
     from recsys_models.data import encode_items, encode_users
     from recsys_models.two_tower import embed_item_batch

@@ -14,6 +14,7 @@ import pytest
 from recsys_pipelines.generator import (
     MALFORMED_KINDS,
     GeneratorConfig,
+    expected_clicks,
     generate,
     write_generated,
 )
@@ -101,3 +102,18 @@ def test_one_million_events_is_fast() -> None:
     elapsed = time.perf_counter() - t0
     print(f"generated {len(data.events):,} events in {elapsed:.1f}s")
     assert 800_000 <= len(data.events) <= 1_200_000
+
+
+def test_expected_clicks_follow_the_impression_policy_and_the_latent_match() -> None:
+    cfg = GeneratorConfig(events=5_000, days=2, users=50, items=200, seed=5)
+    data = generate(cfg)
+    items = np.arange(len(data.items))
+    scores = expected_clicks(data, cfg, np.arange(5), items)
+    assert scores.shape == (5, len(items)) and np.all(scores > 0) and np.all(scores < 1)
+    # The policy's half of the slots per item sums to 0.5 (popularity) + 0.5 (categories).
+    category = data.items["category"].str.slice(3).astype(int).to_numpy()
+    for u in range(5):
+        favourite = np.isin(category, data.user_categories[u])
+        others = ~favourite & (data.popularity_prior < np.median(data.popularity_prior))
+        # an unpopular item of a favourite category beats an unpopular item of another one
+        assert np.median(scores[u, favourite]) > np.median(scores[u, others])

@@ -114,6 +114,22 @@ def test_model_path_ranks_filters_seen_and_excluded() -> None:
     assert {i.source for i in resp.items} == {"fresh", "trending", "retrieval"}
 
 
+def test_the_cheaper_path_under_load_skips_the_ranker_and_says_so() -> None:
+    options = ServingOptions(candidates=20, load_candidates=5, max_per_creator=10,
+                             max_per_category=10)
+    rec = Recommender(_manager({"1": TinyBundle("1")}, ["1"]), Features(), None, ServingMetrics(),
+                      options)
+    resp = rec.recommend(RecommendRequest(user_id="u1", k=5), cheap=True)
+    # 5 candidates (4 retrieval slots + 1 cold start) in retrieval order, no ranker fallback
+    assert resp.source == "retrieval_order" and resp.degraded == ["load"]
+    assert [i.item_id for i in resp.items][:4] == ["i0", "i1", "i2", "i3"]
+    ranked = Recommender(rec.manager, Features(), None, ServingMetrics(),
+                         ServingOptions(candidates=20, load_candidates=5, load_rank=True,
+                                        max_per_creator=10, max_per_category=10))
+    resp = ranked.recommend(RecommendRequest(user_id="u1", k=5), cheap=True)
+    assert resp.source == "model" and resp.degraded == ["load"]
+
+
 def test_unknown_user_gets_cold_start_sources() -> None:
     rec = Recommender(_manager({"1": TinyBundle("1")}, ["1"]), Features(known=False), None,
                       ServingMetrics())

@@ -71,3 +71,14 @@ def test_a_key_no_config_has_is_refused_by_the_mapping(monkeypatch: pytest.Monke
     monkeypatch.setattr(TrainingSettings, "overrides", lambda self: {"dimm": 48})
     with pytest.raises(UnknownTrainingKeyError, match="training.dimm"):
         training_config(s)
+
+
+def test_recsys_train_refuses_a_misspelt_knob_before_training() -> None:
+    from typer.testing import CliRunner
+
+    from recsys_platform.cli import app
+
+    result = CliRunner().invoke(app, ["train", "--set", "temprature=0.05"])
+    assert isinstance(result.exception, SettingsError)
+    assert str(result.exception) == ("unknown setting 'training.temprature' (remove it or "
+                                     "check its spelling)")

@@ -152,9 +152,9 @@ def recommend(
     snapshot: Annotated[str | None, typer.Option(help="Snapshot for --history snapshot "
                                                       "(default: newest).")] = None,
     exclude_seen: Annotated[bool, typer.Option(
-        help="Leave out the items each user engaged with, as serving does: the user's history "
-             "(file or snapshot) and the online store's (history + the stream's recent "
-             "items).")]
+        help="Leave out the items each user engaged with: with --history file, as serving "
+             "does (the file's user_history and the online store's history + the stream's "
+             "recent items); with --history snapshot, everything they engaged with in it.")]
     = False,
 ) -> None:
     """Writes the top-K items per user from a registered bundle (offline evaluation)."""
@@ -169,13 +169,12 @@ def recommend(
     if history_from == "snapshot":
         from recsys_models.workflow import snapshot_histories
 
-        histories = snapshot_histories(s, frame["user_id"].astype(str).tolist(), snapshot)
-        frame["user_history"] = [histories.get(str(u), []) for u in frame["user_id"]]
+        histories, engaged = snapshot_histories(s, frame["user_id"].tolist(), snapshot)
+        frame["user_history"] = [histories[u] for u in frame["user_id"]]
+        seen = engaged if exclude_seen else None
+    elif exclude_seen:
+        seen = _seen_items(s, frame)
     bundle = load_bundle(bundle_path) if bundle_path else load_alias(s, alias)
-    if exclude_seen:
-        seen = (_seen_items(s, frame) if history_from == "file" else
-                {str(u): set(h) for u, h in zip(frame["user_id"], frame["user_history"],
-                                                strict=True)})
     recs = bundle.recommend(frame, k, candidates=max(s.serving.candidates, k), exclude=seen)
     recs.insert(0, "model_version", bundle.version)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -208,7 +207,7 @@ def _read_users(path: Path) -> pd.DataFrame:
     else:
         frame = pd.read_csv(path)
     if "user_id" not in frame.columns and "userId" in frame.columns:  # MovieLens's own files
-        frame = frame.drop_duplicates("userId").rename(columns={"userId": "user_id"})
+        frame = frame[["userId"]].drop_duplicates().rename(columns={"userId": "user_id"})
     frame["user_id"] = frame["user_id"].astype(str)
     if "user_history" not in frame.columns:
         frame["user_history"] = [[] for _ in range(len(frame))]

@@ -327,9 +327,11 @@ def test_redis_outage_degrades_without_5xx_and_recovers(serving_env: ServingEnv)
         "redis": {"url": f"redis://127.0.0.1:{proxy.port}/1", "timeout_ms": 100},
         "feast": {"online_store": "redis"},
     })
+    # While Redis is down every request waits out the 100 ms timeout on the one hot-path
+    # thread: a 1 s queue budget admits the 3 clients (this checks degrading, not admission).
     serve.run(RecommenderDeployment.options(name="recommender-fault", autoscaling_config=None,
                                             num_replicas=1)
-              .bind(config_file=str(fault_config)),
+              .bind(config_file=str(fault_config), queue_budget_ms=1000),
               name="recsys-fault", route_prefix="/fault", blocking=False)
     from recsys_platform.serving.ingress import direct_ingress_requested
 
