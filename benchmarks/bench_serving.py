@@ -579,7 +579,8 @@ async def experiments_section(settings: Settings, users: list[str], rate: float,
             await closed_loop(session, url, users, 4, 3)  # warm-up (both arms' caches)
             shadow_before = {o: _metric(base, f'recsys_experiment_shadow_total{{outcome="{o}"')
                              for o in ("logged", "dropped", "stale")}
-            lat, errors, rps = await open_loop(session, url, users, rate, seconds)
+            out = await open_loop(session, url, users, rate, seconds)
+            lat, errors, rps = out.admitted, out.sent - len(out.admitted), out.goodput
             results[mode] = (pct(lat, 50), pct(lat, 99), errors)
             extra = ""
             if mode == "shadow":
@@ -592,7 +593,7 @@ async def experiments_section(settings: Settings, users: list[str], rate: float,
             print(f"experiment {mode:6s} open loop {rate:.0f} req/s for {seconds:.0f}s: p50 "
                   f"{pct(lat, 50):.1f} ms, p99 {pct(lat, 99):.1f} ms "
                   f"({pct(lat, 99) / base99:.2f}x no experiment), served {rps:.0f} req/s, "
-                  f"non-200 {errors}{extra}")
+                  f"non-200 {errors} ({len(out.cheap)} on the cheaper path){extra}")
             if mode != "none":
                 lifecycle.stop(settings, why="benchmark", who="bench_serving")
                 _await_experiment(base, None)

@@ -205,7 +205,13 @@ def guardrail_breaches(exp: Experiment, control: ArmStats, treatment: ArmStats) 
     g = exp.guardrails
     out = []
     extra = treatment.fallback_rate - control.fallback_rate
-    if extra > g.max_fallback_increase:
+    pc, pt = control.fallback_rate, treatment.fallback_rate
+    se = math.sqrt(pc * (1 - pc) / max(control.requests, 1)
+                   + pt * (1 - pt) / max(treatment.requests, 1))
+    # a breach is a real increase: above the limit AND significant (one-sided, at the
+    # experiment's confidence), so that noise on a few hundred requests rolls nothing back
+    significant = extra > 0 and (se == 0 or extra / se > _NORMAL.inv_cdf(exp.confidence))
+    if extra > g.max_fallback_increase and significant:
         out.append(f"fallback rate {treatment.fallback_rate:.2%} vs control "
                    f"{control.fallback_rate:.2%} (+{extra:.2%} > {g.max_fallback_increase:.2%})")
     limit = control.p99_latency_ms * g.max_p99_ratio + g.p99_slack_ms

@@ -32,6 +32,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
+from recsys_platform.experiments.definition import Guardrails
 from recsys_platform.settings import Settings, load_settings
 from tests.fixtures.champion import sqlite_mlflow
 from tests.fixtures.feast_store import derive_config
@@ -41,6 +42,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 USERS = 120  # x 2 requests each, k = 10: 2,400 impressions per scenario
 K = 10
+# Latency on a shared 2-core CI box under load is noise (p99s of 0.2-1 s, either arm): the
+# p99 guardrail gets room here; tests/unit/test_experiment_stats.py checks that it bites.
+LOADED_BOX = Guardrails(max_p99_ratio=10.0, p99_slack_ms=1_000.0)
 
 
 @dataclass(frozen=True)
@@ -195,7 +199,7 @@ def test_split_promotes_a_better_treatment_with_stable_assignment(
     from recsys_platform.experiments.definition import assign
 
     exp = lifecycle.start(exp_env.settings, "2", "split", 0.5, why="treatment clicks 3x",
-                          who="pytest", min_samples=500)
+                          who="pytest", min_samples=500, guardrails=LOADED_BOX)
     _live(exp_env, exp.id)
     responses = _traffic(exp_env, exp_env.users)
     by_user: dict[str, set[str]] = {}
@@ -234,7 +238,7 @@ def test_split_rolls_back_a_worse_treatment(exp_env: ExperimentEnv) -> None:
 
     assert _champion(exp_env) == "2"
     exp = lifecycle.start(exp_env.settings, "1", "split", 0.5, why="old version, worse",
-                          who="pytest", min_samples=500)
+                          who="pytest", min_samples=500, guardrails=LOADED_BOX)
     _live(exp_env, exp.id)
     responses = _traffic(exp_env, exp_env.users)
     served = _logged(exp_env, "served", {r["request_id"] for r in responses})
@@ -242,7 +246,9 @@ def test_split_rolls_back_a_worse_treatment(exp_env: ExperimentEnv) -> None:
 
     result = _decide(exp_env)
     assert result["decision"] == "rollback", result
-    assert "treatment worse" in result["reasons"][0]
+    # worse on the primary metric (a guardrail may name itself first: the rule checks them
+    # first, and the un-negated ranker serves fewer distinct items)
+    assert result["numbers"]["lift"]["ci"][1] < 0, result
     assert _champion(exp_env) == "2"
     assert _version_tags(exp_env, "1")["experiment.decision"] == "rolled back"
     _live(exp_env, None)
