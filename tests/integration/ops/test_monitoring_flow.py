@@ -45,6 +45,9 @@ def _write_served(settings: Settings, recs: pd.DataFrame, served_at: datetime, t
         "score": recs["score"].astype(float), "source": "retrieval",
         "bundle_version": "test", "served_at": pd.Timestamp(served_at).floor("ms"),
     })
+    for name in SERVED_SCHEMA.names:  # the experiment/arm/degraded/latency columns: not served
+        if name not in rows:
+            rows[name] = None
     path = (settings.landing_dir / "served" / f"date={served_at.date().isoformat()}"
             / f"served-{tag}.parquet")
     atomic_write_table(pa.Table.from_pandas(rows, schema=SERVED_SCHEMA, preserve_index=False),
