@@ -9,7 +9,8 @@ Where the user is removed (each file rewritten atomically: temp file, then renam
 - ``landing``: raw event partitions and the users snapshot (Parquet), newline-JSON files;
 - ``impression log``: what serving wrote (``landing/served/``, ``served-*`` event files);
 - ``lake`` and ``quarantine``: clean partitions, the users catalog, rejected rows;
-- ``offline features``: the Parquet tables Feast reads (``<repo>/data``);
+- ``offline features``: the Parquet tables Feast reads (``<repo>/data``) and the fast
+  materializer's per-entity digests (``<data_dir>/feast/materialized/``);
 - ``stream side outputs``: the stream job's dead-letter and late files (finished parts);
 - ``online store``: Feast's Redis hash of the user (batch and stream views) and the stream
   job's own keys of the user (``<key_prefix>:stream:<kind>:<user>``: recent items, late
@@ -37,6 +38,7 @@ import pyarrow.parquet as pq
 
 from recsys_pipelines.etl import atomic_write_table
 from recsys_pipelines.feature_store import offline_dir
+from recsys_pipelines.materialize import state_root
 from recsys_platform import features as F
 from recsys_platform.atomic import atomic_write_lines
 from recsys_platform.online import resolve_online_store
@@ -96,17 +98,18 @@ def _files(root: Path, suffixes: tuple[str, ...]) -> Iterator[Path]:
             yield path
 
 
-def forget_in_parquet(path: Path, match: _Matcher) -> int:
-    """Rewrites one Parquet file without the user's rows; returns the rows removed."""
+def forget_in_parquet(path: Path, match: _Matcher, column: str = "user_id") -> int:
+    """Rewrites one Parquet file without the user's rows (``column`` holds the user id);
+    returns the rows removed. The file's schema metadata is kept."""
     schema = pq.read_schema(path)
-    if "user_id" not in schema.names:
+    if column not in schema.names:
         return 0
     table = pq.read_table(path)
-    ids = pc.unique(table.column("user_id")).to_pylist()
+    ids = pc.unique(table.column(column)).to_pylist()
     hits = [v for v in ids if match(v)]
     if not hits:
         return 0
-    keep = pc.invert(pc.fill_null(pc.is_in(table.column("user_id"),
+    keep = pc.invert(pc.fill_null(pc.is_in(table.column(column),
                                            value_set=pa.array(hits, pa.string())), False))
     atomic_write_table(table.filter(keep), path)
     return table.num_rows - int(pc.sum(keep.cast(pa.int64())).as_py() or 0)
@@ -298,6 +301,13 @@ def forget_user(settings: Settings, user_id: str, who: str) -> ForgetReport:
             report.removed["stream side outputs"] += removed
             report.files_rewritten += 1
     report.removed["online store"] = forget_online(settings, match.seen)
+    # The fast materializer's digests of what it wrote online (one row per entity, kept
+    # beside Feast's offline data).
+    for path in _files(state_root(settings), (".parquet",)):
+        removed = forget_in_parquet(path, match, column="entity")
+        if removed:
+            report.removed["offline features"] += removed
+            report.files_rewritten += 1
     audit = settings.data_dir / AUDIT_LOG
     audit.parent.mkdir(parents=True, exist_ok=True)
     with audit.open("a") as fh:

@@ -192,6 +192,11 @@ def write_part(table: pa.Table, spec: ViewSpec, target: Target,
     return row_digests, len(changed)
 
 
+def state_root(settings: Any) -> Path:
+    """Where every project's per-view digests of the last materialization are kept."""
+    return Path(settings.data_dir) / "feast" / "materialized"
+
+
 def _state_path(state_dir: Path, view: str) -> Path:
     return state_dir / f"{view}.parquet"
 
@@ -263,7 +268,7 @@ def materialize_changed(settings: Any, store: Any, views: Sequence[str], start: 
 
     target = Target(settings.redis.url, store.config.project,
                     store.config.entity_key_serialization_version)
-    state_dir = settings.data_dir / "feast" / "materialized" / store.config.project
+    state_dir = state_root(settings) / store.config.project
     out = []
     for spec in view_specs(store, views):
         began = time.perf_counter()
