@@ -76,6 +76,19 @@ def test_serving_fast_path_equals_frame_encoding_and_bundle_rank() -> None:
                                  [Query(encoded, rows)])
     np.testing.assert_allclose(reused, blended.rank(pd.DataFrame([user]), items)["score"],
                                rtol=1e-5, atol=1e-6)
+    # ... and so does a final score with the item-item neighbour score in it.
+    from recsys_models.neighbours import fit_neighbours
+    from tests.model.snapshots import synthetic_case
+
+    with_neighbours = dataclasses.replace(
+        blended, neighbours=fit_neighbours(synthetic_case().train, bundle.spec),
+        blend=dataclasses.replace(blended.blend, neighbour_weight=10.0))
+    slow = with_neighbours.rank(pd.DataFrame([user]), items)
+    assert (slow["neighbour_score"] != 0).sum() > 10
+    (fast,) = score_candidates(with_neighbours, ranking_catalog(with_neighbours, snapshot),
+                               [Query(encoded, rows)])
+    np.testing.assert_allclose(fast, slow["score"], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(fast, reused)
 
 
 def test_tune_blend_picks_the_best_validation_weight_and_never_below_retrieval_order() -> None:
@@ -90,8 +103,10 @@ def test_tune_blend_picks_the_best_validation_weight_and_never_below_retrieval_o
                         max_users=60)
     assert choice is not None and choice.users == 60
     assert bundle.blend.retrieval_weight == choice.retrieval_weight
-    assert choice.scores[choice.retrieval_weight] == max(choice.scores.values())
-    assert choice.scores[choice.retrieval_weight] >= choice.scores[1e6]  # retrieval order
+    assert bundle.blend.neighbour_weight == choice.neighbour_weight
+    best = choice.scores[(choice.retrieval_weight, choice.neighbour_weight)]
+    assert best == max(choice.scores.values())
+    assert best >= choice.scores[(1e6, 0.0)]  # retrieval order
 
 
 def test_per_query_item_features_and_appended_items_rank_like_bundle_rank() -> None:
