@@ -53,10 +53,39 @@ class NeighbourConfig:
 
 @dataclass(frozen=True)
 class ItemNeighbours:
-    """``W[history item, candidate]`` as a sparse (buckets, buckets) matrix of encoded ids."""
+    """``W[history item, candidate]`` as a sparse (buckets, buckets) matrix of encoded ids,
+    and the item ids of the fitted items (``item_ids[i]`` is encoded as ``buckets[i]``), so
+    that the neighbours of a history can also be candidates (:meth:`top`)."""
 
     matrix: sp.csr_matrix
     cfg: NeighbourConfig
+    item_ids: np.ndarray  # (items,) str
+    buckets: np.ndarray  # (items,) int64
+
+    def top(self, history: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``n`` best-scored neighbours of one encoded history (H,): item ids and
+        scores, best first (fewer when the history has fewer neighbours)."""
+        rows = np.asarray(history, dtype=np.int64)
+        rows = rows[(rows > 0) & (rows < self.matrix.shape[0])]
+        if n <= 0 or len(rows) == 0:
+            return np.zeros(0, dtype=object), np.zeros(0, np.float32)
+        sub = self.matrix[rows]  # (h, buckets), at most h * k entries
+        cols, inverse = np.unique(sub.indices, return_inverse=True)
+        scores = np.bincount(inverse, weights=sub.data, minlength=len(cols))
+        keep = np.argsort(-scores, kind="stable")[:n]
+        keep = keep[scores[keep] > 0]
+        lookup = self._by_bucket()
+        ids = np.array([lookup.get(int(c)) for c in cols[keep]], dtype=object)
+        return ids, scores[keep].astype(np.float32)
+
+    def _by_bucket(self) -> dict[int, str]:
+        cached: dict[int, str] | None = self.__dict__.get("_lookup")
+        if cached is None:  # the first item of a bucket wins (hash collisions are rare)
+            cached = {}
+            for bucket, item in zip(self.buckets.tolist(), self.item_ids.tolist(), strict=True):
+                cached.setdefault(int(bucket), str(item))
+            object.__setattr__(self, "_lookup", cached)
+        return cached
 
     def score(self, history: np.ndarray, items: np.ndarray) -> np.ndarray:
         """Sum of ``W[h, item]`` over each row's history (padding 0 adds nothing).
@@ -87,7 +116,8 @@ class ItemNeighbours:
         m = self.matrix
         cfg = {f"cfg_{k}": v for k, v in self.cfg.to_dict().items()}
         np.savez(directory / FILE, indptr=m.indptr, indices=m.indices, data=m.data,
-                 shape=np.asarray(m.shape), **cfg)
+                 shape=np.asarray(m.shape), item_ids=self.item_ids.astype(str),
+                 buckets=self.buckets, **cfg)
 
     @staticmethod
     def load(directory: Path) -> ItemNeighbours | None:
@@ -99,7 +129,8 @@ class ItemNeighbours:
                                    shape=tuple(int(x) for x in f["shape"]))
             cfg = NeighbourConfig(lam=float(f["cfg_lam"]), k=int(f["cfg_k"]),
                                   max_items=int(f["cfg_max_items"]))
-        return ItemNeighbours(matrix, cfg)
+            return ItemNeighbours(matrix, cfg, f["item_ids"].astype(object),
+                                  f["buckets"].astype(np.int64))
 
 
 def ease_weights(matrix: sp.csr_matrix, lam: float) -> np.ndarray:
@@ -127,7 +158,8 @@ def fit_neighbours(rows: pd.DataFrame, spec: EncoderSpec,
                        ["user_id", "item_id"]].astype(str)
     counts = engaged["item_id"].value_counts()
     items = counts.index[: cfg.max_items].to_numpy()
-    empty = ItemNeighbours(sp.csr_matrix((buckets, buckets), dtype=np.float32), cfg)
+    empty = ItemNeighbours(sp.csr_matrix((buckets, buckets), dtype=np.float32), cfg,
+                           np.zeros(0, dtype=object), np.zeros(0, np.int64))
     if len(items) < 2:
         return empty
     column = pd.Series(np.arange(len(items)), index=items)
@@ -155,4 +187,4 @@ def fit_neighbours(rows: pd.DataFrame, spec: EncoderSpec,
     matrix.sort_indices()
     logger.info("item neighbours: %d items, %d entries (lambda %g, k %d)", len(items),
                 matrix.nnz, cfg.lam, k)
-    return ItemNeighbours(matrix, cfg)
+    return ItemNeighbours(matrix, cfg, items.astype(object), ids)
