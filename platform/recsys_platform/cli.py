@@ -172,6 +172,10 @@ def demo(
     the online store -> Ray Serve answers a known user, a new user and the stream's user.
     """
     s = settings()
+    verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
+    # The stage tables, progress and summary say what the project's INFO records would
+    # (ETL counts, training set, tuning): those show with -v, warnings always.
+    configure_logging(verbose, project_level=logging.WARNING)
     console.rule("1. synthetic events")
     data_generate(events=events, days=14, start="2026-11-01", users=2_000, items=5_000,
                   dirt_rate=0.01, seed=7, jsonl=False, out=None)
@@ -183,7 +187,6 @@ def demo(
     models_commands.demo_step(s, console)
     # PyFlink's gRPC stack breaks an in-process Ray connection afterwards, so the stream
     # step runs in a child process of its own.
-    verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         stream_user = pool.apply(_stream_demo, (s, verbose))
     users = {"known user": _most_active_user(s), "new user": "demo-new-user"}
@@ -195,7 +198,8 @@ def demo(
 
 
 def _stream_demo(s: Settings, verbose: bool) -> str | None:
-    configure_logging(verbose)  # a spawned process: its own logging, the same quiet libraries
+    # a spawned process: its own logging, the same quiet libraries and project records
+    configure_logging(verbose, project_level=logging.WARNING)
     return stream_commands.demo_step(s, Console())
 
 

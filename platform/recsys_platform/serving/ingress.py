@@ -104,8 +104,20 @@ class AdmissionGate:
         # Serve then skips its per-request disconnect watcher (a task and a wait per request);
         # an admitted request is done in milliseconds anyway.
         scope["headers"] = [*scope.get("headers", ()), DISCONNECT_WATCH_OFF]
+        admitted = time.perf_counter()
+
+        async def send_timed(message: Any) -> None:
+            # Server-Timing: the milliseconds from admission to the response, so a client can
+            # tell time spent in the replica from time spent before it (its own send, the
+            # network, the socket backlog of a busy replica).
+            if message["type"] == "http.response.start":
+                ms = 1000 * (time.perf_counter() - admitted)
+                message = {**message, "headers": [*message.get("headers", ()),
+                                                  (b"server-timing", b"app;dur=%.1f" % ms)]}
+            await send(message)
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, send_timed)
         finally:
             admission.done(ticket, None)  # no-op when the handler released it
 
