@@ -49,8 +49,10 @@ def build_snapshot(settings: Settings, start: date | None, end: date | None) -> 
 @task(cache_policy=NO_CACHE)
 def train_and_register(settings: Settings, snapshot_id: str, epochs: int, workers: int) -> Any:
     from recsys_models.workflow import train_evaluate_register
+    from recsys_platform.runtime import ensure_ray
     from recsys_platform.settings import with_overrides
 
+    ensure_ray(settings)
     # the flow's epochs over the settings' training section (its other knobs apply as set)
     return train_evaluate_register(with_overrides(settings, [f"epochs={epochs}"]),
                                    snapshot_id=snapshot_id, workers=workers)

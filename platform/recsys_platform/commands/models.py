@@ -55,8 +55,10 @@ def train(
     """Trains the two-tower and the ranker on Ray Train, evaluates it next to popularity, EASE
     and ALS on the same holdout, registers a challenger."""
     from recsys_models.workflow import train_evaluate_register
+    from recsys_platform.runtime import ensure_ray
 
     s = _with_sets(current_settings(), epochs, batch_size, assignments)
+    ensure_ray(s)
     with console.status("training on Ray Train, then tuning the baselines and evaluating"):
         out = train_evaluate_register(s, snapshot_id=snapshot, workers=workers,
                                       register=register)
@@ -270,7 +272,9 @@ def demo_step(settings: Settings, console: Console) -> None:
     """Demo: short training on 2 Ray Train workers, evaluate, register, promote."""
     from recsys_models.registry import promote
     from recsys_models.workflow import train_evaluate_register
+    from recsys_platform.runtime import ensure_ray
 
+    ensure_ray(settings)
     with stage(console, "models: train on 2 Ray Train workers, evaluate, register, promote",
                2) as step:
         step("training on Ray Train (early stopping on a validation split), evaluating, "
