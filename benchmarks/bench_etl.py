@@ -21,9 +21,9 @@ import redis
 import yaml
 
 from recsys_pipelines import batch_features, feature_store
-from recsys_pipelines.flows import etl_flow
 from recsys_pipelines.generator import GeneratorConfig, generate, write_generated
 from recsys_platform import features as F
+from recsys_platform.flows.data import etl_flow
 from recsys_platform.runtime import ensure_ray
 from recsys_platform.settings import load_settings
 

@@ -74,7 +74,7 @@ def setup(workdir: Path, redis_url: str) -> tuple[Settings, Path, list[str]]:
         settings = load_settings("local", config_file)
         ensure_champion(settings)
         return settings, config_file, users
-    from recsys_platform.orchestration import platform_flow
+    from recsys_platform.flows.platform_flow import platform_flow
 
     project = f"bench_{uuid.uuid4().hex[:8]}"
     config = {"data_dir": str(workdir / "data"), "redis": {"url": redis_url},

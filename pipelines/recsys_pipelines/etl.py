@@ -1,6 +1,6 @@
 """ETL logic: raw landing rows -> validated, deduplicated, date-partitioned lake.
 
-Plain functions; the Prefect flow in :mod:`recsys_pipelines.flows` only wires them.
+Plain functions; the Prefect flow in :mod:`recsys_platform.flows.data` only wires them.
 
 Lake layout (under ``settings.lake_dir``)::
 

@@ -12,8 +12,8 @@ import pytest
 
 from recsys_pipelines.etl import read_lake_events
 from recsys_pipelines.feature_store import load_store
-from recsys_pipelines.flows import etl_flow, features_flow
 from recsys_pipelines.training_set import build_snapshot, join_labels
+from recsys_platform.flows.data import etl_flow, features_flow
 from recsys_platform.runtime import ensure_ray
 from recsys_platform.serving.impressions import ImpressionLogger
 from tests.fixtures.mlflow_store import MlflowStore

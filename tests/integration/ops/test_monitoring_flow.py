@@ -115,7 +115,7 @@ def shifted_online_feature(monitored: MonitoredEnv) -> Iterator[str]:
 
 
 def _run(settings: Settings) -> Any:
-    from recsys_platform.monitoring_flow import monitoring_flow
+    from recsys_platform.flows.monitoring import monitoring_flow
 
     return monitoring_flow(settings=settings, return_state=True)
 

@@ -174,7 +174,7 @@ def _logged(env: ExperimentEnv, folder: str, request_ids: set[str]) -> pd.DataFr
 
 
 def _decide(env: ExperimentEnv) -> dict[str, Any]:
-    from recsys_platform.experiment_flow import experiment_decide_flow
+    from recsys_platform.flows.experiment import experiment_decide_flow
 
     time.sleep(1.1)  # the label window (1 s) of the last impressions closes
     return experiment_decide_flow(why="integration test", who="pytest", settings=env.settings)

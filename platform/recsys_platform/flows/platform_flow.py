@@ -103,7 +103,7 @@ def platform_flow(
         epochs: Training epochs; workers: Ray Train workers.
         why: Recorded on the model version as the reason of the promotion attempt.
     """
-    from recsys_pipelines.flows import etl_flow, features_flow
+    from recsys_platform.flows.data import etl_flow, features_flow
 
     settings = settings or load_settings(profile, Path(config_file) if config_file else None)
     log = get_run_logger()
