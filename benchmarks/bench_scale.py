@@ -43,8 +43,8 @@ import aiohttp
 import numpy as np
 import yaml
 
+from recsys_core.settings import Settings, load_settings
 from recsys_pipelines.generator import GeneratorConfig, generate, write_generated
-from recsys_platform.settings import Settings, load_settings
 
 logger = logging.getLogger("bench_scale")
 

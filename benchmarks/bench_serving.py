@@ -49,9 +49,9 @@ import numpy as np
 import redis
 import yaml
 
+from recsys_core.settings import Settings, load_settings
 from recsys_pipelines.generator import GeneratorConfig, generate, write_generated
 from recsys_platform.serving.ingress import direct_ingress_env, replica_urls
-from recsys_platform.settings import Settings, load_settings
 
 # Redis for the built platform's online store: DB 4 unless --redis-url or BENCH_SERVING_REDIS_URL
 # names another (parallel runs on one Redis each take their own DB).

@@ -18,6 +18,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from recsys_core.features import HISTORY_LENGTH
+from recsys_core.settings import Settings
 from recsys_models.baselines import Baselines, tuned_baselines
 from recsys_models.bundle import Bundle, build_bundle
 from recsys_models.data import CategoryIndex, EncoderSpec, item_log_q, read_snapshot, snapshot_dir
@@ -34,8 +36,6 @@ from recsys_models.sequences import engaged_mask, pit_histories
 from recsys_models.train import TrainConfig, TrainedModels, fit, prepare_datasets
 from recsys_models.two_tower import TwoTowerConfig
 from recsys_models.validation import build_validation, split_for_validation, tune_blend
-from recsys_platform.features import HISTORY_LENGTH
-from recsys_platform.settings import Settings
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """``recsys privacy forget``: remove one user's events, features and online keys everywhere.
 
 A user is named by the raw id or the pseudonym; a row matches when its ``user_id`` maps to the
-same pseudonym (:func:`recsys_platform.privacy.pseudonymize` is idempotent), so both the raw
+same pseudonym (:func:`recsys_core.privacy.pseudonymize` is idempotent), so both the raw
 ids of the landing area and the pseudonyms of the lake are found, whichever was given.
 
 Where the user is removed (each file rewritten atomically: temp file, then rename):
@@ -36,20 +36,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from recsys_pipelines.etl import atomic_write_table
-from recsys_pipelines.feature_store import offline_dir
-from recsys_pipelines.materialize import state_root
-from recsys_platform import features as F
-from recsys_platform.atomic import atomic_write_lines
-from recsys_platform.online import resolve_online_store
-from recsys_platform.privacy import (
+from recsys_core import features as F
+from recsys_core.atomic import atomic_write_lines
+from recsys_core.privacy import (
     AUDIT_LOG,
     FORGET_LIST,
     add_to_forget_list,
     pseudonymize,
     tombstone,
 )
-from recsys_platform.settings import Settings
+from recsys_core.settings import Settings
+from recsys_pipelines.etl import atomic_write_table
+from recsys_pipelines.feature_store import offline_dir
+from recsys_pipelines.materialize import state_root
+from recsys_pipelines.online_store import resolve_online_store
 
 logger = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ def forget_online(settings: Settings, user_ids: set[str]) -> int:
         return _forget_sqlite(settings, user_ids)
     import redis
 
-    from recsys_pipelines.stream.layout import entity_key
+    from recsys_core.online_layout import entity_key
 
     client = redis.Redis.from_url(settings.redis.url)
     try:

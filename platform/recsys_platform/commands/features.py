@@ -16,9 +16,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from recsys_core.settings import Settings
 from recsys_platform.commands.context import current_settings
 from recsys_platform.commands.progress import stage
-from recsys_platform.settings import Settings
 
 app = typer.Typer(help="Feast feature store: apply definitions, materialize, training sets.",
                   no_args_is_help=True)

@@ -20,9 +20,9 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from recsys_core.settings import Settings
 from recsys_platform.commands import serve as serve_commands
 from recsys_platform.commands.context import current_settings
-from recsys_platform.settings import Settings
 
 app = typer.Typer(help="The whole platform loop as one Prefect flow run.", no_args_is_help=True)
 console = Console()

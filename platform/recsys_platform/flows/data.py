@@ -23,9 +23,9 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
+from recsys_core.settings import PrivacySettings, Settings, load_settings
 from recsys_pipelines import batch_features, etl, feature_store, sources
 from recsys_platform.runtime import ensure_ray
-from recsys_platform.settings import PrivacySettings, Settings, load_settings
 
 logger = logging.getLogger(__name__)
 

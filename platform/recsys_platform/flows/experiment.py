@@ -17,8 +17,8 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from recsys_core.settings import Settings, load_settings
 from recsys_platform.experiments import lifecycle
-from recsys_platform.settings import Settings, load_settings
 
 logger = logging.getLogger(__name__)
 

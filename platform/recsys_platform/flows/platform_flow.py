@@ -18,7 +18,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import get_run_context
 
-from recsys_platform.settings import Settings, load_settings
+from recsys_core.settings import Settings, load_settings
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +48,9 @@ def build_snapshot(settings: Settings, start: date | None, end: date | None) -> 
 
 @task(cache_policy=NO_CACHE)
 def train_and_register(settings: Settings, snapshot_id: str, epochs: int, workers: int) -> Any:
+    from recsys_core.settings import with_overrides
     from recsys_models.workflow import train_evaluate_register
     from recsys_platform.runtime import ensure_ray
-    from recsys_platform.settings import with_overrides
 
     ensure_ray(settings)
     # the flow's epochs over the settings' training section (its other knobs apply as set)

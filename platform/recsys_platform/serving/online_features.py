@@ -17,14 +17,14 @@ from typing import Any, cast
 
 import pandas as pd
 
-from recsys_pipelines.stream.layout import entity_key_encoder
-from recsys_platform.features import (
+from recsys_core.features import (
     HISTORY_LENGTH,
     ITEM_KEY,
     USER_HISTORY,
     USER_KEY,
     USER_RECENT_ITEMS,
 )
+from recsys_core.online_layout import entity_key_encoder
 
 logger = logging.getLogger(__name__)
 

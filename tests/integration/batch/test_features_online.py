@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from recsys_core import features as F
 from recsys_pipelines import etl, feature_store
 from recsys_pipelines.batch_features import day_end, read_catalog
-from recsys_platform import features as F
 from tests.fixtures.feast_store import BatchEnv
 from tests.integration.batch import reference
 

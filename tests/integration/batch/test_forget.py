@@ -23,14 +23,14 @@ import pytest
 import redis
 from typer.testing import CliRunner
 
+from recsys_core.online_layout import entity_key
+from recsys_core.privacy import AUDIT_LOG, pseudonymize
 from recsys_pipelines.etl import read_lake_events
 from recsys_pipelines.feature_store import load_store
 from recsys_pipelines.generator import GeneratedData
-from recsys_pipelines.stream.layout import entity_key
 from recsys_pipelines.stream.sink import SinkConfig
 from recsys_pipelines.training_set import build_snapshot
 from recsys_platform.flows.data import etl_flow, features_flow
-from recsys_platform.privacy import AUDIT_LOG, pseudonymize
 from recsys_platform.serving.impressions import ImpressionLogger
 from tests.fixtures.feast_store import TEST_REDIS_URL, delete_project_keys
 from tests.integration.batch.closed_loop import (

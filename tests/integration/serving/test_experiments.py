@@ -32,8 +32,8 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
+from recsys_core.settings import Settings, load_settings
 from recsys_platform.experiments.definition import Guardrails
-from recsys_platform.settings import Settings, load_settings
 from tests.fixtures.champion import sqlite_mlflow
 from tests.fixtures.feast_store import derive_config
 from tests.integration.serving.env import ServingEnv, _app_url, _wait, call
@@ -144,8 +144,8 @@ def _click(env: ExperimentEnv, responses: list[dict[str, Any]], served: pd.DataF
            rates: dict[str, float], seed: int) -> None:
     """Clicks at ``rates[bundle_version]`` per served item, 200 ms after it was served (inside
     the 1 s label window), landed as a client's raw click events."""
+    from recsys_core.contracts import RAW_EVENT_SCHEMA
     from recsys_pipelines.etl import atomic_write_table
-    from recsys_platform.contracts import RAW_EVENT_SCHEMA
 
     rng = np.random.default_rng(seed)
     at = served.groupby("request_id")["served_at"].first() + pd.Timedelta(milliseconds=200)

@@ -44,7 +44,7 @@ def entity_key_encoder(join_key: str, project: str, serialization_version: int
 
     for probe in ("item-0042", "usér_ü"):
         if encode(probe) != entity_key(join_key, probe, project, serialization_version):
-            raise RuntimeError("Feast's entity key layout changed; update layout.py")
+            raise RuntimeError("Feast's entity key layout changed; update online_layout.py")
     return encode
 
 
