@@ -75,10 +75,8 @@ def test_forget_deletes_the_users_rows_from_feasts_sqlite_online_store(tmp_path:
     import sqlite3
 
     import yaml
-    from feast.infra.key_encoding_utils import serialize_entity_key
-    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
-    from feast.protos.feast.types.Value_pb2 import Value
 
+    from recsys_core.online_layout import serialized_entity_key
     from recsys_core.settings import load_settings
     from recsys_pipelines.forget import forget_online
 
@@ -88,8 +86,7 @@ def test_forget_deletes_the_users_rows_from_feasts_sqlite_online_store(tmp_path:
     settings = load_settings("local", config)
 
     def key(uid: str) -> bytes:
-        proto = EntityKey(join_keys=["user_id"], entity_values=[Value(string_val=uid)])
-        return serialize_entity_key(proto, entity_key_serialization_version=3)
+        return serialized_entity_key("user_id", uid)
 
     (tmp_path / "feast").mkdir()
     with sqlite3.connect(tmp_path / "feast" / "online.db") as conn:

@@ -65,7 +65,7 @@ class SinkConfig:
     redis_url: str
     project: str  # Feast project: the suffix of every entity key
     key_prefix: str  # prefix of the job's own keys (recent items, late events, counters)
-    serialization_version: int = 3  # Feast entity_key_serialization_version
+    serialization_version: int = online_layout.SERIALIZATION_VERSION
     allowed_lateness_ms: int = 300_000  # how long after its windows a late event is kept
     run_id: str = ""  # one per submitted job: its writers of a group share their memory
 

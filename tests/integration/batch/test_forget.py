@@ -66,7 +66,7 @@ def _stream_dir(env: LoopEnv) -> Path:
     return Path(env.settings.path(env.settings.flink.stream_dir))
 
 
-def _redis_keys(env: LoopEnv, client: redis.Redis) -> list[bytes]:
+def _keys_of_env(env: LoopEnv, client: redis.Redis) -> list[bytes]:
     prefix = env.settings.redis.key_prefix
     return [*client.scan_iter(match=f"*{env.project}".encode(), count=1000),
             *client.scan_iter(match=f"{prefix}:*".encode(), count=1000)]
@@ -88,7 +88,7 @@ def mentions(env: LoopEnv, needles: tuple[str, ...]) -> dict[str, list[str]]:
             found.setdefault("files", []).append(str(path.relative_to(env.root)))
     client = redis.Redis.from_url(TEST_REDIS_URL)
     try:
-        for key in _redis_keys(env, client):
+        for key in _keys_of_env(env, client):
             kind = client.type(key)
             if kind == b"hash":
                 values = [b for kv in client.hgetall(key).items() for b in kv]
