@@ -49,9 +49,9 @@ import numpy as np
 import redis
 import yaml
 
+from recsys_core.settings import Settings, load_settings
 from recsys_pipelines.generator import GeneratorConfig, generate, write_generated
 from recsys_platform.serving.ingress import direct_ingress_env, replica_urls
-from recsys_platform.settings import Settings, load_settings
 
 # Redis for the built platform's online store: DB 4 unless --redis-url or BENCH_SERVING_REDIS_URL
 # names another (parallel runs on one Redis each take their own DB).
@@ -74,7 +74,7 @@ def setup(workdir: Path, redis_url: str) -> tuple[Settings, Path, list[str]]:
         settings = load_settings("local", config_file)
         ensure_champion(settings)
         return settings, config_file, users
-    from recsys_platform.orchestration import platform_flow
+    from recsys_platform.flows.platform_flow import platform_flow
 
     project = f"bench_{uuid.uuid4().hex[:8]}"
     config = {"data_dir": str(workdir / "data"), "redis": {"url": redis_url},

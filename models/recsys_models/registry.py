@@ -32,13 +32,13 @@ from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
+from recsys_core.settings import Settings
 from recsys_models.baselines import Baselines, tuned_baselines
 from recsys_models.bundle import Bundle, load_bundle, save_bundle, serving_memory_bytes
 from recsys_models.errors import AliasNotFoundError
 from recsys_models.evaluate import EvaluationReport, evaluate_bundle
 from recsys_models.model_card import describe_gate, describe_version
 from recsys_models.provenance import DIGEST_TAG, bundle_digest
-from recsys_platform.settings import Settings
 
 logger = logging.getLogger(__name__)
 

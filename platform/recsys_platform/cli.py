@@ -20,6 +20,10 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from recsys_core.errors import RecsysError
+from recsys_core.logs import configure as configure_logging
+from recsys_core.settings import Settings, load_settings, redacted
+from recsys_pipelines.online_store import resolve_online_store
 from recsys_platform.commands import deploy as deploy_commands
 from recsys_platform.commands import experiment as experiment_commands
 from recsys_platform.commands import features as features_commands
@@ -31,10 +35,6 @@ from recsys_platform.commands import serve as serve_commands
 from recsys_platform.commands import stream as stream_commands
 from recsys_platform.commands import ui as ui_commands
 from recsys_platform.commands.context import current_settings, set_settings
-from recsys_platform.errors import RecsysError
-from recsys_platform.logs import configure as configure_logging
-from recsys_platform.online import resolve_online_store
-from recsys_platform.settings import Settings, load_settings, redacted
 
 app = typer.Typer(help="Recommendation platform: data, features, training, serving.",
                   no_args_is_help=True, pretty_exceptions_enable=False)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from recsys_platform import logs
+from recsys_core import logs
 
 
 @pytest.mark.parametrize(("name", "level", "shown"), [

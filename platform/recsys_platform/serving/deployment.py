@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from recsys_platform.settings import ServingSettings
+from recsys_core.settings import ServingSettings
 
 DEPLOYMENT_NAME = "recommender"
 # Direct ingress health checks every few seconds; a replica without a bundle stays healthy.

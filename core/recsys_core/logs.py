@@ -27,7 +27,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-PROJECT_PACKAGES = ("recsys_platform", "recsys_pipelines", "recsys_models", "__main__")
+PROJECT_PACKAGES = ("recsys_core", "recsys_platform", "recsys_pipelines", "recsys_models",
+                    "__main__")
 LIBRARY_LEVEL = logging.WARNING  # library records below this are hidden unless verbose
 LIBRARY_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -116,7 +117,7 @@ def _hiding_showwarning(show: Callable[..., None]) -> Callable[..., None]:
 def ray_data_logging_config() -> str:
     """Path of the Ray Data logging config whose console handler shows ERROR and up
     (Ray Data's default prints INFO; its session log file keeps DEBUG)."""
-    return str(resources.files("recsys_platform") / "ray_data_logging.yaml")
+    return str(resources.files("recsys_core") / "ray_data_logging.yaml")
 
 
 def library_environment(verbose: bool, environ: Mapping[str, str] | None = None) -> dict[str, str]:
