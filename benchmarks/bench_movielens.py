@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from recsys_core.features import HISTORY_LENGTH
 from recsys_models.baselines import (
     ALS_GRID,
     EASE_LAMBDAS,
@@ -60,7 +61,6 @@ from recsys_models.train import TrainConfig, fit_local
 from recsys_models.two_tower import TwoTowerConfig
 from recsys_models.validation import build_validation, tune_blend
 from recsys_pipelines.movielens import load_movielens
-from recsys_platform.features import HISTORY_LENGTH
 
 KS = (10, 50, 100)
 LISTS = ("final list", "retrieval only", "als", "ease", "popularity")

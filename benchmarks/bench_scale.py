@@ -43,8 +43,8 @@ import aiohttp
 import numpy as np
 import yaml
 
+from recsys_core.settings import Settings, load_settings
 from recsys_pipelines.generator import GeneratorConfig, generate, write_generated
-from recsys_platform.settings import Settings, load_settings
 
 logger = logging.getLogger("bench_scale")
 
@@ -103,8 +103,8 @@ def pipeline(settings: Settings, cfg: GeneratorConfig, out: dict[str, Any]) -> l
     from recsys_models.train import TrainConfig
     from recsys_models.workflow import train_evaluate_register
     from recsys_pipelines import batch_features, feature_store
-    from recsys_pipelines.flows import etl_flow
     from recsys_pipelines.training_set import build_snapshot
+    from recsys_platform.flows.data import etl_flow
     from recsys_platform.runtime import ensure_ray
 
     data = timed(out, "generate_s", lambda: generate(cfg))
@@ -172,7 +172,7 @@ def pipeline_reusing_model(settings: Settings, cfg: GeneratorConfig, out: dict[s
     from recsys_models.provenance import load_verified
     from recsys_models.registry import bundle_size_stats, register_bundle
     from recsys_pipelines import batch_features, feature_store
-    from recsys_pipelines.flows import etl_flow
+    from recsys_platform.flows.data import etl_flow
     from recsys_platform.runtime import ensure_ray
 
     data = timed(out, "generate_s", lambda: generate(cfg))

@@ -1,4 +1,4 @@
-"""Feast objects of the recommendation platform, built from ``recsys_platform.features``.
+"""Feast objects of the recommendation platform, built from ``recsys_core.features``.
 
 Purely declarative: names, windows, TTLs and value types all come from the shared feature
 definitions, so the batch pipeline, the Flink stream job, training and serving agree. Offline
@@ -11,7 +11,7 @@ from feast import Entity, FeatureService, FeatureView, Field, FileSource, PushSo
 from feast.types import Array, Float64, Int64, String, UnixTimestamp
 from feast.value_type import ValueType
 
-from recsys_platform import features as F
+from recsys_core import features as F
 
 user = Entity(name="user", join_keys=[F.USER_KEY], value_type=ValueType.STRING,
               description="A viewer.")

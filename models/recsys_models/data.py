@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from recsys_core.features import HISTORY_LENGTH, ITEM_BATCH, USER_BATCH
 from recsys_models.errors import SnapshotNotFoundError
-from recsys_platform.features import HISTORY_LENGTH, ITEM_BATCH, USER_BATCH
 
 logger = logging.getLogger(__name__)
 

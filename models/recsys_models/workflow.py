@@ -18,10 +18,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from recsys_core.features import HISTORY_LENGTH
+from recsys_core.settings import Settings
 from recsys_models.baselines import Baselines, tuned_baselines
 from recsys_models.bundle import Bundle, build_bundle
 from recsys_models.data import CategoryIndex, EncoderSpec, item_log_q, read_snapshot, snapshot_dir
-from recsys_models.errors import UnknownTrainingKeyError
+from recsys_models.errors import RayNotStartedError, UnknownTrainingKeyError
 from recsys_models.evaluate import (
     EvaluationReport,
     evaluate_bundle,
@@ -35,9 +37,6 @@ from recsys_models.sequences import engaged_mask, pit_histories
 from recsys_models.train import TrainConfig, TrainedModels, fit, prepare_datasets
 from recsys_models.two_tower import TwoTowerConfig
 from recsys_models.validation import build_validation, split_for_validation, tune_blend
-from recsys_platform.features import HISTORY_LENGTH
-from recsys_platform.runtime import ensure_ray
-from recsys_platform.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -230,9 +229,11 @@ def train_evaluate_register(
     models train on the rows before it), and the holdout is only used for the report, next to
     popularity, EASE and ALS tuned on that same validation split of the training side.
     """
+    import ray
     import ray.data
 
-    ensure_ray(settings)
+    if not ray.is_initialized():
+        raise RayNotStartedError("train_evaluate_register")
     mapped, spec_settings = training_config(settings)
     cfg = cfg or mapped
     spec_overrides = {**spec_settings, **(spec_overrides or {})}

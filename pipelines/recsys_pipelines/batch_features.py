@@ -2,7 +2,7 @@
 
 For every day ``d`` in the requested range the feature timestamp is the day end
 ``t = midnight after d`` (UTC), stored as ``window_end``. A windowed aggregate over ``w`` days
-covers events with ``t - w < event_time <= t`` exactly as :mod:`recsys_platform.features`
+covers events with ``t - w < event_time <= t`` exactly as :mod:`recsys_core.features`
 defines it. Because every batch window is a whole number of days, an event belongs to the
 day bucket ``b`` with ``midnight(b) < event_time <= midnight(b + 1)`` and a ``w``-day window at
 day ``d`` is the sum of buckets ``d - w + 1 .. d``.
@@ -29,11 +29,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from recsys_core import features as F
+from recsys_core.contracts import ITEM_SCHEMA
 from recsys_pipelines.errors import EmptyLakeError
 from recsys_pipelines.etl import atomic_write_table
 from recsys_pipelines.sources import days
-from recsys_platform import features as F
-from recsys_platform.contracts import ITEM_SCHEMA
 
 logger = logging.getLogger(__name__)
 

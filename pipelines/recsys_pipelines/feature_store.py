@@ -28,12 +28,13 @@ import yaml
 from feast import Entity, FeatureService, FeatureStore, FeatureView
 from feast.data_source import DataSource
 
+from recsys_core import features as F
+from recsys_core import online_layout
+from recsys_core.logs import library_stdout
+from recsys_core.settings import Settings
+from recsys_pipelines import cold_start
 from recsys_pipelines.errors import FeatureRepoError
-from recsys_platform import cold_start
-from recsys_platform import features as F
-from recsys_platform.logs import library_stdout
-from recsys_platform.online import resolve_online_store
-from recsys_platform.settings import Settings
+from recsys_pipelines.online_store import resolve_online_store
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def feature_store_config(settings: Settings) -> dict[str, Any]:
         "registry": registry,
         "online_store": online,
         "offline_store": {"type": feast.offline_store},
-        "entity_key_serialization_version": 3,
+        "entity_key_serialization_version": online_layout.SERIALIZATION_VERSION,
     }
 
 

@@ -27,9 +27,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from recsys_pipelines.etl import atomic_write_table
-from recsys_platform.atomic import atomic_write_lines
-from recsys_platform.contracts import (
+from recsys_core.atomic import atomic_write_lines
+from recsys_core.contracts import (
     DEVICES,
     ITEM_SCHEMA,
     RAW_EVENT_SCHEMA,
@@ -40,6 +39,7 @@ from recsys_platform.contracts import (
     SURFACES,
     USER_SCHEMA,
 )
+from recsys_pipelines.etl import atomic_write_table
 
 logger = logging.getLogger(__name__)
 

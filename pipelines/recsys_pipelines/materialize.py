@@ -2,7 +2,7 @@
 
 Feast's own ``materialize`` converts every value through Python protobuf objects (~1-1.4k
 rows/s here) and writes the whole range every time. This writes the same bytes (the layout
-comes from :mod:`recsys_pipelines.stream.layout`; values are encoded as Feast's type map does,
+comes from :mod:`recsys_core.online_layout`; values are encoded as Feast's type map does,
 checked byte for byte against Feast's own materialization by
 ``tests/integration/batch/test_fast_materialize.py``):
 
@@ -37,8 +37,8 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import redis
 
-from recsys_pipelines.stream import layout
-from recsys_platform import features as F
+from recsys_core import features as F
+from recsys_core import online_layout
 
 logger = logging.getLogger(__name__)
 
@@ -167,16 +167,16 @@ def write_part(table: pa.Table, spec: ViewSpec, target: Target,
     returns every row's digest and how many were written. Runs in a Ray task."""
     columns = encode_columns(table, spec)
     ends = table.column(F.WINDOW_END).to_numpy(zero_copy_only=False)
-    stamps = [layout.encode_timestamp(int(ms)) for ms in
+    stamps = [online_layout.encode_timestamp(int(ms)) for ms in
               pd.to_datetime(ends, utc=True).as_unit("ns").asi8 // 1_000_000]
     row_digests = digests(columns, stamps)
     changed = np.flatnonzero(row_digests != previous) if previous is not None \
         else np.arange(len(row_digests))
     ids = table.column(spec.join_key).to_pylist()
-    key_of = layout.entity_key_encoder(spec.join_key, target.project,
+    key_of = online_layout.entity_key_encoder(spec.join_key, target.project,
                                        target.serialization_version)
-    fields = [layout.feature_field(spec.name, name) for name, _ in spec.features]
-    ts_field = layout.timestamp_field(spec.name)
+    fields = [online_layout.feature_field(spec.name, name) for name, _ in spec.features]
+    ts_field = online_layout.timestamp_field(spec.name)
     client = redis.Redis.from_url(target.redis_url)
     try:
         for start in range(0, len(changed), CHUNK_ROWS):

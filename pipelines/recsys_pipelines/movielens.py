@@ -25,9 +25,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from recsys_platform.contracts import EVENT_SCHEMA, ITEM_SCHEMA, USER_SCHEMA, to_table
-from recsys_platform.errors import DatasetNotFoundError
-from recsys_platform.features import HISTORY_LENGTH
+from recsys_core.contracts import EVENT_SCHEMA, ITEM_SCHEMA, USER_SCHEMA, to_table
+from recsys_core.errors import DatasetNotFoundError
+from recsys_core.features import HISTORY_LENGTH
 
 logger = logging.getLogger(__name__)
 

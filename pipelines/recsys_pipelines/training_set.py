@@ -33,11 +33,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from feast import FeatureStore
 
+from recsys_core import features as F
+from recsys_core.contracts import EVENT_SCHEMA
+from recsys_core.privacy import FORGET_LIST, forgotten_mask, read_forget_list
+from recsys_core.settings import Settings
 from recsys_pipelines.errors import TrainingSetError
-from recsys_platform import features as F
-from recsys_platform.contracts import EVENT_SCHEMA
-from recsys_platform.privacy import FORGET_LIST, forgotten_mask, read_forget_list
-from recsys_platform.settings import Settings
 
 logger = logging.getLogger(__name__)
 

@@ -20,6 +20,10 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from recsys_core.errors import RecsysError
+from recsys_core.logs import configure as configure_logging
+from recsys_core.settings import Settings, load_settings, redacted
+from recsys_pipelines.online_store import resolve_online_store
 from recsys_platform.commands import deploy as deploy_commands
 from recsys_platform.commands import experiment as experiment_commands
 from recsys_platform.commands import features as features_commands
@@ -31,10 +35,6 @@ from recsys_platform.commands import serve as serve_commands
 from recsys_platform.commands import stream as stream_commands
 from recsys_platform.commands import ui as ui_commands
 from recsys_platform.commands.context import current_settings, set_settings
-from recsys_platform.errors import RecsysError
-from recsys_platform.logs import configure as configure_logging
-from recsys_platform.online import resolve_online_store
-from recsys_platform.settings import Settings, load_settings, redacted
 
 app = typer.Typer(help="Recommendation platform: data, features, training, serving.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -186,6 +186,10 @@ def demo(
     the online store -> Ray Serve answers a known user, a new user and the stream's user.
     """
     s = settings()
+    verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
+    # The stage tables, progress and summary say what the project's INFO records would
+    # (ETL counts, training set, tuning): those show with -v, warnings always.
+    configure_logging(verbose, project_level=logging.WARNING)
     console.rule("1. synthetic events")
     data_generate(events=events, days=14, start="2026-11-01", users=2_000, items=5_000,
                   dirt_rate=0.01, seed=7, categories=None, category_share=None, jsonl=False,
@@ -198,7 +202,6 @@ def demo(
     models_commands.demo_step(s, console)
     # PyFlink's gRPC stack breaks an in-process Ray connection afterwards, so the stream
     # step runs in a child process of its own.
-    verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         stream_user = pool.apply(_stream_demo, (s, verbose))
     users = {"known user": _most_active_user(s), "new user": "demo-new-user"}
@@ -210,7 +213,8 @@ def demo(
 
 
 def _stream_demo(s: Settings, verbose: bool) -> str | None:
-    configure_logging(verbose)  # a spawned process: its own logging, the same quiet libraries
+    # a spawned process: its own logging, the same quiet libraries and project records
+    configure_logging(verbose, project_level=logging.WARNING)
     return stream_commands.demo_step(s, Console())
 
 

@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from recsys_core.features import HISTORY_LENGTH
 from recsys_models.bundle import Bundle, build_bundle
 from recsys_models.data import EncoderSpec, time_split
 from recsys_models.ranker import Ranker
 from recsys_models.train import TrainConfig, fit_local
 from recsys_models.two_tower import TwoTowerConfig, TwoTowerModel
 from recsys_pipelines.generator import GeneratorConfig, generate
-from recsys_platform.features import HISTORY_LENGTH
 
 
 def _histories(times: np.ndarray, users: np.ndarray, eng_users: np.ndarray,

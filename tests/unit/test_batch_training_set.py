@@ -9,13 +9,13 @@ import pandas as pd
 import pytest
 import yaml
 
+from recsys_core.settings import load_settings
 from recsys_pipelines.training_set import (
     IMPRESSION_COLUMNS,
     label_impressions,
     snapshot_id,
     write_training_snapshot,
 )
-from recsys_platform.settings import load_settings
 
 
 def _events(rows: list[tuple[str, str, str, str, str, int | None]]) -> pd.DataFrame:
@@ -99,7 +99,7 @@ def test_impressions_wait_until_their_label_window_has_closed() -> None:
 
 
 def test_forgotten_users_are_left_out_of_new_snapshots(tmp_path: Path) -> None:
-    from recsys_platform.privacy import FORGET_LIST, add_to_forget_list, pseudonymize, tombstone
+    from recsys_core.privacy import FORGET_LIST, add_to_forget_list, pseudonymize, tombstone
 
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"data_dir": str(tmp_path)}))

@@ -11,6 +11,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from recsys_core.contracts import EVENT_TYPES, split_duplicates, validate_events
 from recsys_pipelines.generator import (
     MALFORMED_KINDS,
     GeneratorConfig,
@@ -18,7 +19,6 @@ from recsys_pipelines.generator import (
     generate,
     write_generated,
 )
-from recsys_platform.contracts import EVENT_TYPES, split_duplicates, validate_events
 
 SMALL = GeneratorConfig(events=30_000, days=5, users=300, items=600, new_users_per_day=10,
                         new_items_per_day=20, dirt_rate=0.01, seed=3)

@@ -234,7 +234,7 @@ def test_request_validation(body: dict[str, Any]) -> None:
 def test_impression_log_writes_contract_rows_and_keeps_rows_on_failure(tmp_path: Any) -> None:
     import pyarrow.parquet as pq
 
-    from recsys_platform.contracts import validate_events
+    from recsys_core.contracts import validate_events
     from recsys_platform.serving.impressions import ImpressionLogger
 
     blocked = tmp_path / "blocked"
@@ -261,7 +261,7 @@ def test_impression_log_writes_contract_rows_and_keeps_rows_on_failure(tmp_path:
 def test_pseudonymized_user_id_is_looked_up_and_logged(tmp_path: Any) -> None:
     import pyarrow.parquet as pq
 
-    from recsys_platform.privacy import pseudonymize
+    from recsys_core.privacy import pseudonymize
     from recsys_platform.serving.impressions import ImpressionLogger
 
     asked: list[str] = []

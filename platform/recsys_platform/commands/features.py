@@ -16,9 +16,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from recsys_core.settings import Settings
 from recsys_platform.commands.context import current_settings
 from recsys_platform.commands.progress import stage
-from recsys_platform.settings import Settings
 
 app = typer.Typer(help="Feast feature store: apply definitions, materialize, training sets.",
                   no_args_is_help=True)
@@ -80,7 +80,7 @@ def etl_run(
     Exits 3 when landing files could not be read and were moved to the quarantine (the rest
     of the range was processed).
     """
-    from recsys_pipelines.flows import etl_flow, prefect_api
+    from recsys_platform.flows.data import etl_flow, prefect_api
 
     s = current_settings()
     with prefect_api(s):
@@ -108,7 +108,7 @@ def features_apply() -> None:
 @app.command("compute")
 def features_compute(start: StartOpt = None, end: EndOpt = None) -> None:
     """Runs the features flow: batch features (Ray Data) -> apply -> materialize the range."""
-    from recsys_pipelines.flows import features_flow, prefect_api
+    from recsys_platform.flows.data import features_flow, prefect_api
 
     s = current_settings()
     with prefect_api(s):
@@ -178,8 +178,8 @@ def demo_step(settings: Settings, console: Console) -> None:
     """Demo: ETL -> batch features -> apply -> materialize on the generated landing data,
     then online features of one user and one item, and a training snapshot."""
     from recsys_pipelines.feature_store import load_store, online_features
-    from recsys_pipelines.flows import etl_flow, features_flow, prefect_api
     from recsys_pipelines.training_set import build_snapshot
+    from recsys_platform.flows.data import etl_flow, features_flow, prefect_api
 
     start, end = _landing_range(settings)
     with stage(console, f"batch: ETL {start}..{end} -> lake -> Ray Data features -> Feast -> "

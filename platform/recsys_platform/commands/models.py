@@ -17,9 +17,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from recsys_core.settings import Settings
 from recsys_platform.commands.context import current_settings
 from recsys_platform.commands.progress import stage
-from recsys_platform.settings import Settings
 
 app = typer.Typer(help="Model registry: list versions, promote the challenger.",
                   no_args_is_help=True)
@@ -55,8 +55,10 @@ def train(
     """Trains the two-tower and the ranker on Ray Train, evaluates it next to popularity, EASE
     and ALS on the same holdout, registers a challenger."""
     from recsys_models.workflow import train_evaluate_register
+    from recsys_platform.runtime import ensure_ray
 
     s = _with_sets(current_settings(), epochs, batch_size, assignments)
+    ensure_ray(s)
     with console.status("training on Ray Train, then tuning the baselines and evaluating"):
         out = train_evaluate_register(s, snapshot_id=snapshot, workers=workers,
                                       register=register)
@@ -72,7 +74,7 @@ def train(
 
 def _with_sets(s: Settings, epochs: int | None, batch_size: int | None,
                assignments: list[str] | None) -> Settings:
-    from recsys_platform.settings import with_overrides
+    from recsys_core.settings import with_overrides
 
     sets = [f"epochs={epochs}"] if epochs is not None else []
     sets += [f"batch_size={batch_size}"] if batch_size is not None else []
@@ -110,11 +112,11 @@ def evaluate(
 ) -> None:
     """Evaluates a registered bundle next to popularity, tuned EASE and tuned ALS on the
     snapshot's holdout (the baselines tuned on a validation split of the training side)."""
+    from recsys_core.settings import with_overrides
     from recsys_models.evaluate import evaluate_bundle
     from recsys_models.registry import load_alias
     from recsys_models.workflow import baselines_for, split_snapshot
     from recsys_platform.runtime import ensure_ray
-    from recsys_platform.settings import with_overrides
 
     s = with_overrides(current_settings(), list(assignments or []), section="evaluation")
     ensure_ray(s)
@@ -185,8 +187,8 @@ def recommend(
 def _seen_items(settings: Settings, frame: pd.DataFrame) -> dict[str, set[str]]:
     """Each user's engaged items: the file's ``user_history`` plus the online store's, merged
     as serving merges them (:func:`~recsys_platform.serving.online_features.merge_history`)."""
+    from recsys_core.features import USER_HISTORY, USER_RECENT_ITEMS
     from recsys_pipelines.feature_store import load_store, online_features
-    from recsys_platform.features import USER_HISTORY, USER_RECENT_ITEMS
     from recsys_platform.serving.online_features import merge_history
 
     seen = {str(u): set(h) for u, h in zip(frame["user_id"], frame["user_history"], strict=True)}
@@ -270,7 +272,9 @@ def demo_step(settings: Settings, console: Console) -> None:
     """Demo: short training on 2 Ray Train workers, evaluate, register, promote."""
     from recsys_models.registry import promote
     from recsys_models.workflow import train_evaluate_register
+    from recsys_platform.runtime import ensure_ray
 
+    ensure_ray(settings)
     with stage(console, "models: train on 2 Ray Train workers, evaluate, register, promote",
                2) as step:
         step("training on Ray Train (early stopping on a validation split), evaluating, "

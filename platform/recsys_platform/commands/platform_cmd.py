@@ -20,9 +20,9 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from recsys_core.settings import Settings
 from recsys_platform.commands import serve as serve_commands
 from recsys_platform.commands.context import current_settings
-from recsys_platform.settings import Settings
 
 app = typer.Typer(help="The whole platform loop as one Prefect flow run.", no_args_is_help=True)
 console = Console()
@@ -120,8 +120,8 @@ def start_training_cluster(settings: Settings) -> None:
 def run_loop(settings: Settings, start: date | None, end: date | None, epochs: int,
              workers: int, why: str, events: int) -> Any:
     """Generates data when the landing area is empty, then runs the platform flow."""
-    from recsys_pipelines.flows import prefect_api
-    from recsys_platform.orchestration import platform_flow
+    from recsys_platform.flows.data import prefect_api
+    from recsys_platform.flows.platform_flow import platform_flow
 
     found = landing_range(settings)
     if found is None:

@@ -38,6 +38,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from recsys_core.settings import Settings
 from recsys_platform.commands.context import current_settings, settings_with
 from recsys_platform.commands.progress import stage
 from recsys_platform.serving.ingress import (
@@ -45,7 +46,6 @@ from recsys_platform.serving.ingress import (
     direct_ingress_requested,
     replica_urls,
 )
-from recsys_platform.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def deploy(settings: Settings, config_file: Path | None = None) -> str:
     """Deploys (or updates) the app on the connected cluster; returns its base URL."""
     from ray import serve
 
-    from recsys_platform.logs import quiet_after_import
+    from recsys_core.logs import quiet_after_import
     from recsys_platform.serving.app import RecommenderDeployment
     from recsys_platform.serving.deployment import deployment_options
 

@@ -13,9 +13,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from recsys_core.settings import Settings
 from recsys_platform.commands.context import current_settings
 from recsys_platform.commands.progress import stage
-from recsys_platform.settings import Settings
 
 logger = logging.getLogger(__name__)
 app = typer.Typer(help="Streaming features: the PyFlink job that keeps Redis fresh.")
@@ -106,12 +106,12 @@ def demo_step(settings: Settings, console: Console) -> str | None:
 def _stream_bursts(settings: Settings, console: Console, step: Callable[[str], None]) -> str:
     import redis
 
+    from recsys_core.contracts import split_duplicates
+    from recsys_core.features import ITEM_TRENDING, USER_STREAM
     from recsys_pipelines.feature_store import apply_definitions, online_features
     from recsys_pipelines.generator import GeneratorConfig, generate, write_jsonl
     from recsys_pipelines.stream.job import options_from_settings, start
     from recsys_pipelines.stream.status import wait_for_window
-    from recsys_platform.contracts import split_duplicates
-    from recsys_platform.features import ITEM_TRENDING, USER_STREAM
 
     store = apply_definitions(settings)
     options = options_from_settings(settings)

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from recsys_core.settings import Settings
 from recsys_platform.experiments.definition import Experiment
 from recsys_platform.experiments.stats import COLUMNS, Report, analyse
-from recsys_platform.settings import Settings
 
 logger = logging.getLogger(__name__)
 

@@ -11,11 +11,12 @@ import numpy as np
 import pandas as pd
 import redis
 
+from recsys_core.features import HISTORY_LENGTH
+from recsys_core.settings import Settings
 from recsys_models.bundle import Bundle
 from recsys_models.fast_rank import ranking_catalog
-from recsys_platform.cold_start import cold_start_file, read_lists, read_lists_file
+from recsys_pipelines.cold_start import cold_start_file, read_lists, read_lists_file
 from recsys_platform.experiments.definition import ACTIVE_TAG, Experiment
-from recsys_platform.features import HISTORY_LENGTH
 from recsys_platform.serving.bundle_manager import BundleManager, LastGood
 from recsys_platform.serving.experiments import ExperimentArms
 from recsys_platform.serving.impressions import ImpressionLogger
@@ -30,7 +31,6 @@ from recsys_platform.serving.item_features import (
 from recsys_platform.serving.metrics import ServingMetrics
 from recsys_platform.serving.online_features import FeastUserFeatures, RedisUserFeatures
 from recsys_platform.serving.recommender import Recommender, ServingOptions
-from recsys_platform.settings import Settings
 
 logger = logging.getLogger(__name__)
 

@@ -38,9 +38,9 @@ from typing import IO, Any
 
 import pyarrow as pa
 
+from recsys_core.atomic import atomic_write_lines
+from recsys_core.contracts import RAW_EVENT_SCHEMA
 from recsys_pipelines.etl import atomic_write_table
-from recsys_platform.atomic import atomic_write_lines
-from recsys_platform.contracts import RAW_EVENT_SCHEMA
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@
   numeric inputs and the diversity metadata (``creator_id``, ``category``) come from the same
   read (:class:`ItemRows`).
 - :class:`ColdStartLists`: trending, fresh and popular, read from the small sorted sets the
-  pipelines keep (:mod:`recsys_platform.cold_start`) every ``ttl_s``; ``O(list)`` per refresh.
+  pipelines keep (:mod:`recsys_pipelines.cold_start`) every ``ttl_s``; ``O(list)`` per refresh.
 
 Nothing here reads the whole catalog; a replica's item memory is the LRU's ``capacity`` rows.
 """
@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from recsys_platform.cold_start import LIST_NAMES, LIST_SIZE
-from recsys_platform.features import ITEM_KEY
+from recsys_core.features import ITEM_KEY
+from recsys_pipelines.cold_start import LIST_NAMES, LIST_SIZE
 from recsys_platform.serving.online_features import (
     ITEM_VIEWS,
     RedisHashReader,

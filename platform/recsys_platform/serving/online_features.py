@@ -17,14 +17,14 @@ from typing import Any, cast
 
 import pandas as pd
 
-from recsys_pipelines.stream.layout import entity_key_encoder
-from recsys_platform.features import (
+from recsys_core.features import (
     HISTORY_LENGTH,
     ITEM_KEY,
     USER_HISTORY,
     USER_KEY,
     USER_RECENT_ITEMS,
 )
+from recsys_core.online_layout import decode_value, entity_key_encoder, ref_field
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,6 @@ class RedisHashReader:
     def __init__(self, store: Any, url: str, timeout_s: float, join_key: str,
                  views: Sequence[str]) -> None:
         import redis
-        from feast.infra.online_stores.helpers import _mmh3
 
         self._client = redis.Redis.from_url(url, socket_timeout=timeout_s,
                                             socket_connect_timeout=timeout_s)
@@ -99,7 +98,7 @@ class RedisHashReader:
         self._join_key = join_key
         refs = feature_refs(store, views)
         self.names = [ref.split(":", 1)[1] for ref in refs]
-        self.fields = [_mmh3(ref) for ref in refs]  # hash field of each name
+        self.fields = [ref_field(ref) for ref in refs]  # hash field of each name
         # Feast's key, from its own serialization (checked at start-up by the encoder)
         self._key = entity_key_encoder(join_key, self._project, self._version)
 
@@ -119,18 +118,7 @@ class RedisHashReader:
     @staticmethod
     def decode(raw: Sequence[bytes | None]) -> list[Any]:
         """Python values of one entity's raw reply (``None`` where absent)."""
-        from feast.protos.feast.types.Value_pb2 import Value
-        from feast.type_map import feast_value_type_to_python_type
-
-        row: list[Any] = []
-        for blob in raw:
-            value = None
-            if blob:
-                proto = Value()
-                proto.ParseFromString(blob)
-                value = feast_value_type_to_python_type(proto)
-            row.append(value)
-        return row
+        return [decode_value(blob) for blob in raw]
 
     def read(self, entity_ids: Sequence[str], chunk: int = 1000) -> list[list[Any]]:
         """One row of decoded values (``None`` where absent) per id, in :attr:`names` order."""

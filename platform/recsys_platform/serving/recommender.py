@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import pandas as pd
 
+from recsys_core.features import HISTORY_LENGTH
+from recsys_core.privacy import pseudonymize
 from recsys_models.bundle import Bundle
 from recsys_models.fast_rank import (
     Query,
@@ -41,8 +43,6 @@ from recsys_models.fast_rank import (
     ranking_catalog,
     score_candidates,
 )
-from recsys_platform.features import HISTORY_LENGTH
-from recsys_platform.privacy import pseudonymize
 from recsys_platform.serving.bundle_manager import BundleManager, LoadedBundle
 from recsys_platform.serving.candidates import Candidate, diversify, drop_items, merge_sources
 from recsys_platform.serving.impressions import ImpressionLogger

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from recsys_core.settings import load_settings
 from recsys_pipelines import feature_store
-from recsys_platform.settings import load_settings
 from tests.fixtures.feast_store import make_repo
 
 pytestmark = pytest.mark.integration

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from recsys_core.settings import MlflowSettings, Settings, load_settings
 from recsys_models.baselines import tuned_baselines
 from recsys_models.bundle import load_bundle
 from recsys_models.evaluate import evaluate_bundle
@@ -26,7 +27,6 @@ from recsys_models.registry import (
     tracking,
 )
 from recsys_models.train import TrainConfig, build_models
-from recsys_platform.settings import MlflowSettings, Settings, load_settings
 from tests.fixtures.mlflow_store import MlflowStore
 from tests.model.snapshots import make_bundle, synthetic_case, trained_bundle
 

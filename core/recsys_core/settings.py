@@ -29,7 +29,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from recsys_platform.errors import SettingsError
+from recsys_core.errors import SettingsError
 
 Profile = Literal["local", "services", "k8s"]
 PROFILES: tuple[str, ...] = ("local", "services", "k8s")
@@ -393,7 +393,7 @@ def profile_defaults(profile: str) -> dict[str, Any]:
     if profile not in PROFILES:
         allowed = ", ".join(repr(p) for p in PROFILES)
         raise SettingsError(f"invalid setting 'profile' = {profile!r}: allowed values: {allowed}")
-    text = resources.files("recsys_platform").joinpath(f"profiles/{profile}.yaml").read_text()
+    text = resources.files("recsys_core").joinpath(f"profiles/{profile}.yaml").read_text()
     return _read_yaml(f"profiles/{profile}.yaml", text)
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from recsys_platform.errors import ContractError
+from recsys_core.errors import ContractError
 
 EVENT_TYPES: tuple[str, ...] = ("impression", "click", "watch", "like", "share", "skip")
 SURFACES: tuple[str, ...] = ("feed", "search", "related", "notification")

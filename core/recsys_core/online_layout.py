@@ -1,9 +1,13 @@
-"""Feast's Redis online-store layout, written with Feast's own helpers so it cannot drift.
+"""Feast's online-store layout, written with Feast's own helpers so it cannot drift.
+
+The only module that knows it: the stream sink and the fast materializer (writers), the
+serving reader and ``forget`` (deleter) all call these functions.
 
 One Redis hash per entity: key ``serialize_entity_key(entity) + project``; a field
 ``mmh3("<view>:<feature>")`` per feature holding a serialized ``ValueProto``, and
 ``_ts:<view>`` holding the event timestamp (here the window end) as a protobuf ``Timestamp``.
-This is what :class:`feast.infra.online_stores.redis.RedisOnlineStore` reads.
+This is what :class:`feast.infra.online_stores.redis.RedisOnlineStore` reads. Feast's SQLite
+online store keys its rows by the same serialized entity key (without the project).
 """
 
 from __future__ import annotations
@@ -12,20 +16,38 @@ import struct
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from functools import lru_cache
+from typing import Any
 
+from feast.infra.key_encoding_utils import serialize_entity_key
 from feast.infra.online_stores.helpers import _mmh3, _redis_key
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import StringList
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
+from feast.type_map import feast_value_type_to_python_type
 from google.protobuf.timestamp_pb2 import Timestamp
 
 FeatureValue = int | float | list[str]
+# Feast's entity_key_serialization_version: the feature_store.yaml we write says so, and every
+# key written, read or deleted here uses it.
+SERIALIZATION_VERSION = 3
+
+
+def _entity_proto(join_key: str, entity_id: str) -> EntityKeyProto:
+    return EntityKeyProto(join_keys=[join_key], entity_values=[ValueProto(string_val=entity_id)])
+
+
+def serialized_entity_key(join_key: str, entity_id: str,
+                          serialization_version: int = SERIALIZATION_VERSION) -> bytes:
+    """Feast's serialized entity key without the project (the SQLite online store's key)."""
+    key: bytes = serialize_entity_key(_entity_proto(join_key, entity_id),
+                                      entity_key_serialization_version=serialization_version)
+    return key
 
 
 def entity_key(join_key: str, entity_id: str, project: str, serialization_version: int) -> bytes:
     """The Redis key of one entity's hash (string join keys, as ``user_id``/``item_id``)."""
-    proto = EntityKeyProto(join_keys=[join_key], entity_values=[ValueProto(string_val=entity_id)])
-    key: bytes = _redis_key(project, proto, entity_key_serialization_version=serialization_version)
+    key: bytes = _redis_key(project, _entity_proto(join_key, entity_id),
+                            entity_key_serialization_version=serialization_version)
     return key
 
 
@@ -44,7 +66,7 @@ def entity_key_encoder(join_key: str, project: str, serialization_version: int
 
     for probe in ("item-0042", "usér_ü"):
         if encode(probe) != entity_key(join_key, probe, project, serialization_version):
-            raise RuntimeError("Feast's entity key layout changed; update layout.py")
+            raise RuntimeError("Feast's entity key layout changed; update online_layout.py")
     return encode
 
 
@@ -53,6 +75,12 @@ def feature_field(view: str, feature: str) -> bytes:
     """The hash field of one feature of a view."""
     field: bytes = _mmh3(f"{view}:{feature}")
     return field
+
+
+def ref_field(ref: str) -> bytes:
+    """The hash field of a ``view:feature`` reference."""
+    view, feature = ref.split(":", 1)
+    return feature_field(view, feature)
 
 
 def timestamp_field(view: str) -> str:
@@ -78,6 +106,15 @@ def encode_value(value: FeatureValue) -> bytes:
     proto = ValueProto(string_list_val=StringList(val=list(value)))
     encoded: bytes = proto.SerializeToString()
     return encoded
+
+
+def decode_value(blob: bytes | None) -> Any:
+    """The Python value of one stored field (Feast's own type map), ``None`` where absent."""
+    if not blob:
+        return None
+    proto = ValueProto()
+    proto.ParseFromString(blob)
+    return feast_value_type_to_python_type(proto)
 
 
 @lru_cache(maxsize=4_096)
