@@ -55,3 +55,12 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     assert loaded is not None and loaded.cfg == table.cfg
     assert (loaded.matrix != table.matrix).nnz == 0
     assert ItemNeighbours.load(tmp_path / "missing") is None
+
+
+def test_top_lists_a_historys_best_neighbours_as_item_ids() -> None:
+    table = fit_neighbours(_rows(), SPEC, NeighbourConfig(lam=1.0, k=2))
+    history = encode_users(pd.DataFrame({"user_id": ["q"], "user_history": [["a", "c"]]}),
+                           SPEC)["history"][0]
+    ids, scores = table.top(history, 5)
+    assert {"b", "d"} <= set(ids) and "a" not in ids[:2] and (np.diff(scores) <= 0).all()
+    assert len(table.top(history, 1)[0]) == 1 and len(table.top(history[:0], 5)[0]) == 0
