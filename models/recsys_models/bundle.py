@@ -102,6 +102,15 @@ class Bundle:
             return np.zeros(len(item_hash), np.float32)
         return self.neighbours.score(history, item_hash)
 
+    def neighbour_candidates(self, history: np.ndarray) -> list[str]:
+        """The item-item source of candidates: the best-scored catalog neighbours of one
+        encoded history (H,), at most ``neighbours.cfg.candidates`` (none without a table)."""
+        if self.neighbours is None or self.neighbours.cfg.candidates <= 0:
+            return []
+        n = self.neighbours.cfg.candidates
+        ids, _ = self.neighbours.top(history, n)
+        return [str(x) for x in ids if x is not None and str(x) in self.known_items]
+
     def rank(self, users: pd.DataFrame, items: pd.DataFrame) -> pd.DataFrame:
         """``user_id, item_id, p_click, watch_time_ms_pred, score, retrieval_score,
         neighbour_score`` per row.
@@ -163,8 +172,9 @@ class Bundle:
         """Retrieves ``candidates`` per user and scores them all with the ranker (unsorted).
 
         Items in ``exclude[user_id]`` and in the user's ``user_history`` are dropped first (as
-        serving does). Returns :meth:`rank`'s columns plus ``query``, the user's row in
-        ``users``.
+        serving does); with a neighbour table, the history's best neighbours
+        (:meth:`neighbour_candidates`) join retrieval's ``candidates`` (as in serving).
+        Returns :meth:`rank`'s columns plus ``query``, the user's row in ``users``.
         """
         exclude = exclude or {}
         users = users.reset_index(drop=True)
@@ -175,10 +185,16 @@ class Bundle:
                 for u, h in zip(users["user_id"], histories, strict=True)]
         extra = max((len(v) for v in drop), default=0)
         ids, _ = self.search(self.encode_users(users), candidates + extra)
+        history = encode_users(users, self.spec)["history"] if self.neighbours else None
         out = []
         for start in range(0, len(users), chunk):
             members = range(start, min(start + chunk, len(users)))
             cands = [[x for x in ids[i] if x not in drop[i]][:candidates] for i in members]
+            if history is not None:  # the neighbour source: serving's second candidate list
+                for i, listed in zip(members, cands, strict=True):
+                    have = drop[i] | set(listed)
+                    listed += [x for x in self.neighbour_candidates(history[i])
+                               if x not in have]
             which = np.repeat(np.arange(start, start + len(cands)), [len(c) for c in cands])
             ranked = self.rank(users.loc[which], pd.DataFrame(
                 {"item_id": [x for c in cands for x in c]}))

@@ -46,6 +46,9 @@ class NeighbourConfig:
     lam: float = 200.0  # EASE's L2 regularization (MovieLens: tuned 200 of 50/200/500)
     k: int = 50  # strongest positive neighbours kept per item
     max_items: int = 10_000  # EASE runs over the most engaged items (dense items^2 inverse)
+    # A history's best-scored neighbours join retrieval's candidates (a second candidate
+    # source, offline and in serving), at most this many beyond retrieval's own.
+    candidates: int = 100
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -128,7 +131,8 @@ class ItemNeighbours:
             matrix = sp.csr_matrix((f["data"], f["indices"], f["indptr"]),
                                    shape=tuple(int(x) for x in f["shape"]))
             cfg = NeighbourConfig(lam=float(f["cfg_lam"]), k=int(f["cfg_k"]),
-                                  max_items=int(f["cfg_max_items"]))
+                                  max_items=int(f["cfg_max_items"]),
+                                  candidates=int(f["cfg_candidates"]))
             return ItemNeighbours(matrix, cfg, f["item_ids"].astype(object),
                                   f["buckets"].astype(np.int64))
 

@@ -145,3 +145,47 @@ def test_per_query_item_features_and_appended_items_rank_like_bundle_rank() -> N
     assert full.positions == grown.positions
     for key, tensor in full.tensors.items():
         np.testing.assert_allclose(grown.tensors[key].numpy(), tensor.numpy(), atol=1e-6)
+
+
+def test_serving_adds_the_neighbour_candidates_the_bundle_lists() -> None:
+    """POST /recommend's candidates: retrieval, then the bundle's item-item neighbours of the
+    user's history (as Bundle.rank_candidates offline), then the cold-start lists."""
+    from recsys_models.fast_rank import encode_user
+    from recsys_models.neighbours import fit_neighbours
+    from recsys_platform.serving.bundle_manager import BundleManager
+    from recsys_platform.serving.item_features import ItemFeatureCache, ItemRows
+    from recsys_platform.serving.metrics import ServingMetrics
+    from recsys_platform.serving.recommender import Recommender
+    from recsys_platform.serving.schemas import RecommendRequest
+    from tests.model.snapshots import synthetic_case
+
+    case = synthetic_case()
+    bundle = dataclasses.replace(trained_bundle(),
+                                 neighbours=fit_neighbours(case.train, trained_bundle().spec))
+    liked = case.train.loc[case.train["clicked"] == 1, "item_id"]
+    history = [str(x) for x in liked.value_counts().index[:5]]
+
+    class Source:
+        items = ItemFeatureCache(lambda ids: [(("c", 0.0), ("k", 0.0)) for _ in ids],
+                                 ("creator_id", "category"))
+
+        def user_features(self, user_id: str) -> dict[str, object]:
+            return {"user_history": history}
+
+        def item_rows(self, item_ids: list[str]) -> ItemRows:
+            return self.items.rows(item_ids)
+
+        def cold_start_lists(self) -> dict[str, list[str]]:
+            return {"trending": [], "fresh": [], "popular": []}
+
+        def has_item_features(self) -> bool:
+            return True
+
+    manager = BundleManager(lambda: "1", lambda v: bundle, lambda b: None, ServingMetrics())
+    manager.refresh()
+    rec = Recommender(manager, Source(), None, ServingMetrics())
+    prepared = rec.prepare(RecommendRequest(user_id="u1", k=10))
+    extra = [c.item_id for c in prepared.candidates if c.source == "neighbours"]
+    listed = bundle.neighbour_candidates(encode_user(bundle.spec, "u1", history, {})["history"][0])
+    retrieved = {c.item_id for c in prepared.candidates if c.source == "retrieval"}
+    assert extra and extra == [x for x in listed if x not in retrieved and x not in history]
