@@ -13,8 +13,9 @@ import torch
 
 from recsys_models.ann import HnswIndex, recall_vs_exact
 from recsys_models.bundle import build_bundle, load_bundle, save_bundle
-from recsys_models.data import EncoderSpec, encode_rows, hash_ids
+from recsys_models.data import EncoderSpec, encode_rows
 from recsys_models.evaluate import popularity_recommender, retrieval_metrics
+from recsys_models.hashing import hash_ids
 from recsys_models.ranker import Ranker, RankerConfig, ranker_loss
 from recsys_models.registry import gate, metric_key
 from recsys_models.train import TrainConfig, fit_local, to_tensors
@@ -37,7 +38,7 @@ def _rows(n: int = 8, watch: float = np.nan) -> pd.DataFrame:
 
 def test_hash_ids_are_stable_across_processes_and_reserve_zero() -> None:
     here = hash_ids(np.array(["u1", "u2", None, ""], dtype=object), 1000, "u:")
-    code = ("import numpy as np; from recsys_models.data import hash_ids; "
+    code = ("import numpy as np; from recsys_models.hashing import hash_ids; "
             "print(hash_ids(np.array(['u1', 'u2'], dtype=object), 1000, 'u:').tolist())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str([int(x) for x in here[:2]])
