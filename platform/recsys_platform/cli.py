@@ -35,6 +35,7 @@ from recsys_platform.commands import serve as serve_commands
 from recsys_platform.commands import stream as stream_commands
 from recsys_platform.commands import ui as ui_commands
 from recsys_platform.commands.context import current_settings, set_settings
+from recsys_platform.serving.cluster import base_url
 
 app = typer.Typer(help="Recommendation platform: data, features, training, serving.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -214,7 +215,7 @@ def _print_next_steps(s: Settings) -> None:
          f"registry ({champion}), model cards, gate tags, runs"),
         ("Prefect UI", "recsys ui prefect", f"open {prefect_ui(s).url}/runs",
          "the ETL and features flow runs, their tasks and logs"),
-        ("serving", "recsys serve up", f"POST {serve_commands.base_url(s)}/recommend",
+        ("serving", "recsys serve up", f"POST {base_url(s)}/recommend",
          "the demo stopped its app; this one keeps running"),
     ]
     console.rule("where to look next")
