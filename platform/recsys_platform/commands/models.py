@@ -19,7 +19,6 @@ from rich.table import Table
 
 from recsys_core.settings import Settings
 from recsys_platform.commands.context import current_settings
-from recsys_platform.commands.progress import stage
 
 app = typer.Typer(help="Model registry: list versions, promote the challenger.",
                   no_args_is_help=True)
@@ -266,42 +265,3 @@ def register(root: typer.Typer) -> None:
     root.command("evaluate")(evaluate)
     root.command("recommend")(recommend)
     root.add_typer(app, name="models")
-
-
-def demo_step(settings: Settings, console: Console) -> None:
-    """Demo: short training on 2 Ray Train workers, evaluate, register, promote."""
-    from recsys_models.registry import promote
-    from recsys_models.workflow import train_evaluate_register
-    from recsys_platform.runtime import ensure_ray
-
-    ensure_ray(settings)
-    with stage(console, "models: train on 2 Ray Train workers, evaluate, register, promote",
-               2) as step:
-        step("training on Ray Train (early stopping on a validation split), evaluating, "
-             "registering in MLflow")
-        out = train_evaluate_register(settings, workers=2)
-        m = out.report.metrics
-        nan = float("nan")
-        epochs = sum(1 for h in out.trained.history if h.get("phase") == 0.0)
-        console.print(
-            f"two-tower recall@50 {m['two_tower/recall@50']:.3f} vs popularity "
-            f"{m['popularity/recall@50']:.3f}; final list recall@50 "
-            f"{m['final/recall@50']:.3f} (tuned EASE {m.get('ease/recall@50', nan):.3f}, ALS "
-            f"{m.get('als/recall@50', nan):.3f}); ranker AUC {m['ranker/auc']:.3f} (logistic "
-            f"regression {m.get('ranker/logreg_auc', nan):.3f}); ANN recall@100 "
-            f"{m['ann/recall@100']:.3f}; fit {out.seconds['fit']:.0f}s ({epochs} retrieval "
-            "epochs)")
-        step("promotion gate: beats popularity by the margin, not below the champion")
-        result = promote(settings, out.split.train_labels, out.split.holdout, why="make demo",
-                         who="demo", baselines=out.baselines)
-    state = "promoted to champion" if result.promoted else "refused: " + "; ".join(result.reasons)
-    console.print(f"gate: version {result.challenger} {state}")
-    if not result.promoted:
-        # The rest of the demo (stream, serving) needs a champion to show the serving path:
-        # promote anyway, recorded as forced in the version's gate tags, and say so.
-        forced = promote(settings, out.split.train_labels, out.split.holdout,
-                         why="make demo: forced after the gate refused, to demonstrate serving",
-                         who="demo", force=True, baselines=out.baselines)
-        console.print(f"[yellow]demo: version {forced.challenger} promoted with --force so "
-                      "serving has a model; the refusal is kept in its gate.* tags. A real "
-                      "deployment would keep the previous champion.[/yellow]")

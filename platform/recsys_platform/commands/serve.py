@@ -25,7 +25,6 @@ from rich.table import Table
 
 from recsys_core.settings import Settings
 from recsys_platform.commands.context import current_settings, settings_with
-from recsys_platform.commands.progress import stage
 from recsys_platform.serving import cluster
 from recsys_platform.serving.cluster import APP_NAME, base_url, http
 from recsys_platform.serving.ingress import direct_ingress_requested, replica_urls
@@ -166,24 +165,3 @@ def run_command(
             time.sleep(3600)
     except KeyboardInterrupt:
         cluster.shutdown()
-
-
-def demo_step(settings: Settings, console: Console, users: dict[str, str]) -> None:
-    """Demo: start the service, query each ``label -> user id``, print the results, stop."""
-    with stage(console, "serving: Ray Serve app, bundle from the MLflow registry @champion",
-               1 + len(users)) as step:
-        step("starting Ray Serve, loading the @champion bundle")
-        cluster.connect(settings, start_head=True)
-        url = cluster.deploy(settings)
-        try:
-            ready = cluster.wait_ready(url)
-            console.print(f"serving on {url}, bundle version {ready['bundle_version']}")
-            for label, user in users.items():
-                step(f"POST /recommend for the {label}")
-                status, body = http("POST", f"{url}/recommend", {"user_id": user, "k": 8})
-                if status != 200:
-                    console.print(f"{label}: HTTP {status} {body}")
-                    continue
-                print_recommendations(body, f"{label} ({user})")
-        finally:
-            cluster.delete_app()
