@@ -241,17 +241,32 @@ def stage_means(recommender: Any) -> dict[str, float]:
 
 
 def serve_pids() -> dict[str, int]:
-    """Newest Serve proxy and this benchmark's replica (other Ray sessions may run too)."""
+    """This benchmark's Serve proxy and replica: descendants of this process (the local
+    cluster it started), so other Ray sessions on the machine are never measured."""
     import subprocess
 
-    listing = subprocess.run(["ps", "-eo", "pid,args", "--sort=start_time"], check=True,
+    listing = subprocess.run(["ps", "-eo", "pid,ppid,args", "--sort=start_time"], check=True,
                              capture_output=True, text=True).stdout
+    parent: dict[int, int] = {}
+    rows: list[tuple[int, str]] = []
+    for line in listing.splitlines()[1:]:
+        pid, ppid, args = line.split(None, 2) if len(line.split()) > 2 else (*line.split(), "")
+        parent[int(pid)] = int(ppid)
+        rows.append((int(pid), args))
+
+    def ours(pid: int) -> bool:
+        while pid > 1:
+            if pid == os.getpid():
+                return True
+            pid = parent.get(pid, 1)
+        return False
+
     pids: dict[str, int] = {}
-    for line in listing.splitlines():
-        if "ray::ProxyActor" in line:
-            pids["proxy"] = int(line.split()[0])
-        elif "ServeReplica:bench" in line:
-            pids["replica"] = int(line.split()[0])
+    for pid, args in rows:
+        if "ray::ProxyActor" in args and ours(pid):
+            pids["proxy"] = pid
+        elif "ServeReplica:bench" in args and ours(pid):
+            pids["replica"] = pid
     return pids
 
 
@@ -268,6 +283,7 @@ class Outcome:
     full: list[float] = field(default_factory=list)  # 200 on the full path
     cheap: list[float] = field(default_factory=list)  # 200 on the cheaper path (load)
     refused: list[float] = field(default_factory=list)  # 503 with Retry-After
+    server: list[float] = field(default_factory=list)  # admitted: seconds in the replica
     bare_503: int = 0  # 503 without Retry-After (must stay 0)
     other: int = 0  # any other status, a timeout or a connection error
     seconds: float = float("nan")
@@ -284,9 +300,12 @@ class Outcome:
     def sent(self) -> int:
         return len(self.admitted) + len(self.refused) + self.bare_503 + self.other
 
-    def add(self, status: int, retry_after: bool, cheap: bool, latency: float) -> None:
+    def add(self, status: int, retry_after: bool, cheap: bool, latency: float,
+            server_ms: float | None = None) -> None:
         if status == 200:
             (self.cheap if cheap else self.full).append(latency)
+            if server_ms is not None:
+                self.server.append(server_ms / 1000)
         elif status == 503 and retry_after:
             self.refused.append(latency)
         elif status == 503:
@@ -296,7 +315,8 @@ class Outcome:
 
     def line(self) -> str:
         adm = self.admitted
-        return (f"admitted p50 {pct(adm, 50):.1f} ms, p99 {pct(adm, 99):.1f} ms, goodput "
+        return (f"admitted p50 {pct(adm, 50):.1f} ms, p99 {pct(adm, 99):.1f} ms (in the "
+                f"replica, from admission: p99 {pct(self.server, 99):.1f} ms), goodput "
                 f"{self.goodput:.0f} req/s ({len(self.cheap)} of {len(adm)} on the cheaper path"
                 f"{f', its p99 {pct(self.cheap, 99):.1f} ms' if self.cheap else ''}), "
                 f"503 + Retry-After {len(self.refused)} (p50 {pct(self.refused, 50):.1f} ms, "
@@ -305,15 +325,18 @@ class Outcome:
 
 
 async def post(session: aiohttp.ClientSession, url: str, user: str
-                ) -> tuple[int, bool, bool]:
+                ) -> tuple[int, bool, bool, float | None]:
     """The HTTP status (0: a timeout or a connection error), whether it carried Retry-After,
-    and whether the answer took the cheaper path (``degraded: ["load"]``)."""
+    whether the answer took the cheaper path (``degraded: ["load"]``) and the milliseconds
+    the replica took from admitting it to answering (its ``Server-Timing``, None without)."""
     try:
         async with session.post(url, json={"user_id": user, "k": 20}) as resp:
             body = await resp.read()
-            return resp.status, "Retry-After" in resp.headers, b'"load"' in body
+            timing = resp.headers.get("Server-Timing", "")
+            server = float(timing.split("dur=", 1)[1]) if "dur=" in timing else None
+            return resp.status, "Retry-After" in resp.headers, b'"load"' in body, server
     except (TimeoutError, aiohttp.ClientError):
-        return 0, False, False
+        return 0, False, False, None
 
 
 async def closed_loop(session: aiohttp.ClientSession, url: str, users: list[str],
@@ -325,8 +348,9 @@ async def closed_loop(session: aiohttp.ClientSession, url: str, users: list[str]
         n = i
         while time.perf_counter() < deadline:
             t0 = time.perf_counter()
-            status, retry_after, cheap = await post(session, url, users[n % len(users)])
-            out.add(status, retry_after, cheap, time.perf_counter() - t0)
+            status, retry_after, cheap, server = await post(session, url,
+                                                            users[n % len(users)])
+            out.add(status, retry_after, cheap, time.perf_counter() - t0, server)
             if status == 503:  # as a client honouring Retry-After would, but sooner
                 await asyncio.sleep(0.01)
             n += concurrency
@@ -345,8 +369,9 @@ async def open_loop(session: aiohttp.ClientSession, url: str | Any, users: list[
     target = url if callable(url) else (lambda n: url)
 
     async def one(n: int, scheduled: float) -> None:
-        status, retry_after, cheap = await post(session, target(n), users[n % len(users)])
-        out.add(status, retry_after, cheap, time.perf_counter() - scheduled)
+        status, retry_after, cheap, server = await post(session, target(n),
+                                                        users[n % len(users)])
+        out.add(status, retry_after, cheap, time.perf_counter() - scheduled, server)
 
     tasks = []
     start = time.perf_counter()
@@ -375,6 +400,12 @@ async def closed_loops(users: list[str], floor: Floor, base: str) -> float:
     capacity = 0.0
     async with client_session() as session:
         await closed_loop(session, url, users, 2, 3)  # warm-up
+        replica = serve_pids()["replica"]
+        idle0 = cpu_seconds(replica)
+        await asyncio.sleep(5)
+        idle_ms_per_s = 1000 * (cpu_seconds(replica) - idle0) / 5
+        print(f"replica idle: {idle_ms_per_s:.1f} ms of CPU per second (metrics pushes, "
+              "health checks, refreshers: counted in the CPU per request below)")
         for c in (1, 2, 4):
             pids = serve_pids()
             before = {name: cpu_seconds(pid) for name, pid in pids.items()}

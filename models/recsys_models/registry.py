@@ -11,11 +11,13 @@ the ``champion`` alias by hand in the MLflow UI stays possible; :func:`load_alia
 from __future__ import annotations
 
 import getpass
+import io
 import json
 import logging
+import re
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
@@ -140,6 +142,27 @@ def bundle_size_stats(bundle: Bundle, bundle_dir: Path) -> dict[str, float]:
             "replica_memory_estimate_bytes": float(serving_memory_bytes(bundle, index_bytes))}
 
 
+# What MLflow prints to stderr itself (``eprint``, not a logger) when it registers a version;
+# register_bundle logs the outcome, so these become DEBUG records.
+_REGISTRY_NOTICES = re.compile(r"^(Successfully registered model|Created version|Registered model "
+                               r".* already exists)")
+
+
+@contextmanager
+def registry_notices() -> Iterator[None]:
+    """Turns MLflow's registration notices printed inside the block into DEBUG records; any
+    other line it wrote to stderr is passed on as a WARNING record."""
+    buffer = io.StringIO()
+    try:
+        with redirect_stderr(buffer):
+            yield
+    finally:
+        for line in buffer.getvalue().splitlines():
+            if line.strip():
+                level = logging.DEBUG if _REGISTRY_NOTICES.match(line) else logging.WARNING
+                logger.log(level, "mlflow: %s", line.rstrip())
+
+
 def register_bundle(
     settings: Settings, bundle: Bundle, *, params: dict[str, Any] | None = None,
     history: list[dict[str, float]] | None = None, report: EvaluationReport | None = None,
@@ -171,12 +194,13 @@ def register_bundle(
             mlflow.log_metrics({f"bundle/{k}": float(v)
                                 for k, v in bundle_size_stats(bundle, bundle_dir).items()})
             digest = bundle_digest(bundle_dir)  # verified by serving (provenance.load_verified)
-            info = mlflow.pyfunc.log_model(
-                name="bundle", python_model=str(PYFUNC_CODE),
-                artifacts={"bundle": str(bundle_dir)}, pip_requirements=pip_requirements(),
-                signature=pyfunc_signature(), input_example=(INPUT_EXAMPLE, {"k": 10}),
-                registered_model_name=name,
-            )
+            with registry_notices():
+                info = mlflow.pyfunc.log_model(
+                    name="bundle", python_model=str(PYFUNC_CODE),
+                    artifacts={"bundle": str(bundle_dir)}, pip_requirements=pip_requirements(),
+                    signature=pyfunc_signature(), input_example=(INPUT_EXAMPLE, {"k": 10}),
+                    registered_model_name=name,
+                )
         version = str(info.registered_model_version)
         for key, value in ((DIGEST_TAG, digest), ("feature_service", bundle.feature_service),
                            ("snapshot_id", bundle.snapshot_id),

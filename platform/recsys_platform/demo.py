@@ -33,6 +33,10 @@ logger = logging.getLogger(__name__)
 
 def run(s: Settings, console: Console, events: int, movielens: Path) -> None:
     """Runs the end-to-end demo (the steps of the module docstring) and prints a summary."""
+    verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
+    # The stage tables, progress and summary say what the project's INFO records would
+    # (ETL counts, training set, tuning): those show with -v, warnings always.
+    configure_logging(verbose, project_level=logging.WARNING)
     console.rule("1. synthetic events")
     data_commands.generate(events=events, days=14, start="2026-11-01", users=2_000,
                            items=5_000, dirt_rate=0.01, seed=7, jsonl=False, out=None)
@@ -44,7 +48,6 @@ def run(s: Settings, console: Console, events: int, movielens: Path) -> None:
     models_step(s, console)
     # PyFlink's gRPC stack breaks an in-process Ray connection afterwards, so the stream
     # step runs in a child process of its own.
-    verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         stream_user = pool.apply(_stream_in_child, (s, verbose))
     users = {"known user": _most_active_user(s), "new user": "demo-new-user"}
@@ -56,7 +59,8 @@ def run(s: Settings, console: Console, events: int, movielens: Path) -> None:
 
 
 def _stream_in_child(s: Settings, verbose: bool) -> str | None:
-    configure_logging(verbose)  # a spawned process: its own logging, the same quiet libraries
+    # a spawned process: its own logging, the same quiet libraries and project records
+    configure_logging(verbose, project_level=logging.WARNING)
     return stream_step(s, Console())
 
 

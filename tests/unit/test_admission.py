@@ -108,7 +108,10 @@ def test_the_gate_refuses_before_the_app_and_always_releases_its_ticket() -> Non
         return sent
 
     async def scenario() -> None:
-        assert (await call("/recommend"))[0]["status"] == 422  # admitted: reaches the app
+        answered = (await call("/recommend"))[0]
+        assert answered["status"] == 422  # admitted: reaches the app
+        timing = dict(answered["headers"])[b"server-timing"]  # ms from admission to answer
+        assert timing.startswith(b"app;dur=") and float(timing[8:]) >= 0
         assert seen[-1] is not None and seen[-1].released  # and the gate released it
         busy = [admission.admit(), admission.admit()]  # one in service, one waiting
         refused = await call("/recommend")
