@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from recsys_core.features import HISTORY_LENGTH, ITEM_BATCH, USER_BATCH
+from recsys_core.features import HISTORY_LENGTH, ITEM_BATCH, USER_BATCH, USER_HISTORY
 from recsys_models.errors import SnapshotNotFoundError
 from recsys_models.hashing import CREATOR_SALT, ITEM_SALT, TAG_SALT, USER_SALT, hash_ids, hash_lists
 
@@ -30,7 +30,7 @@ Batch = dict[str, np.ndarray]
 MAX_TAGS = 4
 STATIC_ITEM_DENSE = 2  # leading item_dense columns known at index time: log duration, log age
 ROW_COLUMNS: tuple[str, ...] = (
-    "user_id", "item_id", "event_time", "clicked", "watch_time_ms", "user_history",
+    "user_id", "item_id", "event_time", "clicked", "watch_time_ms", USER_HISTORY,
     "category", "creator_id", "tags", "duration_ms", "item_age_days",
 )
 
@@ -112,7 +112,7 @@ def _numeric(frame: pd.DataFrame, names: tuple[str, ...]) -> np.ndarray:
 
 def encode_users(frame: pd.DataFrame, spec: EncoderSpec) -> Batch:
     """User-tower inputs: ``user_hash`` (n,), ``history`` (n, H), ``user_num`` (n, U)."""
-    history = frame["user_history"] if "user_history" in frame.columns else pd.Series(
+    history = frame[USER_HISTORY] if USER_HISTORY in frame.columns else pd.Series(
         [[]] * len(frame), index=frame.index)
     return {
         "user_hash": hash_ids(frame["user_id"].to_numpy(), spec.user_buckets, USER_SALT),

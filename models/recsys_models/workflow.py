@@ -266,7 +266,7 @@ def train_evaluate_register(
     bundle = build_bundle(
         trained.two_tower, trained.ranker, spec, catalog[published < split.cutoff],
         set(split.train_labels["item_id"]), version=run_name,
-        feature_service=settings.feast.retrieval_service, snapshot_id=split.snapshot_id,
+        feature_service=settings.feast.serving_service, snapshot_id=split.snapshot_id,
         as_of=split.cutoff)
     blend = tune_blend(bundle, fit_rows, val_rows)  # the final score's retrieval weight
     if blend is not None:

@@ -46,12 +46,14 @@ IMPRESSION_COLUMNS: tuple[str, ...] = (
     "user_id", "item_id", "event_time", "clicked", "watch_time_ms", "item_duration_ms",
 )
 WATCH_TYPES: tuple[str, ...] = ("watch", "skip")  # both carry the watched time
-# Stream views are online-only (the Flink job writes Redis; their offline tables stay empty),
-# so training reads the batch views of ranking_v1 plus the history.
-STREAM_VIEWS: tuple[str, ...] = tuple(g.name for g in F.STREAM_GROUPS)
-TRAINING_VIEWS: tuple[str, ...] = (
-    *(v for v in F.FEATURE_SERVICES["ranking_v1"] if v not in STREAM_VIEWS), "user_history"
-)
+
+
+def training_views(service: str) -> tuple[str, ...]:
+    """The views a training set joins: the batch views of the ranking ``service`` plus the
+    history. Stream views are online-only (the Flink job writes Redis; their offline tables
+    stay empty)."""
+    views = [v for v in F.FEATURE_SERVICES[service] if v in F.BATCH_VIEWS]
+    return (*views, *((F.USER_HISTORY_VIEW,) if F.USER_HISTORY_VIEW not in views else ()))
 _KEY = ["user_id", "item_id", "request_id"]
 
 
@@ -166,18 +168,20 @@ def exclude_forgotten(frame: pd.DataFrame, settings: Settings) -> pd.DataFrame:
     return frame[~drop].reset_index(drop=True)
 
 
-def feature_refs(store: FeatureStore) -> list[str]:
-    """``view:feature`` references of :data:`TRAINING_VIEWS` (the ranking service's views)."""
-    service = {p.name for p in store.get_feature_service("ranking_v1").feature_view_projections}
+def feature_refs(store: FeatureStore, service: str = F.RANKING_V1) -> list[str]:
+    """``view:feature`` references of :func:`training_views` of ``service`` (the ranking
+    service's batch views registered in the store, plus the history)."""
+    registered = {p.name for p in store.get_feature_service(service).feature_view_projections}
     refs: list[str] = []
-    for view in TRAINING_VIEWS:
-        if view != "user_history" and view not in service:
+    for view in training_views(service):
+        if view != F.USER_HISTORY_VIEW and view not in registered:
             continue
         refs += [f"{view}:{f.name}" for f in store.get_feature_view(view).features]
     return refs
 
 
-def build_training_set(store: FeatureStore, impressions: pd.DataFrame) -> pd.DataFrame:
+def build_training_set(store: FeatureStore, impressions: pd.DataFrame,
+                       service: str = F.RANKING_V1) -> pd.DataFrame:
     """Joins labelled impressions to their batch features as of each impression's time.
 
     Args:
@@ -186,8 +190,8 @@ def build_training_set(store: FeatureStore, impressions: pd.DataFrame) -> pd.Dat
 
     Returns:
         The impressions, in their order, with one column per feature of
-        :data:`TRAINING_VIEWS`; a feature is null when no row of its view is at or before the
-        impression within the view's TTL.
+        :func:`training_views` of ``service``; a feature is null when no row of its view is at
+        or before the impression within the view's TTL.
 
     Raises:
         TrainingSetError: ``impressions`` lacks a required column.
@@ -200,7 +204,7 @@ def build_training_set(store: FeatureStore, impressions: pd.DataFrame) -> pd.Dat
     entity_df["_row"] = np.arange(len(entity_df))
     frame = entity_df
     by_view: dict[str, list[str]] = {}
-    for ref in feature_refs(store):
+    for ref in feature_refs(store, service):
         by_view.setdefault(ref.split(":")[0], []).append(ref)
     # One retrieval per view, merged back on the row number: Feast's file (dask) offline
     # store drops an entity row outright when its entity has rows but none inside
@@ -273,5 +277,6 @@ def build_snapshot(
         impressions = impressions[days <= end].reset_index(drop=True)
     logger.info("training set as of %s: %d closed impressions, %d pending", joined.as_of,
                 len(impressions), joined.pending)
-    frame = exclude_forgotten(build_training_set(store, impressions), settings)
+    frame = exclude_forgotten(build_training_set(store, impressions,
+                                                 settings.feast.ranking_service), settings)
     return write_training_snapshot(frame, settings), len(frame)

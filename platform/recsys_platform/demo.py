@@ -17,6 +17,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from recsys_core import features as F
 from recsys_core.logs import configure as configure_logging
 from recsys_core.settings import Settings
 from recsys_pipelines.online_store import resolve_online_store
@@ -97,8 +98,8 @@ def batch_step(settings: Settings, console: Console) -> None:
         events = read_lake_events(settings.lake_dir, end, end)
         user = str(events["user_id"].value_counts().index[0])
         item = str(events["item_id"].value_counts().index[0])
-        for entity, key, views in (("user", user, ("user_batch", "user_history")),
-                                   ("item", item, ("item_batch", "item_metadata"))):
+        for entity, key, views in (("user", user, (F.USER_BATCH.name, F.USER_HISTORY_VIEW)),
+                                   ("item", item, (F.ITEM_BATCH.name, F.ITEM_METADATA_VIEW))):
             row = online_features(store, entity, [key], views).iloc[0]
             console.print(features_commands.table(f"online features of {entity} {key}",
                                  {k: v for k, v in row.items()

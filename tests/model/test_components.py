@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
+from recsys_core import features as F
 from recsys_models.ann import HnswIndex, recall_vs_exact
 from recsys_models.bundle import build_bundle, load_bundle, save_bundle
 from recsys_models.data import EncoderSpec, encode_rows
@@ -152,7 +153,7 @@ def test_index_embeddings_match_the_item_tower_on_training_rows() -> None:
     catalog = rows[["item_id", "category", "creator_id", "tags", "duration_ms"]].assign(
         published_at=as_of - pd.Timedelta(days=3))
     bundle = build_bundle(model, Ranker(spec, RankerConfig()), spec, catalog,
-                          set(rows["item_id"]), version="t", feature_service="retrieval_v1",
+                          set(rows["item_id"]), version="t", feature_service=F.RECOMMENDER_V1,
                           snapshot_id="t", as_of=as_of)
     with torch.no_grad():
         trained_on = model.embed_items(to_tensors(encode_rows(rows, spec))).numpy()

@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from recsys_core import features as F
 from recsys_core.settings import Settings
 from recsys_platform.commands.context import current_settings
 
@@ -171,7 +172,7 @@ def recommend(
         from recsys_models.workflow import snapshot_histories
 
         histories, engaged = snapshot_histories(s, frame["user_id"].tolist(), snapshot)
-        frame["user_history"] = [histories[u] for u in frame["user_id"]]
+        frame[F.USER_HISTORY] = [histories[u] for u in frame["user_id"]]
         seen = engaged if exclude_seen else None
     elif exclude_seen:
         seen = _seen_items(s, frame)
@@ -190,9 +191,9 @@ def _seen_items(settings: Settings, frame: pd.DataFrame) -> dict[str, set[str]]:
     from recsys_pipelines.feature_store import load_store, online_features
     from recsys_platform.serving.online_features import merge_history
 
-    seen = {str(u): set(h) for u, h in zip(frame["user_id"], frame["user_history"], strict=True)}
-    online = online_features(load_store(settings), "user", list(seen), ("user_history",
-                                                                         "user_stream"))
+    seen = {str(u): set(h) for u, h in zip(frame["user_id"], frame[F.USER_HISTORY], strict=True)}
+    online = online_features(load_store(settings), "user", list(seen), (
+        F.USER_HISTORY_VIEW, F.USER_STREAM.name))
     for row in online.to_dict("records"):
         recent, history = row.get(USER_RECENT_ITEMS), row.get(USER_HISTORY)
         seen[str(row["user_id"])] |= set(merge_history(
@@ -210,10 +211,10 @@ def _read_users(path: Path) -> pd.DataFrame:
     if "user_id" not in frame.columns and "userId" in frame.columns:  # MovieLens's own files
         frame = frame[["userId"]].drop_duplicates().rename(columns={"userId": "user_id"})
     frame["user_id"] = frame["user_id"].astype(str)
-    if "user_history" not in frame.columns:
-        frame["user_history"] = [[] for _ in range(len(frame))]
-    frame["user_history"] = [json.loads(h) if isinstance(h, str) else list(h)
-                             for h in frame["user_history"]]
+    if F.USER_HISTORY not in frame.columns:
+        frame[F.USER_HISTORY] = [[] for _ in range(len(frame))]
+    frame[F.USER_HISTORY] = [json.loads(h) if isinstance(h, str) else list(h)
+                             for h in frame[F.USER_HISTORY]]
     return frame
 
 

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import pandas as pd
 
-from recsys_core.features import HISTORY_LENGTH
+from recsys_core.features import HISTORY_LENGTH, USER_HISTORY
 from recsys_core.privacy import pseudonymize
 from recsys_models.bundle import Bundle
 from recsys_models.fast_rank import (
@@ -182,7 +182,7 @@ class Recommender:
                 self._fallback(degraded, "user_features", exc)
                 found, known = None, True
         row = dict(found or {})
-        row["user_history"] = list(row.get("user_history") or [])[:HISTORY_LENGTH]
+        row[USER_HISTORY] = list(row.get(USER_HISTORY) or [])[:HISTORY_LENGTH]
         return row, known
 
     def _lists(self, degraded: list[str]) -> tuple[dict[str, list[str]], bool]:
@@ -246,7 +246,7 @@ class Recommender:
         (a shadow arm reuses the control's; ``count=False`` keeps it out of the metrics)."""
         encoded: dict[str, np.ndarray] | None = None
         if loaded is not None and isinstance(loaded.bundle, Bundle):
-            encoded = encode_user(loaded.bundle.spec, user_key, row["user_history"], row)
+            encoded = encode_user(loaded.bundle.spec, user_key, row[USER_HISTORY], row)
         budget = budget or self.options.candidates
         cold = max(1, int(budget * self.options.cold_start_share))
         sources: list[tuple[str, list[str], list[float] | None]] = []
@@ -261,7 +261,7 @@ class Recommender:
         for name in ("trending", "fresh", "popular"):
             sources.append((name, lists.get(name, [])[:budget], None))
         merged = merge_sources(sources, budget)
-        candidates = drop_items(merged, set(request.exclude) | set(row["user_history"]))
+        candidates = drop_items(merged, set(request.exclude) | set(row[USER_HISTORY]))
         for source, n in Counter(c.source for c in candidates).items() if count else ():
             self.metrics.candidates.labels(source).inc(n)
         items = ItemRows.empty()
