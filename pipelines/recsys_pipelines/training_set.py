@@ -2,11 +2,18 @@
 
 A labelled impression is one row per impression: ``user_id, item_id, event_time, clicked
 (0/1), watch_time_ms (NaN unless watched), item_duration_ms``. :func:`build_training_set`
-joins each row, as of its ``event_time``, to the features of the ``ranking_v1`` service plus
-``user_history`` with Feast's ``get_historical_features``: a feature row is used only when its
-``window_end <= event_time`` (and within the view's TTL), so nothing computed after the
-impression leaks into it. :func:`write_training_snapshot` stores the frame under
-``<data_dir>/training/<snapshot_id>/`` where the id is the content hash.
+joins each row, as of its ``event_time``, to the batch features of the ranking service
+(``feast.ranking_service``) plus ``user_history`` with Feast's ``get_historical_features``: a
+feature row is used only when its ``window_end <= event_time`` (and within the view's TTL), so
+nothing computed after the impression leaks into it. :func:`write_training_snapshot` stores
+the frame under ``<data_dir>/training/<snapshot_id>/`` where the id is the content hash.
+
+Features as served ("log features at serving time"): serving logs, per request, the user
+features the model was given (batch and stream views) and the history it saw
+(``recsys_core.contracts.SERVED_SCHEMA``). :func:`attach_served_features` puts those values on
+the rows of the impressions they were served with, in place of the point-in-time join's, and
+says which rows got which in ``features_source`` (``served`` | ``point_in_time``); the
+snapshot's Parquet metadata counts both.
 
 Labels are joined "log and wait": an impression is used only once its label window
 (``settings.labels.window_s``) has closed at the join's ``as_of`` time (the newest event in the
@@ -34,7 +41,7 @@ import pyarrow.parquet as pq
 from feast import FeatureStore
 
 from recsys_core import features as F
-from recsys_core.contracts import EVENT_SCHEMA
+from recsys_core.contracts import EVENT_SCHEMA, SERVED_SCHEMA
 from recsys_core.privacy import FORGET_LIST, forgotten_mask, read_forget_list
 from recsys_core.settings import Settings
 from recsys_pipelines.errors import TrainingSetError
@@ -210,7 +217,7 @@ def build_training_set(store: FeatureStore, impressions: pd.DataFrame,
     # store drops an entity row outright when its entity has rows but none inside
     # [t - ttl, t], and a dropped row would also lose the features of the other views.
     for view, refs in by_view.items():
-        key = F.ENTITY_KEYS["user" if view.startswith("user") else "item"]
+        key = F.ENTITY_KEYS[F.VIEW_ENTITY[view]]
         query = entity_df[[key, "event_timestamp", "_row"]]
         joined = store.get_historical_features(entity_df=query, features=refs).to_df()
         columns = [ref.split(":")[1] for ref in refs]
@@ -219,6 +226,68 @@ def build_training_set(store: FeatureStore, impressions: pd.DataFrame,
     frame = frame.rename(columns={"event_timestamp": "event_time"})
     logger.info("training set: %d rows, %d columns", len(frame), frame.shape[1])
     return frame
+
+
+SERVED = "served"
+POINT_IN_TIME = "point_in_time"
+FEATURES_SOURCE = "features_source"  # column: where a row's user features come from
+SOURCE_METADATA = b"recsys.features_source"  # snapshot Parquet metadata: JSON counts
+
+
+def read_served_features(landing_dir: Path) -> pd.DataFrame:
+    """One row per logged request of ``landing/served``: ``request_id``, ``user_features``
+    (JSON object) and ``user_history`` (JSON list); requests logged without them are left
+    out."""
+    import pyarrow.dataset as pads
+
+    files = sorted((landing_dir / "served").rglob("*.parquet"))
+    columns = ["request_id", "user_features", F.USER_HISTORY]
+    if not files:
+        return pd.DataFrame(columns=columns)
+    table = pads.dataset(files, schema=SERVED_SCHEMA, format="parquet").to_table(
+        columns=columns, filter=pc.field("user_features").is_valid())
+    return table.to_pandas().drop_duplicates("request_id").reset_index(drop=True)
+
+
+def attach_served_features(frame: pd.DataFrame, served: pd.DataFrame) -> pd.DataFrame:
+    """The training rows with the user features and history as served where the impression's
+    request was logged with them, the point-in-time values otherwise.
+
+    Args:
+        frame: Output of :func:`build_training_set` (``request_id`` per row).
+        served: Output of :func:`read_served_features`.
+
+    Returns:
+        ``frame`` plus ``features_source`` (``served`` | ``point_in_time``); a served feature
+        the point-in-time join does not have (a stream view's) becomes a column, null on the
+        point-in-time rows.
+    """
+    out = frame.copy()
+    out[FEATURES_SOURCE] = POINT_IN_TIME
+    if served.empty or "request_id" not in out.columns:
+        return out
+    import json
+
+    by_request = served.set_index("request_id")
+    rows = np.flatnonzero(out["request_id"].isin(by_request.index).to_numpy())
+    if not len(rows):
+        return out
+    logged = by_request.loc[out["request_id"].iloc[rows]]
+    values = [json.loads(text) for text in logged["user_features"]]
+    for name in sorted({k for v in values for k in v}):
+        column = out[name] if name in out.columns else pd.Series(np.nan, index=out.index)
+        column = column.astype("float64")
+        column.iloc[rows] = [v.get(name, np.nan) for v in values]
+        out[name] = column
+    histories = list(out[F.USER_HISTORY]) if F.USER_HISTORY in out.columns else \
+        [[] for _ in range(len(out))]
+    for row, text in zip(rows.tolist(), logged[F.USER_HISTORY], strict=True):
+        histories[row] = json.loads(text) if isinstance(text, str) else []
+    out[F.USER_HISTORY] = histories
+    out.iloc[rows, out.columns.get_loc(FEATURES_SOURCE)] = SERVED
+    logger.info("training set: %d of %d rows with the user features as served", len(rows),
+                len(out))
+    return out
 
 
 def snapshot_id(frame: pd.DataFrame) -> str:
@@ -243,7 +312,14 @@ def write_training_snapshot(frame: pd.DataFrame, settings: Settings) -> str:
     tmp = root / f".{sid}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp / "part-0.parquet")
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    if FEATURES_SOURCE in frame.columns:
+        import json
+
+        counts = {k: int(v) for k, v in frame[FEATURES_SOURCE].value_counts().items()}
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                               SOURCE_METADATA: json.dumps(counts).encode()})
+    pq.write_table(table, tmp / "part-0.parquet")
     os.replace(tmp, target)
     logger.info("training snapshot %s: %d rows at %s", sid, len(frame), target)
     return sid
@@ -270,13 +346,15 @@ def build_snapshot(
     window = settings.labels.window
     as_of = as_of or newest_event_time(settings.lake_dir)
     until = None if end is None else end + timedelta(days=math.ceil(window / timedelta(days=1)))
-    joined = join_labels(read_lake_events(settings.lake_dir, start, until), window, as_of)
+    joined = join_labels(read_lake_events(settings.lake_dir, start, until), window, as_of,
+                         with_request_id=True)
     impressions = joined.impressions
     if end is not None:
         days = pd.to_datetime(impressions["event_time"], utc=True).dt.date
         impressions = impressions[days <= end].reset_index(drop=True)
     logger.info("training set as of %s: %d closed impressions, %d pending", joined.as_of,
                 len(impressions), joined.pending)
-    frame = exclude_forgotten(build_training_set(store, impressions,
-                                                 settings.feast.ranking_service), settings)
+    frame = build_training_set(store, impressions, settings.feast.ranking_service)
+    frame = attach_served_features(frame, read_served_features(settings.landing_dir))
+    frame = exclude_forgotten(frame.drop(columns="request_id"), settings)
     return write_training_snapshot(frame, settings), len(frame)

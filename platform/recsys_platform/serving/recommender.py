@@ -16,6 +16,7 @@ types (the unit tests' stand-ins) go through their ``encode_users``/``rank`` fra
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import time
@@ -333,7 +334,8 @@ class Recommender:
                                  experiment_id=route.experiment.id if route else None,
                                  arm=route.arm if route else None, degraded=",".join(degraded),
                                  latency_ms=(time.perf_counter() - prepared.started) * 1000
-                                 if prepared.started else None)
+                                 if prepared.started else None,
+                                 **served_features(prepared.user))
         if route is not None and self.experiments is not None:
             # counts; queues a shadow ranking, unless the replica is shedding load
             self.experiments.served(self, prepared, log, shed=load_shed)
@@ -384,6 +386,16 @@ class Recommender:
                 except Exception as exc:
                     error = exc
             return self.finish(prepared, scores, error, log=log, load_shed=cheap)
+
+
+def served_features(user: dict[str, Any]) -> dict[str, str]:
+    """What the model was given for the user, for the impression log: the numeric online
+    features (batch and stream views) and the history, as JSON (the training-set builder
+    reads them back: ``recsys_pipelines.training_set.attach_served_features``)."""
+    numeric = {k: v for k, v in user.items()
+               if isinstance(v, int | float) and not isinstance(v, bool)}
+    return {"user_features": json.dumps(numeric, separators=(",", ":")),
+            USER_HISTORY: json.dumps(list(user.get(USER_HISTORY) or []))}
 
 
 def user_frame(user_key: str, row: dict[str, Any]) -> pd.DataFrame:
