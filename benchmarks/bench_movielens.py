@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from recsys_core import features as F
 from recsys_core.features import HISTORY_LENGTH
 from recsys_models.baselines import (
     ALS_GRID,
@@ -78,7 +79,7 @@ def movielens_rows(interactions: pd.DataFrame, items: pd.DataFrame) -> pd.DataFr
     rows = rows.merge(meta, on="item_id", how="left")
     age = rows["event_time"] - pd.to_datetime(rows["published_at"], utc=True)
     rows["item_age_days"] = (age.dt.total_seconds() / 86_400.0).clip(lower=0)
-    rows["user_history"] = pit_histories(rows, engaged_mask(rows), HISTORY_LENGTH)
+    rows[F.USER_HISTORY] = pit_histories(rows, engaged_mask(rows), HISTORY_LENGTH)
     return rows.drop(columns="published_at")
 
 
@@ -135,7 +136,7 @@ def two_tower_bundle(train: pd.DataFrame, items: pd.DataFrame, cfg: TrainConfig,
     scores = [h.get("val_recall@50", -1.0) for h in models.history if h["phase"] == 0.0]
     best = int(np.argmax(scores)) + 1 if validation is not None else cfg.epochs
     bundle = build_bundle(models.two_tower, models.ranker, spec, catalog, seen, version="ml",
-                          feature_service="ranking_v1", snapshot_id="movielens",
+                          feature_service=F.RANKING_V1, snapshot_id="movielens",
                           as_of=train["event_time"].max())
     bundle.neighbours = fit_neighbours(train, spec, neighbours)
     if validation_rows is not None and cfg.train_ranker:

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from recsys_core.features import USER_HISTORY
 from recsys_models.ann import HnswConfig, HnswIndex
 from recsys_models.data import EncoderSpec, catalog_frame, encode_items, encode_rows, encode_users
 from recsys_models.errors import BundleFormatError
@@ -127,7 +128,7 @@ class Bundle:
             raise ValueError(f"rank: users has {len(users)} rows and items {len(items)}; "
                              "pass aligned frames or one user row")
         frame = items.copy()
-        for col in ("user_id", "user_history", *self.spec.user_features):
+        for col in ("user_id", USER_HISTORY, *self.spec.user_features):
             if col in users.columns:
                 frame[col] = users[col].to_numpy()
         for col, default in (("clicked", 0), ("watch_time_ms", np.nan),
@@ -178,7 +179,7 @@ class Bundle:
         """
         exclude = exclude or {}
         users = users.reset_index(drop=True)
-        histories = (users["user_history"] if "user_history" in users.columns
+        histories = (users[USER_HISTORY] if USER_HISTORY in users.columns
                      else pd.Series([[]] * len(users)))
         drop = [exclude.get(u, set()) | (set(h) if isinstance(h, list | tuple | np.ndarray)
                                          else set())  # a missing history is NaN in a frame

@@ -38,9 +38,8 @@ from recsys_models.data import (
     numeric_features,
     signed_log,
 )
+from recsys_models.hashing import ITEM_SALT, USER_SALT, hash_strings
 from recsys_models.ranker import predict
-
-_USER_SALT, _ITEM_SALT = "u:", "i:"
 
 
 @dataclass(frozen=True)
@@ -103,25 +102,6 @@ def rank_aligned(bundle: Bundle, users: pd.DataFrame, items: pd.DataFrame) -> pd
 # --- one user, plain values -------------------------------------------------------------------
 
 
-def _missing(value: Any) -> bool:
-    return value is None or value == "" or (isinstance(value, float) and math.isnan(value))
-
-
-def hash_strings(values: Sequence[Any], buckets: int, salt: str) -> np.ndarray:
-    """:func:`~recsys_models.data.hash_ids` for a few plain values, without a pandas Series.
-
-    ``categorize=False`` skips pandas' factorization (131 us -> 12 us per call) and gives the
-    same hashes.
-    """
-    out = np.zeros(len(values), dtype=np.int64)
-    present = [i for i, v in enumerate(values) if not _missing(v)]
-    if present:
-        keyed = np.array([salt + str(values[i]) for i in present], dtype=object)
-        hashed = pd.util.hash_array(keyed, categorize=False) % np.uint64(buckets - 1)
-        out[present] = hashed.astype(np.int64) + 1
-    return out
-
-
 def _as_float(value: Any) -> float:
     """``pd.to_numeric(errors="coerce").fillna(0)`` for one value."""
     if value is None:
@@ -143,13 +123,13 @@ def encode_user(spec: EncoderSpec, user_id: str, history: Sequence[Any],
     history_row = np.zeros((1, spec.history_length), dtype=np.int64)
     kept = list(history)[: spec.history_length]
     if kept:
-        history_row[0, : len(kept)] = hash_strings(kept, spec.item_buckets, _ITEM_SALT)
+        history_row[0, : len(kept)] = hash_strings(kept, spec.item_buckets, ITEM_SALT)
     if spec.user_features:
         raw = np.array([[_as_float(features.get(n)) for n in spec.user_features]])
         user_num = signed_log(raw)
     else:
         user_num = np.zeros((1, 0), dtype=np.float32)
-    return {"user_hash": hash_strings([user_id], spec.user_buckets, _USER_SALT),
+    return {"user_hash": hash_strings([user_id], spec.user_buckets, USER_SALT),
             "history": history_row, "user_num": user_num}
 
 

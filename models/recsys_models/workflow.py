@@ -267,7 +267,7 @@ def train_evaluate_register(
     bundle = build_bundle(
         trained.two_tower, trained.ranker, spec, catalog[published < split.cutoff],
         set(split.train_labels["item_id"]), version=run_name,
-        feature_service=settings.feast.retrieval_service, snapshot_id=split.snapshot_id,
+        feature_service=settings.feast.serving_service, snapshot_id=split.snapshot_id,
         as_of=split.cutoff)
     # The final score's weights are tuned on validation with the neighbour table of the rows
     # the models trained on; the served table is then refitted on the whole training side.
