@@ -92,13 +92,21 @@ class ItemNeighbours:
         bounds = np.searchsorted(which.reshape(-1)[order], np.arange(len(uniques) + 1))
         for u in range(len(uniques)):
             rows = order[bounds[u]:bounds[u + 1]]
-            cols, sums = self._aggregate(uniques[u])
-            if len(cols) == 0 or sums.max() <= 0:
-                continue
-            sums = sums / sums.max()
-            pos = np.minimum(np.searchsorted(cols, items[rows]), len(cols) - 1)
-            hit = cols[pos] == items[rows]
-            out[rows[hit]] = sums[pos[hit]]
+            out[rows] = self.score_one(uniques[u], items[rows])
+        return out
+
+    def score_one(self, history: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """:meth:`score` of one encoded history (H,) against many items (n,): (n,) float32
+        (a request: no grouping of rows needed)."""
+        items = np.asarray(items, dtype=np.int64)
+        out = np.zeros(len(items), np.float32)
+        cols, sums = self._aggregate(history)
+        if len(cols) == 0 or len(items) == 0 or sums.max() <= 0:
+            return out
+        sums = sums / sums.max()
+        pos = np.minimum(np.searchsorted(cols, items), len(cols) - 1)
+        hit = cols[pos] == items
+        out[hit] = sums[pos[hit]]
         return out
 
     def _aggregate(self, history: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
