@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/recsys demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check platform pipelines models tests feature_repo benchmarks
+	$(BIN)/ruff check core platform pipelines models tests feature_repo benchmarks
 	$(BIN)/mypy
 
 test: lint

@@ -20,12 +20,12 @@ import pyarrow.dataset as pads
 import redis
 import yaml
 
+from recsys_core import features as F
+from recsys_core.settings import load_settings
 from recsys_pipelines import batch_features, feature_store
-from recsys_pipelines.flows import etl_flow
 from recsys_pipelines.generator import GeneratorConfig, generate, write_generated
-from recsys_platform import features as F
+from recsys_platform.flows.data import etl_flow
 from recsys_platform.runtime import ensure_ray
-from recsys_platform.settings import load_settings
 
 REDIS_URL = "redis://127.0.0.1:6379/1"
 REPO = Path(__file__).resolve().parents[1] / "feature_repo"
@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1] / "feature_repo"
 def _latest_rows(settings: object, t: pd.Timestamp) -> dict[str, pd.DataFrame]:
     """The rows materializing up to ``t`` writes: the latest per entity and view."""
     out = {}
-    for view in feature_store.BATCH_VIEWS:
+    for view in F.BATCH_VIEWS:
         key = F.USER_KEY if view.startswith("user") else F.ITEM_KEY
         frame = pads.dataset(str(feature_store.offline_dir(settings) / view)).to_table(
             filter=pads.field(F.WINDOW_END) == t).to_pandas()  # type: ignore[arg-type]

@@ -43,8 +43,8 @@ import aiohttp
 import numpy as np
 from bench_common import write_platform_config
 
+from recsys_core.settings import Settings, load_settings
 from recsys_pipelines.generator import GeneratorConfig, generate, write_generated
-from recsys_platform.settings import Settings, load_settings
 
 logger = logging.getLogger("bench_scale")
 
@@ -92,7 +92,7 @@ def data_path(settings: Settings, cfg: GeneratorConfig, out: dict[str, Any]
     """Generate, ETL flow, batch features and materialization of one size, each timed; returns
     sample users for the serving load and the materialized window."""
     from recsys_pipelines import batch_features, feature_store
-    from recsys_pipelines.flows import etl_flow
+    from recsys_platform.flows.data import etl_flow
     from recsys_platform.runtime import ensure_ray
 
     data = timed(out, "generate_s", lambda: generate(cfg))

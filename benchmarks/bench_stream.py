@@ -45,12 +45,12 @@ import numpy as np
 import pandas as pd
 import redis
 
+from recsys_core import online_layout
+from recsys_core.contracts import split_duplicates
+from recsys_core.features import ITEM_TRENDING
 from recsys_pipelines.generator import GeneratorConfig, generate, write_jsonl
-from recsys_pipelines.stream import layout
 from recsys_pipelines.stream.job import JobOptions, start
 from recsys_pipelines.stream.sink import SinkConfig
-from recsys_platform.contracts import split_duplicates
-from recsys_platform.features import ITEM_TRENDING
 
 logger = logging.getLogger(__name__)
 URL = "redis://127.0.0.1:6379/2"
@@ -67,7 +67,7 @@ def events_in_span(n: int, span: timedelta, seed: int = 3) -> pd.DataFrame:
 
 
 def floor_rows_per_s(client: redis.Redis, prefix: str, rows: int) -> float:
-    mapping = layout.row_mapping("bench", ["a", "b", "c"], [1, 2, 0.5], 1_700_000_000_000)
+    mapping = online_layout.row_mapping("bench", ["a", "b", "c"], [1, 2, 0.5], 1_700_000_000_000)
     began = time.perf_counter()
     for start_row in range(0, rows, 5000):
         with client.pipeline(transaction=False) as pipe:

@@ -42,6 +42,7 @@ RUN set -eux; \
 
 WORKDIR /opt/recsys
 COPY constraints.txt pyproject.toml README.md ./
+COPY core ./core
 COPY platform ./platform
 COPY pipelines ./pipelines
 COPY models ./models

@@ -15,6 +15,7 @@ USER 1000:100
 
 WORKDIR /opt/recsys
 COPY --chown=1000:100 constraints.txt pyproject.toml README.md ./
+COPY --chown=1000:100 core ./core
 COPY --chown=1000:100 platform ./platform
 COPY --chown=1000:100 pipelines ./pipelines
 COPY --chown=1000:100 models ./models

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Starts, stops and reports the `services` profile on this machine, without containers:
 #   MLflow tracking server on PostgreSQL (artifacts on local disk) and a Prefect server,
-# on the loopback addresses of platform/recsys_platform/profiles/services.yaml.
+# on the loopback addresses of core/recsys_core/profiles/services.yaml.
 #
 #   infra/services/services.sh start|stop|status
 #

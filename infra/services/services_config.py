@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 import psycopg
 from psycopg import sql
 
-from recsys_platform.settings import load_settings
+from recsys_core.settings import load_settings
 
 
 def shell_env() -> str:

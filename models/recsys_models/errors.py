@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from recsys_platform.errors import RecsysError
+from recsys_core.errors import RecsysError
 
 
 class ModelsError(RecsysError):
@@ -84,3 +84,15 @@ class BundleIntegrityError(ModelsError):
     def __init__(self, version: str, reason: str) -> None:
         super().__init__(f"bundle version {version} refused: {reason}")
         self.version = version
+
+
+class RayNotStartedError(ModelsError):
+    """A Ray workload was called before the caller connected to Ray."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(
+            f"{what} needs a Ray connection: the caller starts it first "
+            "(recsys ... commands and flows call ensure_ray(settings), which joins "
+            "settings.ray.address or starts a local cluster); a bare ray.init() could join a "
+            "running Serve head whose CPUs its replicas hold"
+        )

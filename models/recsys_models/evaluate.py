@@ -344,6 +344,8 @@ def ranker_references(bundle: Any, holdout: pd.DataFrame) -> dict[str, float]:
       other fold never watched), where watch time is known.
     """
     from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
 
     from recsys_models.bundle import retrieval_scores
     from recsys_models.data import encode_rows
@@ -365,7 +367,10 @@ def ranker_references(bundle: Any, holdout: pd.DataFrame) -> dict[str, float]:
     for f in (0, 1):
         fit, score = fold != f, fold == f
         if score.any() and len(np.unique(y[fit])) == 2:
-            model = LogisticRegression(max_iter=500).fit(x[fit], y[fit])
+            # Standardized inputs: raw counts and milliseconds next to one-hot columns left
+            # lbfgs short of convergence (sklearn's ConvergenceWarning in the demo).
+            model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
+            model.fit(x[fit], y[fit])
             pred[score] = model.predict_proba(x[score])[:, 1]
     ok = ~np.isnan(pred)
     if ok.any() and 0 < y[ok].sum() < ok.sum():

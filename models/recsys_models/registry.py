@@ -11,11 +11,13 @@ the ``champion`` alias by hand in the MLflow UI stays possible; :func:`load_alia
 from __future__ import annotations
 
 import getpass
+import io
 import json
 import logging
+import re
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
@@ -30,13 +32,14 @@ from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
+from recsys_core.features import USER_HISTORY
+from recsys_core.settings import Settings
 from recsys_models.baselines import Baselines, tuned_baselines
 from recsys_models.bundle import Bundle, load_bundle, save_bundle, serving_memory_bytes
 from recsys_models.errors import AliasNotFoundError
 from recsys_models.evaluate import EvaluationReport, evaluate_bundle
 from recsys_models.model_card import describe_gate, describe_version
 from recsys_models.provenance import DIGEST_TAG, bundle_digest
-from recsys_platform.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -92,20 +95,20 @@ class BundleModel(mlflow.pyfunc.PythonModel):  # type: ignore[name-defined,misc]
         assert self.bundle is not None
         k = int((params or {}).get("k", 10))
         users = model_input.copy()
-        users["user_history"] = [json.loads(h) if isinstance(h, str) else list(h or [])
-                                 for h in users.get("user_history", [[]] * len(users))]
+        users[USER_HISTORY] = [json.loads(h) if isinstance(h, str) else list(h or [])
+                                 for h in users.get(USER_HISTORY, [[]] * len(users))]
         return self.bundle.recommend(users, k)
 
 
 # Logged as code (no pickled object); MLflow runs it on load. The example is checked at logging.
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
-INPUT_EXAMPLE = pd.DataFrame({"user_id": ["u0"], "user_history": [json.dumps([])]})
+INPUT_EXAMPLE = pd.DataFrame({"user_id": ["u0"], USER_HISTORY: [json.dumps([])]})
 
 
 def pyfunc_signature() -> ModelSignature:
     """Input ``user_id`` + ``user_history`` (JSON list), param ``k``, output the top-k rows."""
     return ModelSignature(
-        inputs=Schema([ColSpec("string", "user_id"), ColSpec("string", "user_history")]),
+        inputs=Schema([ColSpec("string", "user_id"), ColSpec("string", USER_HISTORY)]),
         outputs=Schema([ColSpec("string", "user_id"), ColSpec("long", "rank"),
                         ColSpec("string", "item_id"), ColSpec("double", "score"),
                         ColSpec("double", "p_click"), ColSpec("double", "watch_time_ms_pred")]),
@@ -140,6 +143,27 @@ def bundle_size_stats(bundle: Bundle, bundle_dir: Path) -> dict[str, float]:
             "replica_memory_estimate_bytes": float(serving_memory_bytes(bundle, index_bytes))}
 
 
+# What MLflow prints to stderr itself (``eprint``, not a logger) when it registers a version;
+# register_bundle logs the outcome, so these become DEBUG records.
+_REGISTRY_NOTICES = re.compile(r"^(Successfully registered model|Created version|Registered model "
+                               r".* already exists)")
+
+
+@contextmanager
+def registry_notices() -> Iterator[None]:
+    """Turns MLflow's registration notices printed inside the block into DEBUG records; any
+    other line it wrote to stderr is passed on as a WARNING record."""
+    buffer = io.StringIO()
+    try:
+        with redirect_stderr(buffer):
+            yield
+    finally:
+        for line in buffer.getvalue().splitlines():
+            if line.strip():
+                level = logging.DEBUG if _REGISTRY_NOTICES.match(line) else logging.WARNING
+                logger.log(level, "mlflow: %s", line.rstrip())
+
+
 def register_bundle(
     settings: Settings, bundle: Bundle, *, params: dict[str, Any] | None = None,
     history: list[dict[str, float]] | None = None, report: EvaluationReport | None = None,
@@ -171,12 +195,13 @@ def register_bundle(
             mlflow.log_metrics({f"bundle/{k}": float(v)
                                 for k, v in bundle_size_stats(bundle, bundle_dir).items()})
             digest = bundle_digest(bundle_dir)  # verified by serving (provenance.load_verified)
-            info = mlflow.pyfunc.log_model(
-                name="bundle", python_model=str(PYFUNC_CODE),
-                artifacts={"bundle": str(bundle_dir)}, pip_requirements=pip_requirements(),
-                signature=pyfunc_signature(), input_example=(INPUT_EXAMPLE, {"k": 10}),
-                registered_model_name=name,
-            )
+            with registry_notices():
+                info = mlflow.pyfunc.log_model(
+                    name="bundle", python_model=str(PYFUNC_CODE),
+                    artifacts={"bundle": str(bundle_dir)}, pip_requirements=pip_requirements(),
+                    signature=pyfunc_signature(), input_example=(INPUT_EXAMPLE, {"k": 10}),
+                    registered_model_name=name,
+                )
         version = str(info.registered_model_version)
         for key, value in ((DIGEST_TAG, digest), ("feature_service", bundle.feature_service),
                            ("snapshot_id", bundle.snapshot_id),

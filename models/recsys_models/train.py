@@ -29,6 +29,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from recsys_core.atomic import atomic_write_text
 from recsys_models.data import Batch, EncoderSpec, encode_items, encode_rows
 from recsys_models.errors import EmptyTrainingSetError, TrainingFailedError
 from recsys_models.ranker import Ranker, RankerConfig, RankingTask
@@ -39,7 +40,6 @@ from recsys_models.two_tower import (
     use_full_softmax,
 )
 from recsys_models.validation import ValidationSet, validation_recall
-from recsys_platform.atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)
 

@@ -18,25 +18,25 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from recsys_core.features import HISTORY_LENGTH
+from recsys_core.settings import Settings
 from recsys_models.baselines import Baselines, tuned_baselines
 from recsys_models.bundle import Bundle, build_bundle
 from recsys_models.data import CategoryIndex, EncoderSpec, item_log_q, read_snapshot, snapshot_dir
-from recsys_models.errors import UnknownTrainingKeyError
+from recsys_models.errors import RayNotStartedError, UnknownTrainingKeyError
 from recsys_models.evaluate import (
     EvaluationReport,
     evaluate_bundle,
     holdout_cutoffs,
     holdout_split,
 )
+from recsys_models.neighbours import fit_neighbours
 from recsys_models.ranker import RankerConfig
 from recsys_models.registry import Registered, register_bundle
 from recsys_models.sequences import engaged_mask, pit_histories
 from recsys_models.train import TrainConfig, TrainedModels, fit, prepare_datasets
 from recsys_models.two_tower import TwoTowerConfig
 from recsys_models.validation import build_validation, split_for_validation, tune_blend
-from recsys_platform.features import HISTORY_LENGTH
-from recsys_platform.runtime import ensure_ray
-from recsys_platform.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -229,9 +229,11 @@ def train_evaluate_register(
     models train on the rows before it), and the holdout is only used for the report, next to
     popularity, EASE and ALS tuned on that same validation split of the training side.
     """
+    import ray
     import ray.data
 
-    ensure_ray(settings)
+    if not ray.is_initialized():
+        raise RayNotStartedError("train_evaluate_register")
     mapped, spec_settings = training_config(settings)
     cfg = cfg or mapped
     spec_overrides = {**spec_settings, **(spec_overrides or {})}
@@ -265,11 +267,16 @@ def train_evaluate_register(
     bundle = build_bundle(
         trained.two_tower, trained.ranker, spec, catalog[published < split.cutoff],
         set(split.train_labels["item_id"]), version=run_name,
-        feature_service=settings.feast.retrieval_service, snapshot_id=split.snapshot_id,
+        feature_service=settings.feast.serving_service, snapshot_id=split.snapshot_id,
         as_of=split.cutoff)
-    blend = tune_blend(bundle, fit_rows, val_rows)  # the final score's retrieval weight
+    # The final score's weights are tuned on validation with the neighbour table of the rows
+    # the models trained on; the served table is then refitted on the whole training side.
+    bundle.neighbours = fit_neighbours(fit_rows, spec)
+    blend = tune_blend(bundle, fit_rows, val_rows)
     if blend is not None:
-        logger.info("blend tuned on validation: %s", blend)
+        logger.info("blend tuned on validation: retrieval weight %g, neighbour weight %g",
+                    blend.retrieval_weight, blend.neighbour_weight)
+    bundle.neighbours = fit_neighbours(train_rows, spec)
     baselines = baselines_for(settings, split.train_labels)
     t3 = datetime.now(UTC)
     report = evaluate_bundle(bundle, split.train_labels, split.holdout, history=trained.history,

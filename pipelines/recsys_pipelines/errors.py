@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import date
 from pathlib import Path
 
-from recsys_platform.errors import RecsysError
+from recsys_core.errors import RecsysError
 
 
 class PipelineError(RecsysError):

@@ -1,6 +1,6 @@
 """ETL logic: raw landing rows -> validated, deduplicated, date-partitioned lake.
 
-Plain functions; the Prefect flow in :mod:`recsys_pipelines.flows` only wires them.
+Plain functions; the Prefect flow in :mod:`recsys_platform.flows.data` only wires them.
 
 Lake layout (under ``settings.lake_dir``)::
 
@@ -18,7 +18,7 @@ picked up because a run reads landing partitions up to ``lookahead_days`` past i
 and keeps rows by event date.
 
 With ``settings.privacy.pseudonymize`` on, :func:`pseudonymize_users` replaces every
-``user_id`` by its keyed pseudonym (:mod:`recsys_platform.privacy`) as the rows are read, before
+``user_id`` by its keyed pseudonym (:mod:`recsys_core.privacy`) as the rows are read, before
 validation: clean partitions, the quarantine and the users snapshot never hold a raw id.
 """
 
@@ -35,10 +35,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from recsys_pipelines.errors import DateRangeError
-from recsys_pipelines.sources import LANDING_DATE, READ_ERROR, QuarantinedFile, days
-from recsys_platform.atomic import atomic_path
-from recsys_platform.contracts import (
+from recsys_core.atomic import atomic_path
+from recsys_core.contracts import (
     EVENT_SCHEMA,
     ITEM_SCHEMA,
     RAW_EVENT_SCHEMA,
@@ -49,8 +47,10 @@ from recsys_platform.contracts import (
     validate_items,
     validate_users,
 )
-from recsys_platform.privacy import pseudonymize_series
-from recsys_platform.settings import PrivacySettings
+from recsys_core.privacy import pseudonymize_series
+from recsys_core.settings import PrivacySettings
+from recsys_pipelines.errors import DateRangeError
+from recsys_pipelines.sources import LANDING_DATE, READ_ERROR, QuarantinedFile, days
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def clean_rows(raw: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, int]:
 
     Returns:
         ``(unique, quarantine, duplicates)``: the valid rows, one per ``event_id`` (typed as
-        :func:`~recsys_platform.contracts.validate_events` types them), and the rejected raw
+        :func:`~recsys_core.contracts.validate_events` types them), and the rejected raw
         rows with ``reason``, both in landing order.
     """
     raw = raw.sort_values(LANDING_DATE, kind="stable").reset_index(drop=True)

@@ -29,9 +29,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from recsys_core.contracts import EVENT_SCHEMA, RAW_EVENT_SCHEMA, TIMESTAMP
+from recsys_core.settings import PrivacySettings
 from recsys_pipelines import etl, sources
-from recsys_platform.contracts import EVENT_SCHEMA, RAW_EVENT_SCHEMA, TIMESTAMP
-from recsys_platform.settings import PrivacySettings
 
 logger = logging.getLogger(__name__)
 

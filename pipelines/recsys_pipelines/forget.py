@@ -1,7 +1,7 @@
 """``recsys privacy forget``: remove one user's events, features and online keys everywhere.
 
 A user is named by the raw id or the pseudonym; a row matches when its ``user_id`` maps to the
-same pseudonym (:func:`recsys_platform.privacy.pseudonymize` is idempotent), so both the raw
+same pseudonym (:func:`recsys_core.privacy.pseudonymize` is idempotent), so both the raw
 ids of the landing area and the pseudonyms of the lake are found, whichever was given.
 
 Where the user is removed (each file rewritten atomically: temp file, then rename):
@@ -36,27 +36,26 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from recsys_pipelines.etl import atomic_write_table
-from recsys_pipelines.feature_store import offline_dir
-from recsys_pipelines.materialize import state_root
-from recsys_platform import features as F
-from recsys_platform.atomic import atomic_write_lines
-from recsys_platform.online import resolve_online_store
-from recsys_platform.privacy import (
+from recsys_core import features as F
+from recsys_core.atomic import atomic_write_lines
+from recsys_core.privacy import (
     AUDIT_LOG,
     FORGET_LIST,
     add_to_forget_list,
     pseudonymize,
     tombstone,
 )
-from recsys_platform.settings import Settings
+from recsys_core.settings import Settings
+from recsys_pipelines.etl import atomic_write_table
+from recsys_pipelines.feature_store import offline_dir
+from recsys_pipelines.materialize import state_root
+from recsys_pipelines.online_store import resolve_online_store
 
 logger = logging.getLogger(__name__)
 
 PLACES: tuple[str, ...] = ("landing", "impression log", "lake", "quarantine",
                            "offline features", "stream side outputs", "online store")
 STREAM_SIDE_OUTPUTS: tuple[str, ...] = ("deadletter", "late")  # beside the checkpoints
-SERIALIZATION_VERSION = 3  # Feast's entity_key_serialization_version (feature_store.yaml)
 
 
 @dataclass
@@ -214,7 +213,7 @@ def forget_online(settings: Settings, user_ids: set[str]) -> int:
         return _forget_sqlite(settings, user_ids)
     import redis
 
-    from recsys_pipelines.stream.layout import entity_key
+    from recsys_core.online_layout import SERIALIZATION_VERSION, entity_key
 
     client = redis.Redis.from_url(settings.redis.url)
     try:
@@ -239,17 +238,12 @@ def _glob_escape(text: str) -> str:
 def _forget_sqlite(settings: Settings, user_ids: set[str]) -> int:
     import sqlite3
 
-    from feast.infra.key_encoding_utils import serialize_entity_key
-    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
-    from feast.protos.feast.types.Value_pb2 import Value
+    from recsys_core.online_layout import serialized_entity_key
 
     path = settings.data_dir.resolve() / "feast" / "online.db"
     if not path.is_file():
         return 0
-    keys = [serialize_entity_key(EntityKey(join_keys=[F.USER_KEY],
-                                           entity_values=[Value(string_val=uid)]),
-                                 entity_key_serialization_version=SERIALIZATION_VERSION)
-            for uid in sorted(user_ids)]
+    keys = [serialized_entity_key(F.USER_KEY, uid) for uid in sorted(user_ids)]
     deleted = 0
     with sqlite3.connect(path) as conn:
         tables = [row[0] for row in conn.execute(

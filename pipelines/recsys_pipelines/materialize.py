@@ -2,7 +2,7 @@
 
 Feast's own ``materialize`` converts every value through Python protobuf objects (~1-1.4k
 rows/s here) and writes the whole range every time. This writes the same bytes (the layout
-comes from :mod:`recsys_pipelines.stream.layout`; values are encoded as Feast's type map does,
+comes from :mod:`recsys_core.online_layout`; values are encoded as Feast's type map does,
 checked byte for byte against Feast's own materialization by
 ``tests/integration/batch/test_fast_materialize.py``):
 
@@ -14,7 +14,7 @@ checked byte for byte against Feast's own materialization by
    running) as ``HSET`` commands framed once in the Redis protocol and sent in pipelined
    chunks of ``CHUNK_ROWS``, one reply read per command.
 
-Values are serialized by :func:`recsys_pipelines.stream.layout.encode_column` (the protobuf
+Values are serialized by :func:`recsys_core.online_layout.encode_column` (the protobuf
 wire bytes built directly, each distinct value once, a sample of every column checked against
 Feast's type map), so no protobuf object and no redis-py command is built per row.
 """
@@ -40,8 +40,8 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import redis
 
-from recsys_pipelines.stream import layout
-from recsys_platform import features as F
+from recsys_core import features as F
+from recsys_core import online_layout
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class ViewSpec:
     name: str
     join_key: str
     features: tuple[tuple[str, str], ...]  # (feature name, Feast ValueType name)
-    key: layout.EntityKeyEncoder  # entity id -> the Redis key of its hash
+    key: online_layout.EntityKeyEncoder  # entity id -> the Redis key of its hash
     fields: tuple[bytes, ...]  # the hash field of each feature, in ``features`` order
 
 
@@ -80,11 +80,11 @@ def view_specs(store: Any, views: Sequence[str]) -> list[ViewSpec]:
     for name in views:
         view = store.get_feature_view(name)
         join_key = F.USER_KEY if name.startswith("user") else F.ITEM_KEY
-        key = layout.entity_key_encoder(join_key, store.config.project,
+        key = online_layout.entity_key_encoder(join_key, store.config.project,
                                         store.config.entity_key_serialization_version)
         specs.append(ViewSpec(
             name, join_key, tuple((f.name, f.dtype.to_value_type().name) for f in view.features),
-            key, tuple(layout.feature_field(name, f.name) for f in view.features)))
+            key, tuple(online_layout.feature_field(name, f.name) for f in view.features)))
     return specs
 
 
@@ -95,7 +95,7 @@ def check_encoding(table: pa.Table, spec: ViewSpec, rows: int = 64) -> None:
     sample = table.take(pa.array(np.unique(np.linspace(0, table.num_rows - 1, rows).astype(
         np.int64))))
     for name, value_type in spec.features:
-        layout.encode_column(sample.column(name), value_type, check=True)
+        online_layout.encode_column(sample.column(name), value_type, check=True)
 
 
 def latest_rows(folder: Path, key: str, start: datetime, end: datetime) -> pa.Table:
@@ -129,19 +129,20 @@ def _bulk(value: bytes | str) -> bytes:
 
 def hset_commands(table: pa.Table, spec: ViewSpec) -> list[bytes]:
     """Each row's ``HSET <entity key> _ts:<view> <ts> <field> <value> ...`` in the Redis
-    protocol, with the values Feast's type map would serialize (:func:`layout.encode_column`)."""
+    protocol, with the values Feast's type map would serialize
+    (:func:`online_layout.encode_column`)."""
     ends = table.column(F.WINDOW_END).to_numpy(zero_copy_only=False)
     millis = pd.to_datetime(ends, utc=True).as_unit("ns").asi8 // 1_000_000
     distinct, inverse = np.unique(millis, return_inverse=True)
-    framed = [_bulk(layout.encode_timestamp(int(ms))) for ms in distinct.tolist()]
+    framed = [_bulk(online_layout.encode_timestamp(int(ms))) for ms in distinct.tolist()]
     stamps = list(map(framed.__getitem__, inverse.reshape(-1).tolist()))
     keys = [_bulk(spec.key(str(i))) for i in table.column(spec.join_key).to_pylist()]
     head = b"*%d\r\n%b" % (2 * len(spec.features) + 4, _bulk(b"HSET"))
     parts: list[Iterable[bytes]] = [repeat(head), keys,
-                                    repeat(_bulk(layout.timestamp_field(spec.name))), stamps]
+                                    repeat(_bulk(online_layout.timestamp_field(spec.name))), stamps]
     for (name, value_type), field in zip(spec.features, spec.fields, strict=True):
         parts.append(repeat(_bulk(field)))
-        parts.append(layout.encode_column(table.column(name), value_type, wrap=_bulk,
+        parts.append(online_layout.encode_column(table.column(name), value_type, wrap=_bulk,
                                           check=False))  # checked by check_encoding
     return list(map(b"".join, zip(*parts, strict=False)))  # repeat() never ends
 

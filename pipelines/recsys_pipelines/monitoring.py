@@ -2,7 +2,7 @@
 
 Each check returns :class:`Check` rows; :func:`breaches` picks those past their threshold and
 :class:`MonitoringBreach` names every one of them, so a failed flow run says what drifted.
-The monitoring flow (``recsys_platform.monitoring_flow``) reads the data and calls these.
+The monitoring flow (``recsys_platform.flows.monitoring``) reads the data and calls these.
 """
 
 from __future__ import annotations

@@ -26,9 +26,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from recsys_core.atomic import atomic_write_text
+from recsys_core.contracts import RAW_EVENT_SCHEMA
 from recsys_pipelines.errors import LandingPartitionError
-from recsys_platform.atomic import atomic_write_text
-from recsys_platform.contracts import RAW_EVENT_SCHEMA
 
 logger = logging.getLogger(__name__)
 

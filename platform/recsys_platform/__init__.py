@@ -1,1 +1,1 @@
-"""Platform ground floor (settings, contracts, features, errors) plus serving and the CLI."""
+"""The application floor: serving, Prefect flows, the `recsys` CLI; imports every package below."""

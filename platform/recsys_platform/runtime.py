@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from recsys_platform.settings import Settings
+from recsys_core.settings import Settings
 
 
 def ensure_ray(settings: Settings) -> None:

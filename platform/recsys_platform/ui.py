@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from recsys_platform.errors import RecsysError
-from recsys_platform.settings import Settings
+from recsys_core.errors import RecsysError
+from recsys_core.settings import Settings
 
 logger = logging.getLogger(__name__)
 

@@ -9,6 +9,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from recsys_core.settings import load_settings
 from recsys_platform.commands.deploy import app
 from recsys_platform.k8s import (
     CHART_CONFIG_FILE,
@@ -16,7 +17,6 @@ from recsys_platform.k8s import (
     render_configmap_file,
     secret_env_names,
 )
-from recsys_platform.settings import load_settings
 from tests.conftest import REPO_ROOT
 from tests.deploy.conftest import VALUES_FILES, Manifest, one
 

@@ -10,7 +10,7 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from recsys_platform.settings import load_settings
+from recsys_core.settings import load_settings
 from tests.conftest import REPO_ROOT
 from tests.deploy.conftest import Manifest, one
 

@@ -108,7 +108,10 @@ def test_the_gate_refuses_before_the_app_and_always_releases_its_ticket() -> Non
         return sent
 
     async def scenario() -> None:
-        assert (await call("/recommend"))[0]["status"] == 422  # admitted: reaches the app
+        answered = (await call("/recommend"))[0]
+        assert answered["status"] == 422  # admitted: reaches the app
+        timing = dict(answered["headers"])[b"server-timing"]  # ms from admission to answer
+        assert timing.startswith(b"app;dur=") and float(timing[8:]) >= 0
         assert seen[-1] is not None and seen[-1].released  # and the gate released it
         busy = [admission.admit(), admission.admit()]  # one in service, one waiting
         refused = await call("/recommend")
@@ -134,3 +137,14 @@ def test_one_request_may_always_wait_behind_the_one_in_service() -> None:
     admission.done(admission.admit(), 0.008)
     modes = [t.mode if t else None for t in fill(admission, 4)]
     assert modes == [Mode.FULL, Mode.FULL, None, None] and admission.concurrency_limit() == 2
+
+
+def test_a_slower_replica_is_learnt_within_a_few_requests_and_relaxes_slowly() -> None:
+    admission = Admission(AdmissionPolicy(initial_service_s=0.005))
+    for _ in range(5):  # CPU taken away: 4x the service time
+        admission.done(admission.admit(), 0.020)
+    slowed = admission.service_s[Mode.FULL]
+    assert slowed > 0.015
+    for _ in range(5):  # back to normal: the estimate comes down, but slowly
+        admission.done(admission.admit(), 0.005)
+    assert 0.010 < admission.service_s[Mode.FULL] < slowed

@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from recsys_core.atomic import atomic_path, atomic_write_lines, atomic_write_text
 from recsys_pipelines.etl import atomic_write_table
-from recsys_platform.atomic import atomic_path, atomic_write_lines, atomic_write_text
 
 
 def _names(folder: Path) -> list[str]:

@@ -8,10 +8,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from recsys_core.contracts import RAW_EVENT_SCHEMA
 from recsys_pipelines import etl
 from recsys_pipelines.errors import DateRangeError
 from recsys_pipelines.sources import LANDING_DATE, read_landing_partition
-from recsys_platform.contracts import RAW_EVENT_SCHEMA
 
 
 def _raw(rows: list[dict[str, object]]) -> pd.DataFrame:
@@ -109,8 +109,8 @@ def test_a_sql_catalog_is_read_incrementally_by_updated_at(tmp_path: Path) -> No
 
 
 def test_pseudonymization_replaces_user_ids_only_when_enabled() -> None:
-    from recsys_platform.privacy import pseudonymize
-    from recsys_platform.settings import PrivacySettings
+    from recsys_core.privacy import pseudonymize
+    from recsys_core.settings import PrivacySettings
 
     raw = pd.DataFrame({"user_id": ["u1", None, "", pseudonymize("u2", "k")], "n": [1, 2, 3, 4]})
     assert etl.pseudonymize_users(raw, PrivacySettings()).equals(raw)  # off by default

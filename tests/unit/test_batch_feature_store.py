@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from recsys_core import features as F
+from recsys_core.settings import load_settings
 from recsys_pipelines import feature_store
 from recsys_pipelines.errors import FeatureRepoError
-from recsys_platform import features as F
-from recsys_platform.settings import load_settings
 
 
 def _settings(tmp_path: Path, profile: str, **feast: object) -> object:

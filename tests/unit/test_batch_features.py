@@ -7,8 +7,8 @@ from datetime import date
 import numpy as np
 import pandas as pd
 
+from recsys_core import features as F
 from recsys_pipelines import batch_features as bf
-from recsys_platform import features as F
 
 
 def test_an_event_at_exactly_midnight_belongs_to_the_day_it_ends() -> None:

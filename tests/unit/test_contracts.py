@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from recsys_platform.contracts import (
+from recsys_core.contracts import (
     EVENT_SCHEMA,
     REASON_BAD_TIME,
     REASON_BAD_TYPE,
@@ -14,7 +14,7 @@ from recsys_platform.contracts import (
     to_table,
     validate_events,
 )
-from recsys_platform.errors import ContractError
+from recsys_core.errors import ContractError
 
 
 def _raw(**overrides: object) -> dict[str, object]:

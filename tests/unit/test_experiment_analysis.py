@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from recsys_core.settings import Settings
 from recsys_pipelines.etl import clean_batch, write_event_partition
 from recsys_platform.experiments.analysis import evaluate
 from recsys_platform.experiments.definition import Experiment, assign
 from recsys_platform.serving.impressions import ImpressionLogger
-from recsys_platform.settings import Settings
 
 WINDOW = timedelta(seconds=60)
 
@@ -27,9 +27,9 @@ def _lake(settings: Settings, clicks: list[dict[str, object]]) -> None:
     """Clicks land as a producer's file; the ETL's read, cleaning and partition write."""
     import pyarrow as pa
 
+    from recsys_core.contracts import RAW_EVENT_SCHEMA
     from recsys_pipelines.etl import atomic_write_table
     from recsys_pipelines.sources import read_landing_day
-    from recsys_platform.contracts import RAW_EVENT_SCHEMA
 
     day = datetime.now(UTC).date()
     atomic_write_table(pa.Table.from_pylist(clicks, schema=RAW_EVENT_SCHEMA),

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 import pyarrow as pa
 import pytest
 
-from recsys_pipelines.stream import layout
+from recsys_core import online_layout as layout
 
 COLUMNS = {
     "INT64": pa.array([0, 1, -1, 127, 128, 300, 2**40, -(2**63), 2**63 - 1, None, 300],
@@ -40,7 +40,7 @@ def test_wrap_is_applied_to_every_value_the_same_way() -> None:
 def test_a_writer_with_a_prepared_key_encoder_does_not_import_feast() -> None:
     """Importing Feast costs seconds of CPU per Ray worker; the writing path must not."""
     code = ("import sys, pyarrow as pa; from recsys_pipelines import materialize; "
-            "from recsys_pipelines.stream import layout; "
+            "from recsys_core import online_layout as layout; "
             "k = layout.EntityKeyEncoder(b'head', b'proj'); k('item-1'); "
             "layout.encode_column(pa.array([1, 2]), 'INT64', check=False); "
             "print(any(m == 'feast' or m.startswith('feast.') for m in sys.modules))")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from recsys_platform import logs
+from recsys_core import logs
 
 
 @pytest.mark.parametrize(("name", "level", "shown"), [
@@ -27,6 +27,13 @@ def test_quiet_console_shows_project_info_and_library_warnings(
     name: str, level: int, shown: bool
 ) -> None:
     assert logs.shows(name, level, verbose=False) is shown
+
+
+def test_demo_level_keeps_project_warnings_only() -> None:
+    demo = logging.WARNING  # `recsys demo`: its tables carry the project's INFO records
+    assert not logs.shows("recsys_models.baselines", logging.INFO, False, demo)
+    assert logs.shows("recsys_pipelines.etl", logging.WARNING, False, demo)
+    assert logs.shows("recsys_models.baselines", logging.INFO, True, demo)  # -v
 
 
 def test_verbose_shows_every_record() -> None:

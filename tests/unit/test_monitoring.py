@@ -102,9 +102,9 @@ def test_serving_counters_from_prometheus_text() -> None:
 
 def test_a_replica_on_its_last_good_version_is_a_breach() -> None:
     """Before: a replica serving its last good version was not reported by monitoring."""
+    from recsys_core.settings import Settings
     from recsys_pipelines.monitoring import breaches
-    from recsys_platform.monitoring_flow import serving_rate_checks
-    from recsys_platform.settings import Settings
+    from recsys_platform.flows.monitoring import serving_rate_checks
 
     text = "\n".join([
         "# TYPE recsys_requests_total counter", 'recsys_requests_total{status="200"} 10.0',
@@ -119,12 +119,12 @@ def test_a_replica_on_its_last_good_version_is_a_breach() -> None:
 def test_served_log_windows_and_prometheus_textfile(tmp_path: Path) -> None:
     from datetime import UTC, datetime, timedelta
 
-    from recsys_platform.monitoring_flow import (
+    from recsys_core.settings import Settings
+    from recsys_platform.flows.monitoring import (
         MonitoringReport,
         served_log_checks,
         write_prometheus,
     )
-    from recsys_platform.settings import Settings
 
     settings = Settings(monitoring={"window_hours": 1.0})  # type: ignore[arg-type]
     now = datetime(2026, 11, 2, 12, tzinfo=UTC)

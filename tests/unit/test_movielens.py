@@ -7,9 +7,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from recsys_core.contracts import validate_events
+from recsys_core.errors import DatasetNotFoundError
 from recsys_pipelines.movielens import load_movielens, summarize, training_rows
-from recsys_platform.contracts import validate_events
-from recsys_platform.errors import DatasetNotFoundError
 
 
 def test_counts_match_the_dataset(movielens_dir: Path) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from recsys_platform.privacy import pseudonymize, pseudonymize_series
+from recsys_core.privacy import pseudonymize, pseudonymize_series
 
 
 def test_pseudonyms() -> None:
@@ -19,7 +19,7 @@ def test_pseudonyms() -> None:
 
 
 def test_tombstones_match_raw_ids_and_pseudonyms_but_do_not_name_either() -> None:
-    from recsys_platform.privacy import tombstone
+    from recsys_core.privacy import tombstone
 
     p = pseudonymize("u1", "k1")
     assert tombstone("u1", "k1") == tombstone(p, "k1") != tombstone("u2", "k1")
@@ -28,7 +28,7 @@ def test_tombstones_match_raw_ids_and_pseudonyms_but_do_not_name_either() -> Non
 
 
 def test_forget_list_round_trip_and_mask(tmp_path: Path) -> None:
-    from recsys_platform.privacy import (
+    from recsys_core.privacy import (
         add_to_forget_list,
         forgotten_mask,
         read_forget_list,
@@ -75,12 +75,10 @@ def test_forget_deletes_the_users_rows_from_feasts_sqlite_online_store(tmp_path:
     import sqlite3
 
     import yaml
-    from feast.infra.key_encoding_utils import serialize_entity_key
-    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
-    from feast.protos.feast.types.Value_pb2 import Value
 
+    from recsys_core.online_layout import serialized_entity_key
+    from recsys_core.settings import load_settings
     from recsys_pipelines.forget import forget_online
-    from recsys_platform.settings import load_settings
 
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"data_dir": str(tmp_path), "feast": {
@@ -88,8 +86,7 @@ def test_forget_deletes_the_users_rows_from_feasts_sqlite_online_store(tmp_path:
     settings = load_settings("local", config)
 
     def key(uid: str) -> bytes:
-        proto = EntityKey(join_keys=["user_id"], entity_values=[Value(string_val=uid)])
-        return serialize_entity_key(proto, entity_key_serialization_version=3)
+        return serialized_entity_key("user_id", uid)
 
     (tmp_path / "feast").mkdir()
     with sqlite3.connect(tmp_path / "feast" / "online.db") as conn:
@@ -110,8 +107,8 @@ def test_forget_drops_the_users_lines_from_stream_side_outputs(tmp_path: Path) -
 
     import yaml
 
+    from recsys_core.settings import load_settings
     from recsys_pipelines.forget import _Matcher, forget_in_side_output, side_output_files
-    from recsys_platform.settings import load_settings
 
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"data_dir": str(tmp_path)}))

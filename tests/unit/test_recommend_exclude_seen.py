@@ -5,9 +5,9 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
+from recsys_core.settings import load_settings
 from recsys_pipelines import feature_store
 from recsys_platform.commands.models import _seen_items
-from recsys_platform.settings import load_settings
 
 
 def test_seen_items_merge_the_file_history_with_the_online_store(

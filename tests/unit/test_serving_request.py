@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from recsys_platform.errors import InvalidRequestError
+from recsys_core.errors import InvalidRequestError
 from recsys_platform.serving.schemas import (
     MAX_BODY_BYTES,
     MAX_EXCLUDE,

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from recsys_platform.errors import SettingsError
-from recsys_platform.settings import PROFILES, load_settings
+from recsys_core.errors import SettingsError
+from recsys_core.settings import PROFILES, load_settings
 
 TEST_KEY = "unit-test-pseudonym-key"
 

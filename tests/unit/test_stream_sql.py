@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 
+from recsys_core.features import HISTORY_LENGTH
+from recsys_core.privacy import pseudonym_sql
+from recsys_core.settings import Settings
 from recsys_pipelines.batch_features import _recent_distinct
 from recsys_pipelines.stream import sql
 from recsys_pipelines.stream.job import options_from_settings
 from recsys_pipelines.stream.sink import items_until, merge_recent
-from recsys_platform.features import HISTORY_LENGTH
-from recsys_platform.privacy import pseudonym_sql
-from recsys_platform.settings import Settings
 
 
 def test_user_id_is_pseudonymized_at_parse_time_only_when_enabled(tmp_path: Path) -> None:

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from recsys_core.errors import SettingsError
+from recsys_core.settings import TrainingSettings, load_settings, with_overrides
 from recsys_models.data import EncoderSpec
 from recsys_models.errors import UnknownTrainingKeyError
 from recsys_models.ranker import RankerConfig
 from recsys_models.train import TrainConfig
 from recsys_models.two_tower import TwoTowerConfig
 from recsys_models.workflow import RANKER_PREFIX, training_config
-from recsys_platform.errors import SettingsError
-from recsys_platform.settings import TrainingSettings, load_settings, with_overrides
 
 
 def test_every_training_key_names_a_field_of_exactly_one_config() -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from recsys_platform.settings import load_settings
+from recsys_core.settings import load_settings
 from recsys_platform.ui import mlflow_ui, prefect_ui
 
 

@@ -1,5 +1,5 @@
 {{/*
-Names. Service names are fixed by the `k8s` settings profile (platform/recsys_platform/profiles/
+Names. Service names are fixed by the `k8s` settings profile (core/recsys_core/profiles/
 k8s.yaml): the ConfigMap tells every pod to reach `recsys-redis` and `recsys-mlflow`, so the
 prefix is `fullnameOverride` (default "recsys"), not the release name.
 */}}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from recsys_platform.errors import RecsysError
+from recsys_core.errors import RecsysError
 
 
 class StreamError(RecsysError):

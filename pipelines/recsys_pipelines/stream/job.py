@@ -22,12 +22,12 @@ from pathlib import Path
 from pyflink.common import Configuration
 from pyflink.table import EnvironmentSettings, StatementSet, TableEnvironment, TableResult
 
+from recsys_core.features import ITEM_TRENDING, USER_STREAM
+from recsys_core.settings import Settings, load_settings
 from recsys_pipelines.stream import sql
 from recsys_pipelines.stream.checkpoints import latest_checkpoint
 from recsys_pipelines.stream.sink import SinkConfig
 from recsys_pipelines.stream.udf import redis_sink_udf, sink_columns
-from recsys_platform.features import ITEM_TRENDING, USER_STREAM
-from recsys_platform.settings import Settings, load_settings
 
 logger = logging.getLogger(__name__)
 

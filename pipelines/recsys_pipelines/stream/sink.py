@@ -37,7 +37,9 @@ import numpy as np
 import pandas as pd
 import redis
 
-from recsys_pipelines.stream import layout
+from recsys_core import online_layout
+from recsys_core.features import HISTORY_LENGTH, ITEM_TRENDING, USER_RECENT_ITEMS, ratio
+from recsys_pipelines import cold_start
 from recsys_pipelines.stream.sql import (
     EVENTS_COLUMN,
     LATE_EVENT_COLUMN,
@@ -46,8 +48,6 @@ from recsys_pipelines.stream.sql import (
     RECENT_SEP,
     WindowPlan,
 )
-from recsys_platform import cold_start
-from recsys_platform.features import HISTORY_LENGTH, ITEM_TRENDING, USER_RECENT_ITEMS, ratio
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class SinkConfig:
     redis_url: str
     project: str  # Feast project: the suffix of every entity key
     key_prefix: str  # prefix of the job's own keys (recent items, late events, counters)
-    serialization_version: int = 3  # Feast entity_key_serialization_version
+    serialization_version: int = online_layout.SERIALIZATION_VERSION
     allowed_lateness_ms: int = 300_000  # how long after its windows a late event is kept
     run_id: str = ""  # one per submitted job: its writers of a group share their memory
 
@@ -203,8 +203,8 @@ class FeatureWriter:
         self.size_ms = int(plan.size / ms)
         index = {n: i for i, n in enumerate(plan.aggregate_names)}
         self.ratio_idx = [(index[r.numerator], index[r.denominator]) for r in plan.group.ratios]
-        self.fields = [layout.feature_field(self.view, n) for n in self.names]
-        self.ts_field = layout.timestamp_field(self.view)
+        self.fields = [online_layout.feature_field(self.view, n) for n in self.names]
+        self.ts_field = online_layout.timestamp_field(self.view)
         self.late_ttl_s = (self.size_ms + config.allowed_lateness_ms) // 1000 + 3_600
         # The trending view also keeps the trending cold-start list (a small sorted set).
         self._trending = (self.names.index("item_clicks_1h"),
@@ -231,7 +231,7 @@ class FeatureWriter:
         if key is None:
             if len(self._keys) > CACHE_ENTITIES:
                 self._keys.clear()
-            key = layout.entity_key(self.plan.key, entity_id, self.config.project,
+            key = online_layout.entity_key(self.plan.key, entity_id, self.config.project,
                                     self.config.serialization_version)
             self._keys[entity_id] = key
         return key
@@ -254,7 +254,7 @@ class FeatureWriter:
         for i, entity in enumerate(missing):
             ts, late, *rest = replies[i * step:(i + 1) * step]
             self._entities[entity] = _Entity(
-                end_ms=layout.decode_timestamp_ms(ts),
+                end_ms=online_layout.decode_timestamp_ms(ts),
                 late={k.decode(): _decode_late(v) for k, v in late.items()},
                 recent=decode_recent(rest[0]) if rest else [],
             )
@@ -345,10 +345,10 @@ class FeatureWriter:
                 state = self._entities[entity]
                 end = state.end_ms
                 mapping: dict[str | bytes, bytes] = {
-                    self.ts_field: layout.encode_timestamp(end)}
+                    self.ts_field: online_layout.encode_timestamp(end)}
                 values = self._values(state, end)
                 for name_field, value in zip(self.fields, values, strict=True):
-                    mapping[name_field] = layout.encode_value(value)
+                    mapping[name_field] = online_layout.encode_value(value)
                 if self._trending is not None:
                     clicks, impressions = (values[i] for i in self._trending)
                     trending.append((entity, cold_start.trending_score(clicks, impressions),

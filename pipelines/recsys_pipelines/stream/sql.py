@@ -1,12 +1,12 @@
 """The stream job's Flink SQL, built from the shared feature definitions (pure functions).
 
 Every per-row step runs in SQL (the measured fast path); Python only writes the aggregated
-window rows to Redis. The text is built from :mod:`recsys_platform.features` and
-:mod:`recsys_platform.contracts`, so window sizes, feature names and rejection reasons have
+window rows to Redis. The text is built from :mod:`recsys_core.features` and
+:mod:`recsys_core.contracts`, so window sizes, feature names and rejection reasons have
 one definition.
 
 Window semantics: a feature at time ``t`` covers ``t - w < event_time <= t`` (see
-:mod:`recsys_platform.features`). Flink windows are ``[start, end)``, so the job's rowtime is
+:mod:`recsys_core.features`). Flink windows are ``[start, end)``, so the job's rowtime is
 ``event_time - 1 ms``: then ``start <= rowtime < end`` is exactly ``start < event_time <= end``
 and a window's ``window_end`` is the feature timestamp. A group is one ``HOP`` window of its
 longest aggregate, sliding by ``group.slide`` (or its shortest window), computed in two
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import Literal
 
-from recsys_platform.contracts import (
+from recsys_core.contracts import (
     EVENT_TYPES,
     RAW_EVENT_SCHEMA,
     REASON_BAD_TIME,
@@ -38,13 +38,13 @@ from recsys_platform.contracts import (
     REASON_NEGATIVE_DURATION,
     REASON_NEGATIVE_WATCH,
 )
-from recsys_platform.features import (
+from recsys_core.features import (
     ENGAGEMENT_TYPES,
     ENTITY_KEYS,
     Aggregate,
     FeatureGroup,
 )
-from recsys_platform.privacy import pseudonym_sql
+from recsys_core.privacy import pseudonym_sql
 
 REASON_NOT_JSON = "line is not a JSON object"
 REASON_BAD_NUMBER = "watch_time_ms or item_duration_ms is not an integer"
@@ -105,7 +105,7 @@ def window_plan(group: FeatureGroup, recent_items: bool = False) -> WindowPlan:
         if w % slide:
             raise ValueError(
                 f"group {group.name!r}: window {w} is not a multiple of the slide {slide}; "
-                "choose a slide that divides every window in recsys_platform.features"
+                "choose a slide that divides every window in recsys_core.features"
             )
     return WindowPlan(group, size, slide, recent_items)
 
@@ -237,12 +237,12 @@ def _line_expr(raw_numbers: bool = True) -> str:
 def parsed_view_sql(from_date: date | None = None, pseudonym_key: str | None = None) -> str:
     """Types the event fields and names the first broken rule of each row (or NULL).
 
-    The checks and their order follow :func:`recsys_platform.contracts.validate_events`.
+    The checks and their order follow :func:`recsys_core.contracts.validate_events`.
 
     Args:
         from_date: Keep only events on or after this date (a replay).
         pseudonym_key: When set, ``user_id`` is replaced by its pseudonym
-            (:func:`recsys_platform.privacy.pseudonym_sql`) before anything else sees it.
+            (:func:`recsys_core.privacy.pseudonym_sql`) before anything else sees it.
     """
     reasons = []
     for column in ("event_id", "user_id", "item_id", "event_type"):
@@ -374,7 +374,7 @@ def slice_query(plan: WindowPlan) -> str:
 
 def group_query(plan: WindowPlan) -> str:
     """One row per (entity, window_end) with the group's aggregates (ratios are computed in
-    the sink with :func:`recsys_platform.features.ratio`).
+    the sink with :func:`recsys_core.features.ratio`).
 
     Cascaded: a ``HOP`` over the per-slide rows of :func:`slice_query` (registered as
     :func:`slices_view`). A slide ending at

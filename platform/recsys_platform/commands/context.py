@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from recsys_platform.settings import Settings, load_settings
+from recsys_core.settings import Settings, load_settings
 
 _loaded: list[Settings] = []
 _config_file: list[Path] = []

@@ -13,8 +13,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from recsys_core.settings import load_settings
 from recsys_platform.k8s import CHART_CONFIG_FILE, recsys_environment, render_configmap_file
-from recsys_platform.settings import load_settings
 
 logger = logging.getLogger(__name__)
 console = Console()

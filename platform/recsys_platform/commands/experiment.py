@@ -130,9 +130,9 @@ def decide_cmd(
     = True,
 ) -> None:
     """Runs the decide flow once: promote, roll back, expire or keep running (audited)."""
-    from recsys_pipelines.flows import prefect_api
-    from recsys_platform.experiment_flow import experiment_decide_flow
     from recsys_platform.experiments import lifecycle
+    from recsys_platform.flows.data import prefect_api
+    from recsys_platform.flows.experiment import experiment_decide_flow
 
     settings = current_settings()
     if lifecycle.current(settings) is None:

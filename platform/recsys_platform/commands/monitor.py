@@ -48,9 +48,9 @@ def run_command(
     = None,
 ) -> None:
     """Runs the monitoring flow once; exit code 1 when a threshold is breached."""
-    from recsys_pipelines.flows import prefect_api
     from recsys_pipelines.monitoring import MonitoringBreach
-    from recsys_platform.monitoring_flow import monitoring_flow
+    from recsys_platform.flows.data import prefect_api
+    from recsys_platform.flows.monitoring import monitoring_flow
 
     settings = current_settings()
     if metrics_url:

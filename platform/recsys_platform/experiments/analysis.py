@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from recsys_core.settings import Settings
 from recsys_platform.experiments.definition import Experiment
 from recsys_platform.experiments.stats import COLUMNS, Report, analyse
-from recsys_platform.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def read_log(folder: Path, exp: Experiment) -> pd.DataFrame:
     from the day it started on."""
     import pyarrow.dataset as pads
 
-    from recsys_platform.serving.impressions import SERVED_SCHEMA
+    from recsys_core.contracts import SERVED_SCHEMA
 
     first_day = exp.started.date().isoformat()
     files = sorted(str(p) for p in folder.rglob("*.parquet") if not p.name.startswith(".")

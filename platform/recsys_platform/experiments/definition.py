@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from recsys_platform.errors import RecsysError
+from recsys_core.errors import RecsysError
 
 Mode = Literal["shadow", "split"]
 Arm = Literal["control", "treatment"]

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from recsys_core.settings import Settings
 from recsys_platform.experiments import store
 from recsys_platform.experiments.definition import Experiment, ExperimentError, Guardrails
 from recsys_platform.experiments.stats import Decision, Report, decide
-from recsys_platform.settings import Settings
 
 logger = logging.getLogger(__name__)
 

@@ -26,9 +26,9 @@ from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from recsys_core.settings import Settings
 from recsys_platform.experiments.definition import ACTIVE_TAG, Experiment, ExperimentError
 from recsys_platform.experiments.stats import Decision, Report
-from recsys_platform.settings import Settings
 
 logger = logging.getLogger(__name__)
 

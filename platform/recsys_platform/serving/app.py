@@ -35,7 +35,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from prometheus_client import generate_latest, start_http_server
 from ray import serve
 
-from recsys_platform.errors import InvalidRequestError
+from recsys_core.errors import InvalidRequestError
+from recsys_core.settings import ServingSettings, load_settings
 from recsys_platform.serving.admission import Admission, AdmissionPolicy, Mode
 from recsys_platform.serving.admission import install as install_admission
 from recsys_platform.serving.deployment import DEPLOYMENT_NAME, deployment_options
@@ -50,7 +51,6 @@ from recsys_platform.serving.schemas import (
     request_json_schema,
     validation_reasons,
 )
-from recsys_platform.settings import ServingSettings, load_settings
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from recsys_platform.atomic import atomic_write_text
+from recsys_core.atomic import atomic_write_text
 from recsys_platform.serving.metrics import ServingMetrics
 
 logger = logging.getLogger(__name__)

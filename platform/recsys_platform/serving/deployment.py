@@ -1,6 +1,6 @@
 """The recommender deployment's Ray Serve options, from ``serving.*`` settings in one place.
 
-The deployment decorator (``app.py``), ``recsys serve up`` (``commands/serve.py``), the
+The deployment decorator (``app.py``), ``recsys serve up`` (``serving/cluster.py``), the
 committed ``serve_config.yaml`` (local profile) and the Helm chart's RayService (k8s profile)
 all carry these values; tests keep the last two equal to :func:`deployment_options`.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from recsys_platform.settings import ServingSettings
+from recsys_core.settings import ServingSettings
 
 DEPLOYMENT_NAME = "recommender"
 # Direct ingress health checks every few seconds; a replica without a bundle stays healthy.
@@ -34,5 +34,7 @@ def deployment_options(s: ServingSettings) -> dict[str, Any]:
         "max_queued_requests": s.max_queued_requests,
         "autoscaling_config": autoscaling_config(s),
         "health_check_period_s": HEALTH_CHECK_PERIOD_S,
-        "logging_config": {"enable_access_log": False},  # no log line per request
+        # No log line per request; at WARNING, Serve's per-request access record is not even
+        # built (its logger.info ran for every request, filtered only by the handlers).
+        "logging_config": {"enable_access_log": False, "log_level": "WARNING"},
     }

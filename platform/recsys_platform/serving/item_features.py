@@ -8,7 +8,7 @@
   numeric inputs and the diversity metadata (``creator_id``, ``category``) come from the same
   read (:class:`ItemRows`).
 - :class:`ColdStartLists`: trending, fresh and popular, read from the small sorted sets the
-  pipelines keep (:mod:`recsys_platform.cold_start`) every ``ttl_s``; ``O(list)`` per refresh.
+  pipelines keep (:mod:`recsys_pipelines.cold_start`) every ``ttl_s``; ``O(list)`` per refresh.
 
 Nothing here reads the whole catalog; a replica's item memory is the LRU's ``capacity`` rows.
 """
@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from recsys_platform.cold_start import LIST_NAMES, LIST_SIZE
-from recsys_platform.features import ITEM_KEY
+from recsys_core.features import ITEM_KEY
+from recsys_pipelines.cold_start import LIST_NAMES, LIST_SIZE
 from recsys_platform.serving.online_features import (
     ITEM_VIEWS,
     RedisHashReader,
@@ -319,10 +319,11 @@ class ItemFeatureCache:
             time.sleep(0.05)  # batch the rows that come due meanwhile into one read
 
 
-def redis_item_fetch(store: Any, url: str, timeout_s: float) -> tuple[Fetch, list[str]]:
-    """A :data:`Fetch` of every item view's features from Feast's Redis layout (ONE pipeline
+def redis_item_fetch(store: Any, url: str, timeout_s: float, views: Sequence[str] = ITEM_VIEWS
+                     ) -> tuple[Fetch, list[str]]:
+    """A :data:`Fetch` of the item ``views``' features from Feast's Redis layout (ONE pipeline
     for up to 1,000 items), and its feature names."""
-    reader = RedisHashReader(store, url, timeout_s, ITEM_KEY, ITEM_VIEWS)
+    reader = RedisHashReader(store, url, timeout_s, ITEM_KEY, views)
 
     def fetch(ids: Sequence[str]) -> list[tuple[tuple[Any, float], ...]]:
         raw = reader.fetch([reader.key(i) for i in ids])
@@ -331,9 +332,9 @@ def redis_item_fetch(store: Any, url: str, timeout_s: float) -> tuple[Fetch, lis
     return fetch, list(reader.names)
 
 
-def feast_item_fetch(store: Any) -> tuple[Fetch, list[str]]:
+def feast_item_fetch(store: Any, views: Sequence[str] = ITEM_VIEWS) -> tuple[Fetch, list[str]]:
     """A :data:`Fetch` through Feast's ``get_online_features`` (any online store)."""
-    refs = feature_refs(store, ITEM_VIEWS)
+    refs = feature_refs(store, views)
     names = [r.split(":", 1)[1] for r in refs]
 
     def fetch(ids: Sequence[str]) -> list[tuple[tuple[Any, float], ...]]:

@@ -1,11 +1,11 @@
 """Request and response models of ``POST /recommend``, and the request's parser.
 
 The request is strict: unknown fields, wrong JSON types (``"k": "5"``, ``"k": true``), ids
-outside the contract's charset and length (:data:`~recsys_platform.contracts.ID_PATTERN`),
+outside the contract's charset and length (:data:`~recsys_core.contracts.ID_PATTERN`),
 surfaces and devices outside the contract's vocabularies, too many excluded items, bodies over
 :data:`MAX_BODY_BYTES`, non-UTF-8 bodies and deep nesting are all refused before anything is
 logged. :func:`parse_request` turns raw body bytes into a request or an
-:class:`~recsys_platform.errors.InvalidRequestError` with bounded reasons.
+:class:`~recsys_core.errors.InvalidRequestError` with bounded reasons.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from pydantic import (
     ValidationError,
 )
 
-from recsys_platform.contracts import DEVICES, ID_CHARS, ID_PATTERN, MAX_ID_LENGTH, SURFACES
-from recsys_platform.errors import InvalidRequestError
+from recsys_core.contracts import DEVICES, ID_CHARS, ID_PATTERN, MAX_ID_LENGTH, SURFACES
+from recsys_core.errors import InvalidRequestError
 
 Source = Literal["retrieval", "trending", "fresh", "popular"]
 

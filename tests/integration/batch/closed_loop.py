@@ -17,9 +17,9 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
+from recsys_core.contracts import RAW_EVENT_SCHEMA
 from recsys_pipelines.etl import atomic_write_table
 from recsys_pipelines.generator import GeneratedData, GeneratorConfig, generate, write_generated
-from recsys_platform.contracts import RAW_EVENT_SCHEMA
 from tests.fixtures.feast_store import FeastEnv, make_feast_env
 
 TINY = GeneratorConfig(events=2_500, days=2, users=30, items=60, new_users_per_day=2,

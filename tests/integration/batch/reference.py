@@ -1,4 +1,4 @@
-"""Independent, slow reference of the feature semantics in ``recsys_platform.features``.
+"""Independent, slow reference of the feature semantics in ``recsys_core.features``.
 
 Computed straight from lake events with the documented window ``(t - w, t]``, one entity at a
 time, so that the batch pipeline (Ray Data + cumulative sums) is checked against the
@@ -11,7 +11,7 @@ from typing import Any
 
 import pandas as pd
 
-from recsys_platform import features as F
+from recsys_core import features as F
 
 
 def windowed(events: pd.DataFrame, group: F.FeatureGroup, entity_id: str,

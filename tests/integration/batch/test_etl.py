@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from recsys_pipelines import etl, sources
-from recsys_pipelines.flows import etl_flow
+from recsys_platform.flows.data import etl_flow
 from tests.fixtures.feast_store import BatchEnv, write_test_config
 
 pytestmark = pytest.mark.integration

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from recsys_pipelines import sources
-from recsys_pipelines.flows import etl_flow
 from recsys_pipelines.generator import GeneratorConfig, generate, write_generated
+from recsys_platform.flows.data import etl_flow
 from tests.fixtures.feast_store import write_test_config
 
 pytestmark = pytest.mark.integration

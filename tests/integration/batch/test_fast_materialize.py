@@ -9,11 +9,11 @@ import pyarrow as pa
 import pytest
 import redis
 
+from recsys_core import features as F
+from recsys_core import online_layout
 from recsys_pipelines import feature_store
 from recsys_pipelines.batch_features import day_end
 from recsys_pipelines.materialize import latest_rows, view_specs
-from recsys_pipelines.stream import layout
-from recsys_platform import features as F
 from tests.fixtures.feast_store import BatchEnv
 
 pytestmark = pytest.mark.integration
@@ -33,7 +33,7 @@ def test_fast_materialization_equals_feasts_own_on_a_sample(features_state: Any,
     client = redis.Redis.from_url(settings.redis.url)
     end = day_end(batch_env.end).to_pydatetime()
     start = day_end(batch_env.start).to_pydatetime()
-    for spec in view_specs(store, feature_store.BATCH_VIEWS):
+    for spec in view_specs(store, F.BATCH_VIEWS):
         table = latest_rows(feature_store.offline_dir(settings) / spec.name, spec.join_key,
                             start, end)
         rows = np.linspace(0, table.num_rows - 1, SAMPLE).astype(int)
@@ -44,9 +44,9 @@ def test_fast_materialization_equals_feasts_own_on_a_sample(features_state: Any,
         sample = sample.set_column(at, F.WINDOW_END, sample.column(at).cast(
             pa.timestamp("ns", tz="UTC")))
         ids = [str(i) for i in sample.column(spec.join_key).to_pylist()]
-        keys = [layout.entity_key(spec.join_key, i, store.config.project, 3) for i in ids]
-        fields = [layout.timestamp_field(spec.name).encode()] + [
-            layout.feature_field(spec.name, name) for name, _ in spec.features]
+        keys = [online_layout.entity_key(spec.join_key, i, store.config.project, 3) for i in ids]
+        fields = [online_layout.timestamp_field(spec.name).encode()] + [
+            online_layout.feature_field(spec.name, name) for name, _ in spec.features]
         fast = [client.hmget(k, fields) for k in keys]
         assert all(all(v is not None for v in row) for row in fast), spec.name
         for key in keys:

@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from recsys_core import features as F
 from recsys_pipelines import etl, feature_store
 from recsys_pipelines.batch_features import day_end, read_catalog
-from recsys_platform import features as F
 from tests.fixtures.feast_store import BatchEnv
 from tests.integration.batch import reference
 
@@ -94,9 +94,9 @@ def test_feasts_own_cli_reads_the_generated_repository(
 def test_the_hourly_materialize_flow_completes(
     features_state: Any, batch_env: BatchEnv, prefect_harness: None
 ) -> None:
-    from recsys_pipelines.flows import materialize_flow
+    from recsys_platform.flows.data import materialize_flow
 
     end = (day_end(batch_env.end) + pd.Timedelta(hours=1)).to_pydatetime()
     state = materialize_flow(end=end, config_file=str(batch_env.config_file), return_state=True)
     assert state.is_completed(), state.message
-    assert state.result()["views"] == list(feature_store.BATCH_VIEWS)
+    assert state.result()["views"] == list(F.BATCH_VIEWS)

@@ -23,14 +23,14 @@ import pytest
 import redis
 from typer.testing import CliRunner
 
+from recsys_core.online_layout import entity_key
+from recsys_core.privacy import AUDIT_LOG, pseudonymize
 from recsys_pipelines.etl import read_lake_events
 from recsys_pipelines.feature_store import load_store
-from recsys_pipelines.flows import etl_flow, features_flow
 from recsys_pipelines.generator import GeneratedData
-from recsys_pipelines.stream.layout import entity_key
 from recsys_pipelines.stream.sink import SinkConfig
 from recsys_pipelines.training_set import build_snapshot
-from recsys_platform.privacy import AUDIT_LOG, pseudonymize
+from recsys_platform.flows.data import etl_flow, features_flow
 from recsys_platform.serving.impressions import ImpressionLogger
 from tests.fixtures.feast_store import TEST_REDIS_URL, delete_project_keys
 from tests.integration.batch.closed_loop import (
@@ -66,7 +66,7 @@ def _stream_dir(env: LoopEnv) -> Path:
     return Path(env.settings.path(env.settings.flink.stream_dir))
 
 
-def _redis_keys(env: LoopEnv, client: redis.Redis) -> list[bytes]:
+def _keys_of_env(env: LoopEnv, client: redis.Redis) -> list[bytes]:
     prefix = env.settings.redis.key_prefix
     return [*client.scan_iter(match=f"*{env.project}".encode(), count=1000),
             *client.scan_iter(match=f"{prefix}:*".encode(), count=1000)]
@@ -88,7 +88,7 @@ def mentions(env: LoopEnv, needles: tuple[str, ...]) -> dict[str, list[str]]:
             found.setdefault("files", []).append(str(path.relative_to(env.root)))
     client = redis.Redis.from_url(TEST_REDIS_URL)
     try:
-        for key in _redis_keys(env, client):
+        for key in _keys_of_env(env, client):
             kind = client.type(key)
             if kind == b"hash":
                 values = [b for kv in client.hgetall(key).items() for b in kv]

@@ -12,8 +12,9 @@ import pytest
 
 from recsys_pipelines.etl import read_lake_events
 from recsys_pipelines.feature_store import load_store
-from recsys_pipelines.flows import etl_flow, features_flow
 from recsys_pipelines.training_set import build_snapshot, join_labels
+from recsys_platform.flows.data import etl_flow, features_flow
+from recsys_platform.runtime import ensure_ray
 from recsys_platform.serving.impressions import ImpressionLogger
 from tests.fixtures.mlflow_store import MlflowStore
 from tests.integration.batch.closed_loop import (
@@ -153,6 +154,7 @@ def test_a_model_trains_on_served_impressions_whose_window_closed(
     assert from_serving["user_impressions_1d"].notna().any()  # features as of the day before
 
     cfg = TrainConfig(epochs=1, batch_size=256, two_tower=TwoTowerConfig(dim=16))
+    ensure_ray(settings)
     outcome = train_evaluate_register(settings, cfg, snapshot_id=sid, workers=1)
     assert outcome.split.snapshot_id == sid and outcome.registered is not None
     trained_on = outcome.split.train_labels.assign(

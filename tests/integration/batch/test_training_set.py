@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from recsys_core import features as F
 from recsys_pipelines import etl, feature_store
 from recsys_pipelines.batch_features import day_end
 from recsys_pipelines.training_set import (
@@ -17,7 +18,6 @@ from recsys_pipelines.training_set import (
     label_impressions,
     write_training_snapshot,
 )
-from recsys_platform import features as F
 from tests.fixtures.feast_store import BatchEnv
 from tests.integration.batch import reference
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from recsys_core.settings import MlflowSettings, Settings, load_settings
 from recsys_platform.experiments import lifecycle, store
 from recsys_platform.experiments.definition import ACTIVE_TAG, ExperimentError
 from recsys_platform.experiments.stats import Decision, analyse
-from recsys_platform.settings import MlflowSettings, Settings, load_settings
 from tests.fixtures.mlflow_store import MlflowStore
 from tests.unit.test_experiment_stats import _rows
 

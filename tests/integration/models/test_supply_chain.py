@@ -13,10 +13,10 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from recsys_core.settings import MlflowSettings, Settings, load_settings
 from recsys_models.errors import BundleIntegrityError
 from recsys_models.provenance import DIGEST_TAG, bundle_digest, load_verified
 from recsys_models.registry import register_bundle
-from recsys_platform.settings import MlflowSettings, Settings, load_settings
 from tests.fixtures.mlflow_store import MlflowStore
 from tests.model.snapshots import trained_bundle
 

@@ -16,13 +16,13 @@ from pathlib import Path
 import psutil
 import pytest
 
-from recsys_platform.commands.serve import (
+from recsys_core.settings import Settings
+from recsys_platform.serving.cluster import (
     head_command,
     head_env,
     is_client_server,
     stop_local_head,
 )
-from recsys_platform.settings import Settings
 from tests.fixtures.net import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pytest
 import redis
 
-from recsys_platform.settings import Settings, load_settings
+from recsys_core.settings import Settings, load_settings
 from tests.fixtures.champion import sqlite_mlflow, train_champion
 from tests.fixtures.feast_store import TEST_REDIS_URL, BatchEnv, derive_config
 
@@ -36,8 +36,8 @@ class MonitoredEnv:
 
 
 def _write_served(settings: Settings, recs: pd.DataFrame, served_at: datetime, tag: str) -> None:
+    from recsys_core.contracts import SERVED_SCHEMA
     from recsys_pipelines.etl import atomic_write_table
-    from recsys_platform.serving.impressions import SERVED_SCHEMA
 
     rows = pd.DataFrame({
         "request_id": recs["user_id"] + f"-{tag}", "user_id": recs["user_id"],
@@ -92,8 +92,8 @@ def monitored(batch_env: BatchEnv, features_state: Any, ray_cluster: Any,
 @pytest.fixture
 def shifted_online_feature(monitored: MonitoredEnv) -> Iterator[str]:
     """Multiplies one user feature online (Feast write), then restores every key byte-exact."""
+    from recsys_core.features import USER_BATCH
     from recsys_pipelines.feature_store import load_store, online_features
-    from recsys_platform.features import USER_BATCH
 
     settings = monitored.settings
     client = redis.Redis.from_url(TEST_REDIS_URL)
@@ -115,7 +115,7 @@ def shifted_online_feature(monitored: MonitoredEnv) -> Iterator[str]:
 
 
 def _run(settings: Settings) -> Any:
-    from recsys_platform.monitoring_flow import monitoring_flow
+    from recsys_platform.flows.monitoring import monitoring_flow
 
     return monitoring_flow(settings=settings, return_state=True)
 

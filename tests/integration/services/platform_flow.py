@@ -11,7 +11,7 @@ import json
 import os
 import sys
 
-from recsys_platform.settings import load_settings
+from recsys_core.settings import load_settings
 
 settings = load_settings("services")
 assert settings.prefect.api_url, "the services profile names a Prefect server"

@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from mlflow import MlflowClient
 
-from recsys_platform.settings import Settings, load_settings
+from recsys_core.settings import Settings, load_settings
 from tests.conftest import REPO_ROOT
 from tests.integration.services.conftest import Services
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from recsys_platform.settings import Settings, load_settings
+from recsys_core.settings import Settings, load_settings
 from tests.fixtures.champion import sqlite_mlflow, train_champion
 from tests.fixtures.feast_store import derive_config
 from tests.fixtures.net import free_port

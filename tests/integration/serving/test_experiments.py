@@ -32,8 +32,8 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
+from recsys_core.settings import Settings, load_settings
 from recsys_platform.experiments.definition import Guardrails
-from recsys_platform.settings import Settings, load_settings
 from tests.fixtures.champion import sqlite_mlflow
 from tests.fixtures.feast_store import derive_config
 from tests.integration.serving.env import ServingEnv, _app_url, _wait, call
@@ -144,8 +144,8 @@ def _click(env: ExperimentEnv, responses: list[dict[str, Any]], served: pd.DataF
            rates: dict[str, float], seed: int) -> None:
     """Clicks at ``rates[bundle_version]`` per served item, 200 ms after it was served (inside
     the 1 s label window), landed as a client's raw click events."""
+    from recsys_core.contracts import RAW_EVENT_SCHEMA
     from recsys_pipelines.etl import atomic_write_table
-    from recsys_platform.contracts import RAW_EVENT_SCHEMA
 
     rng = np.random.default_rng(seed)
     at = served.groupby("request_id")["served_at"].first() + pd.Timedelta(milliseconds=200)
@@ -174,7 +174,7 @@ def _logged(env: ExperimentEnv, folder: str, request_ids: set[str]) -> pd.DataFr
 
 
 def _decide(env: ExperimentEnv) -> dict[str, Any]:
-    from recsys_platform.experiment_flow import experiment_decide_flow
+    from recsys_platform.flows.experiment import experiment_decide_flow
 
     time.sleep(1.1)  # the label window (1 s) of the last impressions closes
     return experiment_decide_flow(why="integration test", who="pytest", settings=env.settings)

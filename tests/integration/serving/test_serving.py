@@ -19,7 +19,7 @@ from typing import Any, cast
 
 import pytest
 
-from recsys_platform.settings import Settings, load_settings
+from recsys_core.settings import Settings, load_settings
 from tests.fixtures.feast_store import derive_config
 from tests.fixtures.net import free_port
 from tests.integration.serving.env import ServingEnv, _app_url, _wait, call
@@ -133,7 +133,7 @@ def test_changed_item_features_are_served_within_the_ttl(
         serving_env: ServingEnv, short_ttl: tuple[Any, Any]) -> None:
     import redis
 
-    from recsys_platform.features import ITEM_KEY
+    from recsys_core.features import ITEM_KEY
     from recsys_platform.serving.factory import serving_store
     from recsys_platform.serving.online_features import ITEM_VIEWS, RedisHashReader
     from recsys_platform.serving.schemas import RecommendRequest
@@ -150,7 +150,7 @@ def test_changed_item_features_are_served_within_the_ttl(
     key, field = hashes.key(item), hashes.fields[hashes.names.index(column)]
     client = redis.Redis.from_url(url)
     saved = cast(bytes, client.hget(key, field))
-    from recsys_pipelines.stream.layout import encode_value
+    from recsys_core.online_layout import encode_value
 
     try:
         client.hset(key, field, encode_value(before + 1000))  # type: ignore[arg-type]
@@ -186,9 +186,9 @@ def test_a_replica_serves_items_added_after_its_bundle(
     import pandas as pd
     import redis
 
+    from recsys_core.features import ITEM_KEY, WINDOW_END
     from recsys_models.fast_rank import catalog_rows, ranking_catalog
-    from recsys_platform import cold_start
-    from recsys_platform.features import ITEM_KEY, WINDOW_END
+    from recsys_pipelines import cold_start
     from recsys_platform.serving.factory import serving_store
     from recsys_platform.serving.schemas import RecommendRequest
 

@@ -14,12 +14,12 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from recsys_core.contracts import split_duplicates, validate_events
+from recsys_core.features import ENTITY_KEYS, ITEM_TRENDING, USER_STREAM
+from recsys_core.settings import Settings, load_settings
 from recsys_pipelines.generator import GeneratorConfig, generate, write_jsonl
 from recsys_pipelines.stream.job import JobOptions, options_from_settings
 from recsys_pipelines.stream.sql import window_plan
-from recsys_platform.contracts import split_duplicates, validate_events
-from recsys_platform.features import ENTITY_KEYS, ITEM_TRENDING, USER_STREAM
-from recsys_platform.settings import Settings, load_settings
 from tests.fixtures.flink import StreamEnv
 from tests.integration.stream import reference
 

@@ -1,7 +1,7 @@
 """A small pandas reference of the documented feature semantics (the batch side of parity).
 
-``recsys_platform.features``: an aggregate at time ``t`` over window ``w`` covers
-``t - w < event_time <= t``; ratios use :func:`recsys_platform.features.ratio`; the recent
+``recsys_core.features``: an aggregate at time ``t`` over window ``w`` covers
+``t - w < event_time <= t``; ratios use :func:`recsys_core.features.ratio`; the recent
 items are the ``HISTORY_LENGTH`` newest distinct items engaged with at or before ``t``, newest
 first (ties: newer ``event_id`` first), as the batch ``user_history``.
 (The batch engineer's Ray pipeline computes day-end windows only, so the minute windows of
@@ -14,7 +14,7 @@ from datetime import timedelta
 
 import pandas as pd
 
-from recsys_platform.features import (
+from recsys_core.features import (
     ENGAGEMENT_TYPES,
     ENTITY_KEYS,
     HISTORY_LENGTH,

@@ -11,10 +11,10 @@ from typing import Any
 import pandas as pd
 import pytest
 
+from recsys_core.contracts import REASON_BAD_TIME
 from recsys_pipelines.stream import sql
 from recsys_pipelines.stream.job import JobOptions, create_table_env
 from recsys_pipelines.stream.sink import SinkConfig
-from recsys_platform.contracts import REASON_BAD_TIME
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -10,12 +10,12 @@ from typing import Any
 import pandas as pd
 import pytest
 
+from recsys_core.contracts import validate_events
+from recsys_core.features import ITEM_TRENDING, USER_STREAM
 from recsys_pipelines.feature_store import apply_definitions
 from recsys_pipelines.generator import write_jsonl
 from recsys_pipelines.stream.job import start
 from recsys_pipelines.stream.sql import REASON_TOO_LATE
-from recsys_platform.contracts import validate_events
-from recsys_platform.features import ITEM_TRENDING, USER_STREAM
 from tests.fixtures.flink import StreamEnv
 from tests.integration.stream import helpers as h
 from tests.integration.stream import reference

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from recsys_platform.privacy import pseudonym_sql, pseudonymize
+from recsys_core.privacy import pseudonym_sql, pseudonymize
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

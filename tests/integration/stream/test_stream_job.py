@@ -17,12 +17,12 @@ import pandas as pd
 import psutil
 import pytest
 
+from recsys_core.features import ITEM_TRENDING, USER_STREAM
 from recsys_pipelines.feature_store import apply_definitions
 from recsys_pipelines.generator import write_jsonl
 from recsys_pipelines.stream.checkpoints import latest_checkpoint
 from recsys_pipelines.stream.job import start
 from recsys_pipelines.stream.sql import REASON_NOT_JSON
-from recsys_platform.features import ITEM_TRENDING, USER_STREAM
 from tests.fixtures.flink import StreamEnv
 from tests.integration.stream import helpers as h
 
@@ -84,7 +84,7 @@ def test_online_store_holds_windowed_values_read_through_feast(
 
 def test_stream_matches_batch_semantics_on_the_same_events(
         continuous_run: dict[str, Any]) -> None:
-    # The expected state is the pandas reference of recsys_platform.features (t-w, t] and
+    # The expected state is the pandas reference of recsys_core.features (t-w, t] and
     # ratio(); compare every feature of every entity, window end included.
     store, expected = continuous_run["store"], continuous_run["expected"]
     for view in (USER_STREAM.name, ITEM_TRENDING.name):

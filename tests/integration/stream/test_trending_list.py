@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 import redis
 
+from recsys_core.features import ITEM_TRENDING
+from recsys_pipelines import cold_start
 from recsys_pipelines.stream.sink import FeatureWriter, SinkConfig
 from recsys_pipelines.stream.sql import window_plan
-from recsys_platform import cold_start
-from recsys_platform.features import ITEM_TRENDING
 
 pytestmark = pytest.mark.integration
 URL = "redis://127.0.0.1:6379/3"

@@ -17,7 +17,7 @@ class ContractError(RecsysError):
     def __init__(self, contract: str, missing: list[str]) -> None:
         super().__init__(
             f"{contract}: missing required columns {sorted(missing)}; "
-            "check the producer against recsys_platform.contracts"
+            "check the producer against recsys_core.contracts"
         )
         self.contract = contract
         self.missing = missing

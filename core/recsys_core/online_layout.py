@@ -1,9 +1,13 @@
-"""Feast's Redis online-store layout, written with Feast's own helpers so it cannot drift.
+"""Feast's online-store layout, written with Feast's own helpers so it cannot drift.
+
+The only module that knows it: the stream sink and the fast materializer (writers), the
+serving reader and ``forget`` (deleter) all call these functions.
 
 One Redis hash per entity: key ``serialize_entity_key(entity) + project``; a field
 ``mmh3("<view>:<feature>")`` per feature holding a serialized ``ValueProto``, and
 ``_ts:<view>`` holding the event timestamp (here the window end) as a protobuf ``Timestamp``.
-This is what :class:`feast.infra.online_stores.redis.RedisOnlineStore` reads.
+This is what :class:`feast.infra.online_stores.redis.RedisOnlineStore` reads. Feast's SQLite
+online store keys its rows by the same serialized entity key (without the project).
 
 :func:`encode_column` serializes a whole column the way Feast's type map does
 (``python_values_to_proto_values``), ~10-30x faster: the protobuf wire bytes are built
@@ -30,16 +34,34 @@ import pyarrow.compute as pc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 FeatureValue = int | float | list[str]
+# Feast's entity_key_serialization_version: the feature_store.yaml we write says so, and every
+# key written, read or deleted here uses it.
+SERIALIZATION_VERSION = 3
+
+
+def _entity_proto(join_key: str, entity_id: str) -> Any:
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
+    from feast.protos.feast.types.Value_pb2 import Value as ValueProto
+
+    return EntityKeyProto(join_keys=[join_key], entity_values=[ValueProto(string_val=entity_id)])
+
+
+def serialized_entity_key(join_key: str, entity_id: str,
+                          serialization_version: int = SERIALIZATION_VERSION) -> bytes:
+    """Feast's serialized entity key without the project (the SQLite online store's key)."""
+    from feast.infra.key_encoding_utils import serialize_entity_key
+
+    key: bytes = serialize_entity_key(_entity_proto(join_key, entity_id),
+                                      entity_key_serialization_version=serialization_version)
+    return key
 
 
 def entity_key(join_key: str, entity_id: str, project: str, serialization_version: int) -> bytes:
     """The Redis key of one entity's hash (string join keys, as ``user_id``/``item_id``)."""
     from feast.infra.online_stores.helpers import _redis_key
-    from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
-    from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 
-    proto = EntityKeyProto(join_keys=[join_key], entity_values=[ValueProto(string_val=entity_id)])
-    key: bytes = _redis_key(project, proto, entity_key_serialization_version=serialization_version)
+    key: bytes = _redis_key(project, _entity_proto(join_key, entity_id),
+                            entity_key_serialization_version=serialization_version)
     return key
 
 
@@ -68,7 +90,7 @@ def entity_key_encoder(join_key: str, project: str, serialization_version: int
     encode = EntityKeyEncoder(sample[: len(sample) - 4 - 1 - len(project_bytes)], project_bytes)
     for probe in ("item-0042", "usér_ü"):
         if encode(probe) != entity_key(join_key, probe, project, serialization_version):
-            raise RuntimeError("Feast's entity key layout changed; update layout.py")
+            raise RuntimeError("Feast's entity key layout changed; update online_layout.py")
     return encode
 
 
@@ -79,6 +101,12 @@ def feature_field(view: str, feature: str) -> bytes:
 
     field: bytes = _mmh3(f"{view}:{feature}")
     return field
+
+
+def ref_field(ref: str) -> bytes:
+    """The hash field of a ``view:feature`` reference."""
+    view, feature = ref.split(":", 1)
+    return feature_field(view, feature)
 
 
 def timestamp_field(view: str) -> str:
@@ -109,6 +137,18 @@ def encode_value(value: FeatureValue) -> bytes:
     proto = ValueProto(string_list_val=StringList(val=list(value)))
     encoded: bytes = proto.SerializeToString()
     return encoded
+
+
+def decode_value(blob: bytes | None) -> Any:
+    """The Python value of one stored field (Feast's own type map), ``None`` where absent."""
+    if not blob:
+        return None
+    from feast.protos.feast.types.Value_pb2 import Value as ValueProto
+    from feast.type_map import feast_value_type_to_python_type
+
+    proto = ValueProto()
+    proto.ParseFromString(blob)
+    return feast_value_type_to_python_type(proto)
 
 
 @lru_cache(maxsize=4_096)
@@ -308,5 +348,5 @@ def encode_column(column: pa.ChunkedArray | pa.Array, value_type: str,
         expected = [wrapper(b) for b in _feast_encoding(sample, value_type)]
         if expected != [out[i] for i in rows]:
             raise RuntimeError(f"Feast's {value_type} value serialization changed; "
-                               "update recsys_pipelines/stream/layout.py")
+                               "update recsys_core/online_layout.py")
     return out

@@ -27,7 +27,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-PROJECT_PACKAGES = ("recsys_platform", "recsys_pipelines", "recsys_models", "__main__")
+PROJECT_PACKAGES = ("recsys_core", "recsys_platform", "recsys_pipelines", "recsys_models",
+                    "__main__")
 LIBRARY_LEVEL = logging.WARNING  # library records below this are hidden unless verbose
 LIBRARY_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -46,30 +47,38 @@ _QUIET = {
     "TQDM_DISABLE": "1",  # tqdm bars of Feast materialize and friends
 }
 
+# Unless verbose: library loggers whose notices at WARNING are about optional parts the
+# platform never uses. Beam (under PyFlink) tries every filesystem on import and warns that
+# GCS needs google-cloud-storage, which the local file/Redis job does not.
+_QUIET_LOGGERS = {"apache_beam.io.filesystems": logging.ERROR}
+
 
 def is_project(logger_name: str) -> bool:
     """True for the platform's own loggers (``recsys_*`` packages and scripts)."""
     return logger_name.split(".", 1)[0] in PROJECT_PACKAGES
 
 
-def shows(logger_name: str, level: int, verbose: bool) -> bool:
-    """Whether the console shows a record: all when verbose, else the project's from INFO and
-    the libraries' from :data:`LIBRARY_LEVEL`."""
+def shows(logger_name: str, level: int, verbose: bool, project_level: int = logging.INFO
+          ) -> bool:
+    """Whether the console shows a record: all when verbose, else the project's from
+    ``project_level`` (INFO; the demo, whose tables say it all: WARNING) and the libraries'
+    from :data:`LIBRARY_LEVEL`."""
     if verbose:
         return True
-    return level >= (logging.INFO if is_project(logger_name) else LIBRARY_LEVEL)
+    return level >= (project_level if is_project(logger_name) else LIBRARY_LEVEL)
 
 
 class ConsoleFilter(logging.Filter):
     """Applies :func:`shows` on the console handler (libraries keep their own levels, so their
     file and API handlers, e.g. Prefect's flow-run logs in its UI, still get every record)."""
 
-    def __init__(self, verbose: bool) -> None:
+    def __init__(self, verbose: bool, project_level: int = logging.INFO) -> None:
         super().__init__()
         self.verbose = verbose
+        self.project_level = project_level
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return shows(record.name, record.levelno, self.verbose)
+        return shows(record.name, record.levelno, self.verbose, self.project_level)
 
 
 class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -108,7 +117,7 @@ def _hiding_showwarning(show: Callable[..., None]) -> Callable[..., None]:
 def ray_data_logging_config() -> str:
     """Path of the Ray Data logging config whose console handler shows ERROR and up
     (Ray Data's default prints INFO; its session log file keeps DEBUG)."""
-    return str(resources.files("recsys_platform") / "ray_data_logging.yaml")
+    return str(resources.files("recsys_core") / "ray_data_logging.yaml")
 
 
 def library_environment(verbose: bool, environ: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -147,17 +156,25 @@ def quiet_after_import(*names: str) -> None:
 _verbose = [True]  # until configure() runs: a library user's process keeps its own levels
 
 
-def configure(verbose: bool) -> None:
+def configure(verbose: bool, project_level: int = logging.INFO) -> None:
     """Configures console logging and library output once, in an entrypoint (or a child process
-    the CLI spawns). Call before the libraries are imported."""
+    the CLI spawns). Call before the libraries are imported.
+
+    Args:
+        verbose: everything at DEBUG (``-v``).
+        project_level: the least level of the project's own records shown when not verbose
+            (``recsys demo``: WARNING, its stage tables and progress carry the rest).
+    """
     _verbose[0] = verbose
     os.environ.update(library_environment(verbose))
     handler = StderrHandler()
     handler.setFormatter(logging.Formatter(FORMAT))
-    handler.addFilter(ConsoleFilter(verbose))
+    handler.addFilter(ConsoleFilter(verbose, project_level))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    for name, level in _QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(logging.NOTSET if verbose else level)
     logging.captureWarnings(False)
     if not verbose and not getattr(warnings.showwarning, "recsys_quiet", False):
         # At display time, not as a filter: libraries insert filters of their own on import

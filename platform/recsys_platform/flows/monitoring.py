@@ -34,6 +34,8 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import get_run_context
 
+from recsys_core import features as F
+from recsys_core.settings import Settings, load_settings
 from recsys_pipelines.monitoring import (
     Check,
     MonitoringBreach,
@@ -46,8 +48,6 @@ from recsys_pipelines.monitoring import (
     served_checks,
     serving_counters,
 )
-from recsys_platform import features as F
-from recsys_platform.settings import Settings, load_settings
 
 logger = logging.getLogger(__name__)
 

@@ -1,10 +1,11 @@
 """Prefect flows: daily ETL, batch features, hourly materialization. Wiring only.
 
-Each task wraps one plain function from :mod:`etl`, :mod:`sources`, :mod:`batch_features` or
-:mod:`feature_store`. Tasks at I/O boundaries retry with exponential back-off; a partition
-that still fails fails the flow run (nothing is skipped silently). Flows run on Prefect's
-ephemeral API unless ``PREFECT_API_URL`` points at a server (``services`` profile: set it from
-``settings.prefect.api_url``). Deployments: ``prefect.yaml`` at the repository root.
+Each task wraps one plain function from :mod:`recsys_pipelines.etl`, ``.sources``,
+``.batch_features`` or ``.feature_store``. Tasks at I/O boundaries retry with exponential
+back-off; a partition that still fails fails the flow run (nothing is skipped silently).
+Flows run on Prefect's ephemeral API unless ``PREFECT_API_URL`` points at a server
+(``services`` profile: set it from ``settings.prefect.api_url``). Deployments: ``prefect.yaml``
+at the repository root.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
+from recsys_core.settings import PrivacySettings, Settings, load_settings
 from recsys_pipelines import batch_features, etl, etl_ray, feature_store, sources
 from recsys_platform.runtime import ensure_ray
-from recsys_platform.settings import PrivacySettings, Settings, load_settings
 
 logger = logging.getLogger(__name__)
 

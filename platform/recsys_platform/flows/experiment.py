@@ -17,8 +17,8 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from recsys_core.settings import Settings, load_settings
 from recsys_platform.experiments import lifecycle
-from recsys_platform.settings import Settings, load_settings
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def experiment_decide_flow(why: str = "scheduled decision", who: str = "experime
         ``{"experiment", "decision", "reasons", "numbers"}``; ``experiment`` is None when no
         experiment is running.
     """
-    from recsys_pipelines.flows import etl_flow
+    from recsys_platform.flows.data import etl_flow
 
     settings = settings or load_settings(profile, Path(config_file) if config_file else None)
     log = get_run_logger()

@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING, Any, cast
 
 import redis
 
-from recsys_platform.atomic import atomic_write_text
+from recsys_core.atomic import atomic_write_text
 
 if TYPE_CHECKING:
-    from recsys_platform.settings import Settings
+    from recsys_core.settings import Settings
 
 LIST_NAMES: tuple[str, ...] = ("trending", "fresh", "popular")
 LIST_SIZE = 200  # members a replica reads of each list

@@ -18,7 +18,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import get_run_context
 
-from recsys_platform.settings import Settings, load_settings
+from recsys_core.settings import Settings, load_settings
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +48,11 @@ def build_snapshot(settings: Settings, start: date | None, end: date | None) -> 
 
 @task(cache_policy=NO_CACHE)
 def train_and_register(settings: Settings, snapshot_id: str, epochs: int, workers: int) -> Any:
+    from recsys_core.settings import with_overrides
     from recsys_models.workflow import train_evaluate_register
-    from recsys_platform.settings import with_overrides
+    from recsys_platform.runtime import ensure_ray
 
+    ensure_ray(settings)
     # the flow's epochs over the settings' training section (its other knobs apply as set)
     return train_evaluate_register(with_overrides(settings, [f"epochs={epochs}"]),
                                    snapshot_id=snapshot_id, workers=workers)
@@ -101,7 +103,7 @@ def platform_flow(
         epochs: Training epochs; workers: Ray Train workers.
         why: Recorded on the model version as the reason of the promotion attempt.
     """
-    from recsys_pipelines.flows import etl_flow, features_flow
+    from recsys_platform.flows.data import etl_flow, features_flow
 
     settings = settings or load_settings(profile, Path(config_file) if config_file else None)
     log = get_run_logger()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from recsys_platform.atomic import atomic_write_text
+from recsys_core.atomic import atomic_write_text
 
 PREFIX = "p_"
 

@@ -8,7 +8,7 @@ from typing import Literal
 
 import redis
 
-from recsys_platform.settings import Settings
+from recsys_core.settings import Settings
 
 logger = logging.getLogger(__name__)
 
