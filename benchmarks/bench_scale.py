@@ -102,7 +102,7 @@ def data_path(settings: Settings, cfg: GeneratorConfig, out: dict[str, Any]
     del data
     gc.collect()
     start, end = cfg.start, cfg.start + timedelta(days=cfg.days - 1)
-    ensure_ray(settings)  # the ETL's work runs on Ray too
+    ensure_ray(settings)  # batch features (and the ETL with ray.etl) run on Ray
     timed(out, "etl_s", lambda: etl_flow(start=start, end=end, settings=settings))
     tables = timed(out, "features_s", lambda: batch_features.compute_features(
         settings.lake_dir, start, end))

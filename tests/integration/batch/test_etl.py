@@ -115,8 +115,8 @@ def test_a_failing_read_is_retried_and_the_flow_completes(
         return real(landing_dir, day, quarantine_dir)
 
     monkeypatch.setattr(sources, "read_landing_day", flaky)
-    # The in-process path: its reads are Prefect tasks (on Ray a read task that raises
-    # OSError is retried by Ray, in a worker this patch does not reach).
+    # The in-process path (on Ray a read task that raises OSError is retried by Ray, in a
+    # worker this patch does not reach).
     config = write_test_config(tmp_path / "settings.yaml", tmp_path / "data",
                                tmp_path / "feature_repo", "unused", {"ray": {"etl": False}})
     state = etl_flow(start=batch_env.start, end=batch_env.start,
