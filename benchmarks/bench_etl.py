@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1] / "feature_repo"
 def _latest_rows(settings: object, t: pd.Timestamp) -> dict[str, pd.DataFrame]:
     """The rows materializing up to ``t`` writes: the latest per entity and view."""
     out = {}
-    for view in feature_store.BATCH_VIEWS:
+    for view in F.BATCH_VIEWS:
         key = F.USER_KEY if view.startswith("user") else F.ITEM_KEY
         frame = pads.dataset(str(feature_store.offline_dir(settings) / view)).to_table(
             filter=pads.field(F.WINDOW_END) == t).to_pandas()  # type: ignore[arg-type]

@@ -48,18 +48,18 @@ user_batch = _batch_view(F.USER_BATCH)
 item_batch = _batch_view(F.ITEM_BATCH)
 
 user_history = FeatureView(
-    name="user_history",
+    name=F.USER_HISTORY_VIEW,
     entities=[user],
     ttl=DAILY_TTL,
     schema=[Field(name=F.USER_HISTORY, dtype=Array(String)),
             Field(name=F.USER_TOP_CATEGORIES, dtype=Array(String))],
-    source=_source("user_history"),
+    source=_source(F.USER_HISTORY_VIEW),
     online=True,
     description=f"last {F.HISTORY_LENGTH} distinct engaged items (newest first), top categories",
 )
 
 item_metadata = FeatureView(
-    name="item_metadata",
+    name=F.ITEM_METADATA_VIEW,
     entities=[item],
     ttl=DAILY_TTL,
     schema=[
@@ -70,7 +70,7 @@ item_metadata = FeatureView(
         Field(name="published_at", dtype=UnixTimestamp),
         Field(name=F.ITEM_AGE_DAYS, dtype=Float64),
     ],
-    source=_source("item_metadata"),
+    source=_source(F.ITEM_METADATA_VIEW),
     online=True,
     description="catalog metadata and age in days, as of day end",
 )
@@ -105,13 +105,13 @@ item_trending = FeatureView(
 VIEWS = {v.name: v for v in (user_batch, item_batch, user_history, item_metadata, user_stream,
                              item_trending)}
 
-retrieval_v1 = FeatureService(
-    name="retrieval_v1",
-    features=[VIEWS[name] for name in F.FEATURE_SERVICES["retrieval_v1"]],
-    description="what the two-tower retrieval model reads",
-)
-ranking_v1 = FeatureService(
-    name="ranking_v1",
-    features=[VIEWS[name] for name in F.FEATURE_SERVICES["ranking_v1"]],
-    description="what the ranking model reads",
-)
+
+def _service(name: str, description: str) -> FeatureService:
+    return FeatureService(name=name, features=[VIEWS[v] for v in F.FEATURE_SERVICES[name]],
+                          description=description)
+
+
+retrieval_v1 = _service(F.RETRIEVAL_V1, "what the two-tower retrieval model reads")
+ranking_v1 = _service(F.RANKING_V1, "what the ranking model reads")
+recommender_v1 = _service(F.RECOMMENDER_V1, "what serving reads for a two-stage bundle "
+                                            "(retrieval + ranking)")

@@ -14,6 +14,7 @@ import pandas as pd
 import pyarrow as pa
 
 from recsys_core.errors import ContractError
+from recsys_core.features import USER_HISTORY
 
 EVENT_TYPES: tuple[str, ...] = ("impression", "click", "watch", "like", "share", "skip")
 SURFACES: tuple[str, ...] = ("feed", "search", "related", "notification")
@@ -80,6 +81,30 @@ USER_SCHEMA = pa.schema(
         pa.field("country", pa.string()),
         pa.field("age_bucket", pa.string()),
         pa.field("updated_at", TIMESTAMP, nullable=False),
+    ]
+)
+
+# The served-impression log (``landing/served/date=.../*.parquet``): one row per served item,
+# written by serving, read by monitoring, experiment analysis and the training-set builder.
+SERVED_SCHEMA = pa.schema(
+    [
+        pa.field("request_id", pa.string()),
+        pa.field("user_id", pa.string()),
+        pa.field("item_id", pa.string()),
+        pa.field("position", pa.int32()),
+        pa.field("score", pa.float64()),
+        pa.field("source", pa.string()),
+        pa.field("bundle_version", pa.string()),
+        pa.field("served_at", pa.timestamp("ms", tz="UTC")),
+        # Per request (repeated on its rows); null in files written before they existed.
+        pa.field("experiment_id", pa.string()),  # the online experiment it was served in
+        pa.field("arm", pa.string()),  # control | treatment
+        pa.field("degraded", pa.string()),  # comma-separated stages that fell back
+        pa.field("latency_ms", pa.float64()),  # request start to response built, in-process
+        # The features the model was given for the user, as served: a JSON object of the
+        # numeric online features (batch and stream views) and a JSON list of the history.
+        pa.field("user_features", pa.string()),
+        pa.field(USER_HISTORY, pa.string()),
     ]
 )
 

@@ -155,15 +155,53 @@ ITEM_AGE_DAYS = "item_age_days"
 BATCH_GROUPS: tuple[FeatureGroup, ...] = (USER_BATCH, ITEM_BATCH)
 STREAM_GROUPS: tuple[FeatureGroup, ...] = (USER_STREAM, ITEM_TRENDING)
 
+# --- Feature views: every view's name, declared once ------------------------------------------
+# Windowed views are named by their group (USER_BATCH.name, ...); the two non-windowed batch
+# views by these. The Feast repository, the batch pipeline, training and serving use these.
+USER_HISTORY_VIEW = "user_history"  # USER_HISTORY (the feature) + USER_TOP_CATEGORIES
+ITEM_METADATA_VIEW = "item_metadata"  # ITEM_METADATA + ITEM_AGE_DAYS
+# Features of each view, in the order Feast's schema declares them.
+VIEW_FEATURES: dict[str, tuple[str, ...]] = {
+    USER_BATCH.name: tuple(USER_BATCH.feature_names),
+    ITEM_BATCH.name: tuple(ITEM_BATCH.feature_names),
+    USER_HISTORY_VIEW: (USER_HISTORY, USER_TOP_CATEGORIES),
+    ITEM_METADATA_VIEW: (*ITEM_METADATA, ITEM_AGE_DAYS),
+    USER_STREAM.name: (*USER_STREAM.feature_names, USER_RECENT_ITEMS),
+    ITEM_TRENDING.name: tuple(ITEM_TRENDING.feature_names),
+}
+VIEW_ENTITY: dict[str, Entity] = {
+    USER_BATCH.name: "user", ITEM_BATCH.name: "item", USER_HISTORY_VIEW: "user",
+    ITEM_METADATA_VIEW: "item", USER_STREAM.name: "user", ITEM_TRENDING.name: "item",
+}
+# Written by the batch pipeline and materialized / written online by the PyFlink job only.
+BATCH_VIEWS: tuple[str, ...] = (USER_BATCH.name, ITEM_BATCH.name, USER_HISTORY_VIEW,
+                                ITEM_METADATA_VIEW)
+STREAM_VIEWS: tuple[str, ...] = tuple(g.name for g in STREAM_GROUPS)
+
 # Feast value types of each kind of feature: count -> Int64, sum -> Int64, ratio -> Float64,
 # item-id lists -> Array(String). Windowed views carry ``window_end`` as their event timestamp.
 WINDOW_END = "window_end"
 
-# Versioned feature services: what each model reads.
+# --- Feature services: versioned, what each model reads ----------------------------------------
+RETRIEVAL_V1 = "retrieval_v1"  # the two-tower's user side
+RANKING_V1 = "ranking_v1"  # the ranker: user and item numeric features, item metadata
+RECOMMENDER_V1 = "recommender_v1"  # a two-stage bundle: every view serving reads for it
 FEATURE_SERVICES: dict[str, tuple[str, ...]] = {
-    "retrieval_v1": ("user_batch", "user_stream", "user_history"),
-    "ranking_v1": ("user_batch", "user_stream", "item_batch", "item_trending", "item_metadata"),
+    RETRIEVAL_V1: (USER_BATCH.name, USER_STREAM.name, USER_HISTORY_VIEW),
+    RANKING_V1: (USER_BATCH.name, USER_STREAM.name, ITEM_BATCH.name, ITEM_TRENDING.name,
+                 ITEM_METADATA_VIEW),
+    RECOMMENDER_V1: (USER_BATCH.name, USER_STREAM.name, USER_HISTORY_VIEW, ITEM_BATCH.name,
+                     ITEM_TRENDING.name, ITEM_METADATA_VIEW),
 }
+
+
+def service_views(service: str, entity: Entity) -> tuple[str, ...]:
+    """The views of ``service`` keyed by ``entity``, in the service's order.
+
+    Raises:
+        KeyError: ``service`` is not declared here.
+    """
+    return tuple(v for v in FEATURE_SERVICES[service] if VIEW_ENTITY[v] == entity)
 
 
 def ratio(numerator: float, denominator: float) -> float:

@@ -29,6 +29,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from recsys_core import features as F
 from recsys_core.errors import SettingsError
 
 Profile = Literal["local", "services", "k8s"]
@@ -93,8 +94,10 @@ class FeastSettings(_Section):
     registry_path: str = "registry.db"  # file path (relative to data_dir) or SQLAlchemy URL
     online_store: Literal["auto", "redis", "sqlite"] = "auto"  # auto: Redis if it answers
     offline_store: Literal["file"] = "file"
-    retrieval_service: str = "retrieval_v1"
-    ranking_service: str = "ranking_v1"
+    retrieval_service: str = F.RETRIEVAL_V1
+    ranking_service: str = F.RANKING_V1  # the training set joins its batch views
+    # The service a bundle names (its retrieval + ranking inputs) and serving reads exactly.
+    serving_service: str = F.RECOMMENDER_V1
 
     @field_validator("registry_path")
     @classmethod

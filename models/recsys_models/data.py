@@ -1,12 +1,13 @@
-"""Training data: snapshot discovery, Ray Data loading, id hashing and feature encoding.
+"""Training data: snapshot discovery, Ray Data loading and feature encoding.
 
 A training snapshot is a directory ``<data_dir>/training/<snapshot_id>/*.parquet`` with one row
 per impression (the batch pipeline builds it from Feast's point-in-time join). Every model input
 comes out of :func:`encode_rows` / :func:`encode_catalog` as a dict of numpy arrays, so the same
 code feeds Ray Data batches during training and pandas frames at serving time.
 
-Ids are hashed into fixed bucket spaces (bucket 0 is reserved: padding and "unknown"), so a new
-user or item never breaks the model; categories use a small vocabulary learned from the catalog.
+Ids are hashed (:mod:`recsys_models.hashing`) into fixed bucket spaces (bucket 0 is reserved),
+so a new user or item never breaks the model; categories use a small vocabulary learned from
+the catalog.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from recsys_core.features import HISTORY_LENGTH, ITEM_BATCH, USER_BATCH
+from recsys_core.features import HISTORY_LENGTH, ITEM_BATCH, USER_BATCH, USER_HISTORY
 from recsys_models.errors import SnapshotNotFoundError
+from recsys_models.hashing import CREATOR_SALT, ITEM_SALT, TAG_SALT, USER_SALT, hash_ids, hash_lists
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +30,7 @@ Batch = dict[str, np.ndarray]
 MAX_TAGS = 4
 STATIC_ITEM_DENSE = 2  # leading item_dense columns known at index time: log duration, log age
 ROW_COLUMNS: tuple[str, ...] = (
-    "user_id", "item_id", "event_time", "clicked", "watch_time_ms", "user_history",
+    "user_id", "item_id", "event_time", "clicked", "watch_time_ms", USER_HISTORY,
     "category", "creator_id", "tags", "duration_ms", "item_age_days",
 )
 
@@ -92,33 +94,6 @@ class CategoryIndex:
         return values.astype(object).map(self.lookup).fillna(0).to_numpy(np.int64)
 
 
-def hash_ids(values: Any, buckets: int, salt: str = "") -> np.ndarray:
-    """Stable hash of string ids into ``1..buckets-1`` (0 for null/empty). Same in every process."""
-    arr = pd.Series(values, dtype=object)
-    missing = arr.isna().to_numpy() | (arr.astype(str) == "").to_numpy()
-    keyed = (salt + arr.astype(str)).to_numpy(dtype=object)
-    hashed = pd.util.hash_array(keyed).astype(np.uint64) % np.uint64(buckets - 1)
-    out = hashed.astype(np.int64) + 1
-    out[missing] = 0
-    return out
-
-
-def _hash_lists(lists: pd.Series, width: int, buckets: int, salt: str) -> np.ndarray:
-    """Hashes list<string> cells into a (n, width) int matrix padded with 0, first entries kept."""
-    n = len(lists)
-    out = np.zeros((n, width), dtype=np.int64)
-    cells = [list(v)[:width] if isinstance(v, list | tuple | np.ndarray) else [] for v in lists]
-    lengths = np.fromiter((len(c) for c in cells), dtype=np.int64, count=n)
-    if lengths.sum() == 0:
-        return out
-    flat = [x for c in cells for x in c]
-    codes = hash_ids(flat, buckets, salt)
-    rows = np.repeat(np.arange(n), lengths)
-    cols = np.concatenate([np.arange(k) for k in lengths]) if n else np.zeros(0, np.int64)
-    out[rows, cols] = codes
-    return out
-
-
 def signed_log(x: np.ndarray) -> np.ndarray:
     """``sign(x) * log1p(|x|)``: one squashing for every count, sum and duration."""
     return (np.sign(x) * np.log1p(np.abs(x))).astype(np.float32)
@@ -137,11 +112,11 @@ def _numeric(frame: pd.DataFrame, names: tuple[str, ...]) -> np.ndarray:
 
 def encode_users(frame: pd.DataFrame, spec: EncoderSpec) -> Batch:
     """User-tower inputs: ``user_hash`` (n,), ``history`` (n, H), ``user_num`` (n, U)."""
-    history = frame["user_history"] if "user_history" in frame.columns else pd.Series(
+    history = frame[USER_HISTORY] if USER_HISTORY in frame.columns else pd.Series(
         [[]] * len(frame), index=frame.index)
     return {
-        "user_hash": hash_ids(frame["user_id"].to_numpy(), spec.user_buckets, "u:"),
-        "history": _hash_lists(history, spec.history_length, spec.item_buckets, "i:"),
+        "user_hash": hash_ids(frame["user_id"].to_numpy(), spec.user_buckets, USER_SALT),
+        "history": hash_lists(history, spec.history_length, spec.item_buckets, ITEM_SALT),
         "user_num": _numeric(frame, spec.user_features),
     }
 
@@ -163,7 +138,7 @@ def encode_items(
         ``item_dense`` (n, 2 + I): the ``STATIC_ITEM_DENSE`` metadata columns, then the numeric
         item features (ranker only: the item tower never reads them, see ``ItemTower``).
     """
-    item_hash = hash_ids(frame["item_id"].to_numpy(), spec.item_buckets, "i:")
+    item_hash = hash_ids(frame["item_id"].to_numpy(), spec.item_buckets, ITEM_SALT)
     if known is not None:
         item_hash = np.where(known, item_hash, 0)
     zeros = pd.Series(np.zeros(len(frame)), index=frame.index)
@@ -180,8 +155,8 @@ def encode_items(
     return {
         "item_hash": item_hash,
         "category": CategoryIndex(spec).encode(frame["category"]),
-        "creator": hash_ids(frame["creator_id"].to_numpy(), spec.creator_buckets, "c:"),
-        "tags": _hash_lists(frame["tags"], MAX_TAGS, spec.tag_buckets, "t:"),
+        "creator": hash_ids(frame["creator_id"].to_numpy(), spec.creator_buckets, CREATOR_SALT),
+        "tags": hash_lists(frame["tags"], MAX_TAGS, spec.tag_buckets, TAG_SALT),
         "item_dense": np.concatenate([dense, _numeric(frame, spec.item_features)], axis=1),
     }
 

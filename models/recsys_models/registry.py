@@ -32,6 +32,7 @@ from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
+from recsys_core.features import USER_HISTORY
 from recsys_core.settings import Settings
 from recsys_models.baselines import Baselines, tuned_baselines
 from recsys_models.bundle import Bundle, load_bundle, save_bundle, serving_memory_bytes
@@ -94,20 +95,20 @@ class BundleModel(mlflow.pyfunc.PythonModel):  # type: ignore[name-defined,misc]
         assert self.bundle is not None
         k = int((params or {}).get("k", 10))
         users = model_input.copy()
-        users["user_history"] = [json.loads(h) if isinstance(h, str) else list(h or [])
-                                 for h in users.get("user_history", [[]] * len(users))]
+        users[USER_HISTORY] = [json.loads(h) if isinstance(h, str) else list(h or [])
+                                 for h in users.get(USER_HISTORY, [[]] * len(users))]
         return self.bundle.recommend(users, k)
 
 
 # Logged as code (no pickled object); MLflow runs it on load. The example is checked at logging.
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
-INPUT_EXAMPLE = pd.DataFrame({"user_id": ["u0"], "user_history": [json.dumps([])]})
+INPUT_EXAMPLE = pd.DataFrame({"user_id": ["u0"], USER_HISTORY: [json.dumps([])]})
 
 
 def pyfunc_signature() -> ModelSignature:
     """Input ``user_id`` + ``user_history`` (JSON list), param ``k``, output the top-k rows."""
     return ModelSignature(
-        inputs=Schema([ColSpec("string", "user_id"), ColSpec("string", "user_history")]),
+        inputs=Schema([ColSpec("string", "user_id"), ColSpec("string", USER_HISTORY)]),
         outputs=Schema([ColSpec("string", "user_id"), ColSpec("long", "rank"),
                         ColSpec("string", "item_id"), ColSpec("double", "score"),
                         ColSpec("double", "p_click"), ColSpec("double", "watch_time_ms_pred")]),

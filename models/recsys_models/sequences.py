@@ -8,7 +8,7 @@ enters its input (:func:`pit_histories`), which is also what serving has online 
 recent items, then the batch history).
 
 Example:
-    >>> rows["user_history"] = pit_histories(rows, engaged=rows["clicked"] == 1, length=20)
+    >>> rows[USER_HISTORY] = pit_histories(rows, engaged=rows["clicked"] == 1, length=20)
 """
 
 from __future__ import annotations

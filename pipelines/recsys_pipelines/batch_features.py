@@ -298,8 +298,8 @@ def compute_features(lake_dir: Path, start: date, end: date) -> FeatureTables:
     engaged = engaged[bucket_of(engaged["event_time"]) <= last_bucket]
     items = read_catalog(lake_dir)
     categories = items.set_index(F.ITEM_KEY)["category"]
-    frames["user_history"] = user_history(engaged, firsts["user"], out_days, categories)
-    frames["item_metadata"] = item_metadata(items, out_days)
+    frames[F.USER_HISTORY_VIEW] = user_history(engaged, firsts["user"], out_days, categories)
+    frames[F.ITEM_METADATA_VIEW] = item_metadata(items, out_days)
     tables = FeatureTables(frames)
     logger.info("batch features %s..%s: %s", start, end, tables.rows)
     return tables
@@ -328,10 +328,10 @@ def view_schemas() -> dict[str, pa.Schema]:
     return {
         F.USER_BATCH.name: pa.schema([user, ts, *windowed(F.USER_BATCH)]),
         F.ITEM_BATCH.name: pa.schema([item, ts, *windowed(F.ITEM_BATCH)]),
-        "user_history": pa.schema(
+        F.USER_HISTORY_VIEW: pa.schema(
             [user, ts, pa.field(F.USER_HISTORY, strings), pa.field(F.USER_TOP_CATEGORIES, strings)]
         ),
-        "item_metadata": pa.schema(
+        F.ITEM_METADATA_VIEW: pa.schema(
             [item, ts, *(ITEM_SCHEMA.field(name) for name in F.ITEM_METADATA),
              pa.field(F.ITEM_AGE_DAYS, pa.float64())]
         ),

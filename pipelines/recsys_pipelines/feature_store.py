@@ -38,8 +38,6 @@ from recsys_pipelines.online_store import resolve_online_store
 
 logger = logging.getLogger(__name__)
 
-BATCH_VIEWS: tuple[str, ...] = ("user_batch", "item_batch", "user_history", "item_metadata")
-STREAM_VIEWS: tuple[str, ...] = tuple(g.name for g in F.STREAM_GROUPS)
 _FEAST_TYPES = (Entity, DataSource, FeatureView, FeatureService)
 
 
@@ -173,7 +171,7 @@ class MaterializeResult:
 def rows_to_materialize(settings: Settings, start: datetime, end: datetime) -> int:
     """Entity rows that materializing ``[start, end]`` writes (latest per entity and view)."""
     total = 0
-    for view in BATCH_VIEWS:
+    for view in F.BATCH_VIEWS:
         folder = offline_dir(settings) / view
         if not folder.is_dir():
             continue
@@ -205,13 +203,13 @@ def cold_start_lists(settings: Settings, end: datetime) -> dict[str, dict[str, f
     """The batch cold-start lists as of ``end``: popular (7-day clicks, then impressions) and
     fresh (newest publication time), ``LIST_SIZE`` items each with their scores."""
     size = cold_start.LIST_SIZE
-    batch = _newest_rows(settings, "item_batch",
+    batch = _newest_rows(settings, F.ITEM_BATCH.name,
                          [F.ITEM_KEY, "item_clicks_7d", "item_impressions_7d"], end)
     score = pd.Series([cold_start.trending_score(c, i) for c, i in zip(
         batch["item_clicks_7d"].fillna(0), batch["item_impressions_7d"].fillna(0),
         strict=True)], index=batch[F.ITEM_KEY].astype(str), dtype="float64")
     popular = score[score > 0].nlargest(size)
-    meta = _newest_rows(settings, "item_metadata", [F.ITEM_KEY, "published_at"], end)
+    meta = _newest_rows(settings, F.ITEM_METADATA_VIEW, [F.ITEM_KEY, "published_at"], end)
     published = pd.to_datetime(meta["published_at"], utc=True)
     fresh = pd.Series(published.astype("int64").to_numpy() / 1e9,
                       index=meta[F.ITEM_KEY].astype(str), dtype="float64").nlargest(size)
@@ -243,7 +241,7 @@ def materialize(
     Feast's); other online stores go through Feast's ``materialize``.
     """
     store = load_store(settings)
-    chosen = list(views or BATCH_VIEWS)
+    chosen = list(views or F.BATCH_VIEWS)
     began = time.perf_counter()
     if resolve_online_store(settings).kind == "redis":
         from recsys_pipelines.materialize import materialize_changed
@@ -268,11 +266,11 @@ def materialize_incremental(settings: Settings, end: datetime) -> MaterializeRes
     store = load_store(settings)
     began = time.perf_counter()
     with library_stdout(logger):
-        store.materialize_incremental(end_date=end, feature_views=list(BATCH_VIEWS))
+        store.materialize_incremental(end_date=end, feature_views=list(F.BATCH_VIEWS))
     publish_cold_start_lists(settings, end)
     seconds = time.perf_counter() - began
     logger.info("materialized incrementally up to %s in %.1f s", end, seconds)
-    return MaterializeResult("incremental", end.isoformat(), list(BATCH_VIEWS), -1, seconds)
+    return MaterializeResult("incremental", end.isoformat(), list(F.BATCH_VIEWS), -1, seconds)
 
 
 def online_features(

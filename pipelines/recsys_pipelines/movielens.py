@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from recsys_core.contracts import EVENT_SCHEMA, ITEM_SCHEMA, USER_SCHEMA, to_table
 from recsys_core.errors import DatasetNotFoundError
-from recsys_core.features import HISTORY_LENGTH
+from recsys_core.features import HISTORY_LENGTH, USER_HISTORY
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def training_rows(import_dir: Path, length: int = HISTORY_LENGTH) -> pd.DataFram
     rows["clicked"] = rows["positive"].astype(np.int64)
     rows["watch_time_ms"] = np.nan
     rows["item_duration_ms"] = np.nan
-    rows["user_history"] = _histories(rows, length)
+    rows[USER_HISTORY] = _histories(rows, length)
     meta = items[["item_id", "category", "creator_id", "tags", "duration_ms", "published_at"]]
     rows = rows.drop(columns=["rating", "positive"]).merge(meta, on="item_id", how="left")
     age = rows["event_time"] - pd.to_datetime(rows["published_at"], utc=True)

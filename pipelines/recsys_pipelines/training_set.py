@@ -2,11 +2,18 @@
 
 A labelled impression is one row per impression: ``user_id, item_id, event_time, clicked
 (0/1), watch_time_ms (NaN unless watched), item_duration_ms``. :func:`build_training_set`
-joins each row, as of its ``event_time``, to the features of the ``ranking_v1`` service plus
-``user_history`` with Feast's ``get_historical_features``: a feature row is used only when its
-``window_end <= event_time`` (and within the view's TTL), so nothing computed after the
-impression leaks into it. :func:`write_training_snapshot` stores the frame under
-``<data_dir>/training/<snapshot_id>/`` where the id is the content hash.
+joins each row, as of its ``event_time``, to the batch features of the ranking service
+(``feast.ranking_service``) plus ``user_history`` with Feast's ``get_historical_features``: a
+feature row is used only when its ``window_end <= event_time`` (and within the view's TTL), so
+nothing computed after the impression leaks into it. :func:`write_training_snapshot` stores
+the frame under ``<data_dir>/training/<snapshot_id>/`` where the id is the content hash.
+
+Features as served ("log features at serving time"): serving logs, per request, the user
+features the model was given (batch and stream views) and the history it saw
+(``recsys_core.contracts.SERVED_SCHEMA``). :func:`attach_served_features` puts those values on
+the rows of the impressions they were served with, in place of the point-in-time join's, and
+says which rows got which in ``features_source`` (``served`` | ``point_in_time``); the
+snapshot's Parquet metadata counts both.
 
 Labels are joined "log and wait": an impression is used only once its label window
 (``settings.labels.window_s``) has closed at the join's ``as_of`` time (the newest event in the
@@ -34,7 +41,7 @@ import pyarrow.parquet as pq
 from feast import FeatureStore
 
 from recsys_core import features as F
-from recsys_core.contracts import EVENT_SCHEMA
+from recsys_core.contracts import EVENT_SCHEMA, SERVED_SCHEMA
 from recsys_core.privacy import FORGET_LIST, forgotten_mask, read_forget_list
 from recsys_core.settings import Settings
 from recsys_pipelines.errors import TrainingSetError
@@ -46,12 +53,14 @@ IMPRESSION_COLUMNS: tuple[str, ...] = (
     "user_id", "item_id", "event_time", "clicked", "watch_time_ms", "item_duration_ms",
 )
 WATCH_TYPES: tuple[str, ...] = ("watch", "skip")  # both carry the watched time
-# Stream views are online-only (the Flink job writes Redis; their offline tables stay empty),
-# so training reads the batch views of ranking_v1 plus the history.
-STREAM_VIEWS: tuple[str, ...] = tuple(g.name for g in F.STREAM_GROUPS)
-TRAINING_VIEWS: tuple[str, ...] = (
-    *(v for v in F.FEATURE_SERVICES["ranking_v1"] if v not in STREAM_VIEWS), "user_history"
-)
+
+
+def training_views(service: str) -> tuple[str, ...]:
+    """The views a training set joins: the batch views of the ranking ``service`` plus the
+    history. Stream views are online-only (the Flink job writes Redis; their offline tables
+    stay empty)."""
+    views = [v for v in F.FEATURE_SERVICES[service] if v in F.BATCH_VIEWS]
+    return (*views, *((F.USER_HISTORY_VIEW,) if F.USER_HISTORY_VIEW not in views else ()))
 _KEY = ["user_id", "item_id", "request_id"]
 
 
@@ -166,18 +175,20 @@ def exclude_forgotten(frame: pd.DataFrame, settings: Settings) -> pd.DataFrame:
     return frame[~drop].reset_index(drop=True)
 
 
-def feature_refs(store: FeatureStore) -> list[str]:
-    """``view:feature`` references of :data:`TRAINING_VIEWS` (the ranking service's views)."""
-    service = {p.name for p in store.get_feature_service("ranking_v1").feature_view_projections}
+def feature_refs(store: FeatureStore, service: str = F.RANKING_V1) -> list[str]:
+    """``view:feature`` references of :func:`training_views` of ``service`` (the ranking
+    service's batch views registered in the store, plus the history)."""
+    registered = {p.name for p in store.get_feature_service(service).feature_view_projections}
     refs: list[str] = []
-    for view in TRAINING_VIEWS:
-        if view != "user_history" and view not in service:
+    for view in training_views(service):
+        if view != F.USER_HISTORY_VIEW and view not in registered:
             continue
         refs += [f"{view}:{f.name}" for f in store.get_feature_view(view).features]
     return refs
 
 
-def build_training_set(store: FeatureStore, impressions: pd.DataFrame) -> pd.DataFrame:
+def build_training_set(store: FeatureStore, impressions: pd.DataFrame,
+                       service: str = F.RANKING_V1) -> pd.DataFrame:
     """Joins labelled impressions to their batch features as of each impression's time.
 
     Args:
@@ -186,8 +197,8 @@ def build_training_set(store: FeatureStore, impressions: pd.DataFrame) -> pd.Dat
 
     Returns:
         The impressions, in their order, with one column per feature of
-        :data:`TRAINING_VIEWS`; a feature is null when no row of its view is at or before the
-        impression within the view's TTL.
+        :func:`training_views` of ``service``; a feature is null when no row of its view is at
+        or before the impression within the view's TTL.
 
     Raises:
         TrainingSetError: ``impressions`` lacks a required column.
@@ -200,13 +211,13 @@ def build_training_set(store: FeatureStore, impressions: pd.DataFrame) -> pd.Dat
     entity_df["_row"] = np.arange(len(entity_df))
     frame = entity_df
     by_view: dict[str, list[str]] = {}
-    for ref in feature_refs(store):
+    for ref in feature_refs(store, service):
         by_view.setdefault(ref.split(":")[0], []).append(ref)
     # One retrieval per view, merged back on the row number: Feast's file (dask) offline
     # store drops an entity row outright when its entity has rows but none inside
     # [t - ttl, t], and a dropped row would also lose the features of the other views.
     for view, refs in by_view.items():
-        key = F.ENTITY_KEYS["user" if view.startswith("user") else "item"]
+        key = F.ENTITY_KEYS[F.VIEW_ENTITY[view]]
         query = entity_df[[key, "event_timestamp", "_row"]]
         joined = store.get_historical_features(entity_df=query, features=refs).to_df()
         columns = [ref.split(":")[1] for ref in refs]
@@ -215,6 +226,68 @@ def build_training_set(store: FeatureStore, impressions: pd.DataFrame) -> pd.Dat
     frame = frame.rename(columns={"event_timestamp": "event_time"})
     logger.info("training set: %d rows, %d columns", len(frame), frame.shape[1])
     return frame
+
+
+SERVED = "served"
+POINT_IN_TIME = "point_in_time"
+FEATURES_SOURCE = "features_source"  # column: where a row's user features come from
+SOURCE_METADATA = b"recsys.features_source"  # snapshot Parquet metadata: JSON counts
+
+
+def read_served_features(landing_dir: Path) -> pd.DataFrame:
+    """One row per logged request of ``landing/served``: ``request_id``, ``user_features``
+    (JSON object) and ``user_history`` (JSON list); requests logged without them are left
+    out."""
+    import pyarrow.dataset as pads
+
+    files = sorted((landing_dir / "served").rglob("*.parquet"))
+    columns = ["request_id", "user_features", F.USER_HISTORY]
+    if not files:
+        return pd.DataFrame(columns=columns)
+    table = pads.dataset(files, schema=SERVED_SCHEMA, format="parquet").to_table(
+        columns=columns, filter=pc.field("user_features").is_valid())
+    return table.to_pandas().drop_duplicates("request_id").reset_index(drop=True)
+
+
+def attach_served_features(frame: pd.DataFrame, served: pd.DataFrame) -> pd.DataFrame:
+    """The training rows with the user features and history as served where the impression's
+    request was logged with them, the point-in-time values otherwise.
+
+    Args:
+        frame: Output of :func:`build_training_set` (``request_id`` per row).
+        served: Output of :func:`read_served_features`.
+
+    Returns:
+        ``frame`` plus ``features_source`` (``served`` | ``point_in_time``); a served feature
+        the point-in-time join does not have (a stream view's) becomes a column, null on the
+        point-in-time rows.
+    """
+    out = frame.copy()
+    out[FEATURES_SOURCE] = POINT_IN_TIME
+    if served.empty or "request_id" not in out.columns:
+        return out
+    import json
+
+    by_request = served.set_index("request_id")
+    rows = np.flatnonzero(out["request_id"].isin(by_request.index).to_numpy())
+    if not len(rows):
+        return out
+    logged = by_request.loc[out["request_id"].iloc[rows]]
+    values = [json.loads(text) for text in logged["user_features"]]
+    for name in sorted({k for v in values for k in v}):
+        column = out[name] if name in out.columns else pd.Series(np.nan, index=out.index)
+        column = column.astype("float64")
+        column.iloc[rows] = [v.get(name, np.nan) for v in values]
+        out[name] = column
+    histories = list(out[F.USER_HISTORY]) if F.USER_HISTORY in out.columns else \
+        [[] for _ in range(len(out))]
+    for row, text in zip(rows.tolist(), logged[F.USER_HISTORY], strict=True):
+        histories[row] = json.loads(text) if isinstance(text, str) else []
+    out[F.USER_HISTORY] = histories
+    out.iloc[rows, out.columns.get_loc(FEATURES_SOURCE)] = SERVED
+    logger.info("training set: %d of %d rows with the user features as served", len(rows),
+                len(out))
+    return out
 
 
 def snapshot_id(frame: pd.DataFrame) -> str:
@@ -239,7 +312,14 @@ def write_training_snapshot(frame: pd.DataFrame, settings: Settings) -> str:
     tmp = root / f".{sid}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp / "part-0.parquet")
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    if FEATURES_SOURCE in frame.columns:
+        import json
+
+        counts = {k: int(v) for k, v in frame[FEATURES_SOURCE].value_counts().items()}
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                               SOURCE_METADATA: json.dumps(counts).encode()})
+    pq.write_table(table, tmp / "part-0.parquet")
     os.replace(tmp, target)
     logger.info("training snapshot %s: %d rows at %s", sid, len(frame), target)
     return sid
@@ -266,12 +346,15 @@ def build_snapshot(
     window = settings.labels.window
     as_of = as_of or newest_event_time(settings.lake_dir)
     until = None if end is None else end + timedelta(days=math.ceil(window / timedelta(days=1)))
-    joined = join_labels(read_lake_events(settings.lake_dir, start, until), window, as_of)
+    joined = join_labels(read_lake_events(settings.lake_dir, start, until), window, as_of,
+                         with_request_id=True)
     impressions = joined.impressions
     if end is not None:
         days = pd.to_datetime(impressions["event_time"], utc=True).dt.date
         impressions = impressions[days <= end].reset_index(drop=True)
     logger.info("training set as of %s: %d closed impressions, %d pending", joined.as_of,
                 len(impressions), joined.pending)
-    frame = exclude_forgotten(build_training_set(store, impressions), settings)
+    frame = build_training_set(store, impressions, settings.feast.ranking_service)
+    frame = attach_served_features(frame, read_served_features(settings.landing_dir))
+    frame = exclude_forgotten(frame.drop(columns="request_id"), settings)
     return write_training_snapshot(frame, settings), len(frame)

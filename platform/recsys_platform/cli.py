@@ -7,23 +7,20 @@ configured here too. Commands only parse arguments and call plain functions.
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import sys
 import traceback
-from datetime import date
 from pathlib import Path
 from typing import Annotated
 
 import typer
 import yaml
 from rich.console import Console
-from rich.progress import Progress
-from rich.table import Table
 
 from recsys_core.errors import RecsysError
 from recsys_core.logs import configure as configure_logging
 from recsys_core.settings import Settings, load_settings, redacted
 from recsys_pipelines.online_store import resolve_online_store
+from recsys_platform.commands import data as data_commands
 from recsys_platform.commands import deploy as deploy_commands
 from recsys_platform.commands import experiment as experiment_commands
 from recsys_platform.commands import features as features_commands
@@ -38,10 +35,8 @@ from recsys_platform.commands.context import current_settings, set_settings
 
 app = typer.Typer(help="Recommendation platform: data, features, training, serving.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
-data_app = typer.Typer(help="Generate synthetic events and import real datasets.",
-                       no_args_is_help=True)
 config_app = typer.Typer(help="Inspect the resolved configuration.", no_args_is_help=True)
-app.add_typer(data_app, name="data")
+app.add_typer(data_commands.app, name="data")
 app.add_typer(config_app, name="config")
 app.add_typer(features_commands.etl_app, name="etl")
 app.add_typer(features_commands.app, name="features")
@@ -58,7 +53,6 @@ app.add_typer(ui_commands.app, name="ui")
 console = Console()
 logger = logging.getLogger(__name__)
 
-DEFAULT_MOVIELENS = Path("../shared/datasets/ml-latest-small")
 
 
 def settings() -> Settings:
@@ -91,79 +85,11 @@ def config_show(
         console.print(f"# online store: {choice.kind} ({choice.reason})")
 
 
-@data_app.command("generate")
-def data_generate(
-    events: Annotated[int, typer.Option(help="Approximate number of events.")] = 200_000,
-    days: Annotated[int, typer.Option(help="Days of traffic.")] = 14,
-    start: Annotated[str, typer.Option(help="First day, YYYY-MM-DD.")] = "2026-11-01",
-    users: Annotated[int, typer.Option(help="Users at the start.")] = 2_000,
-    items: Annotated[int, typer.Option(help="Items at the start.")] = 5_000,
-    dirt_rate: Annotated[float, typer.Option(help="Fraction of rows per kind of dirt.")] = 0.0,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 7,
-    jsonl: Annotated[bool, typer.Option(help="Also write newline-JSON for the stream.")] = False,
-    out: Annotated[Path | None, typer.Option(help="Landing dir (default: <data_dir>/landing).")]
-    = None,
-) -> None:
-    """Generates synthetic events with a known ground truth into the landing area."""
-    from recsys_pipelines.generator import GeneratorConfig, generate, write_generated
-
-    s = settings()
-    cfg = GeneratorConfig(events=events, days=days, start=date.fromisoformat(start), users=users,
-                          items=items, dirt_rate=dirt_rate, seed=seed)
-    landing = out or s.landing_dir
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("generating", total=days + 2)
-        data = generate(cfg)
-        progress.advance(task)
-        result = write_generated(
-            data, landing, jsonl_dir=Path(s.path(s.flink.stream_dir)) if jsonl else None,
-            progress=lambda _: progress.advance(task),
-        )
-    _print_generated(result)
-
-
-def _print_generated(result: object) -> None:
-    from recsys_pipelines.generator import GenerateResult
-
-    assert isinstance(result, GenerateResult)
-    table = Table(title=f"Generated into {result.landing_dir}")
-    table.add_column("what")
-    table.add_column("count", justify="right")
-    rows = [("events (as landed)", result.events), ("clean events", result.clean_events),
-            ("users", result.users), ("items", result.items),
-            ("date partitions", len(result.partitions)), ("duplicates", result.dirt.duplicates),
-            ("late", result.dirt.late), ("malformed", result.dirt.malformed_total)]
-    for name, value in rows:
-        table.add_row(name, f"{value:,}")
-    console.print(table)
-
-
-@data_app.command("import-movielens")
-def data_import_movielens(
-    path: Annotated[Path, typer.Option(help="Folder with ratings.csv and movies.csv.")]
-    = DEFAULT_MOVIELENS,
-    out: Annotated[Path | None, typer.Option(help="Output dir (default: <data_dir>/movielens).")]
-    = None,
-) -> None:
-    """Imports MovieLens ratings and movies as events, items and users (Parquet)."""
-    from recsys_pipelines.movielens import load_movielens, write_movielens
-
-    s = settings()
-    target = out or s.data_dir / "movielens"
-    with console.status(f"importing {path}"):
-        summary = write_movielens(load_movielens(path), target)
-    table = Table(title=f"MovieLens imported into {target}")
-    table.add_column("what")
-    table.add_column("count", justify="right")
-    for name, value in summary.items():
-        table.add_row(name, f"{value:,}")
-    console.print(table)
-
-
 @app.command("demo")
 def demo(
     events: Annotated[int, typer.Option(help="Synthetic events to generate.")] = 200_000,
-    movielens: Annotated[Path, typer.Option(help="MovieLens folder.")] = DEFAULT_MOVIELENS,
+    movielens: Annotated[Path, typer.Option(help="MovieLens folder.")]
+    = data_commands.DEFAULT_MOVIELENS,
 ) -> None:
     """Runs the end-to-end demo on embedded defaults and prints a summary.
 
@@ -171,70 +97,9 @@ def demo(
     snapshot -> train on Ray Train, evaluate, register, promote -> PyFlink stream job updates
     the online store -> Ray Serve answers a known user, a new user and the stream's user.
     """
-    s = settings()
-    verbose = logging.getLogger().isEnabledFor(logging.DEBUG)
-    # The stage tables, progress and summary say what the project's INFO records would
-    # (ETL counts, training set, tuning): those show with -v, warnings always.
-    configure_logging(verbose, project_level=logging.WARNING)
-    console.rule("1. synthetic events")
-    data_generate(events=events, days=14, start="2026-11-01", users=2_000, items=5_000,
-                  dirt_rate=0.01, seed=7, jsonl=False, out=None)
-    console.rule("2. MovieLens")
-    data_import_movielens(path=movielens, out=None)
-    choice = resolve_online_store(s)
-    console.print(f"profile={s.profile} online store: {choice.kind} ({choice.reason})")
-    features_commands.demo_step(s, console)
-    models_commands.demo_step(s, console)
-    # PyFlink's gRPC stack breaks an in-process Ray connection afterwards, so the stream
-    # step runs in a child process of its own.
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        stream_user = pool.apply(_stream_demo, (s, verbose))
-    users = {"known user": _most_active_user(s), "new user": "demo-new-user"}
-    if stream_user:
-        users["user updated by the stream"] = stream_user
-    serve_commands.demo_step(s, console, users)
-    console.rule("done")
-    _print_next_steps(s)
+    from recsys_platform import demo as demo_module
 
-
-def _stream_demo(s: Settings, verbose: bool) -> str | None:
-    # a spawned process: its own logging, the same quiet libraries and project records
-    configure_logging(verbose, project_level=logging.WARNING)
-    return stream_commands.demo_step(s, Console())
-
-
-def _print_next_steps(s: Settings) -> None:
-    from recsys_models.errors import AliasNotFoundError
-    from recsys_models.registry import alias_version
-    from recsys_platform.ui import mlflow_ui, prefect_ui
-
-    try:
-        champion = f"version {alias_version(s, 'champion')} is @champion"
-    except AliasNotFoundError:
-        champion = "no @champion yet"
-    rows = [
-        ("MLflow UI", "recsys ui mlflow",
-         f"open {mlflow_ui(s).url}/#/models/{s.mlflow.model_name}",
-         f"registry ({champion}), model cards, gate tags, runs"),
-        ("Prefect UI", "recsys ui prefect", f"open {prefect_ui(s).url}/runs",
-         "the ETL and features flow runs, their tasks and logs"),
-        ("serving", "recsys serve up", f"POST {serve_commands.base_url(s)}/recommend",
-         "the demo stopped its app; this one keeps running"),
-    ]
-    console.rule("where to look next")
-    for name, command, url, what in rows:  # soft wrap: URLs stay whole, to click or copy
-        console.print(f"[bold]{name:<11}[/bold] {command:<18} then {url}", soft_wrap=True)
-        console.print(f"{'':<11} {what}", style="dim", soft_wrap=True)
-    console.print(f"{'more':<11} recsys stream status, recsys models list; everything the "
-                  f"demo wrote is under {s.data_dir.resolve()}; README.md", soft_wrap=True)
-
-
-def _most_active_user(s: Settings) -> str:
-    import pyarrow.parquet as pq
-
-    files = sorted((s.lake_dir / "events").rglob("*.parquet"))[-2:]
-    users = pq.read_table(files, columns=["user_id"]).column(0).to_pandas()
-    return str(users.value_counts().index[0])
+    demo_module.run(settings(), console, events, movielens)
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from recsys_core import features as F
 from recsys_core.features import HISTORY_LENGTH
 from recsys_models.bundle import Bundle, build_bundle
 from recsys_models.data import EncoderSpec, time_split
@@ -147,5 +148,5 @@ def trained_bundle(events: int = 60_000, seed: int = 7, version: str = "test") -
 def make_bundle(case: Case, two_tower: TwoTowerModel, ranker: Ranker, version: str) -> Bundle:
     catalog = case.items[pd.to_datetime(case.items["published_at"], utc=True) < case.cutoff]
     return build_bundle(two_tower, ranker, case.spec, catalog, set(case.train["item_id"]),
-                        version=version, feature_service="retrieval_v1",
+                        version=version, feature_service=F.RECOMMENDER_V1,
                         snapshot_id=f"synthetic-{version}", as_of=case.cutoff)

@@ -11,10 +11,12 @@ import pandas as pd
 import pytest
 import torch
 
+from recsys_core import features as F
 from recsys_models.ann import HnswIndex, recall_vs_exact
 from recsys_models.bundle import build_bundle, load_bundle, save_bundle
-from recsys_models.data import EncoderSpec, encode_rows, hash_ids
+from recsys_models.data import EncoderSpec, encode_rows
 from recsys_models.evaluate import popularity_recommender, retrieval_metrics
+from recsys_models.hashing import hash_ids
 from recsys_models.ranker import Ranker, RankerConfig, ranker_loss
 from recsys_models.registry import gate, metric_key
 from recsys_models.train import TrainConfig, fit_local, to_tensors
@@ -37,7 +39,7 @@ def _rows(n: int = 8, watch: float = np.nan) -> pd.DataFrame:
 
 def test_hash_ids_are_stable_across_processes_and_reserve_zero() -> None:
     here = hash_ids(np.array(["u1", "u2", None, ""], dtype=object), 1000, "u:")
-    code = ("import numpy as np; from recsys_models.data import hash_ids; "
+    code = ("import numpy as np; from recsys_models.hashing import hash_ids; "
             "print(hash_ids(np.array(['u1', 'u2'], dtype=object), 1000, 'u:').tolist())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str([int(x) for x in here[:2]])
@@ -151,7 +153,7 @@ def test_index_embeddings_match_the_item_tower_on_training_rows() -> None:
     catalog = rows[["item_id", "category", "creator_id", "tags", "duration_ms"]].assign(
         published_at=as_of - pd.Timedelta(days=3))
     bundle = build_bundle(model, Ranker(spec, RankerConfig()), spec, catalog,
-                          set(rows["item_id"]), version="t", feature_service="retrieval_v1",
+                          set(rows["item_id"]), version="t", feature_service=F.RECOMMENDER_V1,
                           snapshot_id="t", as_of=as_of)
     with torch.no_grad():
         trained_on = model.embed_items(to_tensors(encode_rows(rows, spec))).numpy()

@@ -109,3 +109,53 @@ def test_forgotten_users_are_left_out_of_new_snapshots(tmp_path: Path) -> None:
     add_to_forget_list(tmp_path / FORGET_LIST, tombstone("u2", key))
     sid = write_training_snapshot(frame, settings)
     assert pd.read_parquet(tmp_path / "training" / sid)["user_id"].tolist() == ["u1", "u3"]
+
+
+def test_training_rows_take_the_user_features_and_history_as_served(tmp_path: Path) -> None:
+    """Rows of a request logged with its features get the served values (stream features
+    included), the others keep the point-in-time join's; the snapshot's metadata counts both."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from recsys_core.contracts import SERVED_SCHEMA
+    from recsys_pipelines.training_set import (
+        SOURCE_METADATA,
+        attach_served_features,
+        read_served_features,
+    )
+
+    served_at = pd.Timestamp("2026-11-01T10:00:00Z")
+    rows = [{"request_id": "r1", "user_id": "u1", "item_id": i, "position": n, "score": 1.0,
+             "source": "retrieval", "bundle_version": "3", "served_at": served_at,
+             "user_features": json.dumps({"user_ctr_7d": 0.25, "user_clicks_10m": 4}),
+             "user_history": json.dumps(["i9", "i8"])} for n, i in enumerate(["i1", "i2"])]
+    rows.append({**rows[0], "request_id": "r0", "user_features": None, "user_history": None})
+    folder = tmp_path / "landing" / "served" / "date=2026-11-01"
+    folder.mkdir(parents=True)
+    pq.write_table(pa_table(rows, SERVED_SCHEMA), folder / "served-1.parquet")
+    served = read_served_features(tmp_path / "landing")
+    assert list(served["request_id"]) == ["r1"]  # one row per logged request, with features
+
+    frame = pd.DataFrame({"request_id": ["r1", "r1", "r2"], "user_id": ["u1", "u1", "u2"],
+                          "item_id": ["i1", "i2", "i3"], "user_ctr_7d": [0.1, 0.1, 0.5],
+                          "user_history": [["i7"], ["i7"], ["i6"]]})
+    out = attach_served_features(frame, served)
+    assert list(out["features_source"]) == ["served", "served", "point_in_time"]
+    assert list(out["user_ctr_7d"]) == [0.25, 0.25, 0.5]
+    assert out["user_clicks_10m"].iloc[:2].tolist() == [4.0, 4.0]
+    assert np.isnan(out["user_clicks_10m"].iloc[2])  # a stream feature: served rows only
+    assert list(out["user_history"]) == [["i9", "i8"], ["i9", "i8"], ["i6"]]
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"data_dir": str(tmp_path)}))
+    sid = write_training_snapshot(out.drop(columns="request_id"), load_settings("local", config))
+    meta = pq.read_schema(tmp_path / "training" / sid / "part-0.parquet").metadata
+    assert json.loads(meta[SOURCE_METADATA]) == {"served": 2, "point_in_time": 1}
+
+
+def pa_table(rows: list[dict[str, object]], schema: object) -> object:
+    import pyarrow as pa
+
+    assert isinstance(schema, pa.Schema)
+    return pa.Table.from_pylist(rows, schema=schema)

@@ -288,6 +288,27 @@ def test_pseudonymized_user_id_is_looked_up_and_logged(tmp_path: Any) -> None:
     assert asked[-1] == "alice"  # off by default
 
 
+def test_the_impression_log_records_the_user_features_and_history_the_model_was_given(
+    tmp_path: Any,
+) -> None:
+    import json
+
+    import pyarrow.parquet as pq
+
+    from recsys_platform.serving.impressions import ImpressionLogger
+
+    log = ImpressionLogger(tmp_path / "landing", flush_every=10_000)
+    rec = Recommender(_manager({"1": TinyBundle("1")}, ["1"]), Features(), log,
+                      ServingMetrics(), ServingOptions(candidates=20))
+    resp = rec.recommend(RecommendRequest(user_id="u1", k=3))
+    assert log.flush() == 3
+    served = pq.read_table(next((tmp_path / "landing" / "served").rglob("*.parquet")))
+    assert set(served.column("request_id").to_pylist()) == {resp.request_id}
+    assert [json.loads(t) for t in served.column("user_features").to_pylist()] == [
+        {"user_ctr_7d": 0.1}] * 3  # the numeric features: no lists, no ids
+    assert [json.loads(t) for t in served.column("user_history").to_pylist()] == [["i29"]] * 3
+
+
 def test_item_cache_reads_misses_once_and_expires_rows_after_the_ttl() -> None:
     now = [0.0]
     table = {"a": (3, "cr1", "cat1"), "b": (None, None, "cat2")}

@@ -2,7 +2,8 @@
 
 Commands parse arguments and call the Prefect flows or plain functions of
 ``recsys_pipelines``; nothing else. Wire with ``app.add_typer(features.app, name="features")``
-and ``app.add_typer(features.etl_app, name="etl")``; ``demo_step`` is the demo's batch stage.
+and ``app.add_typer(features.etl_app, name="etl")``. The demo's batch stage
+(:mod:`recsys_platform.demo`) calls the same flows and printers.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from rich.table import Table
 
 from recsys_core.settings import Settings
 from recsys_platform.commands.context import current_settings
-from recsys_platform.commands.progress import stage
 
 app = typer.Typer(help="Feast feature store: apply definitions, materialize, training sets.",
                   no_args_is_help=True)
@@ -38,7 +38,7 @@ def _day(text: str | None) -> date | None:
     return date.fromisoformat(text) if text else None
 
 
-def _table(title: str, rows: dict[str, Any]) -> Table:
+def table(title: str, rows: dict[str, Any]) -> Table:
     table = Table(title=title)
     table.add_column("what")
     table.add_column("value", justify="right")
@@ -47,8 +47,8 @@ def _table(title: str, rows: dict[str, Any]) -> Table:
     return table
 
 
-def _print_etl(result: dict[str, Any]) -> None:
-    console.print(_table(f"ETL {result['start']}..{result['end']}", {
+def print_etl(result: dict[str, Any]) -> None:
+    console.print(table(f"ETL {result['start']}..{result['end']}", {
         "raw rows read": result["input_rows"], "clean rows written": result["clean_rows"],
         "quarantined": result["quarantined_rows"], "outside the range": result["out_of_range_rows"],
         "duplicates": result["duplicates"], "partitions": len(result["partitions"]),
@@ -87,7 +87,7 @@ def etl_run(
         result = etl_flow(start=_day(start), end=_day(end),
                           landing_dir=str(landing) if landing else None,
                           lookahead_days=lookahead_days, catalog_url=catalog_url, settings=s)
-    _print_etl(result)
+    print_etl(result)
     if result.get("quarantined_files"):
         raise typer.Exit(EXIT_QUARANTINED_FILES)
 
@@ -113,7 +113,7 @@ def features_compute(start: StartOpt = None, end: EndOpt = None) -> None:
     s = current_settings()
     with prefect_api(s):
         result = features_flow(start=_day(start), end=_day(end), settings=s)
-    console.print(_table("batch features", {**{f"{k} rows": v for k, v in result["rows"].items()},
+    console.print(table("batch features", {**{f"{k} rows": v for k, v in result["rows"].items()},
                                             "online rows": result["online"]["rows"]}))
 
 
@@ -165,47 +165,10 @@ def features_training_set(
                   f"{s.data_dir / 'training' / snapshot}")
 
 
-def _landing_range(settings: Settings) -> tuple[date, date]:
+def landing_range(settings: Settings) -> tuple[date, date]:
     days = sorted(date.fromisoformat(p.name.removeprefix("date="))
                   for p in (settings.landing_dir / "events").glob("date=*"))
     if not days:
         raise typer.BadParameter(f"no landing partitions under {settings.landing_dir}/events; "
                                  "run `recsys data generate` first")
     return days[0], days[-1]
-
-
-def demo_step(settings: Settings, console: Console) -> None:
-    """Demo: ETL -> batch features -> apply -> materialize on the generated landing data,
-    then online features of one user and one item, and a training snapshot."""
-    from recsys_pipelines.feature_store import load_store, online_features
-    from recsys_pipelines.training_set import build_snapshot
-    from recsys_platform.flows.data import etl_flow, features_flow, prefect_api
-
-    start, end = _landing_range(settings)
-    with stage(console, f"batch: ETL {start}..{end} -> lake -> Ray Data features -> Feast -> "
-               "online", 3) as step:
-        with prefect_api(settings):
-            step("ETL flow (Prefect): validate, quarantine, dedupe")
-            etl = etl_flow(start=start, end=end, settings=settings)
-            _print_etl(etl)
-            step("features flow: Ray Data batch features, feast apply, materialize")
-            feats = features_flow(start=start, end=end, settings=settings)
-        console.print(f"feature rows {feats['rows']}; materialized "
-                      f"{feats['online']['rows']:,} entity rows in "
-                      f"{feats['online']['seconds']:.1f} s")
-        store = load_store(settings)
-        from recsys_pipelines.etl import read_lake_events
-
-        events = read_lake_events(settings.lake_dir, end, end)
-        user = str(events["user_id"].value_counts().index[0])
-        item = str(events["item_id"].value_counts().index[0])
-        for entity, key, views in (("user", user, ("user_batch", "user_history")),
-                                   ("item", item, ("item_batch", "item_metadata"))):
-            row = online_features(store, entity, [key], views).iloc[0]
-            console.print(_table(f"online features of {entity} {key}",
-                                 {k: v for k, v in row.items()
-                                  if not k.endswith(("_7d", "_30d"))
-                                  or k.endswith(("ctr_7d", "ctr_30d"))}))
-        step("point-in-time training snapshot (Feast historical features)")
-        snapshot, rows = build_snapshot(settings, store)
-    console.print(f"training snapshot {snapshot}: {rows:,} labelled impressions")

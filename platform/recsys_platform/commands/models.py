@@ -17,9 +17,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from recsys_core import features as F
 from recsys_core.settings import Settings
 from recsys_platform.commands.context import current_settings
-from recsys_platform.commands.progress import stage
 
 app = typer.Typer(help="Model registry: list versions, promote the challenger.",
                   no_args_is_help=True)
@@ -172,7 +172,7 @@ def recommend(
         from recsys_models.workflow import snapshot_histories
 
         histories, engaged = snapshot_histories(s, frame["user_id"].tolist(), snapshot)
-        frame["user_history"] = [histories[u] for u in frame["user_id"]]
+        frame[F.USER_HISTORY] = [histories[u] for u in frame["user_id"]]
         seen = engaged if exclude_seen else None
     elif exclude_seen:
         seen = _seen_items(s, frame)
@@ -191,9 +191,9 @@ def _seen_items(settings: Settings, frame: pd.DataFrame) -> dict[str, set[str]]:
     from recsys_pipelines.feature_store import load_store, online_features
     from recsys_platform.serving.online_features import merge_history
 
-    seen = {str(u): set(h) for u, h in zip(frame["user_id"], frame["user_history"], strict=True)}
-    online = online_features(load_store(settings), "user", list(seen), ("user_history",
-                                                                         "user_stream"))
+    seen = {str(u): set(h) for u, h in zip(frame["user_id"], frame[F.USER_HISTORY], strict=True)}
+    online = online_features(load_store(settings), "user", list(seen), (
+        F.USER_HISTORY_VIEW, F.USER_STREAM.name))
     for row in online.to_dict("records"):
         recent, history = row.get(USER_RECENT_ITEMS), row.get(USER_HISTORY)
         seen[str(row["user_id"])] |= set(merge_history(
@@ -211,10 +211,10 @@ def _read_users(path: Path) -> pd.DataFrame:
     if "user_id" not in frame.columns and "userId" in frame.columns:  # MovieLens's own files
         frame = frame[["userId"]].drop_duplicates().rename(columns={"userId": "user_id"})
     frame["user_id"] = frame["user_id"].astype(str)
-    if "user_history" not in frame.columns:
-        frame["user_history"] = [[] for _ in range(len(frame))]
-    frame["user_history"] = [json.loads(h) if isinstance(h, str) else list(h)
-                             for h in frame["user_history"]]
+    if F.USER_HISTORY not in frame.columns:
+        frame[F.USER_HISTORY] = [[] for _ in range(len(frame))]
+    frame[F.USER_HISTORY] = [json.loads(h) if isinstance(h, str) else list(h)
+                             for h in frame[F.USER_HISTORY]]
     return frame
 
 
@@ -266,42 +266,3 @@ def register(root: typer.Typer) -> None:
     root.command("evaluate")(evaluate)
     root.command("recommend")(recommend)
     root.add_typer(app, name="models")
-
-
-def demo_step(settings: Settings, console: Console) -> None:
-    """Demo: short training on 2 Ray Train workers, evaluate, register, promote."""
-    from recsys_models.registry import promote
-    from recsys_models.workflow import train_evaluate_register
-    from recsys_platform.runtime import ensure_ray
-
-    ensure_ray(settings)
-    with stage(console, "models: train on 2 Ray Train workers, evaluate, register, promote",
-               2) as step:
-        step("training on Ray Train (early stopping on a validation split), evaluating, "
-             "registering in MLflow")
-        out = train_evaluate_register(settings, workers=2)
-        m = out.report.metrics
-        nan = float("nan")
-        epochs = sum(1 for h in out.trained.history if h.get("phase") == 0.0)
-        console.print(
-            f"two-tower recall@50 {m['two_tower/recall@50']:.3f} vs popularity "
-            f"{m['popularity/recall@50']:.3f}; final list recall@50 "
-            f"{m['final/recall@50']:.3f} (tuned EASE {m.get('ease/recall@50', nan):.3f}, ALS "
-            f"{m.get('als/recall@50', nan):.3f}); ranker AUC {m['ranker/auc']:.3f} (logistic "
-            f"regression {m.get('ranker/logreg_auc', nan):.3f}); ANN recall@100 "
-            f"{m['ann/recall@100']:.3f}; fit {out.seconds['fit']:.0f}s ({epochs} retrieval "
-            "epochs)")
-        step("promotion gate: beats popularity by the margin, not below the champion")
-        result = promote(settings, out.split.train_labels, out.split.holdout, why="make demo",
-                         who="demo", baselines=out.baselines)
-    state = "promoted to champion" if result.promoted else "refused: " + "; ".join(result.reasons)
-    console.print(f"gate: version {result.challenger} {state}")
-    if not result.promoted:
-        # The rest of the demo (stream, serving) needs a champion to show the serving path:
-        # promote anyway, recorded as forced in the version's gate tags, and say so.
-        forced = promote(settings, out.split.train_labels, out.split.holdout,
-                         why="make demo: forced after the gate refused, to demonstrate serving",
-                         who="demo", force=True, baselines=out.baselines)
-        console.print(f"[yellow]demo: version {forced.challenger} promoted with --force so "
-                      "serving has a model; the refusal is kept in its gate.* tags. A real "
-                      "deployment would keep the previous champion.[/yellow]")

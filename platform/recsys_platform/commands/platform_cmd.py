@@ -21,8 +21,9 @@ import typer
 from rich.console import Console
 
 from recsys_core.settings import Settings
-from recsys_platform.commands import serve as serve_commands
 from recsys_platform.commands.context import current_settings
+from recsys_platform.commands.serve import print_recommendations
+from recsys_platform.serving import cluster
 
 app = typer.Typer(help="The whole platform loop as one Prefect flow run.", no_args_is_help=True)
 console = Console()
@@ -55,7 +56,7 @@ def landing_range(settings: Settings) -> tuple[date, date] | None:
 
 def _ready_version(url: str) -> str | None:
     try:
-        status, body = serve_commands.http("GET", f"{url}/readyz", timeout=5)
+        status, body = cluster.http("GET", f"{url}/readyz", timeout=5)
     except (urllib.error.URLError, ConnectionError, TimeoutError):
         return None
     return str(body.get("bundle_version")) if status == 200 and isinstance(body, dict) else None
@@ -87,17 +88,17 @@ def serve_version(settings: Settings, version: str) -> Served:
     """Makes serving answer with ``version``: waits for a running app, else starts one."""
     import ray
 
-    url = serve_commands.base_url(settings)
+    url = cluster.base_url(settings)
     started = _ready_version(url) is None
     if started:  # training ran on an in-process cluster; the app lives on the local head
         if ray.is_initialized() and settings.ray.address is None:
             ray.shutdown()
-        serve_commands.connect(settings, start_head=True)
-        serve_commands.deploy(settings)
-        serve_commands.wait_ready(url)
+        cluster.connect(settings, start_head=True)
+        cluster.deploy(settings)
+        cluster.wait_ready(url)
     wait_for_version(url, version, timeout_s=settings.serving.poll_interval_s * 3 + 120)
     user = a_known_user(settings)
-    status, body = serve_commands.http("POST", f"{url}/recommend", {"user_id": user, "k": 5})
+    status, body = cluster.http("POST", f"{url}/recommend", {"user_id": user, "k": 5})
     if status != 200:
         raise typer.BadParameter(f"POST {url}/recommend answered HTTP {status}: {body}")
     return Served(url, str(body["bundle_version"]), started, user, body)
@@ -171,7 +172,7 @@ def run_command(
         served = serve_version(settings, run.version)
         how = "started" if served.started else "picked up by the running app"
         console.print(f"serving at {served.url}: version {served.version} ({how})")
-        serve_commands.print_recommendations(served.response, f"user {served.user_id}")
+        print_recommendations(served.response, f"user {served.user_id}")
         if served.version != run.version:
             raise typer.Exit(1)
     console.print(f"loop done in {time.monotonic() - began:.0f}s")

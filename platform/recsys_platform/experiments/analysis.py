@@ -35,7 +35,7 @@ def read_log(folder: Path, exp: Experiment) -> pd.DataFrame:
     from the day it started on."""
     import pyarrow.dataset as pads
 
-    from recsys_platform.serving.impressions import SERVED_SCHEMA
+    from recsys_core.contracts import SERVED_SCHEMA
 
     first_day = exp.started.date().isoformat()
     files = sorted(str(p) for p in folder.rglob("*.parquet") if not p.name.startswith(".")

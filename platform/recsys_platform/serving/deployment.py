@@ -1,6 +1,6 @@
 """The recommender deployment's Ray Serve options, from ``serving.*`` settings in one place.
 
-The deployment decorator (``app.py``), ``recsys serve up`` (``commands/serve.py``), the
+The deployment decorator (``app.py``), ``recsys serve up`` (``serving/cluster.py``), the
 committed ``serve_config.yaml`` (local profile) and the Helm chart's RayService (k8s profile)
 all carry these values; tests keep the last two equal to :func:`deployment_options`.
 """

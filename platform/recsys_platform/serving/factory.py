@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import redis
 
-from recsys_core.features import HISTORY_LENGTH
+from recsys_core.features import HISTORY_LENGTH, USER_HISTORY
 from recsys_core.settings import Settings
 from recsys_models.bundle import Bundle
 from recsys_models.fast_rank import ranking_catalog
@@ -29,7 +29,12 @@ from recsys_platform.serving.item_features import (
     redis_item_fetch,
 )
 from recsys_platform.serving.metrics import ServingMetrics
-from recsys_platform.serving.online_features import FeastUserFeatures, RedisUserFeatures
+from recsys_platform.serving.online_features import (
+    FeastUserFeatures,
+    RedisUserFeatures,
+    check_feature_service,
+    registered_views,
+)
 from recsys_platform.serving.recommender import Recommender, ServingOptions
 
 logger = logging.getLogger(__name__)
@@ -70,7 +75,7 @@ def smoke_test(bundle: Any, users: int = SMOKE_USERS, items: int = SMOKE_ITEMS) 
     step = max(1, len(catalog) // items)
     sample = catalog[::step][:items]
     histories: list[list[str]] = [[]] + [sample[n::users][:HISTORY_LENGTH] for n in range(users)]
-    frame = pd.DataFrame([{"user_id": f"__smoke__{n}", "user_history": h}
+    frame = pd.DataFrame([{"user_id": f"__smoke__{n}", USER_HISTORY: h}
                           for n, h in enumerate(histories)])
     ids, scores = bundle.search(bundle.encode_users(frame), 10)
     if any(len(row) == 0 for row in ids) or not np.isfinite(np.asarray(scores, float)).all():
@@ -85,7 +90,8 @@ def smoke_test(bundle: Any, users: int = SMOKE_USERS, items: int = SMOKE_ITEMS) 
 
 
 def registry_manager(settings: Settings, metrics: ServingMetrics, alias: str = CHAMPION,
-                     prepare: Callable[[Any], None] | None = None) -> BundleManager:
+                     prepare: Callable[[Any], None] | None = None,
+                     store: Any = None) -> BundleManager:
     """A manager that follows ``models:/<model_name>@<alias>`` in the MLflow registry.
 
     ``prepare`` runs on every newly loaded bundle after its smoke test and before the swap
@@ -112,6 +118,8 @@ def registry_manager(settings: Settings, metrics: ServingMetrics, alias: str = C
                              settings.path(settings.mlflow.artifact_location))
 
     def check(bundle: Any) -> None:
+        if store is not None:  # the bundle's feature service is the one this replica reads
+            check_feature_service(bundle, store, settings.feast.serving_service)
         smoke_test(bundle)
         if prepare is not None:
             prepare(bundle)
@@ -121,7 +129,8 @@ def registry_manager(settings: Settings, metrics: ServingMetrics, alias: str = C
 
 
 def registry_arms(settings: Settings, metrics: ServingMetrics,
-                  prepare: Callable[[Any], None] | None = None) -> ExperimentArms:
+                  prepare: Callable[[Any], None] | None = None,
+                  store: Any = None) -> ExperimentArms:
     """Online experiment arms that follow the registered model's ``experiment.active`` tag in
     MLflow, load treatments with the same checks as a champion (digest, smoke query,
     ``prepare``) and log shadow rankings to ``landing/shadow``."""
@@ -148,6 +157,8 @@ def registry_arms(settings: Settings, metrics: ServingMetrics,
                              settings.path(settings.mlflow.artifact_location))
 
     def check(bundle: Any) -> None:
+        if store is not None:
+            check_feature_service(bundle, store, settings.feast.serving_service)
         smoke_test(bundle)
         if prepare is not None:
             prepare(bundle)
@@ -234,10 +245,11 @@ def impressions_wal_dir(settings: Settings) -> Path:
 def item_sources(settings: Settings, store: Any) -> tuple[ItemFeatureCache, ColdStartLists]:
     """The per-request item feature read (LRU in front) and the cold-start lists."""
     serving = settings.serving
+    views = registered_views(store, settings.feast.serving_service, "item")
     if store.config.online_store.type == "redis":
         # 500 candidates are one pipelined round trip: allow it twice the user budget.
         fetch, names = redis_item_fetch(store, settings.redis.url,
-                                        max(2 * settings.redis.timeout_ms / 1000, 0.1))
+                                        max(2 * settings.redis.timeout_ms / 1000, 0.1), views)
         client = redis.Redis.from_url(settings.redis.url, socket_timeout=10.0,
                                       socket_connect_timeout=10.0)
         prefix, project = settings.redis.key_prefix, settings.feast.project
@@ -245,7 +257,7 @@ def item_sources(settings: Settings, store: Any) -> tuple[ItemFeatureCache, Cold
         def read() -> dict[str, list[str]]:
             return read_lists(client, prefix, project)
     else:
-        fetch, names = feast_item_fetch(store)
+        fetch, names = feast_item_fetch(store, views)
         path = cold_start_file(settings)
 
         def read() -> dict[str, list[str]]:
@@ -267,9 +279,10 @@ def build_recommender(settings: Settings) -> tuple[Recommender, ColdStartLists]:
         if ids:
             index_new_items(bundle, ids, items.rows(ids))
 
-    manager = registry_manager(settings, metrics, prepare=prepare)
+    manager = registry_manager(settings, metrics, prepare=prepare, store=store)
 
-    arms = registry_arms(settings, metrics, prepare)  # online experiments: split, shadow
+    # online experiments: split, shadow
+    arms = registry_arms(settings, metrics, prepare, store=store)
 
     def on_refresh(new_lists: dict[str, list[str]]) -> None:
         ids = list_items(new_lists)
@@ -305,10 +318,11 @@ def build_recommender(settings: Settings) -> tuple[Recommender, ColdStartLists]:
                              load_rank=settings.serving.load_rank,
                              user_features_timeout_s=settings.redis.timeout_ms / 1000,
                              pseudonym_key=privacy.key if privacy.pseudonymize else None)
-    reader: Any = FeastUserFeatures(store)
+    user_views = registered_views(store, settings.feast.serving_service, "user")
+    reader: Any = FeastUserFeatures(store, user_views)
     if store.config.online_store.type == "redis":
         reader = RedisUserFeatures(store, settings.redis.url,
-                                   max(settings.redis.timeout_ms / 1000, 0.05))
+                                   max(settings.redis.timeout_ms / 1000, 0.05), user_views)
     recommender = Recommender(manager, FeastFeatureSource(reader, items, lists), impressions,
                               metrics, options, experiments=arms)
     return recommender, lists

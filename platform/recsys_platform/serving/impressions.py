@@ -4,10 +4,11 @@ Two outputs, both written atomically (a hidden temp name, then a rename):
 
 - ``landing/events/date=YYYY-MM-DD/served-<stamp>-<pid>-<n>.parquet``: impression events in the
   raw event contract, which the ETL ingests and joins with later clicks and watches;
-- ``landing/served/date=YYYY-MM-DD/...parquet``: the full response (position, score, source,
-  bundle version, and per request the online experiment and arm it was served in, its
-  degraded stages and its latency), and with ``stream_dir`` set, the same impressions as
-  newline-JSON for the stream job.
+- ``landing/served/date=YYYY-MM-DD/...parquet`` (``recsys_core.contracts.SERVED_SCHEMA``): the
+  full response (position, score, source, bundle version, and per request the online
+  experiment and arm it was served in, its degraded stages, its latency and the user features
+  and history the model was given, which the training-set builder uses as served), and with
+  ``stream_dir`` set, the same impressions as newline-JSON for the stream job.
 
 A shadow experiment's rankings, which no user saw, go through a second logger with
 ``folder="shadow", events=False``: ``landing/shadow/`` only, never impression events.
@@ -39,29 +40,14 @@ from typing import IO, Any
 import pyarrow as pa
 
 from recsys_core.atomic import atomic_write_lines
-from recsys_core.contracts import RAW_EVENT_SCHEMA
+from recsys_core.contracts import RAW_EVENT_SCHEMA, SERVED_SCHEMA
+from recsys_core.features import USER_HISTORY
 from recsys_pipelines.etl import atomic_write_table
 
 logger = logging.getLogger(__name__)
 
-SERVED_SCHEMA = pa.schema(
-    [
-        pa.field("request_id", pa.string()),
-        pa.field("user_id", pa.string()),
-        pa.field("item_id", pa.string()),
-        pa.field("position", pa.int32()),
-        pa.field("score", pa.float64()),
-        pa.field("source", pa.string()),
-        pa.field("bundle_version", pa.string()),
-        pa.field("served_at", pa.timestamp("ms", tz="UTC")),
-        # Per request (repeated on its rows); null in files written before they existed.
-        pa.field("experiment_id", pa.string()),  # the online experiment it was served in
-        pa.field("arm", pa.string()),  # control | treatment
-        pa.field("degraded", pa.string()),  # comma-separated stages that fell back
-        pa.field("latency_ms", pa.float64()),  # request start to response built, in-process
-    ]
-)
-_REQUEST_FIELDS = ("experiment_id", "arm", "degraded", "latency_ms")
+_REQUEST_FIELDS = ("experiment_id", "arm", "degraded", "latency_ms", "user_features",
+                   USER_HISTORY)
 
 # (request_id, user_id, items, version, surface, device, served_at, per-request fields)
 _Record = tuple[str, str, list[tuple[str, float, str]], str | None, str, str, datetime,
@@ -229,11 +215,15 @@ class ImpressionLogger:
     def log(self, request_id: str, user_id: str, items: list[tuple[str, float, str]],
             bundle_version: str | None, surface: str, device: str, *,
             experiment_id: str | None = None, arm: str | None = None, degraded: str = "",
-            latency_ms: float | None = None) -> None:
+            latency_ms: float | None = None, user_features: str | None = None,
+            user_history: str | None = None) -> None:
         """Records one response: ``items`` are ``(item_id, score, source)`` in served order;
-        ``experiment_id``/``arm`` name the online experiment arm that served it."""
+        ``experiment_id``/``arm`` name the online experiment arm that served it;
+        ``user_features``/``user_history`` (JSON) what the model was given for the user."""
         extra = {k: v for k, v in (("experiment_id", experiment_id), ("arm", arm),
-                                   ("degraded", degraded), ("latency_ms", latency_ms))
+                                   ("degraded", degraded), ("latency_ms", latency_ms),
+                                   ("user_features", user_features),
+                                   (USER_HISTORY, user_history))
                  if v not in (None, "")}
         record = (request_id, user_id, items, bundle_version, surface, device,
                   datetime.now(UTC), extra)

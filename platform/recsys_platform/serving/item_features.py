@@ -319,10 +319,11 @@ class ItemFeatureCache:
             time.sleep(0.05)  # batch the rows that come due meanwhile into one read
 
 
-def redis_item_fetch(store: Any, url: str, timeout_s: float) -> tuple[Fetch, list[str]]:
-    """A :data:`Fetch` of every item view's features from Feast's Redis layout (ONE pipeline
+def redis_item_fetch(store: Any, url: str, timeout_s: float, views: Sequence[str] = ITEM_VIEWS
+                     ) -> tuple[Fetch, list[str]]:
+    """A :data:`Fetch` of the item ``views``' features from Feast's Redis layout (ONE pipeline
     for up to 1,000 items), and its feature names."""
-    reader = RedisHashReader(store, url, timeout_s, ITEM_KEY, ITEM_VIEWS)
+    reader = RedisHashReader(store, url, timeout_s, ITEM_KEY, views)
 
     def fetch(ids: Sequence[str]) -> list[tuple[tuple[Any, float], ...]]:
         raw = reader.fetch([reader.key(i) for i in ids])
@@ -331,9 +332,9 @@ def redis_item_fetch(store: Any, url: str, timeout_s: float) -> tuple[Fetch, lis
     return fetch, list(reader.names)
 
 
-def feast_item_fetch(store: Any) -> tuple[Fetch, list[str]]:
+def feast_item_fetch(store: Any, views: Sequence[str] = ITEM_VIEWS) -> tuple[Fetch, list[str]]:
     """A :data:`Fetch` through Feast's ``get_online_features`` (any online store)."""
-    refs = feature_refs(store, ITEM_VIEWS)
+    refs = feature_refs(store, views)
     names = [r.split(":", 1)[1] for r in refs]
 
     def fetch(ids: Sequence[str]) -> list[tuple[tuple[Any, float], ...]]:

@@ -17,19 +17,67 @@ from typing import Any, cast
 
 import pandas as pd
 
+from recsys_core.errors import RecsysError
 from recsys_core.features import (
     HISTORY_LENGTH,
     ITEM_KEY,
+    RECOMMENDER_V1,
     USER_HISTORY,
     USER_KEY,
     USER_RECENT_ITEMS,
+    VIEW_ENTITY,
+    service_views,
 )
 from recsys_core.online_layout import decode_value, entity_key_encoder, ref_field
 
 logger = logging.getLogger(__name__)
 
-USER_VIEWS: tuple[str, ...] = ("user_batch", "user_stream", "user_history")
-ITEM_VIEWS: tuple[str, ...] = ("item_batch", "item_trending", "item_metadata")
+# The views serving reads by default: those of the two-stage bundle's feature service, per
+# entity. A replica reads the views of ``feast.serving_service`` as registered
+# (:func:`registered_views`); a bundle naming another service is rejected at load.
+USER_VIEWS: tuple[str, ...] = service_views(RECOMMENDER_V1, "user")
+ITEM_VIEWS: tuple[str, ...] = service_views(RECOMMENDER_V1, "item")
+
+
+class FeatureServiceError(RecsysError):
+    """A bundle names a feature service this replica does not serve, or that the Feast
+    registry does not hold."""
+
+    def __init__(self, version: str, named: str, reason: str) -> None:
+        super().__init__(f"bundle {version} names feature service {named!r}: {reason}")
+        self.named = named
+
+
+def registered_views(store: Any, service: str, entity: str) -> tuple[str, ...]:
+    """The ``entity`` views of ``service`` as the Feast registry holds it; the contract's
+    declaration (with a warning) when the registry does not hold it yet."""
+    try:
+        projections = store.get_feature_service(service).feature_view_projections
+    except Exception:
+        logger.warning("feature service %s is not registered (run `recsys features apply`); "
+                       "reading its declared views", service)
+        return service_views(service, entity)  # type: ignore[arg-type]
+    return tuple(p.name for p in projections if VIEW_ENTITY.get(p.name) == entity)
+
+
+def check_feature_service(bundle: Any, store: Any, served: str) -> None:
+    """Rejects a bundle whose feature service is not the one this replica reads (``served``)
+    or is missing from the Feast registry.
+
+    Raises:
+        FeatureServiceError: with the reason.
+    """
+    named = getattr(bundle, "feature_service", None)
+    version = str(getattr(bundle, "version", "?"))
+    if named != served:
+        raise FeatureServiceError(version, str(named), f"this replica reads {served!r} "
+                                  "(feast.serving_service); retrain, or serve it with that "
+                                  "setting")
+    try:
+        store.get_feature_service(named)
+    except Exception as exc:
+        raise FeatureServiceError(version, named, "not in the Feast registry; run `recsys "
+                                  f"features apply` ({type(exc).__name__})") from None
 
 
 def feature_refs(store: Any, views: Sequence[str]) -> list[str]:
@@ -60,9 +108,9 @@ def merge_history(recent: Sequence[str] | None, history: Sequence[str] | None) -
 class FeastUserFeatures:
     """Reads one user's online features through Feast."""
 
-    def __init__(self, store: Any) -> None:
+    def __init__(self, store: Any, views: Sequence[str] = USER_VIEWS) -> None:
         self._store = store
-        self._refs = feature_refs(store, USER_VIEWS)
+        self._refs = feature_refs(store, views)
 
     def __call__(self, user_id: str) -> dict[str, Any] | None:
         values = self._store.get_online_features(
@@ -128,8 +176,9 @@ class RedisHashReader:
 class RedisUserFeatures:
     """Reads one user's online features with ONE pipelined ``HMGET`` (:class:`RedisHashReader`)."""
 
-    def __init__(self, store: Any, url: str, timeout_s: float) -> None:
-        self._reader = RedisHashReader(store, url, timeout_s, USER_KEY, USER_VIEWS)
+    def __init__(self, store: Any, url: str, timeout_s: float,
+                 views: Sequence[str] = USER_VIEWS) -> None:
+        self._reader = RedisHashReader(store, url, timeout_s, USER_KEY, views)
 
     def __call__(self, user_id: str) -> dict[str, Any] | None:
         values = self._reader.read([user_id])[0]

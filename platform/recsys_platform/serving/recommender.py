@@ -16,6 +16,7 @@ types (the unit tests' stand-ins) go through their ``encode_users``/``rank`` fra
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import time
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import pandas as pd
 
-from recsys_core.features import HISTORY_LENGTH
+from recsys_core.features import HISTORY_LENGTH, USER_HISTORY
 from recsys_core.privacy import pseudonymize
 from recsys_models.bundle import Bundle
 from recsys_models.fast_rank import (
@@ -182,7 +183,7 @@ class Recommender:
                 self._fallback(degraded, "user_features", exc)
                 found, known = None, True
         row = dict(found or {})
-        row["user_history"] = list(row.get("user_history") or [])[:HISTORY_LENGTH]
+        row[USER_HISTORY] = list(row.get(USER_HISTORY) or [])[:HISTORY_LENGTH]
         return row, known
 
     def _lists(self, degraded: list[str]) -> tuple[dict[str, list[str]], bool]:
@@ -246,22 +247,26 @@ class Recommender:
         (a shadow arm reuses the control's; ``count=False`` keeps it out of the metrics)."""
         encoded: dict[str, np.ndarray] | None = None
         if loaded is not None and isinstance(loaded.bundle, Bundle):
-            encoded = encode_user(loaded.bundle.spec, user_key, row["user_history"], row)
+            encoded = encode_user(loaded.bundle.spec, user_key, row[USER_HISTORY], row)
         budget = budget or self.options.candidates
         cold = max(1, int(budget * self.options.cold_start_share))
         sources: list[tuple[str, list[str], list[float] | None]] = []
+        neighbours: list[str] = []
         if loaded is not None and known:
             with self._stage("retrieval"):
                 try:
                     ids, scores = self._retrieve(loaded, user_key, row, budget - cold,
                                                  [encoded] if encoded is not None else [])
                     sources.append(("retrieval", ids, scores))
+                    if encoded is not None:  # the bundle's item-item source, if it has one
+                        neighbours = loaded.bundle.neighbour_candidates(encoded["history"][0])
+                        sources.append(("neighbours", neighbours, None))
                 except Exception as exc:
                     self._fallback(degraded, "retrieval", exc)
         for name in ("trending", "fresh", "popular"):
             sources.append((name, lists.get(name, [])[:budget], None))
-        merged = merge_sources(sources, budget)
-        candidates = drop_items(merged, set(request.exclude) | set(row["user_history"]))
+        merged = merge_sources(sources, budget + len(neighbours))
+        candidates = drop_items(merged, set(request.exclude) | set(row[USER_HISTORY]))
         for source, n in Counter(c.source for c in candidates).items() if count else ():
             self.metrics.candidates.labels(source).inc(n)
         items = ItemRows.empty()
@@ -333,7 +338,8 @@ class Recommender:
                                  experiment_id=route.experiment.id if route else None,
                                  arm=route.arm if route else None, degraded=",".join(degraded),
                                  latency_ms=(time.perf_counter() - prepared.started) * 1000
-                                 if prepared.started else None)
+                                 if prepared.started else None,
+                                 **served_features(prepared.user))
         if route is not None and self.experiments is not None:
             # counts; queues a shadow ranking, unless the replica is shedding load
             self.experiments.served(self, prepared, log, shed=load_shed)
@@ -384,6 +390,16 @@ class Recommender:
                 except Exception as exc:
                     error = exc
             return self.finish(prepared, scores, error, log=log, load_shed=cheap)
+
+
+def served_features(user: dict[str, Any]) -> dict[str, str]:
+    """What the model was given for the user, for the impression log: the numeric online
+    features (batch and stream views) and the history, as JSON (the training-set builder
+    reads them back: ``recsys_pipelines.training_set.attach_served_features``)."""
+    numeric = {k: v for k, v in user.items()
+               if isinstance(v, int | float) and not isinstance(v, bool)}
+    return {"user_features": json.dumps(numeric, separators=(",", ":")),
+            USER_HISTORY: json.dumps(list(user.get(USER_HISTORY) or []))}
 
 
 def user_frame(user_key: str, row: dict[str, Any]) -> pd.DataFrame:

@@ -33,7 +33,7 @@ def test_fast_materialization_equals_feasts_own_on_a_sample(features_state: Any,
     client = redis.Redis.from_url(settings.redis.url)
     end = day_end(batch_env.end).to_pydatetime()
     start = day_end(batch_env.start).to_pydatetime()
-    for spec in view_specs(store, feature_store.BATCH_VIEWS):
+    for spec in view_specs(store, F.BATCH_VIEWS):
         table = latest_rows(feature_store.offline_dir(settings) / spec.name, spec.join_key,
                             start, end)
         rows = np.linspace(0, table.num_rows - 1, SAMPLE).astype(int)

@@ -99,4 +99,4 @@ def test_the_hourly_materialize_flow_completes(
     end = (day_end(batch_env.end) + pd.Timedelta(hours=1)).to_pydatetime()
     state = materialize_flow(end=end, config_file=str(batch_env.config_file), return_state=True)
     assert state.is_completed(), state.message
-    assert state.result()["views"] == list(feature_store.BATCH_VIEWS)
+    assert state.result()["views"] == list(F.BATCH_VIEWS)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from recsys_core import features as F
 from recsys_core.settings import load_settings
 from recsys_pipelines import feature_store
 from tests.fixtures.feast_store import make_repo
@@ -48,4 +49,4 @@ def test_services_profile_applies_to_the_sql_registry(
     assert {v.name for v in fresh.list_feature_views()} == {
         "user_batch", "item_batch", "user_history", "item_metadata", "user_stream",
         "item_trending"}
-    assert {s.name for s in fresh.list_feature_services()} == {"retrieval_v1", "ranking_v1"}
+    assert {s.name for s in fresh.list_feature_services()} == set(F.FEATURE_SERVICES)

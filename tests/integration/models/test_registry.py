@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from recsys_core import features as F
 from recsys_core.settings import MlflowSettings, Settings, load_settings
 from recsys_models.baselines import tuned_baselines
 from recsys_models.bundle import load_bundle
@@ -86,7 +87,7 @@ def test_bundle_round_trips_and_gate_refuses_a_worse_challenger(
         pyfunc = mlflow.pyfunc.load_model(f"models:/{settings.mlflow.model_name}@champion")
         top = pyfunc.predict(pyfunc_input, params={"k": 5})
     assert len(top) == 15 and set(top["user_id"]) == set(pyfunc_input["user_id"])
-    assert champion.feature_service == "retrieval_v1"
+    assert champion.feature_service == F.RECOMMENDER_V1
     assert champion.snapshot_id == good.snapshot_id
     assert list(champion.item_ids) == list(good.item_ids)
 

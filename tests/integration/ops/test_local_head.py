@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from recsys_core.settings import Settings
-from recsys_platform.commands.serve import (
+from recsys_platform.serving.cluster import (
     head_command,
     head_env,
     is_client_server,

@@ -36,8 +36,8 @@ class MonitoredEnv:
 
 
 def _write_served(settings: Settings, recs: pd.DataFrame, served_at: datetime, tag: str) -> None:
+    from recsys_core.contracts import SERVED_SCHEMA
     from recsys_pipelines.etl import atomic_write_table
-    from recsys_platform.serving.impressions import SERVED_SCHEMA
 
     rows = pd.DataFrame({
         "request_id": recs["user_id"] + f"-{tag}", "user_id": recs["user_id"],
