@@ -48,6 +48,7 @@ import aiohttp
 import numpy as np
 import redis
 import yaml
+from bench_common import write_platform_config
 
 from recsys_core.settings import Settings, load_settings
 from recsys_pipelines.generator import GeneratorConfig, generate, write_generated
@@ -77,16 +78,7 @@ def setup(workdir: Path, redis_url: str) -> tuple[Settings, Path, list[str]]:
     from recsys_platform.flows.platform_flow import platform_flow
 
     project = f"bench_{uuid.uuid4().hex[:8]}"
-    config = {"data_dir": str(workdir / "data"), "redis": {"url": redis_url},
-              "feast": {"project": project, "online_store": "redis",
-                        "repo_path": str(workdir / "feature_repo"),
-                        "registry_path": str(workdir / "data" / "feast" / "registry.db")},
-              "serving": {"candidates": 500, "poll_interval_s": 30}}
-    (workdir / "feature_repo").mkdir(parents=True, exist_ok=True)
-    repo = Path(__file__).resolve().parents[1] / "feature_repo" / "definitions.py"
-    (workdir / "feature_repo" / "definitions.py").write_text(repo.read_text())
-    config_file.write_text(yaml.safe_dump(config))
-    settings = load_settings("local", config_file)
+    settings = load_settings("local", write_platform_config(workdir, redis_url, project))
     data = generate(CFG)
     write_generated(data, settings.landing_dir)
     t0 = time.perf_counter()

@@ -143,6 +143,7 @@ class RaySettings(_Section):
     node_ip: str = "127.0.0.1"
     num_cpus: int | None = Field(default=None, ge=1)
     train_workers: int = Field(default=2, ge=1)
+    etl: bool = True  # the ETL's validation, dedupe and writes on Ray (False: in the flow)
     use_gpu: bool = False
 
     @field_validator("address")
