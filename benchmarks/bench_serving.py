@@ -409,7 +409,9 @@ async def closed_loops(users: list[str], floor: Floor, base: str) -> float:
             print(f"http closed loop c={c}: {out.line()}; CPU ms per 200: " + ", ".join(
                 f"{name} {ms:.2f}" for name, ms in cpu.items())
                 + f"; replica CPU per request {cpu['replica'] / floor.cpu_ms:.2f}x the "
-                f"in-process pipeline's {floor.cpu_ms:.2f} ms (target <= 1.3x)")
+                f"in-process pipeline's {floor.cpu_ms:.2f} ms (target <= 1.3x); net of the idle "
+                f"replica's background "
+                f"{(cpu['replica'] - idle_ms_per_s * out.seconds / served) / floor.cpu_ms:.2f}x")
     print(f"one replica's capacity (most 200/s of the closed loops, full path): "
           f"{capacity:.0f} req/s")
     return capacity
