@@ -71,11 +71,14 @@ def main() -> None:
     parser.add_argument("--days", type=int, default=14)
     parser.add_argument("--users", type=int, default=2_000)
     parser.add_argument("--items", type=int, default=5_000)
+    parser.add_argument("--categories", type=int, default=GeneratorConfig.categories)
+    parser.add_argument("--category-share", type=float, default=GeneratorConfig.category_share)
     parser.add_argument("--protocol", choices=("global", "per-user"), default="global")
     parser.add_argument("--holdout", type=float, default=0.2)
     args = parser.parse_args()
     cfg = GeneratorConfig(events=args.events, days=args.days, users=args.users,
-                          items=args.items, start=date(2026, 11, 1))
+                          items=args.items, start=date(2026, 11, 1), categories=args.categories,
+                          category_share=args.category_share)
     data = generate(cfg)
     rows = impression_rows(data)
     train, holdout = holdout_split(rows, args.holdout, args.protocol)

@@ -11,11 +11,14 @@ training side by the same protocol (its last 10%), never on the holdout:
 - two-tower: temperature grid, epochs by early stopping on the validation split, then refit on
   all training rows for the best epoch count; the ranker trains after it (1 epoch, with
   never-shown negatives drawn from retrieval);
-- EASE: lambda grid; ALS: factors x regularization x alpha grid.
+- EASE: lambda grid; ALS: factors x regularization x alpha grid;
+- the final score's weights (retrieval score, item-item neighbour score): on the validation
+  split (the bundle's neighbour table is EASE with the tuned lambda, truncated to 50
+  neighbours per item, read from the user's serving history).
 
-The lists: ``final list`` (retrieval of 500 candidates, then the ranker: ``Bundle.recommend``,
-what ``recsys recommend`` returns), ``retrieval only`` (the two-tower's order), ``als``,
-``ease``, ``popularity``, all through ``evaluate_retrieval``.
+The lists: ``final list`` (retrieval of 500 candidates, then the ranker and the blend:
+``Bundle.recommend``, what ``recsys recommend`` returns), ``retrieval only`` (the two-tower's
+order), ``als``, ``ease``, ``popularity``, all through ``evaluate_retrieval``.
 
 Run: ``.venv/bin/python benchmarks/bench_movielens.py --protocol per-user``
 """
@@ -52,6 +55,7 @@ from recsys_models.evaluate import (
     holdout_queries,
     popularity_recommender,
 )
+from recsys_models.neighbours import NeighbourConfig, fit_neighbours
 from recsys_models.ranker import RankerConfig
 from recsys_models.sequences import engaged_mask, pit_histories
 from recsys_models.train import TrainConfig, fit_local
@@ -117,10 +121,11 @@ def _config(temperature: float, epochs: int) -> TrainConfig:
 
 
 def two_tower_bundle(train: pd.DataFrame, items: pd.DataFrame, cfg: TrainConfig,
+                     neighbours: NeighbourConfig,
                      validation_rows: pd.DataFrame | None = None) -> tuple[Bundle, int]:
     """Trains on ``train`` (early-stopping on ``validation_rows`` and tuning the final score's
-    retrieval weight on them when given); returns the bundle over the items rated in
-    ``train`` and the best epoch count."""
+    weights on them when given); returns the bundle over the items rated in ``train``, with
+    the neighbour table fitted on ``train``, and the best epoch count."""
     spec = _spec(items, train)
     seen = set(train["item_id"])
     catalog = items[items["item_id"].isin(seen)]
@@ -133,6 +138,7 @@ def two_tower_bundle(train: pd.DataFrame, items: pd.DataFrame, cfg: TrainConfig,
     bundle = build_bundle(models.two_tower, models.ranker, spec, catalog, seen, version="ml",
                           feature_service=F.RANKING_V1, snapshot_id="movielens",
                           as_of=train["event_time"].max())
+    bundle.neighbours = fit_neighbours(train, spec, neighbours)
     if validation_rows is not None and cfg.train_ranker:
         tune_blend(bundle, train, warm(train, validation_rows))
     return bundle, best
@@ -162,18 +168,22 @@ def main() -> None:
     print(f"rows {len(rows)}, train {len(train)}, holdout {len(holdout)}, "
           f"validation users {len(val_q.users)}")
 
+    ease = tune("ease", ease_recommender, [(lam,) for lam in EASE_LAMBDAS], fit_rows, val_q)
+    print(f"  ease lambda {ease.params}: validation recall@50 {ease.validation:.4f}")
+    neighbours = NeighbourConfig(lam=float(ease.params[0]))
     tuned_tt = []
     for temperature in args.temperatures:
         bundle, best = two_tower_bundle(fit_rows, ml.items, _config(temperature,
-                                                                   args.max_epochs), val_rows)
-        tuned_tt.append((_score(bundle_recommender(bundle), val_q), temperature, best,
-                         bundle.blend.retrieval_weight))
-        print(f"  two-tower T={temperature}: validation recall@50 {tuned_tt[-1][0]:.4f}, "
-              f"best epochs {best}, final-score retrieval weight {tuned_tt[-1][3]:g} "
-              f"({time.perf_counter() - t0:.0f}s)")
-    _, temperature, epochs, weight = max(tuned_tt)
-    ease = tune("ease", ease_recommender, [(lam,) for lam in EASE_LAMBDAS], fit_rows, val_q)
-    print(f"  ease lambda {ease.params}: validation recall@50 {ease.validation:.4f}")
+                                                                   args.max_epochs),
+                                        neighbours, val_rows)
+        final_val = _score(final_recommender(bundle, 500), val_q)
+        tuned_tt.append((final_val, temperature, best, bundle.blend.retrieval_weight,
+                         bundle.blend.neighbour_weight))
+        print(f"  two-tower T={temperature}: validation recall@50 retrieval "
+              f"{_score(bundle_recommender(bundle), val_q):.4f}, final list {final_val:.4f}, "
+              f"best epochs {best}, final-score weights: retrieval {tuned_tt[-1][3]:g}, "
+              f"neighbours {tuned_tt[-1][4]:g} ({time.perf_counter() - t0:.0f}s)")
+    _, temperature, epochs, weight, n_weight = max(tuned_tt)
     recs: dict[str, Recommender] = {}
     if has_implicit():
         als = tune("als", als_recommender, ALS_GRID, fit_rows, val_q)
@@ -183,12 +193,13 @@ def main() -> None:
     recs["ease"] = ease_recommender(train, *ease.params)
     recs["popularity"] = popularity_recommender(train)
     cfg = dataclasses.replace(_config(temperature, epochs), patience=epochs + 1)
-    bundle, _ = two_tower_bundle(train, ml.items, cfg)
-    bundle.blend = dataclasses.replace(bundle.blend, retrieval_weight=weight)
+    bundle, _ = two_tower_bundle(train, ml.items, cfg, neighbours)
+    bundle.blend = dataclasses.replace(bundle.blend, retrieval_weight=weight,
+                                       neighbour_weight=n_weight)
     recs = {"final list": final_recommender(bundle, 500),
             "retrieval only": bundle_recommender(bundle), **recs}
     print(f"tuned on validation: two-tower temperature {temperature}, {epochs} epochs, "
-          f"final-score retrieval weight {weight:g}")
+          f"final-score weights: retrieval {weight:g}, neighbours {n_weight:g}")
 
     queries = holdout_queries(train, warm(train, holdout))
     metrics, _ = evaluate_retrieval(recs, queries, KS)

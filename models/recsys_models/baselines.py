@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import scipy.linalg
 import scipy.sparse as sp
 
 from recsys_models.evaluate import (
@@ -34,6 +33,7 @@ from recsys_models.evaluate import (
     holdout_split,
     popularity_recommender,
 )
+from recsys_models.neighbours import ease_weights
 
 logger = logging.getLogger(__name__)
 
@@ -106,11 +106,7 @@ def ease_recommender(train: pd.DataFrame, lam: float = 200.0,
                      max_items: int = EASE_MAX_ITEMS) -> Recommender:
     """EASE fitted on the engaged training rows over the ``max_items`` most engaged items."""
     data = _interactions(train, max_items)
-    gram = (data.matrix.T @ data.matrix).toarray().astype(np.float32)
-    gram[np.diag_indices_from(gram)] += lam
-    weights = scipy.linalg.inv(gram, overwrite_a=True, check_finite=False)  # P, in place
-    weights /= -np.diag(weights)[None, :]  # B = -P / diag(P), off the diagonal
-    weights[np.diag_indices_from(weights)] = 0.0
+    weights = ease_weights(data.matrix, lam)
     x = data.matrix
 
     def score(rows: np.ndarray) -> np.ndarray:

@@ -10,6 +10,7 @@ that serving can never mix parts of different versions. On disk::
     item_embeddings.npy  (n_items, dim) float32, index order
     known_items.npy      item ids seen in training (others are embedded from metadata)
     index/               hnswlib index + its item ids
+    neighbours.npz       optional item-item neighbour table (recsys_models.neighbours)
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from recsys_core.features import USER_HISTORY
 from recsys_models.ann import HnswConfig, HnswIndex
 from recsys_models.data import EncoderSpec, catalog_frame, encode_items, encode_rows, encode_users
 from recsys_models.errors import BundleFormatError
+from recsys_models.neighbours import ItemNeighbours
 from recsys_models.ranker import Blend, Ranker, RankerConfig, predict
 from recsys_models.two_tower import Retriever, TwoTowerConfig, TwoTowerModel, embed_item_batch
 
@@ -67,6 +69,7 @@ class Bundle:
     blend: Blend = field(default_factory=Blend)
     metrics: dict[str, float] = field(default_factory=dict)
     build_stats: dict[str, float] = field(default_factory=dict)  # embedding, index build
+    neighbours: ItemNeighbours | None = None  # item-item scores for the final blend
 
     @property
     def item_ids(self) -> np.ndarray:
@@ -94,8 +97,24 @@ class Bundle:
         add = [c for c in meta.columns if c not in base.columns]
         return base.join(meta[add], on="item_id")
 
+    def neighbour_scores(self, history: np.ndarray, item_hash: np.ndarray) -> np.ndarray:
+        """The neighbour score of encoded rows (n,): zeros when the bundle has no table."""
+        if self.neighbours is None:
+            return np.zeros(len(item_hash), np.float32)
+        return self.neighbours.score(history, item_hash)
+
+    def neighbour_candidates(self, history: np.ndarray) -> list[str]:
+        """The item-item source of candidates: the best-scored catalog neighbours of one
+        encoded history (H,), at most ``neighbours.cfg.candidates`` (none without a table)."""
+        if self.neighbours is None or self.neighbours.cfg.candidates <= 0:
+            return []
+        n = self.neighbours.cfg.candidates
+        ids, _ = self.neighbours.top(history, n)
+        return [str(x) for x in ids if x is not None and str(x) in self.known_items]
+
     def rank(self, users: pd.DataFrame, items: pd.DataFrame) -> pd.DataFrame:
-        """``user_id, item_id, p_click, watch_time_ms_pred, score, retrieval_score`` per row.
+        """``user_id, item_id, p_click, watch_time_ms_pred, score, retrieval_score,
+        neighbour_score`` per row.
 
         From ``users`` only ``user_id``, ``user_history`` and numeric user features are read;
         ``items`` needs ``item_id`` (metadata columns are taken from the bundle's catalog when
@@ -121,11 +140,12 @@ class Bundle:
         batch["item_hash"] = np.where(known, batch["item_hash"], 0)
         batch["retrieval_score"] = retrieval_scores(self.two_tower, batch)
         p, watch = predict(self.ranker, batch)
+        neighbour = self.neighbour_scores(batch["history"], batch["item_hash"])
         return pd.DataFrame({
             "user_id": frame["user_id"].to_numpy(), "item_id": frame["item_id"].to_numpy(),
             "p_click": p, "watch_time_ms_pred": watch,
-            "score": self.blend.score(p, watch, batch["retrieval_score"]),
-            "retrieval_score": batch["retrieval_score"],
+            "score": self.blend.score(p, watch, batch["retrieval_score"], neighbour),
+            "retrieval_score": batch["retrieval_score"], "neighbour_score": neighbour,
         })
 
     @staticmethod
@@ -153,8 +173,9 @@ class Bundle:
         """Retrieves ``candidates`` per user and scores them all with the ranker (unsorted).
 
         Items in ``exclude[user_id]`` and in the user's ``user_history`` are dropped first (as
-        serving does). Returns :meth:`rank`'s columns plus ``query``, the user's row in
-        ``users``.
+        serving does); with a neighbour table, the history's best neighbours
+        (:meth:`neighbour_candidates`) join retrieval's ``candidates`` (as in serving).
+        Returns :meth:`rank`'s columns plus ``query``, the user's row in ``users``.
         """
         exclude = exclude or {}
         users = users.reset_index(drop=True)
@@ -165,17 +186,24 @@ class Bundle:
                 for u, h in zip(users["user_id"], histories, strict=True)]
         extra = max((len(v) for v in drop), default=0)
         ids, _ = self.search(self.encode_users(users), candidates + extra)
+        history = encode_users(users, self.spec)["history"] if self.neighbours else None
         out = []
         for start in range(0, len(users), chunk):
             members = range(start, min(start + chunk, len(users)))
             cands = [[x for x in ids[i] if x not in drop[i]][:candidates] for i in members]
+            if history is not None:  # the neighbour source: serving's second candidate list
+                for i, listed in zip(members, cands, strict=True):
+                    have = drop[i] | set(listed)
+                    listed += [x for x in self.neighbour_candidates(history[i])
+                               if x not in have]
             which = np.repeat(np.arange(start, start + len(cands)), [len(c) for c in cands])
             ranked = self.rank(users.loc[which], pd.DataFrame(
                 {"item_id": [x for c in cands for x in c]}))
             out.append(ranked.assign(query=which))
         if not out:
             return pd.DataFrame(columns=["user_id", "item_id", "p_click", "watch_time_ms_pred",
-                                         "score", "retrieval_score", "query"])
+                                         "score", "retrieval_score", "neighbour_score",
+                                         "query"])
         return pd.concat(out, ignore_index=True)
 
     def recommend(self, users: pd.DataFrame, k: int, candidates: int = 200,
@@ -297,11 +325,16 @@ def serving_memory_bytes(bundle: Bundle, index_bytes: int) -> int:
     """What one replica holds for this bundle: the HNSW index (``index_bytes``, its file
     size), the item embeddings, both models' weights and the ranker's per-item inputs
     (:func:`recsys_models.fast_rank.ranking_catalog`: item vector, id and category
-    embeddings, creator + tag embeddings and the dense columns, float32)."""
+    embeddings, creator + tag embeddings and the dense columns, float32) and the item
+    neighbour table, if any."""
     weights = sum(t.numel() * t.element_size() for m in (bundle.two_tower, bundle.ranker)
                   for t in m.state_dict().values())
     per_item = bundle.dim + 4 * bundle.ranker.cfg.emb_dim + bundle.spec.item_dense_dim
-    return int(index_bytes + bundle.item_embeddings.nbytes + weights
+    table = 0
+    if bundle.neighbours is not None:  # CSR: float32 values, int32 columns, int32/64 offsets
+        m = bundle.neighbours.matrix
+        table = m.data.nbytes + m.indices.nbytes + m.indptr.nbytes
+    return int(index_bytes + bundle.item_embeddings.nbytes + weights + table
                + 4 * per_item * len(bundle.catalog))
 
 
@@ -326,6 +359,8 @@ def save_bundle(bundle: Bundle, directory: Path | str) -> Path:
     np.save(out / "item_embeddings.npy", bundle.item_embeddings)
     np.save(out / "known_items.npy", np.asarray(sorted(bundle.known_items), dtype=str))
     bundle.index.save(out / "index")
+    if bundle.neighbours is not None:
+        bundle.neighbours.save(out)
     return out
 
 
@@ -358,6 +393,7 @@ def _read_dir(path: Path) -> Bundle:
         as_of=pd.Timestamp(meta["as_of"]), blend=Blend(**meta["blend"]),
         metrics=dict(meta.get("metrics", {})),
         build_stats=dict(meta.get("build_stats", {})),
+        neighbours=ItemNeighbours.load(path),
     )
 
 

@@ -93,8 +93,10 @@ def rank_aligned(bundle: Bundle, users: pd.DataFrame, items: pd.DataFrame) -> pd
     batch |= {key: value[which] for key, value in user_batch.items()}
     batch["retrieval_score"] = retrieval_scores(bundle.two_tower, batch)
     p_click, watch = predict(bundle.ranker, batch)
+    neighbour = bundle.neighbour_scores(batch["history"], batch["item_hash"])
     return pd.DataFrame({"p_click": p_click, "watch_time_ms_pred": watch,
-                         "score": bundle.blend.score(p_click, watch, batch["retrieval_score"])})
+                         "score": bundle.blend.score(p_click, watch, batch["retrieval_score"],
+                                                     neighbour)})
 
 
 # --- one user, plain values -------------------------------------------------------------------
@@ -162,8 +164,9 @@ class RankingCatalog:
 
     ``tensors``: the ranker's item embeddings ``item`` and ``category`` (n, d) each,
     ``static`` (n, 2d + 2 + I): creator and tag embeddings, then ``item_dense`` (the static
-    metadata columns and the snapshot's numeric item features), and ``vector`` (n, dim): the
-    item tower's embedding (for the retrieval score); row ``positions[item_id]``.
+    metadata columns and the snapshot's numeric item features), ``vector`` (n, dim): the
+    item tower's embedding (for the retrieval score), and ``item_hash`` (n,): the encoded id
+    (for the neighbour score); row ``positions[item_id]``.
     """
 
     rows: int  # len(bundle.catalog) when built
@@ -247,6 +250,7 @@ def _item_side(bundle: Bundle, items: Batch, dense: np.ndarray) -> dict[str, tor
         "category": ranker.category_emb(t["category"]),  # (n, d)
         "static": torch.cat([ranker.creator_emb(t["creator"]), ranker.tag_emb(t["tags"]),
                              torch.from_numpy(dense)], dim=1),  # (n, 2d + dense)
+        "item_hash": t["item_hash"],  # (n,)
     }
 
 
@@ -310,5 +314,9 @@ def score_candidates(bundle: Bundle, catalog: RankingCatalog,
     wlog = ranker.watch_head(h).squeeze(1)
     p_click = torch.sigmoid(logit).numpy().astype(np.float32)
     watch = (torch.expm1(wlog.clamp(min=0, max=20)) * 1000.0).numpy().astype(np.float32)
-    scores = bundle.blend.score(p_click, watch, retrieval.squeeze(1).numpy())
+    neighbour = None
+    if bundle.neighbours is not None and bundle.blend.neighbour_weight:
+        items = catalog.tensors["item_hash"].index_select(0, rows).numpy()
+        neighbour = bundle.neighbours.score(history.numpy()[owner.numpy()], items)
+    scores = bundle.blend.score(p_click, watch, retrieval.squeeze(1).numpy(), neighbour)
     return list(np.split(scores, np.cumsum(sizes)[:-1]))

@@ -52,22 +52,29 @@ class RankerConfig:
 class Blend:
     """How the two heads and the retrieval score make one ranking score.
 
-    ``retrieval_weight`` adds the two-tower's score (a cosine) to the heads' blend; it is tuned
-    on the validation split after training (:func:`recsys_models.validation.tune_blend`), so
-    the final list keeps retrieval's order where the ranker does not improve on it there.
+    ``retrieval_weight`` adds the two-tower's score (a cosine) to the heads' blend and
+    ``neighbour_weight`` the item-item neighbour score of the candidate against the user's
+    history (:mod:`recsys_models.neighbours`, when the bundle has a neighbour table); both
+    are tuned on the validation split after training
+    (:func:`recsys_models.validation.tune_blend`), so the final list keeps retrieval's order
+    where neither the ranker nor the neighbours improve on it there.
     """
 
     click_weight: float = 1.0
     watch_weight: float = 0.5
     watch_scale_ms: float = 60_000.0
     retrieval_weight: float = 0.0
+    neighbour_weight: float = 0.0
 
     def score(self, p_click: np.ndarray, watch_ms: np.ndarray,
-              retrieval: np.ndarray | None = None) -> np.ndarray:
+              retrieval: np.ndarray | None = None,
+              neighbour: np.ndarray | None = None) -> np.ndarray:
         expected = p_click * watch_ms / self.watch_scale_ms
         out = self.click_weight * p_click + self.watch_weight * expected
         if self.retrieval_weight and retrieval is not None:
             out = out + self.retrieval_weight * retrieval
+        if self.neighbour_weight and neighbour is not None:
+            out = out + self.neighbour_weight * neighbour
         return np.asarray(out, dtype=np.float32)
 
     def to_dict(self) -> dict[str, Any]:

@@ -101,30 +101,42 @@ def validation_recall(model: TwoTowerModel, val: ValidationSet) -> float:
 
 
 BLEND_GRID: tuple[float, ...] = (0.0, 0.3, 1.0, 3.0, 10.0, 1e6)  # 1e6: retrieval order
+# The neighbour score is a sum of EASE weights over the history (typically 0.01 .. 1 for the
+# top candidates): a wide log grid, so that it can be a tie-breaker of retrieval order
+# (retrieval weight 1e6) as well as the main term.
+NEIGHBOUR_GRID: tuple[float, ...] = (0.0, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 1e3,
+                                     1e4, 1e5, 1e6, 1e7)
 
 
 @dataclass(frozen=True)
 class BlendChoice:
-    """The tuned retrieval weight of the final score, with the validation scores behind it."""
+    """The tuned weights of the final score, with the validation scores behind them."""
 
     retrieval_weight: float
-    scores: dict[float, float]  # weight -> mean of Recall@10 and Recall@50 on validation
+    neighbour_weight: float
+    # (retrieval weight, neighbour weight) -> mean of Recall@10 and Recall@50 on validation
+    scores: dict[tuple[float, float], float]
     users: int
 
 
 def tune_blend(bundle: Any, fit_rows: pd.DataFrame, val_rows: pd.DataFrame,
                candidates: int = 500, grid: tuple[float, ...] = BLEND_GRID,
+               neighbour_grid: tuple[float, ...] = NEIGHBOUR_GRID,
                max_users: int = 1000, seed: int = 7) -> BlendChoice | None:
-    """Chooses ``bundle.blend.retrieval_weight`` on a validation split (never the holdout).
+    """Chooses ``bundle.blend``'s retrieval and neighbour weights on a validation split
+    (never the holdout).
 
     The final list (retrieval of ``candidates`` items, ranked by the blend) is scored on the
     validation users (queried as the holdout is: at their first validation row, items engaged
-    before excluded) for each weight of ``grid``; the best mean of Recall@10 and Recall@50
-    wins and is set on the bundle. The largest weight is retrieval order, so on validation
-    the final list is never worse than retrieval alone. Ties go to the larger weight.
+    before excluded) for each pair of ``grid`` x ``neighbour_grid`` (only 0 when the bundle
+    has no neighbour table); the best mean of Recall@10 and Recall@50 wins and is set on the
+    bundle. The pair (largest retrieval weight, 0) is retrieval order, so on validation the
+    final list is never worse than retrieval alone. Ties go to the larger retrieval weight,
+    then the smaller neighbour weight.
 
     Args:
-        bundle: A :class:`~recsys_models.bundle.Bundle` trained on ``fit_rows`` only.
+        bundle: A :class:`~recsys_models.bundle.Bundle` trained on ``fit_rows`` only (its
+            neighbour table too).
         fit_rows: ``user_id, item_id, clicked`` of the rows the models trained on.
         val_rows: The validation rows (after ``fit_rows`` in time), with point-in-time
             ``user_history``.
@@ -151,19 +163,24 @@ def tune_blend(bundle: Any, fit_rows: pd.DataFrame, val_rows: pd.DataFrame,
     items = ranked["item_id"].to_numpy()
     p, watch = ranked["p_click"].to_numpy(), ranked["watch_time_ms_pred"].to_numpy()
     retrieval = ranked["retrieval_score"].to_numpy()
-    scores: dict[float, float] = {}
+    neighbour = ranked["neighbour_score"].to_numpy()
+    if getattr(bundle, "neighbours", None) is None:
+        neighbour_grid = (0.0,)
+    start = np.searchsorted(query, np.arange(len(users)))  # rank_candidates: query-ordered
+    scores: dict[tuple[float, float], float] = {}
     for weight in grid:
-        blend = replace(bundle.blend, retrieval_weight=weight)
-        order = np.lexsort((-blend.score(p, watch, retrieval), query))
-        q, ids = query[order], items[order]
-        start = np.searchsorted(q, np.arange(len(users)))
-        end = np.searchsorted(q, np.arange(len(users)), side="right")
-        value = 0.0
-        for i, rel in enumerate(relevant):
-            top = ids[start[i]:end[i]]
-            value += (sum(x in rel for x in top[:10]) + sum(x in rel for x in top[:50])) / (
-                2 * len(rel))
-        scores[weight] = value / len(relevant)
-    best = max(sorted(grid, reverse=True), key=lambda w: scores[w])
-    bundle.blend = replace(bundle.blend, retrieval_weight=best)
-    return BlendChoice(best, scores, len(users))
+        for n_weight in neighbour_grid:
+            blend = replace(bundle.blend, retrieval_weight=weight, neighbour_weight=n_weight)
+            order = np.lexsort((-blend.score(p, watch, retrieval, neighbour), query))
+            ids = items[order]
+            end = np.searchsorted(query, np.arange(len(users)), side="right")
+            value = 0.0
+            for i, rel in enumerate(relevant):
+                top = ids[start[i]:end[i]]
+                value += (sum(x in rel for x in top[:10]) + sum(x in rel for x in top[:50])) / (
+                    2 * len(rel))
+            scores[(weight, n_weight)] = value / len(relevant)
+    pairs = sorted(scores, key=lambda wn: (-wn[0], wn[1]))
+    best = max(pairs, key=lambda wn: scores[wn])
+    bundle.blend = replace(bundle.blend, retrieval_weight=best[0], neighbour_weight=best[1])
+    return BlendChoice(best[0], best[1], scores, len(users))

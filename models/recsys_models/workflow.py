@@ -30,6 +30,7 @@ from recsys_models.evaluate import (
     holdout_cutoffs,
     holdout_split,
 )
+from recsys_models.neighbours import fit_neighbours
 from recsys_models.ranker import RankerConfig
 from recsys_models.registry import Registered, register_bundle
 from recsys_models.sequences import engaged_mask, pit_histories
@@ -268,9 +269,14 @@ def train_evaluate_register(
         set(split.train_labels["item_id"]), version=run_name,
         feature_service=settings.feast.serving_service, snapshot_id=split.snapshot_id,
         as_of=split.cutoff)
-    blend = tune_blend(bundle, fit_rows, val_rows)  # the final score's retrieval weight
+    # The final score's weights are tuned on validation with the neighbour table of the rows
+    # the models trained on; the served table is then refitted on the whole training side.
+    bundle.neighbours = fit_neighbours(fit_rows, spec)
+    blend = tune_blend(bundle, fit_rows, val_rows)
     if blend is not None:
-        logger.info("blend tuned on validation: %s", blend)
+        logger.info("blend tuned on validation: retrieval weight %g, neighbour weight %g",
+                    blend.retrieval_weight, blend.neighbour_weight)
+    bundle.neighbours = fit_neighbours(train_rows, spec)
     baselines = baselines_for(settings, split.train_labels)
     t3 = datetime.now(UTC)
     report = evaluate_bundle(bundle, split.train_labels, split.holdout, history=trained.history,

@@ -10,11 +10,13 @@ checked byte for byte against Feast's own materialization by
 2. per row, the serialized hash fields and a 64-bit digest of them; rows whose digest equals
    the previous run's (kept in ``<data_dir>/feast/materialized/``) are skipped, unless Redis
    lost them (its run marker differs: then everything is written);
-3. the changed rows are written with pipelined ``HSET`` s from parallel Ray tasks (in-process
-   chunks when Ray is not running).
+3. the changed rows are written from parallel Ray tasks (in-process chunks when Ray is not
+   running) as ``HSET`` commands framed once in the Redis protocol and sent in pipelined
+   chunks of ``CHUNK_ROWS``, one reply read per command.
 
-Values: Int64 -> ``int64_val`` (each distinct value encoded once), Float64 -> ``double_val``
-(vectorized), String, Array(String) and UnixTimestamp (seconds) through Feast's own type map.
+Values are serialized by :func:`recsys_pipelines.stream.online_layout.encode_column` (the protobuf
+wire bytes built directly, each distinct value once, a sample of every column checked against
+Feast's type map), so no protobuf object and no redis-py command is built per row.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from itertools import repeat
 from pathlib import Path
 from typing import Any, cast
 
@@ -48,18 +51,20 @@ TASK_ROWS = 50_000  # rows per Ray task
 
 @dataclass(frozen=True)
 class ViewSpec:
-    """What the writer needs of one Feast feature view (plain values: sent to Ray tasks)."""
+    """What the writer needs of one Feast feature view, prepared by the driver from Feast's
+    own serialization: plain values, so a Ray task writes without importing Feast."""
 
     name: str
     join_key: str
     features: tuple[tuple[str, str], ...]  # (feature name, Feast ValueType name)
+    key: online_layout.EntityKeyEncoder  # entity id -> the Redis key of its hash
+    fields: tuple[bytes, ...]  # the hash field of each feature, in ``features`` order
 
 
 @dataclass(frozen=True)
 class Target:
     redis_url: str
     project: str
-    serialization_version: int
 
 
 @dataclass
@@ -75,9 +80,22 @@ def view_specs(store: Any, views: Sequence[str]) -> list[ViewSpec]:
     for name in views:
         view = store.get_feature_view(name)
         join_key = F.USER_KEY if name.startswith("user") else F.ITEM_KEY
-        specs.append(ViewSpec(name, join_key, tuple(
-            (f.name, f.dtype.to_value_type().name) for f in view.features)))
+        key = online_layout.entity_key_encoder(join_key, store.config.project,
+                                        store.config.entity_key_serialization_version)
+        specs.append(ViewSpec(
+            name, join_key, tuple((f.name, f.dtype.to_value_type().name) for f in view.features),
+            key, tuple(online_layout.feature_field(name, f.name) for f in view.features)))
     return specs
+
+
+def check_encoding(table: pa.Table, spec: ViewSpec, rows: int = 64) -> None:
+    """Compares the fast encoding of a sample of ``table``'s rows with Feast's own (each
+    value's encoding does not depend on the other rows); raises ``RuntimeError`` if any
+    differs. Runs in the driver, so the writing tasks need not import Feast."""
+    sample = table.take(pa.array(np.unique(np.linspace(0, table.num_rows - 1, rows).astype(
+        np.int64))))
+    for name, value_type in spec.features:
+        online_layout.encode_column(sample.column(name), value_type, check=True)
 
 
 def latest_rows(folder: Path, key: str, start: datetime, end: datetime) -> pa.Table:
@@ -100,93 +118,70 @@ def latest_rows(folder: Path, key: str, start: datetime, end: datetime) -> pa.Ta
     return table.filter(pa.array(first))
 
 
-# --- value encoders: the bytes Feast's type map would serialize ---------------------------------
+# --- Redis protocol: HSET commands framed once, sent in pipelined chunks -----------------------
 
 
-def _encode_int64(column: pa.ChunkedArray) -> list[bytes]:
-    from feast.protos.feast.types.Value_pb2 import Value
-
-    values = column.to_pandas()
-    present = values.notna().to_numpy()
-    ints = values.fillna(0).astype("int64").to_numpy()
-    uniques, inverse = np.unique(ints, return_inverse=True)  # counts repeat: encode each once
-    encoded = [Value(int64_val=int(u)).SerializeToString() for u in uniques.tolist()]
-    return [encoded[i] if p else b"" for i, p in zip(inverse.tolist(), present.tolist(),
-                                                      strict=True)]
+def _bulk(value: bytes | str) -> bytes:
+    """One RESP bulk string."""
+    raw = value.encode("utf-8") if isinstance(value, str) else value
+    return b"$%d\r\n%b\r\n" % (len(raw), raw)
 
 
-def _encode_double(column: pa.ChunkedArray) -> list[bytes]:
-    values = column.to_pandas()
-    present = values.notna().to_numpy()
-    raw = values.fillna(0.0).astype("float64").to_numpy().astype("<f8").tobytes()
-    return [b"\x29" + raw[8 * i: 8 * i + 8] if p else b""  # field 5 (double_val), fixed64
-            for i, p in enumerate(present.tolist())]
+def hset_commands(table: pa.Table, spec: ViewSpec) -> list[bytes]:
+    """Each row's ``HSET <entity key> _ts:<view> <ts> <field> <value> ...`` in the Redis
+    protocol, with the values Feast's type map would serialize
+    (:func:`online_layout.encode_column`)."""
+    ends = table.column(F.WINDOW_END).to_numpy(zero_copy_only=False)
+    millis = pd.to_datetime(ends, utc=True).as_unit("ns").asi8 // 1_000_000
+    distinct, inverse = np.unique(millis, return_inverse=True)
+    framed = [_bulk(online_layout.encode_timestamp(int(ms))) for ms in distinct.tolist()]
+    stamps = list(map(framed.__getitem__, inverse.reshape(-1).tolist()))
+    keys = [_bulk(spec.key(str(i))) for i in table.column(spec.join_key).to_pylist()]
+    head = b"*%d\r\n%b" % (2 * len(spec.features) + 4, _bulk(b"HSET"))
+    parts: list[Iterable[bytes]] = [repeat(head), keys,
+                                    repeat(_bulk(online_layout.timestamp_field(spec.name))), stamps]
+    for (name, value_type), field in zip(spec.features, spec.fields, strict=True):
+        parts.append(repeat(_bulk(field)))
+        parts.append(online_layout.encode_column(table.column(name), value_type, wrap=_bulk,
+                                          check=False))  # checked by check_encoding
+    return list(map(b"".join, zip(*parts, strict=False)))  # repeat() never ends
 
 
-def _encode_feast(column: pa.ChunkedArray, value_type: str) -> list[bytes]:
-    from feast.type_map import python_values_to_proto_values
-    from feast.value_type import ValueType
-
-    values = column.to_numpy(zero_copy_only=False) if value_type == "UNIX_TIMESTAMP" \
-        else column.to_pylist()
-    protos = python_values_to_proto_values(list(values), ValueType[value_type])
-    cache: dict[bytes, bytes] = {}
-    out = []
-    for proto in protos:
-        blob = proto.SerializeToString()
-        out.append(cache.setdefault(blob, blob))
-    return out
-
-
-def encode_columns(table: pa.Table, spec: ViewSpec) -> list[list[bytes]]:
-    """One list of serialized values per feature, in ``spec.features`` order."""
-    out = []
-    for name, value_type in spec.features:
-        column = table.column(name)
-        if value_type == "INT64":
-            out.append(_encode_int64(column))
-        elif value_type == "DOUBLE":
-            out.append(_encode_double(column))
-        else:
-            out.append(_encode_feast(column, value_type))
-    return out
-
-
-def digests(columns: list[list[bytes]], stamps: list[bytes]) -> np.ndarray:
-    """A 64-bit digest of each row's serialized fields (uint64)."""
-    out = np.empty(len(stamps), dtype=np.uint64)
+def digests(commands: list[bytes]) -> np.ndarray:
+    """A 64-bit digest of each row's command (key, fields and values; uint64)."""
     blake = hashlib.blake2b
-    for i, row in enumerate(zip(stamps, *columns, strict=True)):
-        out[i] = int.from_bytes(blake(b"\x00".join(row), digest_size=8).digest(), "little")
-    return out
+    raw = b"".join([blake(c, digest_size=8).digest() for c in commands])
+    return np.frombuffer(raw, dtype="<u8").astype(np.uint64)
+
+
+def send_commands(client: redis.Redis, commands: list[bytes]) -> None:
+    """Sends ``commands`` in chunks of ``CHUNK_ROWS`` and reads every reply (an error reply
+    raises)."""
+    connection = client.connection_pool.get_connection()
+    try:
+        for start in range(0, len(commands), CHUNK_ROWS):
+            chunk = commands[start: start + CHUNK_ROWS]
+            connection.send_packed_command([b"".join(chunk)])
+            for _ in chunk:
+                connection.read_response()  # an error reply raises ResponseError
+    except BaseException:
+        connection.disconnect()  # unread replies must not reach the next user
+        raise
+    finally:
+        client.connection_pool.release(connection)
 
 
 def write_part(table: pa.Table, spec: ViewSpec, target: Target,
                previous: np.ndarray | None) -> tuple[np.ndarray, int]:
     """Encodes rows, writes those whose digest differs from ``previous`` (uint64, 0: none);
     returns every row's digest and how many were written. Runs in a Ray task."""
-    columns = encode_columns(table, spec)
-    ends = table.column(F.WINDOW_END).to_numpy(zero_copy_only=False)
-    stamps = [online_layout.encode_timestamp(int(ms)) for ms in
-              pd.to_datetime(ends, utc=True).as_unit("ns").asi8 // 1_000_000]
-    row_digests = digests(columns, stamps)
+    commands = hset_commands(table, spec)
+    row_digests = digests(commands)
     changed = np.flatnonzero(row_digests != previous) if previous is not None \
         else np.arange(len(row_digests))
-    ids = table.column(spec.join_key).to_pylist()
-    key_of = online_layout.entity_key_encoder(spec.join_key, target.project,
-                                       target.serialization_version)
-    fields = [online_layout.feature_field(spec.name, name) for name, _ in spec.features]
-    ts_field = online_layout.timestamp_field(spec.name)
     client = redis.Redis.from_url(target.redis_url)
     try:
-        for start in range(0, len(changed), CHUNK_ROWS):
-            with client.pipeline(transaction=False) as pipe:
-                for i in changed[start: start + CHUNK_ROWS].tolist():
-                    mapping: dict[str | bytes, bytes] = {ts_field: stamps[i]}
-                    for field, column in zip(fields, columns, strict=True):
-                        mapping[field] = column[i]
-                    pipe.hset(key_of(str(ids[i])), mapping=mapping)  # type: ignore[arg-type]
-                pipe.execute()
+        send_commands(client, [commands[i] for i in changed.tolist()])
     finally:
         client.close()
     return row_digests, len(changed)
@@ -224,6 +219,7 @@ def materialize_view(spec: ViewSpec, table: pa.Table, target: Target, state_dir:
                      prefix: str, use_ray: bool) -> ViewResult:
     client = redis.Redis.from_url(target.redis_url)
     try:
+        check_encoding(table, spec)
         previous, _ = _previous(state_dir, spec.name, client, prefix, target.project)
         ids = table.column(spec.join_key).to_pandas().astype(str)
         prev = (previous.reindex(ids.to_numpy()).fillna(0).to_numpy(np.uint64)
@@ -266,8 +262,7 @@ def materialize_changed(settings: Any, store: Any, views: Sequence[str], start: 
     last run; returns per view how many rows were in the window and how many were written."""
     import ray
 
-    target = Target(settings.redis.url, store.config.project,
-                    store.config.entity_key_serialization_version)
+    target = Target(settings.redis.url, store.config.project)
     state_dir = state_root(settings) / store.config.project
     out = []
     for spec in view_specs(store, views):

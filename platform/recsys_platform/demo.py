@@ -40,7 +40,8 @@ def run(s: Settings, console: Console, events: int, movielens: Path) -> None:
     configure_logging(verbose, project_level=logging.WARNING)
     console.rule("1. synthetic events")
     data_commands.generate(events=events, days=14, start="2026-11-01", users=2_000,
-                           items=5_000, dirt_rate=0.01, seed=7, jsonl=False, out=None)
+                           items=5_000, dirt_rate=0.01, seed=7, categories=None,
+                           category_share=None, jsonl=False, out=None)
     console.rule("2. MovieLens")
     data_commands.import_movielens(path=movielens, out=None)
     choice = resolve_online_store(s)

@@ -76,6 +76,19 @@ def test_serving_fast_path_equals_frame_encoding_and_bundle_rank() -> None:
                                  [Query(encoded, rows)])
     np.testing.assert_allclose(reused, blended.rank(pd.DataFrame([user]), items)["score"],
                                rtol=1e-5, atol=1e-6)
+    # ... and so does a final score with the item-item neighbour score in it.
+    from recsys_models.neighbours import fit_neighbours
+    from tests.model.snapshots import synthetic_case
+
+    with_neighbours = dataclasses.replace(
+        blended, neighbours=fit_neighbours(synthetic_case().train, bundle.spec),
+        blend=dataclasses.replace(blended.blend, neighbour_weight=10.0))
+    slow = with_neighbours.rank(pd.DataFrame([user]), items)
+    assert (slow["neighbour_score"] != 0).sum() > 10
+    (fast,) = score_candidates(with_neighbours, ranking_catalog(with_neighbours, snapshot),
+                               [Query(encoded, rows)])
+    np.testing.assert_allclose(fast, slow["score"], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(fast, reused)
 
 
 def test_tune_blend_picks_the_best_validation_weight_and_never_below_retrieval_order() -> None:
@@ -90,8 +103,10 @@ def test_tune_blend_picks_the_best_validation_weight_and_never_below_retrieval_o
                         max_users=60)
     assert choice is not None and choice.users == 60
     assert bundle.blend.retrieval_weight == choice.retrieval_weight
-    assert choice.scores[choice.retrieval_weight] == max(choice.scores.values())
-    assert choice.scores[choice.retrieval_weight] >= choice.scores[1e6]  # retrieval order
+    assert bundle.blend.neighbour_weight == choice.neighbour_weight
+    best = choice.scores[(choice.retrieval_weight, choice.neighbour_weight)]
+    assert best == max(choice.scores.values())
+    assert best >= choice.scores[(1e6, 0.0)]  # retrieval order
 
 
 def test_per_query_item_features_and_appended_items_rank_like_bundle_rank() -> None:
@@ -130,3 +145,47 @@ def test_per_query_item_features_and_appended_items_rank_like_bundle_rank() -> N
     assert full.positions == grown.positions
     for key, tensor in full.tensors.items():
         np.testing.assert_allclose(grown.tensors[key].numpy(), tensor.numpy(), atol=1e-6)
+
+
+def test_serving_adds_the_neighbour_candidates_the_bundle_lists() -> None:
+    """POST /recommend's candidates: retrieval, then the bundle's item-item neighbours of the
+    user's history (as Bundle.rank_candidates offline), then the cold-start lists."""
+    from recsys_models.fast_rank import encode_user
+    from recsys_models.neighbours import fit_neighbours
+    from recsys_platform.serving.bundle_manager import BundleManager
+    from recsys_platform.serving.item_features import ItemFeatureCache, ItemRows
+    from recsys_platform.serving.metrics import ServingMetrics
+    from recsys_platform.serving.recommender import Recommender
+    from recsys_platform.serving.schemas import RecommendRequest
+    from tests.model.snapshots import synthetic_case
+
+    case = synthetic_case()
+    bundle = dataclasses.replace(trained_bundle(),
+                                 neighbours=fit_neighbours(case.train, trained_bundle().spec))
+    liked = case.train.loc[case.train["clicked"] == 1, "item_id"]
+    history = [str(x) for x in liked.value_counts().index[:5]]
+
+    class Source:
+        items = ItemFeatureCache(lambda ids: [(("c", 0.0), ("k", 0.0)) for _ in ids],
+                                 ("creator_id", "category"))
+
+        def user_features(self, user_id: str) -> dict[str, object]:
+            return {"user_history": history}
+
+        def item_rows(self, item_ids: list[str]) -> ItemRows:
+            return self.items.rows(item_ids)
+
+        def cold_start_lists(self) -> dict[str, list[str]]:
+            return {"trending": [], "fresh": [], "popular": []}
+
+        def has_item_features(self) -> bool:
+            return True
+
+    manager = BundleManager(lambda: "1", lambda v: bundle, lambda b: None, ServingMetrics())
+    manager.refresh()
+    rec = Recommender(manager, Source(), None, ServingMetrics())
+    prepared = rec.prepare(RecommendRequest(user_id="u1", k=10))
+    extra = [c.item_id for c in prepared.candidates if c.source == "neighbours"]
+    listed = bundle.neighbour_candidates(encode_user(bundle.spec, "u1", history, {})["history"][0])
+    retrieved = {c.item_id for c in prepared.candidates if c.source == "retrieval"}
+    assert extra and extra == [x for x in listed if x not in retrieved and x not in history]

@@ -137,3 +137,14 @@ def test_one_request_may_always_wait_behind_the_one_in_service() -> None:
     admission.done(admission.admit(), 0.008)
     modes = [t.mode if t else None for t in fill(admission, 4)]
     assert modes == [Mode.FULL, Mode.FULL, None, None] and admission.concurrency_limit() == 2
+
+
+def test_a_slower_replica_is_learnt_within_a_few_requests_and_relaxes_slowly() -> None:
+    admission = Admission(AdmissionPolicy(initial_service_s=0.005))
+    for _ in range(5):  # CPU taken away: 4x the service time
+        admission.done(admission.admit(), 0.020)
+    slowed = admission.service_s[Mode.FULL]
+    assert slowed > 0.015
+    for _ in range(5):  # back to normal: the estimate comes down, but slowly
+        admission.done(admission.admit(), 0.005)
+    assert 0.010 < admission.service_s[Mode.FULL] < slowed

@@ -117,3 +117,20 @@ def test_expected_clicks_follow_the_impression_policy_and_the_latent_match() -> 
         others = ~favourite & (data.popularity_prior < np.median(data.popularity_prior))
         # an unpopular item of a favourite category beats an unpopular item of another one
         assert np.median(scores[u, favourite]) > np.median(scores[u, others])
+
+
+def test_category_share_sets_how_personalized_the_impressions_are() -> None:
+    def favourite_share(share: float) -> float:
+        cfg = GeneratorConfig(events=20_000, days=2, users=100, items=400, categories=20,
+                              category_share=share, seed=5)
+        data = generate(cfg)
+        shown = data.events[data.events["event_type"] == "impression"]
+        user = shown["user_id"].str.slice(1).astype(int).to_numpy()
+        item = shown["item_id"].str.slice(1).astype(int).to_numpy()
+        category = data.items["category"].str.slice(3).astype(int).to_numpy()[item]
+        fav = data.user_categories[user]
+        return float(((category == fav[:, 0]) | (category == fav[:, 1])).mean())
+
+    # the popularity slots land in a favourite category ~10% of the time (2 of 20)
+    assert 0.5 < favourite_share(0.5) < 0.6
+    assert 0.8 < favourite_share(0.8) < 0.87

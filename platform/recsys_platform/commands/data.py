@@ -31,16 +31,30 @@ def generate(
     items: Annotated[int, typer.Option(help="Items at the start.")] = 5_000,
     dirt_rate: Annotated[float, typer.Option(help="Fraction of rows per kind of dirt.")] = 0.0,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 7,
+    categories: Annotated[int | None, typer.Option(
+        help="Item categories (default: the demo's world, 50).")] = None,
+    category_share: Annotated[float | None, typer.Option(
+        help="Share of impressions from the user's two favourite categories, the rest follow "
+             "popularity (default: the demo's world, 0.8).")] = None,
     jsonl: Annotated[bool, typer.Option(help="Also write newline-JSON for the stream.")] = False,
     out: Annotated[Path | None, typer.Option(help="Landing dir (default: <data_dir>/landing).")]
     = None,
 ) -> None:
     """Generates synthetic events with a known ground truth into the landing area."""
-    from recsys_pipelines.generator import GeneratorConfig, generate, write_generated
+    from recsys_pipelines.generator import (
+        DEMO_CATEGORIES,
+        DEMO_CATEGORY_SHARE,
+        GeneratorConfig,
+        generate,
+        write_generated,
+    )
 
     s = current_settings()
     cfg = GeneratorConfig(events=events, days=days, start=date.fromisoformat(start), users=users,
-                          items=items, dirt_rate=dirt_rate, seed=seed)
+                          items=items, dirt_rate=dirt_rate, seed=seed,
+                          categories=DEMO_CATEGORIES if categories is None else categories,
+                          category_share=(DEMO_CATEGORY_SHARE if category_share is None
+                                          else category_share))
     landing = out or s.landing_dir
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("generating", total=days + 2)

@@ -47,6 +47,9 @@ class AdmissionPolicy:
     cheap_path: bool = True  # False: full path up to the budget, then refuse
     workers: int = 1  # threads running the hot path
     smoothing: float = 0.05  # weight of each new service time in the moving average
+    # ... of one longer than the average: a replica that slows down (its CPU taken by a replica
+    # starting beside it, say) admits fewer requests within a few of them, and relaxes slowly.
+    rising: float = 0.3
     initial_service_s: float = 0.005  # the estimate before anything was measured
 
 
@@ -120,8 +123,10 @@ class Admission:
             if self.in_flight == 0:
                 self.pending_s = 0.0  # no drift of the float sum
             if service_s is not None and service_s >= 0:
-                a = self.policy.smoothing
                 old = self.service_s[ticket.mode]
+                a = self.policy.smoothing
+                if service_s > old:
+                    a = max(a, self.policy.rising)
                 self.service_s[ticket.mode] = (1 - a) * old + a * service_s
 
     def concurrency_limit(self) -> int:

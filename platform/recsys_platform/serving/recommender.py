@@ -251,17 +251,21 @@ class Recommender:
         budget = budget or self.options.candidates
         cold = max(1, int(budget * self.options.cold_start_share))
         sources: list[tuple[str, list[str], list[float] | None]] = []
+        neighbours: list[str] = []
         if loaded is not None and known:
             with self._stage("retrieval"):
                 try:
                     ids, scores = self._retrieve(loaded, user_key, row, budget - cold,
                                                  [encoded] if encoded is not None else [])
                     sources.append(("retrieval", ids, scores))
+                    if encoded is not None:  # the bundle's item-item source, if it has one
+                        neighbours = loaded.bundle.neighbour_candidates(encoded["history"][0])
+                        sources.append(("neighbours", neighbours, None))
                 except Exception as exc:
                     self._fallback(degraded, "retrieval", exc)
         for name in ("trending", "fresh", "popular"):
             sources.append((name, lists.get(name, [])[:budget], None))
-        merged = merge_sources(sources, budget)
+        merged = merge_sources(sources, budget + len(neighbours))
         candidates = drop_items(merged, set(request.exclude) | set(row[USER_HISTORY]))
         for source, n in Counter(c.source for c in candidates).items() if count else ():
             self.metrics.candidates.labels(source).inc(n)
