@@ -316,7 +316,9 @@ def score_candidates(bundle: Bundle, catalog: RankingCatalog,
     watch = (torch.expm1(wlog.clamp(min=0, max=20)) * 1000.0).numpy().astype(np.float32)
     neighbour = None
     if bundle.neighbours is not None and bundle.blend.neighbour_weight:
-        items = catalog.tensors["item_hash"].index_select(0, rows).numpy()
-        neighbour = bundle.neighbours.score(history.numpy()[owner.numpy()], items)
+        items = np.split(catalog.tensors["item_hash"].index_select(0, rows).numpy(),
+                         np.cumsum(sizes)[:-1])
+        neighbour = np.concatenate([bundle.neighbours.score_one(q.user["history"][0], part)
+                                    for q, part in zip(queries, items, strict=True)])
     scores = bundle.blend.score(p_click, watch, retrieval.squeeze(1).numpy(), neighbour)
     return list(np.split(scores, np.cumsum(sizes)[:-1]))

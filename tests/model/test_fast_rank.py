@@ -189,3 +189,22 @@ def test_serving_adds_the_neighbour_candidates_the_bundle_lists() -> None:
     listed = bundle.neighbour_candidates(encode_user(bundle.spec, "u1", history, {})["history"][0])
     retrieved = {c.item_id for c in prepared.candidates if c.source == "retrieval"}
     assert extra and extra == [x for x in listed if x not in retrieved and x not in history]
+
+
+def test_a_saved_bundle_keeps_its_neighbour_table_and_blend(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from recsys_models.bundle import load_bundle, save_bundle
+    from recsys_models.neighbours import fit_neighbours
+    from tests.model.snapshots import synthetic_case
+
+    shared = trained_bundle()
+    bundle = dataclasses.replace(
+        shared, neighbours=fit_neighbours(synthetic_case().train, shared.spec),
+        blend=dataclasses.replace(shared.blend, retrieval_weight=3.0, neighbour_weight=1.0))
+    loaded = load_bundle(save_bundle(bundle, Path(str(tmp_path)) / "b"))
+    assert loaded.neighbours is not None and loaded.blend == bundle.blend
+    user = pd.DataFrame([{"user_id": "u1", "user_history": list(bundle.item_ids[:6])}])
+    items = pd.DataFrame({"item_id": bundle.item_ids[:100]})
+    np.testing.assert_allclose(loaded.rank(user, items)["score"], bundle.rank(user, items)["score"],
+                               rtol=1e-5, atol=1e-6)
