@@ -35,13 +35,13 @@ import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import numpy as np
-import yaml
+from bench_common import write_platform_config
 
 from recsys_core.settings import Settings, load_settings
 from recsys_pipelines.generator import GeneratorConfig, generate, write_generated
@@ -83,27 +83,15 @@ def timed(results: dict[str, Any], name: str, fn: Callable[[], Any]) -> Any:
 
 
 def write_config(workdir: Path, redis_url: str, size: str) -> Settings:
-    project = f"scale_{size.lower()}"
-    config = {"data_dir": str(workdir / "data"), "redis": {"url": redis_url},
-              "feast": {"project": project, "online_store": "redis",
-                        "repo_path": str(workdir / "feature_repo"),
-                        "registry_path": str(workdir / "data" / "feast" / "registry.db")},
-              "serving": {"candidates": 500, "poll_interval_s": 30}}
-    (workdir / "feature_repo").mkdir(parents=True, exist_ok=True)
-    repo = Path(__file__).resolve().parents[1] / "feature_repo" / "definitions.py"
-    (workdir / "feature_repo" / "definitions.py").write_text(repo.read_text())
-    (workdir / "settings.yaml").write_text(yaml.safe_dump(config))
-    return load_settings("local", workdir / "settings.yaml")
+    return load_settings("local", write_platform_config(workdir, redis_url,
+                                                        f"scale_{size.lower()}"))
 
 
-def pipeline(settings: Settings, cfg: GeneratorConfig, out: dict[str, Any]) -> list[str]:
-    """Every offline stage of one size; returns sample users for the serving load."""
-    from mlflow import MlflowClient
-
-    from recsys_models.train import TrainConfig
-    from recsys_models.workflow import train_evaluate_register
+def data_path(settings: Settings, cfg: GeneratorConfig, out: dict[str, Any]
+              ) -> tuple[list[str], tuple[datetime, datetime]]:
+    """Generate, ETL flow, batch features and materialization of one size, each timed; returns
+    sample users for the serving load and the materialized window."""
     from recsys_pipelines import batch_features, feature_store
-    from recsys_pipelines.training_set import build_snapshot
     from recsys_platform.flows.data import etl_flow
     from recsys_platform.runtime import ensure_ray
 
@@ -114,18 +102,50 @@ def pipeline(settings: Settings, cfg: GeneratorConfig, out: dict[str, Any]) -> l
     del data
     gc.collect()
     start, end = cfg.start, cfg.start + timedelta(days=cfg.days - 1)
+    ensure_ray(settings)  # batch features (and the ETL with ray.etl) run on Ray
     timed(out, "etl_s", lambda: etl_flow(start=start, end=end, settings=settings))
-    ensure_ray(settings)
     tables = timed(out, "features_s", lambda: batch_features.compute_features(
         settings.lake_dir, start, end))
     batch_features.write_feature_tables(tables, feature_store.offline_dir(settings))
     del tables
+    gc.collect()
     feature_store.apply_definitions(settings)
     window = (batch_features.day_end(start).to_pydatetime(),
               batch_features.day_end(end).to_pydatetime())
     result = timed(out, "materialize_s", lambda: feature_store.materialize(settings, *window))
     out["materialized_rows"] = result.rows
     out["materialize_rows_per_s"] = result.rows / max(out["materialize_s"], 1e-9)
+    return users, window
+
+
+def bundle_sizes(bundle: Any, out: dict[str, Any]) -> None:
+    from recsys_models.bundle import save_bundle
+    from recsys_models.registry import bundle_size_stats
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sizes = bundle_size_stats(bundle, save_bundle(bundle, Path(tmp) / "b"))
+    out["bundle_mib"] = sizes["bundle_bytes"] / 2**20
+    out["index_mib"] = sizes["index_bytes"] / 2**20
+    out["replica_memory_estimate_gib"] = sizes["replica_memory_estimate_bytes"] / 2**30
+
+
+def make_champion(settings: Settings, version: str) -> None:
+    """The champion alias without the quality gate (speed, not quality, is measured here)."""
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking_uri=settings.mlflow_tracking_uri,
+                 registry_uri=settings.mlflow_tracking_uri).set_registered_model_alias(
+        settings.mlflow.model_name, "champion", version)
+
+
+def pipeline(settings: Settings, cfg: GeneratorConfig, out: dict[str, Any]) -> list[str]:
+    """Every offline stage of one size; returns sample users for the serving load."""
+    from recsys_models.train import TrainConfig
+    from recsys_models.workflow import train_evaluate_register
+    from recsys_pipelines import feature_store
+    from recsys_pipelines.training_set import build_snapshot
+
+    users, _ = data_path(settings, cfg, out)
     snapshot_id, rows = timed(out, "training_set_s", lambda: build_snapshot(
         settings, feature_store.load_store(settings), None, None))
     out["training_rows"] = rows
@@ -139,19 +159,9 @@ def pipeline(settings: Settings, cfg: GeneratorConfig, out: dict[str, Any]) -> l
     out["index_build_s"] = stats.get("index_build_s")
     out["catalog_items"] = int(stats.get("items", 0))
     out["recall_at_100_vs_exact"] = outcome.report.metrics.get("ann/recall@100")
-    with tempfile.TemporaryDirectory() as tmp:
-        from recsys_models.bundle import save_bundle
-        from recsys_models.registry import bundle_size_stats
-
-        sizes = bundle_size_stats(outcome.bundle, save_bundle(outcome.bundle, Path(tmp) / "b"))
-    out["bundle_mib"] = sizes["bundle_bytes"] / 2**20
-    out["index_mib"] = sizes["index_bytes"] / 2**20
-    out["replica_memory_estimate_gib"] = sizes["replica_memory_estimate_bytes"] / 2**30
+    bundle_sizes(outcome.bundle, out)
     assert outcome.registered is not None
-    client = MlflowClient(tracking_uri=settings.mlflow_tracking_uri,
-                          registry_uri=settings.mlflow_tracking_uri)
-    client.set_registered_model_alias(settings.mlflow.model_name, "champion",
-                                      str(outcome.registered.version))  # no quality gate here
+    make_champion(settings, str(outcome.registered.version))
     del outcome
     gc.collect()
     out["pipeline_peak_rss_gib"] = peak_rss_gib()
@@ -168,33 +178,11 @@ def pipeline_reusing_model(settings: Settings, cfg: GeneratorConfig, out: dict[s
     from mlflow import MlflowClient
 
     from recsys_models.ann import recall_vs_exact
-    from recsys_models.bundle import build_bundle, save_bundle
+    from recsys_models.bundle import build_bundle
     from recsys_models.provenance import load_verified
-    from recsys_models.registry import bundle_size_stats, register_bundle
-    from recsys_pipelines import batch_features, feature_store
-    from recsys_platform.flows.data import etl_flow
-    from recsys_platform.runtime import ensure_ray
+    from recsys_models.registry import register_bundle
 
-    data = timed(out, "generate_s", lambda: generate(cfg))
-    write_generated(data, settings.landing_dir)
-    users = sorted(set(data.events["user_id"].dropna().astype(str)))[:500]
-    out["events"] = len(data.events)
-    del data
-    gc.collect()
-    start, end = cfg.start, cfg.start + timedelta(days=cfg.days - 1)
-    timed(out, "etl_s", lambda: etl_flow(start=start, end=end, settings=settings))
-    ensure_ray(settings)
-    tables = timed(out, "features_s", lambda: batch_features.compute_features(
-        settings.lake_dir, start, end))
-    batch_features.write_feature_tables(tables, feature_store.offline_dir(settings))
-    del tables
-    gc.collect()
-    feature_store.apply_definitions(settings)
-    window = (batch_features.day_end(start).to_pydatetime(),
-              batch_features.day_end(end).to_pydatetime())
-    result = timed(out, "materialize_s", lambda: feature_store.materialize(settings, *window))
-    out["materialized_rows"] = result.rows
-    out["materialize_rows_per_s"] = result.rows / max(out["materialize_s"], 1e-9)
+    users, window = data_path(settings, cfg, out)
     name = model_settings.mlflow.model_name
     client = MlflowClient(tracking_uri=model_settings.mlflow_tracking_uri,
                           registry_uri=model_settings.mlflow_tracking_uri)
@@ -213,15 +201,9 @@ def pipeline_reusing_model(settings: Settings, cfg: GeneratorConfig, out: dict[s
     queries = bundle.encode_users(pd.DataFrame({"user_id": users}))
     out["recall_at_100_vs_exact"] = recall_vs_exact(bundle.index, bundle.item_embeddings,
                                                     queries, 100)
-    with tempfile.TemporaryDirectory() as tmp:
-        sizes = bundle_size_stats(bundle, save_bundle(bundle, Path(tmp) / "b"))
-    out["bundle_mib"] = sizes["bundle_bytes"] / 2**20
-    out["index_mib"] = sizes["index_bytes"] / 2**20
-    out["replica_memory_estimate_gib"] = sizes["replica_memory_estimate_bytes"] / 2**30
+    bundle_sizes(bundle, out)
     registered = register_bundle(settings, bundle, run_name=f"scale-{cfg.items}")
-    MlflowClient(tracking_uri=settings.mlflow_tracking_uri,
-                 registry_uri=settings.mlflow_tracking_uri).set_registered_model_alias(
-        settings.mlflow.model_name, "champion", str(registered.version))
+    make_champion(settings, str(registered.version))
     del bundle, trained
     gc.collect()
     out["pipeline_peak_rss_gib"] = peak_rss_gib()

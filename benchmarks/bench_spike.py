@@ -170,6 +170,8 @@ def plot(seconds: list[Second], before_s: float, spike_s: float, path: Path,
     axes[1].legend(loc="upper right", fontsize=8)
     axes[2].plot(x, [p99(s.out.admitted) for s in seconds], color="tab:red",
                  label="admitted p99")
+    axes[2].plot(x, [p99(s.out.server) for s in seconds], color="tab:purple", linewidth=0.8,
+                 label="of which in the replica (Server-Timing)")
     axes[2].axhline(2 * unloaded_p99, color="grey", linestyle="--",
                     label="2x unloaded p99")
     axes[2].set_ylabel("ms")

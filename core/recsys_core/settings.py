@@ -143,6 +143,9 @@ class RaySettings(_Section):
     node_ip: str = "127.0.0.1"
     num_cpus: int | None = Field(default=None, ge=1)
     train_workers: int = Field(default=2, ge=1)
+    # The ETL's validation, dedupe and writes on Ray (etl_ray) instead of in the flow's process:
+    # for a cluster (k8s profile); on one 2-core box Ray Data's shuffle cost 5.8x the wall time.
+    etl: bool = False
     use_gpu: bool = False
 
     @field_validator("address")

@@ -111,6 +111,30 @@ def pseudonymize_users(frame: pd.DataFrame, privacy: PrivacySettings) -> pd.Data
     return out
 
 
+def clean_rows(raw: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, int]:
+    """:func:`clean_batch` keeping every column of ``raw``, extra ones included (the Ray path
+    carries its ordering keys through it).
+
+    Returns:
+        ``(unique, quarantine, duplicates)``: the valid rows, one per ``event_id`` (typed as
+        :func:`~recsys_core.contracts.validate_events` types them), and the rejected raw
+        rows with ``reason``, both in landing order.
+    """
+    raw = raw.sort_values(LANDING_DATE, kind="stable").reset_index(drop=True)
+    raw[_ROW] = range(len(raw))
+    unreadable = (raw[READ_ERROR].notna() if READ_ERROR in raw.columns
+                  else pd.Series(False, index=raw.index))
+    unread = raw[unreadable].copy()
+    unread["reason"] = unread[READ_ERROR] if len(unread) else pd.Series(dtype=str)
+    valid, rejected = validate_events(raw[~unreadable])
+    unique, dups = split_duplicates(valid)
+    dup_rows = raw.loc[raw[_ROW].isin(dups[_ROW])].copy()
+    dup_rows["reason"] = REASON_DUPLICATE
+    quarantine = pd.concat([unread, rejected, dup_rows], ignore_index=True)
+    quarantine = quarantine.sort_values(_ROW, kind="stable")
+    return unique, quarantine.reset_index(drop=True), len(dups)
+
+
 def clean_batch(raw: pd.DataFrame) -> CleanBatch:
     """Validates raw rows against the contract and drops repeated ``event_id`` s.
 
@@ -126,22 +150,11 @@ def clean_batch(raw: pd.DataFrame) -> CleanBatch:
     Returns:
         Clean events and quarantined raw rows; together they account for every input row.
     """
-    raw = raw.sort_values(LANDING_DATE, kind="stable").reset_index(drop=True)
-    raw[_ROW] = range(len(raw))
-    unreadable = (raw[READ_ERROR].notna() if READ_ERROR in raw.columns
-                  else pd.Series(False, index=raw.index))
-    unread = raw[unreadable].copy()
-    unread["reason"] = unread[READ_ERROR] if len(unread) else pd.Series(dtype=str)
-    valid, rejected = validate_events(raw[~unreadable])
-    unique, dups = split_duplicates(valid)
-    dup_rows = raw.loc[raw[_ROW].isin(dups[_ROW])].copy()
-    dup_rows["reason"] = REASON_DUPLICATE
-    quarantine = pd.concat([unread, rejected, dup_rows], ignore_index=True)
-    quarantine = quarantine.sort_values(_ROW, kind="stable")[QUARANTINE_SCHEMA.names]
+    unique, quarantine, duplicates = clean_rows(raw)
     return CleanBatch(
         clean=unique[EVENT_SCHEMA.names].reset_index(drop=True),
-        quarantine=quarantine.reset_index(drop=True),
-        duplicates=len(dups),
+        quarantine=quarantine[QUARANTINE_SCHEMA.names].reset_index(drop=True),
+        duplicates=duplicates,
     )
 
 
@@ -160,13 +173,31 @@ def event_partition(lake_dir: Path, day: date) -> Path:
     return lake_dir / "events" / f"date={day.isoformat()}" / "part-0.parquet"
 
 
+def canonical(frame: pd.DataFrame, schema: pa.Schema) -> pd.DataFrame:
+    """``schema``'s columns with one pandas dtype per Arrow type (nullable ``Int64``, ``object``
+    strings and dates, UTC timestamps in the schema's unit), whatever path built the frame:
+    Parquet's pandas metadata records the dtypes, so equal rows give equal bytes."""
+    out = {}
+    for f in schema:
+        column = frame[f.name]
+        if pa.types.is_integer(f.type):
+            column = column.astype("Int64")
+        elif pa.types.is_timestamp(f.type):
+            column = pd.to_datetime(column, utc=True).dt.as_unit(f.type.unit)
+        else:
+            column = column.astype(object).where(column.notna(), None)
+        out[f.name] = column
+    return pd.DataFrame(out, index=frame.index)
+
+
 def write_event_partition(events: pd.DataFrame, lake_dir: Path, day: date) -> int:
     """Replaces the lake partition of ``day`` with ``events`` (all of that event date).
 
     Rows are sorted by ``(event_time, event_id)`` so that the same input gives the same bytes.
     Returns the number of rows written.
     """
-    ordered = events.sort_values(["event_time", "event_id"], kind="stable")
+    ordered = canonical(events, EVENT_SCHEMA).sort_values(["event_time", "event_id"],
+                                                          kind="stable")
     path = event_partition(lake_dir, day)
     atomic_write_table(to_table(ordered, EVENT_SCHEMA), path)
     for stale in path.parent.glob("*.parquet"):  # earlier layouts with more parts
@@ -177,7 +208,7 @@ def write_event_partition(events: pd.DataFrame, lake_dir: Path, day: date) -> in
 
 def write_quarantine(quarantine: pd.DataFrame, lake_dir: Path, landing_day: date) -> int:
     """Replaces the quarantine partition of one landing day; returns the rows written."""
-    rows = quarantine[quarantine[LANDING_DATE] == landing_day]
+    rows = canonical(quarantine[quarantine[LANDING_DATE] == landing_day], QUARANTINE_SCHEMA)
     path = lake_dir / "quarantine" / "events" / f"landing_date={landing_day.isoformat()}"
     table = pa.Table.from_pandas(rows, schema=QUARANTINE_SCHEMA, preserve_index=False)
     atomic_write_table(table, path / "part-0.parquet")
@@ -194,7 +225,24 @@ def summarize(
     quarantined_files: list[QuarantinedFile] | None = None,
 ) -> EtlResult:
     """Builds the run's counts; logs them, including each quarantine reason."""
-    reasons = dict(sorted(Counter(batch.quarantine["reason"]).items()))
+    return summarize_counts(start, end, landing_days, input_rows, len(batch.clean),
+                            batch.duplicates, Counter(batch.quarantine["reason"]), partitions,
+                            quarantined_files)
+
+
+def summarize_counts(
+    start: date,
+    end: date,
+    landing_days: list[date],
+    input_rows: int,
+    valid_rows: int,
+    duplicates: int,
+    reasons: Counter[str],
+    partitions: dict[str, int],
+    quarantined_files: list[QuarantinedFile] | None = None,
+) -> EtlResult:
+    """:func:`summarize` from counts: ``valid_rows`` clean events in or outside the range,
+    ``reasons`` the quarantined rows per reason."""
     clean_rows = sum(partitions.values())
     result = EtlResult(
         start=start.isoformat(),
@@ -202,10 +250,10 @@ def summarize(
         landing_partitions=[d.isoformat() for d in landing_days],
         input_rows=input_rows,
         clean_rows=clean_rows,
-        quarantined_rows=len(batch.quarantine),
-        out_of_range_rows=len(batch.clean) - clean_rows,
-        duplicates=batch.duplicates,
-        reasons=reasons,
+        quarantined_rows=sum(reasons.values()),
+        out_of_range_rows=valid_rows - clean_rows,
+        duplicates=duplicates,
+        reasons=dict(sorted(reasons.items())),
         partitions=partitions,
         quarantined_files=[asdict(f) for f in quarantined_files or []],
     )
@@ -216,7 +264,8 @@ def summarize(
     logger.info(
         "ETL %s..%s: %d raw rows -> %d clean, %d quarantined (%s), %d outside the range",
         result.start, result.end, input_rows, clean_rows, result.quarantined_rows,
-        ", ".join(f"{k}: {v}" for k, v in reasons.items()) or "none", result.out_of_range_rows,
+        ", ".join(f"{k}: {v}" for k, v in result.reasons.items()) or "none",
+        result.out_of_range_rows,
     )
     return result
 

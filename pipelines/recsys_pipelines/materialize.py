@@ -14,7 +14,7 @@ checked byte for byte against Feast's own materialization by
    running) as ``HSET`` commands framed once in the Redis protocol and sent in pipelined
    chunks of ``CHUNK_ROWS``, one reply read per command.
 
-Values are serialized by :func:`recsys_pipelines.stream.online_layout.encode_column` (the protobuf
+Values are serialized by :func:`recsys_core.online_layout.encode_column` (the protobuf
 wire bytes built directly, each distinct value once, a sample of every column checked against
 Feast's type map), so no protobuf object and no redis-py command is built per row.
 """

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import logging
 import time
-import urllib.error
-from dataclasses import dataclass
 from datetime import date
 from typing import Annotated, Any
 
@@ -23,6 +21,7 @@ from rich.console import Console
 from recsys_core.settings import Settings
 from recsys_platform.commands.context import current_settings
 from recsys_platform.commands.serve import print_recommendations
+from recsys_platform.runtime import ensure_ray
 from recsys_platform.serving import cluster
 
 app = typer.Typer(help="The whole platform loop as one Prefect flow run.", no_args_is_help=True)
@@ -35,44 +34,12 @@ def _platform() -> None:
     """Keeps ``platform`` a command group even with one command."""
 
 
-@dataclass(frozen=True)
-class Served:
-    """What serving answered after the loop: the version and one response."""
-
-    url: str
-    version: str
-    started: bool  # True when this command started the app
-    user_id: str
-    response: dict[str, Any]
-
-
 def landing_range(settings: Settings) -> tuple[date, date] | None:
     """First and last ``date=`` partition of the landing area's events (None when empty)."""
     folder = settings.landing_dir / "events"
     days = sorted(date.fromisoformat(p.name.removeprefix("date="))
                   for p in folder.glob("date=*") if p.is_dir()) if folder.is_dir() else []
     return (days[0], days[-1]) if days else None
-
-
-def _ready_version(url: str) -> str | None:
-    try:
-        status, body = cluster.http("GET", f"{url}/readyz", timeout=5)
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return None
-    return str(body.get("bundle_version")) if status == 200 and isinstance(body, dict) else None
-
-
-def wait_for_version(url: str, version: str, timeout_s: float) -> None:
-    """Waits until ``/readyz`` reports ``version`` (replicas poll the alias)."""
-    deadline = time.monotonic() + timeout_s
-    seen = None
-    while time.monotonic() < deadline:
-        seen = _ready_version(url)
-        if seen == version:
-            return
-        time.sleep(1)
-    raise typer.BadParameter(f"serving at {url} still answers version {seen} after "
-                             f"{timeout_s:.0f}s, not the new champion {version}")
 
 
 def a_known_user(settings: Settings) -> str:
@@ -82,40 +49,6 @@ def a_known_user(settings: Settings) -> str:
     files = sorted((settings.lake_dir / "events").rglob("*.parquet"))[-1:]
     users = pq.read_table(files, columns=["user_id"]).column(0).to_pandas()
     return str(users.value_counts().index[0])
-
-
-def serve_version(settings: Settings, version: str) -> Served:
-    """Makes serving answer with ``version``: waits for a running app, else starts one."""
-    import ray
-
-    url = cluster.base_url(settings)
-    started = _ready_version(url) is None
-    if started:  # training ran on an in-process cluster; the app lives on the local head
-        if ray.is_initialized() and settings.ray.address is None:
-            ray.shutdown()
-        cluster.connect(settings, start_head=True)
-        cluster.deploy(settings)
-        cluster.wait_ready(url)
-    wait_for_version(url, version, timeout_s=settings.serving.poll_interval_s * 3 + 120)
-    user = a_known_user(settings)
-    status, body = cluster.http("POST", f"{url}/recommend", {"user_id": user, "k": 5})
-    if status != 200:
-        raise typer.BadParameter(f"POST {url}/recommend answered HTTP {status}: {body}")
-    return Served(url, str(body["bundle_version"]), started, user, body)
-
-
-def start_training_cluster(settings: Settings) -> None:
-    """Starts an in-process Ray cluster for the flow (unless ``ray.address`` names one).
-
-    ``ray.init()`` without an address joins the newest cluster on this machine, which is the
-    Serve head when the app runs: its CPUs are held by the replicas and the Ray Train workers
-    would wait for them forever. ``address="local"`` always starts a fresh one.
-    """
-    import ray
-
-    if settings.ray.address is None and not ray.is_initialized():
-        ray.init(address="local", num_cpus=settings.ray.num_cpus, include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
 
 
 def run_loop(settings: Settings, start: date | None, end: date | None, epochs: int,
@@ -135,7 +68,7 @@ def run_loop(settings: Settings, start: date | None, end: date | None, epochs: i
         assert found is not None
     first, last = start or found[0], end or found[1]
     console.print(f"platform flow over {first} .. {last} (epochs={epochs}, workers={workers})")
-    start_training_cluster(settings)
+    ensure_ray(settings)  # a fresh local cluster, never the Serve head's (ensure_ray)
     with prefect_api(settings):
         return platform_flow(start=first, end=last, epochs=epochs, workers=workers, why=why,
                              settings=settings)
@@ -169,7 +102,7 @@ def run_command(
         console.print("[red]no new champion[/]: serving keeps the previous one")
         raise typer.Exit(1)
     if serve:
-        served = serve_version(settings, run.version)
+        served = cluster.serve_version(settings, run.version, a_known_user(settings))
         how = "started" if served.started else "picked up by the running app"
         console.print(f"serving at {served.url}: version {served.version} ({how})")
         print_recommendations(served.response, f"user {served.user_id}")

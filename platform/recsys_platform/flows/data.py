@@ -24,7 +24,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from recsys_core.settings import PrivacySettings, Settings, load_settings
-from recsys_pipelines import batch_features, etl, feature_store, sources
+from recsys_pipelines import batch_features, etl, etl_ray, feature_store, sources
 from recsys_platform.runtime import ensure_ray
 
 logger = logging.getLogger(__name__)
@@ -53,6 +53,14 @@ def write_partition(events: pd.DataFrame, lake_dir: Path, day: date) -> int:
 @task(retries=RETRIES, retry_delay_seconds=_BACKOFF, cache_policy=NO_CACHE)
 def write_quarantine(quarantine: pd.DataFrame, lake_dir: Path, landing_day: date) -> int:
     return etl.write_quarantine(quarantine, lake_dir, landing_day)
+
+
+@task(cache_policy=NO_CACHE)
+def clean_on_ray(settings: Settings, landing_dir: Path, landing_days: list[date], start: date,
+                 end: date) -> etl_ray.RayEtlCounts:
+    ensure_ray(settings)
+    return etl_ray.run_etl(landing_dir, settings.lake_dir, landing_days, start, end,
+                           settings.privacy)
 
 
 @task(retries=RETRIES, retry_delay_seconds=_BACKOFF, cache_policy=NO_CACHE)
@@ -139,19 +147,26 @@ def etl_flow(
     landing = Path(landing_dir) if landing_dir else settings.landing_dir
     lake = settings.lake_dir
     existing = sources.landing_days_to_read(landing, start, end, lookahead_days)
-    reader = read_landing.with_options(retry_delay_seconds=backoff)
-    reads = [reader(landing, d, lake / "quarantine") for d in existing]
-    moved = [f for r in reads for f in r.quarantined_files]
-    raw = sources.concat_raw([r.frame for r in reads], landing, start)
-    raw = etl.pseudonymize_users(raw, settings.privacy)  # before anything reaches the lake
-    batch = clean(raw)
-    writer = write_partition.with_options(retry_delay_seconds=backoff)
-    by_date = etl.split_by_event_date(batch.clean, start, end)
-    partitions = {d.isoformat(): writer(frame, lake, d) for d, frame in by_date.items()}
-    quarantiner = write_quarantine.with_options(retry_delay_seconds=backoff)
-    for day in existing:
-        quarantiner(batch.quarantine, lake, day)
-    result = etl.summarize(start, end, existing, len(raw), batch, partitions, moved)
+    if settings.ray.etl:  # the same functions as below, executed by Ray (etl_ray)
+        counts = clean_on_ray(settings, landing, existing, start, end)
+        moved = counts.quarantined_files
+        result = etl.summarize_counts(start, end, existing, counts.input_rows,
+                                      counts.valid_rows, counts.duplicates, counts.reasons,
+                                      counts.partitions, moved)
+    else:
+        reader = read_landing.with_options(retry_delay_seconds=backoff)
+        reads = [reader(landing, d, lake / "quarantine") for d in existing]
+        moved = [f for r in reads for f in r.quarantined_files]
+        raw = sources.concat_raw([r.frame for r in reads], landing, start)
+        raw = etl.pseudonymize_users(raw, settings.privacy)  # before anything reaches the lake
+        batch = clean(raw)
+        writer = write_partition.with_options(retry_delay_seconds=backoff)
+        by_date = etl.split_by_event_date(batch.clean, start, end)
+        partitions = {d.isoformat(): writer(frame, lake, d) for d, frame in by_date.items()}
+        quarantiner = write_quarantine.with_options(retry_delay_seconds=backoff)
+        for day in existing:
+            quarantiner(batch.quarantine, lake, day)
+        result = etl.summarize(start, end, existing, len(raw), batch, partitions, moved)
     syncer = sync_snapshot.with_options(retry_delay_seconds=backoff)
     snapshots = [syncer(name, source, lake, settings.privacy) for name, source
                  in sources.default_snapshot_sources(landing, catalog_url).items()]

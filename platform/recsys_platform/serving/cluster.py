@@ -28,6 +28,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,10 @@ from recsys_platform.serving.ingress import direct_ingress_env
 
 APP_NAME = "recsys"
 LOCAL_DRAINING_S = 2.0  # a local head has no load balancer to wait for (Ray's default: 30 s)
+
+
+class ServingCheckError(RecsysError):
+    """The service answered, but not what the caller waited for."""
 
 
 class ServiceNotReadyError(RecsysError):
@@ -236,3 +241,56 @@ def is_client_server(cmdline: list[str], port: int) -> bool:
     session), which ``serve down`` used to leave running."""
     return "ray.util.client.server" in cmdline and any(
         a.startswith("--address=") and a.endswith(f":{port}") for a in cmdline)
+
+
+@dataclass(frozen=True)
+class Served:
+    """What serving answered after the loop: the version and one response."""
+
+    url: str
+    version: str
+    started: bool  # True when this command started the app
+    user_id: str
+    response: dict[str, Any]
+
+
+def ready_version(url: str) -> str | None:
+    """The bundle version ``/readyz`` reports, None when the service does not answer 200."""
+    try:
+        status, body = http("GET", f"{url}/readyz", timeout=5)
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return None
+    return str(body.get("bundle_version")) if status == 200 and isinstance(body, dict) else None
+
+
+def wait_for_version(url: str, version: str, timeout_s: float) -> None:
+    """Waits until ``/readyz`` reports ``version`` (replicas poll the alias)."""
+    deadline = time.monotonic() + timeout_s
+    seen = None
+    while time.monotonic() < deadline:
+        seen = ready_version(url)
+        if seen == version:
+            return
+        time.sleep(1)
+    raise ServingCheckError(f"serving at {url} still answers version {seen} after "
+                            f"{timeout_s:.0f}s, not the new champion {version}")
+
+
+def serve_version(settings: Settings, version: str, user: str) -> Served:
+    """Makes serving answer with ``version``: waits for a running app, else starts one; then
+    asks it for ``user``'s recommendations."""
+    import ray
+
+    url = base_url(settings)
+    started = ready_version(url) is None
+    if started:  # training ran on an in-process cluster; the app lives on the local head
+        if ray.is_initialized() and settings.ray.address is None:
+            ray.shutdown()
+        connect(settings, start_head=True)
+        deploy(settings)
+        wait_ready(url)
+    wait_for_version(url, version, timeout_s=settings.serving.poll_interval_s * 3 + 120)
+    status, body = http("POST", f"{url}/recommend", {"user_id": user, "k": 5})
+    if status != 200:
+        raise ServingCheckError(f"POST {url}/recommend answered HTTP {status}: {body}")
+    return Served(url, str(body["bundle_version"]), started, user, body)
