@@ -107,6 +107,17 @@ def test_tune_blend_picks_the_best_validation_weight_and_never_below_retrieval_o
     best = choice.scores[(choice.retrieval_weight, choice.neighbour_weight)]
     assert best == max(choice.scores.values())
     assert best >= choice.scores[(1e6, 0.0)]  # retrieval order
+    assert {n for _, n in choice.scores} == {0.0}  # no neighbour table: its weight stays 0
+
+    from recsys_models.neighbours import fit_neighbours
+
+    bundle.neighbours = fit_neighbours(fit_rows, bundle.spec)
+    choice = tune_blend(bundle, fit_rows, val_rows, candidates=100, grid=(0.0, 1e6),
+                        neighbour_grid=(0.0, 1.0, 1e7), max_users=60)
+    assert choice is not None and len(choice.scores) == 6
+    assert bundle.blend.neighbour_weight == choice.neighbour_weight
+    assert choice.scores[(choice.retrieval_weight, choice.neighbour_weight)] >= choice.scores[
+        (1e6, 0.0)]
 
 
 def test_per_query_item_features_and_appended_items_rank_like_bundle_rank() -> None:
