@@ -100,7 +100,10 @@ def _repo_paths(words: list[str]) -> list[str]:
 
 def _import_check(script: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    code = f"import runpy; runpy.run_path({str(REPO_ROOT / script)!r}, run_name='docs_check')"
+    path = REPO_ROOT / script
+    # As `python <script>` does: the script's own folder first on sys.path, nothing else.
+    code = (f"import runpy, sys; sys.path.insert(0, {str(path.parent)!r}); "
+            f"runpy.run_path({str(path)!r}, run_name='docs_check')")
     return subprocess.run([sys.executable, "-c", code], cwd=Path("/"), env=env,
                           capture_output=True, text=True, timeout=300)
 
