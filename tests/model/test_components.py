@@ -116,7 +116,7 @@ def test_bundle_directory_round_trip_and_rank_shapes(tmp_path: Path) -> None:
     b = loaded.rank(rows, rows[["item_id"]])
     pd.testing.assert_frame_equal(a, b)
     assert list(a.columns) == ["user_id", "item_id", "p_click", "watch_time_ms_pred", "score",
-                               "retrieval_score"]
+                               "retrieval_score", "neighbour_score"]
     one_user = loaded.rank(rows.iloc[[0]], rows[["item_id"]])  # broadcast one user
     assert len(one_user) == 50 and (one_user["user_id"] == rows.iloc[0]["user_id"]).all()
     with pytest.raises(ValueError, match="aligned"):
