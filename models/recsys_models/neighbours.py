@@ -33,7 +33,6 @@ import scipy.linalg
 import scipy.sparse as sp
 
 from recsys_models.data import EncoderSpec
-from recsys_models.hashing import ITEM_SALT, hash_ids
 
 logger = logging.getLogger(__name__)
 
@@ -204,7 +203,7 @@ def fit_neighbours(rows: pd.DataFrame, spec: EncoderSpec,
     x.data[:] = 1.0  # repeated engagements count once
     weights = ease_weights(x, cfg.lam)
     k = min(cfg.k, len(items) - 1)
-    ids = hash_ids(items, buckets, ITEM_SALT)
+    ids = spec.item_codes.encode(items)
     src, dst, val = [], [], []
     for start in range(0, len(items), 1024):  # bounded argpartition memory
         block = weights[start:start + 1024]
