@@ -464,7 +464,7 @@ async def replica_idle(session: aiohttp.ClientSession, seconds: float = 5.0) -> 
 
 
 def cpu_repeats(recommender: Any, users: list[str], base: str, repeats: int,
-                seconds: float = 6.0, calls: int = 300) -> None:
+                seconds: float = 6.0, calls: int = 750) -> None:
     """The replica's CPU per request against the in-process pipeline's, ``repeats`` times.
 
     CPU time (process CPU seconds / requests), not latency, and each replica measurement
@@ -473,7 +473,9 @@ def cpu_repeats(recommender: Any, users: list[str], base: str, repeats: int,
     work, what runs beside a process changes its CPU per unit of work too, so the two sides
     of a ratio are measured seconds apart. The floor writes the impression log as a replica
     does (:func:`_timed_calls`); the ratio without it is printed too. Prints each repeat and
-    the spread (min, median, max) per concurrency."""
+    the spread (min, median, max) per concurrency. ``calls`` 750: one flush of the log per
+    floor holds as many responses as a replica's flusher writes every 5 s at ~150 req/s (a
+    flush has a fixed cost too, which fewer rows per flush would weigh more)."""
     url = f"{base}/recommend"
     ratios: dict[int, list[float]] = {1: [], 2: [], 4: []}
     bare: dict[int, list[float]] = {1: [], 2: [], 4: []}
