@@ -29,10 +29,11 @@ import torch
 
 from recsys_core.features import USER_HISTORY
 from recsys_models.ann import HnswConfig, HnswIndex
-from recsys_models.data import EncoderSpec, catalog_frame, encode_items, encode_rows, encode_users
+from recsys_models.data import EncoderSpec, catalog_frame, encode_items, encode_users
 from recsys_models.errors import BundleFormatError
 from recsys_models.neighbours import ItemNeighbours
-from recsys_models.ranker import Blend, Ranker, RankerConfig, predict
+from recsys_models.ranker import Blend, Ranker, RankerConfig
+from recsys_models.scoring import rank_frame
 from recsys_models.two_tower import Retriever, TwoTowerConfig, TwoTowerModel, embed_item_batch
 
 logger = logging.getLogger(__name__)
@@ -97,12 +98,6 @@ class Bundle:
         add = [c for c in meta.columns if c not in base.columns]
         return base.join(meta[add], on="item_id")
 
-    def neighbour_scores(self, history: np.ndarray, item_hash: np.ndarray) -> np.ndarray:
-        """The neighbour score of encoded rows (n,): zeros when the bundle has no table."""
-        if self.neighbours is None:
-            return np.zeros(len(item_hash), np.float32)
-        return self.neighbours.score(history, item_hash)
-
     def neighbour_candidates(self, history: np.ndarray) -> list[str]:
         """The item-item source of candidates: the best-scored catalog neighbours of one
         encoded history (H,), at most ``neighbours.cfg.candidates`` (none without a table)."""
@@ -127,25 +122,12 @@ class Bundle:
         if len(users) != len(items):
             raise ValueError(f"rank: users has {len(users)} rows and items {len(items)}; "
                              "pass aligned frames or one user row")
-        frame = items.copy()
-        for col in ("user_id", USER_HISTORY, *self.spec.user_features):
-            if col in users.columns:
-                frame[col] = users[col].to_numpy()
-        for col, default in (("clicked", 0), ("watch_time_ms", np.nan),
-                             ("event_time", self.as_of)):
-            if col not in frame.columns:
-                frame[col] = default
-        batch = encode_rows(frame, self.spec)
-        known = frame["item_id"].isin(self.known_items).to_numpy()
-        batch["item_hash"] = np.where(known, batch["item_hash"], 0)
-        batch["retrieval_score"] = retrieval_scores(self.two_tower, batch)
-        p, watch = predict(self.ranker, batch)
-        neighbour = self.neighbour_scores(batch["history"], batch["item_hash"])
+        scores = rank_frame(self, users, items)
         return pd.DataFrame({
-            "user_id": frame["user_id"].to_numpy(), "item_id": frame["item_id"].to_numpy(),
-            "p_click": p, "watch_time_ms_pred": watch,
-            "score": self.blend.score(p, watch, batch["retrieval_score"], neighbour),
-            "retrieval_score": batch["retrieval_score"], "neighbour_score": neighbour,
+            "user_id": users["user_id"].to_numpy(), "item_id": items["item_id"].to_numpy(),
+            "p_click": scores.p_click, "watch_time_ms_pred": scores.watch_time_ms_pred,
+            "score": scores.score, "retrieval_score": scores.retrieval_score,
+            "neighbour_score": scores.neighbour_score,
         })
 
     @staticmethod
@@ -324,7 +306,7 @@ def _embed_with_ray(two_tower: TwoTowerModel, spec: EncoderSpec, rows: pd.DataFr
 def serving_memory_bytes(bundle: Bundle, index_bytes: int) -> int:
     """What one replica holds for this bundle: the HNSW index (``index_bytes``, its file
     size), the item embeddings, both models' weights and the ranker's per-item inputs
-    (:func:`recsys_models.fast_rank.ranking_catalog`: item vector, id and category
+    (:func:`recsys_models.scoring.ranking_catalog`: item vector, id and category
     embeddings, creator + tag embeddings and the dense columns, float32) and the item
     neighbour table, if any."""
     weights = sum(t.numel() * t.element_size() for m in (bundle.two_tower, bundle.ranker)

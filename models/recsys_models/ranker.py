@@ -27,6 +27,9 @@ from torch import Tensor, nn
 from recsys_models.data import EncoderSpec
 from recsys_models.two_tower import TwoTowerModel
 
+UserSide = dict[str, Tensor]  # Ranker.user_side's output: one row per user
+ItemSide = dict[str, Tensor]  # Ranker.item_side's output: one row per item
+
 
 @dataclass(frozen=True)
 class RankerConfig:
@@ -114,22 +117,52 @@ class Ranker(nn.Module):
         nn.init.zeros_(self.click_head.weight)
         self.retrieval_weight = nn.Parameter(torch.tensor(float(cfg.retrieval_weight)))
 
-    def forward(self, b: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        hist = self.history_emb(b["history"])  # (B, d)
-        item = self.item_emb(b["item_hash"])  # (B, d)
-        cat = self.category_emb(b["category"])  # (B, d)
+    # The model in three parts, so that inference computes a request's user side once and
+    # reads item sides precomputed per catalog (recsys_models.scoring); training runs them
+    # together in forward().
+
+    def user_side(self, user_hash: Tensor, history: Tensor, user_num: Tensor) -> UserSide:
+        """Per-user inputs of :meth:`head`: id and history embeddings, numeric features."""
+        return {"user": self.user_emb(user_hash), "history": self.history_emb(history),
+                "user_num": user_num.float()}
+
+    def item_side(self, item_hash: Tensor, category: Tensor, creator: Tensor, tags: Tensor,
+                  item_dense: Tensor) -> ItemSide:
+        """Per-item inputs of :meth:`head`: id, category, creator and tag embeddings, dense
+        metadata and numeric item features (the last ``len(spec.item_features)`` columns)."""
+        return {"item": self.item_emb(item_hash), "category": self.category_emb(category),
+                "creator_tags": torch.cat([self.creator_emb(creator), self.tag_emb(tags)], 1),
+                "item_dense": item_dense.float()}
+
+    def head(self, user: UserSide, item: ItemSide, retrieval_score: Tensor
+             ) -> tuple[Tensor, Tensor]:
+        """Click logit and ``log1p(watch seconds)`` (B,) each, from aligned user and item
+        sides (B rows each) and the two-tower's score of each row."""
+        hist = user["history"]
         x = torch.cat(
             [
-                self.user_emb(b["user_hash"]), item, hist, cat,
-                self.creator_emb(b["creator"]), self.tag_emb(b["tags"]),
-                hist * item, hist * cat,
-                b["user_num"], b["item_dense"], b["retrieval_score"][:, None],
+                user["user"], item["item"], hist, item["category"], item["creator_tags"],
+                hist * item["item"], hist * item["category"],
+                user["user_num"], item["item_dense"], retrieval_score[:, None],
             ],
             dim=1,
         )  # (B, width)
         h = self.bottom(x)  # (B, hidden)
-        click = self.click_head(h).squeeze(1) + self.retrieval_weight * b["retrieval_score"]
+        click = self.click_head(h).squeeze(1) + self.retrieval_weight * retrieval_score
         return click, self.watch_head(h).squeeze(1)  # (B,), (B,)
+
+    def forward(self, b: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        user = self.user_side(b["user_hash"], b["history"], b["user_num"])
+        item = self.item_side(b["item_hash"], b["category"], b["creator"], b["tags"],
+                              b["item_dense"])
+        return self.head(user, item, b["retrieval_score"])
+
+
+def click_and_watch(click_logit: Tensor, watch_log: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """``(p_click, watch_time_ms_pred)`` as float32 arrays from the heads' outputs."""
+    p_click = torch.sigmoid(click_logit).numpy().astype(np.float32)
+    watch = (torch.expm1(watch_log.clamp(min=0, max=20)) * 1000.0).numpy().astype(np.float32)
+    return p_click, watch
 
 
 def ranker_loss(ranker: nn.Module, b: dict[str, Tensor], watch_weight: float) -> Tensor:
@@ -210,28 +243,3 @@ class RankingTask(nn.Module):
             extra = neg[key][keep]
             out[key] = torch.cat([b[key], extra.to(b[key].dtype)]) if n else b[key]
         return out
-
-
-@torch.no_grad()
-def predict(ranker: Ranker, batch: dict[str, np.ndarray],
-            batch_size: int = 8192) -> tuple[np.ndarray, np.ndarray]:
-    """``(p_click, watch_time_ms_pred)`` for encoded rows, each (n,)."""
-    ranker.eval()
-    n = len(batch["item_hash"])
-    probs, watch = [], []
-    for start in range(0, n, batch_size):
-        t = {k: torch.as_tensor(v[start:start + batch_size]) for k, v in batch.items()
-             if k in _RANKER_KEYS}
-        t["user_num"] = t["user_num"].float()
-        t["item_dense"] = t["item_dense"].float()
-        t["retrieval_score"] = t["retrieval_score"].float()
-        logit, wlog = ranker(t)
-        probs.append(torch.sigmoid(logit).numpy())
-        watch.append((torch.expm1(wlog.clamp(min=0, max=20)) * 1000.0).numpy())
-    if not probs:
-        return np.zeros(0, np.float32), np.zeros(0, np.float32)
-    return np.concatenate(probs).astype(np.float32), np.concatenate(watch).astype(np.float32)
-
-
-_RANKER_KEYS = ("user_hash", "history", "user_num", "item_hash", "category", "creator", "tags",
-                "item_dense", "retrieval_score")

@@ -1,4 +1,4 @@
-"""Experiment routing in the request path, with the serving unit tests' tiny bundles.
+"""Experiment routing in the request path, with the serving unit tests' tiny real bundles.
 
 Split: a user's arm decides the bundle that serves them, and the impression log names the
 experiment and arm. Shadow: the champion serves everyone, the treatment's ranking of the same
@@ -14,37 +14,34 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 
+from recsys_models.bundle import Bundle
 from recsys_platform.experiments.definition import Experiment, assign
 from recsys_platform.serving.experiments import ExperimentArms
 from recsys_platform.serving.impressions import ImpressionLogger
 from recsys_platform.serving.metrics import ServingMetrics
 from recsys_platform.serving.recommender import Recommender, ServingOptions
 from recsys_platform.serving.schemas import RecommendRequest
-from tests.unit.test_serving_logic import Features, TinyBundle, _manager
+from tests.unit.test_serving_logic import Features, _manager
+from tests.unit.tiny_bundle import gate_ranker, tiny_bundle
 
 
-class ReversedBundle(TinyBundle):
-    """Ranks lower item ids higher: a treatment whose rankings differ from the champion's."""
-
-    def __init__(self, version: str, gate: threading.Event | None = None) -> None:
-        super().__init__(version)
-        self.gate = gate  # set: ranking waits until it is set (a stuck shadow thread)
-
-    def rank(self, users: pd.DataFrame, items: pd.DataFrame) -> pd.DataFrame:
-        if self.gate is not None:
-            assert self.gate.wait(30)
-        out = super().rank(users, items)
-        return out.assign(score=-out["score"])
+def treatment_bundle(version: str, gate: threading.Event | None = None) -> Bundle:
+    """A treatment with weights of its own (its rankings differ from the champion's); with
+    ``gate``, each of its ranker passes waits until the gate is set (a stuck shadow thread)."""
+    bundle = tiny_bundle(version)
+    if gate is not None:
+        gate_ranker(bundle, gate)
+    return bundle
 
 
-def _recommender(tmp_path: Path, exp: Experiment | None, treatment: TinyBundle
+def _recommender(tmp_path: Path, exp: Experiment | None, treatment: Bundle
                  ) -> tuple[Recommender, ExperimentArms, ImpressionLogger]:
     metrics = ServingMetrics()
     served = ImpressionLogger(tmp_path / "landing")
     shadow = ImpressionLogger(tmp_path / "landing", folder="shadow", events=False)
     arms = ExperimentArms(lambda: exp, lambda v: treatment, lambda b: None, metrics, shadow)
     arms.refresh()
-    rec = Recommender(_manager({"1": TinyBundle("1")}, ["1"]), Features(), served, metrics,
+    rec = Recommender(_manager({"1": tiny_bundle("1")}, ["1"]), Features(), served, metrics,
                       ServingOptions(candidates=20, max_per_creator=10, max_per_category=10),
                       experiments=arms)
     return rec, arms, served
@@ -56,7 +53,7 @@ def _read(folder: Path) -> pd.DataFrame:
 
 def test_split_serves_each_user_from_their_arm_and_logs_it(tmp_path: Path) -> None:
     exp = Experiment.new("7", "split", share=0.5, control_version="1")
-    rec, arms, served = _recommender(tmp_path, exp, ReversedBundle("7"))
+    rec, arms, served = _recommender(tmp_path, exp, treatment_bundle("7"))
     users = [f"u{n}" for n in range(40)]
     versions: dict[str, set[str | None]] = {u: set() for u in users}
     for _ in range(2):
@@ -82,7 +79,7 @@ def test_a_treatment_that_fails_its_checks_routes_nobody(tmp_path: Path) -> None
     exp = Experiment.new("7", "split", share=0.5, control_version="1")
     metrics = ServingMetrics()
 
-    def broken(version: str) -> TinyBundle:
+    def broken(version: str) -> Bundle:
         raise OSError("artifact missing")
 
     arms = ExperimentArms(lambda: exp, broken, lambda b: None, metrics)
@@ -94,7 +91,7 @@ def test_a_treatment_that_fails_its_checks_routes_nobody(tmp_path: Path) -> None
 
 def test_shadow_logs_every_request_and_never_shows_the_treatment(tmp_path: Path) -> None:
     exp = Experiment.new("7", "shadow", control_version="1", shadow_max_age_s=30.0)
-    rec, arms, served = _recommender(tmp_path, exp, ReversedBundle("7"))
+    rec, arms, served = _recommender(tmp_path, exp, treatment_bundle("7"))
     responses = [rec.recommend(RecommendRequest(user_id=f"u{n}", k=4)) for n in range(30)]
     arms.shadow.drain()
     arms.shadow_log.flush()  # type: ignore[union-attr]
@@ -118,7 +115,7 @@ def test_shadow_work_is_dropped_and_counted_when_it_cannot_keep_up(tmp_path: Pat
     gate = threading.Event()
     exp = Experiment.new("7", "shadow", control_version="1", shadow_queue=2,
                          shadow_max_age_s=30.0)
-    rec, arms, _ = _recommender(tmp_path, exp, ReversedBundle("7", gate))
+    rec, arms, _ = _recommender(tmp_path, exp, treatment_bundle("7", gate))
     responses = [rec.recommend(RecommendRequest(user_id=f"u{n}", k=4)) for n in range(40)]
     assert {r.bundle_version for r in responses} == {"1"} and len(responses) == 40
     assert arms.shadow.counts["dropped"] >= 37  # 1 running + 2 queued at most

@@ -1,7 +1,8 @@
 """Pure serving logic: candidate merging, diversity, atomic bundle swaps, fallbacks.
 
-These use small in-memory stand-ins for the bundle and the feature source; the real components
-are exercised in tests/integration/serving.
+The bundles are tiny real ones (tests/unit/tiny_bundle.py: untrained towers and ranker over 30
+items, built like training builds them), scored through the one ranking path; the feature
+source is an in-memory stand-in. The real components are exercised in tests/integration/serving.
 """
 
 from __future__ import annotations
@@ -10,50 +11,34 @@ import threading
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pytest
 
+from recsys_models.bundle import Bundle
 from recsys_platform.serving.bundle_manager import BundleManager
 from recsys_platform.serving.candidates import Candidate, diversify, merge_sources
 from recsys_platform.serving.item_features import ColdStartLists, ItemFeatureCache, ItemRows
 from recsys_platform.serving.metrics import ServingMetrics
 from recsys_platform.serving.recommender import Recommender, ServingOptions
 from recsys_platform.serving.schemas import RecommendRequest
-
-
-class TinyBundle:
-    """Scores items by a fixed vector; ``fail_rank`` makes the ranker raise."""
-
-    def __init__(self, version: str, n_items: int = 30, fail_rank: bool = False,
-                 nan_items: frozenset[str] = frozenset()) -> None:
-        self.version = version
-        self.item_ids = np.array([f"i{i}" for i in range(n_items)], dtype=object)
-        self.fail_rank = fail_rank
-        self.nan_items = nan_items  # items the ranker scores NaN (a broken embedding row)
-        self.ranked_versions: list[str] = []
-
-    def encode_users(self, users: pd.DataFrame) -> np.ndarray:
-        return np.ones((len(users), 4))
-
-    def search(self, emb: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-        ids = self.item_ids[:n]
-        return ids[None, :], np.linspace(1, 0, len(ids))[None, :]
-
-    def rank(self, users: pd.DataFrame, items: pd.DataFrame) -> pd.DataFrame:
-        if self.fail_rank:
-            raise RuntimeError("ranker exploded")
-        self.ranked_versions.append(self.version)
-        score = items["item_id"].str.slice(1).astype(float).to_numpy()  # higher id, higher score
-        score = np.where(items["item_id"].isin(self.nan_items), np.nan, score)
-        return pd.DataFrame({"p_click": score, "watch_time_ms_pred": score, "score": score})
+from tests.unit.tiny_bundle import (
+    USER_FEATURES,
+    break_ranker,
+    poison_items,
+    ranked_order,
+    record_rankings,
+    retrieval_order,
+    tiny_bundle,
+)
 
 
 class Features:
     """The feature source over an in-memory item table (``i<n>``: creator ``cr<n % 3>``,
     category ``cat<n % 2>``) through the real :class:`ItemFeatureCache`."""
 
-    def __init__(self, known: bool = True, down: bool = False, empty: bool = False) -> None:
+    def __init__(self, known: bool = True, down: bool = False, empty: bool = False,
+                 lists: dict[str, list[str]] | None = None) -> None:
         self.known, self.down, self.empty = known, down, empty  # empty: no online features
+        self.lists = lists or {"trending": ["i27"], "fresh": ["i28"], "popular": ["i1", "i2", "i3"]}
         self.items = ItemFeatureCache(lambda ids: [((f"cr{int(i[1:]) % 3}", 0.0),
                                                     (f"cat{int(i[1:]) % 2}", 0.0)) for i in ids],
                                       ("creator_id", "category"))
@@ -61,7 +46,7 @@ class Features:
     def user_features(self, user_id: str) -> dict[str, Any] | None:
         if self.down:
             raise ConnectionError("redis unreachable")
-        return {"user_history": ["i29"], "user_ctr_7d": 0.1} if self.known else None
+        return {"user_history": ["i29"], **USER_FEATURES} if self.known else None
 
     def item_rows(self, item_ids: list[str]) -> ItemRows:
         if self.down:
@@ -71,26 +56,31 @@ class Features:
     def cold_start_lists(self) -> dict[str, list[str]]:
         if self.empty:
             return {"trending": [], "fresh": [], "popular": []}
-        return {"trending": ["i100"], "fresh": ["i101"], "popular": ["i1", "i2", "i3"]}
+        return self.lists
 
     def has_item_features(self) -> bool:
         return not self.empty
 
 
-def _manager(versions: dict[str, TinyBundle], alias: list[str]) -> BundleManager:
-    def load(v: str) -> TinyBundle:
-        bundle = versions[v]
-        if bundle.version == "broken":
+def _manager(versions: dict[str, Bundle], alias: list[str]) -> BundleManager:
+    """A manager over ``versions`` with the real smoke test; version "broken" fails to load."""
+    from recsys_platform.serving.factory import smoke_test
+
+    def load(v: str) -> Bundle:
+        if v == "broken" or versions[v].version == "broken":
             raise OSError("artifact missing")
-        return bundle
+        return versions[v]
 
-    def smoke(bundle: TinyBundle) -> None:
-        if bundle.fail_rank:
-            raise ValueError("smoke ranking failed")
-
-    manager = BundleManager(lambda: alias[0], load, smoke, ServingMetrics())
+    manager = BundleManager(lambda: alias[0], load, smoke_test, ServingMetrics())
     manager.refresh()
     return manager
+
+
+def _broken(version: str) -> Bundle:
+    """A bundle whose ranker raises (it fails the smoke test)."""
+    bundle = tiny_bundle(version)
+    break_ranker(bundle)
+    return bundle
 
 
 def test_merge_keeps_first_source_and_limit() -> None:
@@ -111,26 +101,54 @@ def test_diversify_caps_creator_then_backfills() -> None:
 
 
 def test_model_path_ranks_filters_seen_and_excluded() -> None:
-    rec = Recommender(_manager({"1": TinyBundle("1")}, ["1"]), Features(), None, ServingMetrics(),
+    bundle = tiny_bundle("1")
+    rec = Recommender(_manager({"1": bundle}, ["1"]), Features(), None, ServingMetrics(),
                       ServingOptions(candidates=20, max_per_creator=10, max_per_category=10))
-    resp = rec.recommend(RecommendRequest(user_id="u1", k=5, exclude=["i15"]))
+    history = ["i29"]
+    retrieved = retrieval_order(bundle, "u1", history, USER_FEATURES, 16)
+    excluded = retrieved[0]  # the user's best retrieved item, excluded by the caller
+    resp = rec.recommend(RecommendRequest(user_id="u1", k=5, exclude=[excluded]))
     ids = [i.item_id for i in resp.items]
     assert resp.source == "model" and resp.bundle_version == "1" and not resp.degraded
-    assert "i29" not in ids and "i15" not in ids  # seen and excluded
-    # 16 retrieval slots (i0..i15) + 4 cold-start; ranked by the (fake) ranker score
-    assert ids == ["i101", "i100", "i14", "i13", "i12"]
-    assert {i.source for i in resp.items} == {"fresh", "trending", "retrieval"}
+    assert "i29" not in ids and excluded not in ids  # seen and excluded
+    # 16 retrieval slots + the cold-start lists, ranked by the bundle's own blended score
+    candidates = list(dict.fromkeys([*retrieved, "i27", "i28", "i1", "i2", "i3"]))
+    candidates = [c for c in candidates if c not in {excluded, "i29"}]
+    assert ids == ranked_order(bundle, "u1", history, USER_FEATURES, candidates)[:5]
+    assert ids != [c for c in retrieved if c != excluded][:5]  # the ranker re-ordered them
+    assert {i.source for i in resp.items} <= {"fresh", "trending", "popular", "retrieval"}
+
+
+def test_a_candidate_the_bundle_has_not_indexed_is_ranked_from_its_metadata() -> None:
+    """A cold-start list item the bundle has no row for (not indexed yet) is scored through
+    Bundle.rank (the same scoring's frame entry) with the rest of the request."""
+    bundle = tiny_bundle("1")
+    lists = {"trending": ["i100"], "fresh": [], "popular": []}
+    rec = Recommender(_manager({"1": bundle}, ["1"]), Features(lists=lists), None,
+                      ServingMetrics(), ServingOptions(candidates=10, max_per_creator=10,
+                                                      max_per_category=10))
+    prepared = rec.prepare(RecommendRequest(user_id="u1", k=10))
+    ids = [c.item_id for c in prepared.candidates]
+    assert "i100" in ids and "i100" not in set(map(str, bundle.item_ids))
+    scores = rec.rank(prepared)
+    assert np.isfinite(scores).all()
+    resp = rec.finish(prepared, scores, log=False)
+    assert resp.source == "model" and not resp.degraded
+    assert [i.item_id for i in resp.items] == ranked_order(bundle, "u1", ["i29"], USER_FEATURES,
+                                                           ids)
 
 
 def test_the_cheaper_path_under_load_skips_the_ranker_and_says_so() -> None:
     options = ServingOptions(candidates=20, load_candidates=5, max_per_creator=10,
                              max_per_category=10)
-    rec = Recommender(_manager({"1": TinyBundle("1")}, ["1"]), Features(), None, ServingMetrics(),
+    bundle = tiny_bundle("1")
+    rec = Recommender(_manager({"1": bundle}, ["1"]), Features(), None, ServingMetrics(),
                       options)
     resp = rec.recommend(RecommendRequest(user_id="u1", k=5), cheap=True)
     # 5 candidates (4 retrieval slots + 1 cold start) in retrieval order, no ranker fallback
     assert resp.source == "retrieval_order" and resp.degraded == ["load"]
-    assert [i.item_id for i in resp.items][:4] == ["i0", "i1", "i2", "i3"]
+    retrieved = [i for i in retrieval_order(bundle, "u1", ["i29"], USER_FEATURES, 5) if i != "i29"]
+    assert [i.item_id for i in resp.items][:4] == retrieved[:4]
     ranked = Recommender(rec.manager, Features(), None, ServingMetrics(),
                          ServingOptions(candidates=20, load_candidates=5, load_rank=True,
                                         max_per_creator=10, max_per_category=10))
@@ -139,7 +157,7 @@ def test_the_cheaper_path_under_load_skips_the_ranker_and_says_so() -> None:
 
 
 def test_unknown_user_gets_cold_start_sources() -> None:
-    rec = Recommender(_manager({"1": TinyBundle("1")}, ["1"]), Features(known=False), None,
+    rec = Recommender(_manager({"1": tiny_bundle("1")}, ["1"]), Features(known=False), None,
                       ServingMetrics())
     resp = rec.recommend(RecommendRequest(user_id="new", k=5))
     assert {i.source for i in resp.items} <= {"trending", "fresh", "popular"}
@@ -147,15 +165,15 @@ def test_unknown_user_gets_cold_start_sources() -> None:
 
 
 def test_redis_down_and_ranker_failure_degrade_without_error() -> None:
-    bundle = TinyBundle("1", fail_rank=False)
+    bundle = tiny_bundle("1")
     manager = _manager({"1": bundle}, ["1"])
-    bundle.fail_rank = True  # fails after it passed the smoke test
+    break_ranker(bundle)  # fails after it passed the smoke test
     rec = Recommender(manager, Features(down=True), None, ServingMetrics())
     resp = rec.recommend(RecommendRequest(user_id="u1", k=3))
     assert resp.source == "retrieval_order"
     assert "user_features" in resp.degraded and "ranker" in resp.degraded
     # retrieval still runs, with default features, and its order is kept
-    assert [i.item_id for i in resp.items] == ["i0", "i1", "i2"]
+    assert [i.item_id for i in resp.items] == retrieval_order(bundle, "u1", [], {}, 3)
     assert {i.source for i in resp.items} == {"retrieval"}
 
 
@@ -168,8 +186,8 @@ def test_no_bundle_serves_popular() -> None:
 
 def test_bad_versions_are_rejected_and_old_keeps_serving() -> None:
     alias = ["1"]
-    versions = {"1": TinyBundle("1"), "2": TinyBundle("broken"),
-                "3": TinyBundle("3", fail_rank=True), "4": TinyBundle("4")}
+    versions = {"1": tiny_bundle("1"), "2": tiny_bundle("broken"), "3": _broken("3"),
+                "4": tiny_bundle("4")}
     manager = _manager(versions, alias)
     for bad in ("2", "3"):
         alias[0] = bad
@@ -182,21 +200,23 @@ def test_bad_versions_are_rejected_and_old_keeps_serving() -> None:
 
 def test_swap_never_mixes_versions_mid_request() -> None:
     alias = ["1"]
-    versions = {"1": TinyBundle("1"), "2": TinyBundle("2")}
-    manager = _manager(versions, alias)
+    versions = {"1": tiny_bundle("1"), "2": tiny_bundle("2")}
+    manager = _manager(versions, alias)  # smoke-tested version 1 before the hooks
     rec = Recommender(manager, Features(), None, ServingMetrics())
     prepared = rec.prepare(RecommendRequest(user_id="u1", k=3))
     alias[0] = "2"
     assert manager.refresh()
+    calls: list[str] = []
+    for bundle in versions.values():
+        record_rankings(bundle, calls)
     scores = rec.rank(prepared)  # ranked with the version the request started with
     resp = rec.finish(prepared, scores)
-    assert resp.bundle_version == "1" and versions["1"].ranked_versions == ["1"]
-    assert versions["2"].ranked_versions == []
+    assert resp.bundle_version == "1" and calls == ["1"]
 
 
 def test_concurrent_requests_during_swaps_never_fail() -> None:
     alias = ["1"]
-    versions = {str(v): TinyBundle(str(v)) for v in range(1, 6)}
+    versions = {str(v): tiny_bundle(str(v)) for v in range(1, 6)}
     manager = _manager(versions, alias)
     rec = Recommender(manager, Features(), None, ServingMetrics())
     errors: list[BaseException] = []
@@ -273,7 +293,7 @@ def test_pseudonymized_user_id_is_looked_up_and_logged(tmp_path: Any) -> None:
 
     log = ImpressionLogger(tmp_path / "landing", flush_every=10_000)
     options = ServingOptions(candidates=20, pseudonym_key="secret")
-    rec = Recommender(_manager({"1": TinyBundle("1")}, ["1"]), Recording(), log,
+    rec = Recommender(_manager({"1": tiny_bundle("1")}, ["1"]), Recording(), log,
                       ServingMetrics(), options)
     resp = rec.recommend(RecommendRequest(user_id="alice", k=3))
     pseudonym = pseudonymize("alice", "secret")
@@ -282,7 +302,7 @@ def test_pseudonymized_user_id_is_looked_up_and_logged(tmp_path: Any) -> None:
     served = pq.read_table(next((tmp_path / "landing" / "served").rglob("*.parquet")))
     assert set(served.column("user_id").to_pylist()) == {pseudonym}
 
-    plain = Recommender(_manager({"1": TinyBundle("1")}, ["1"]), Recording(), None,
+    plain = Recommender(_manager({"1": tiny_bundle("1")}, ["1"]), Recording(), None,
                         ServingMetrics(), ServingOptions(candidates=20))
     plain.recommend(RecommendRequest(user_id="alice", k=3))
     assert asked[-1] == "alice"  # off by default
@@ -298,7 +318,7 @@ def test_the_impression_log_records_the_user_features_and_history_the_model_was_
     from recsys_platform.serving.impressions import ImpressionLogger
 
     log = ImpressionLogger(tmp_path / "landing", flush_every=10_000)
-    rec = Recommender(_manager({"1": TinyBundle("1")}, ["1"]), Features(), log,
+    rec = Recommender(_manager({"1": tiny_bundle("1")}, ["1"]), Features(), log,
                       ServingMetrics(), ServingOptions(candidates=20))
     resp = rec.recommend(RecommendRequest(user_id="u1", k=3))
     assert log.flush() == 3
@@ -397,14 +417,16 @@ def test_cold_start_lists_keep_the_old_lists_when_a_read_fails() -> None:
 def test_nonfinite_scores_fall_back_to_retrieval_order_and_are_counted() -> None:
     """Before: NaN ranker scores were served (``score: null``) with ``degraded: []``."""
     metrics = ServingMetrics()
-    bundle = TinyBundle("1", nan_items=frozenset({"i3", "i7"}))
+    bundle = tiny_bundle("1")
+    retrieved = [i for i in retrieval_order(bundle, "u1", ["i29"], USER_FEATURES, 17) if i != "i29"]
+    poison_items(bundle, [retrieved[3], retrieved[7]])
     manager = BundleManager(lambda: "1", lambda v: bundle, lambda b: None, metrics)
     manager.refresh()
     rec = Recommender(manager, Features(), None, metrics,
                       ServingOptions(candidates=20, max_per_creator=10, max_per_category=10))
     resp = rec.recommend(RecommendRequest(user_id="u1", k=5))
     assert resp.source == "retrieval_order" and resp.degraded == ["ranker"]
-    assert [i.item_id for i in resp.items] == ["i0", "i1", "i2", "i3", "i4"]
+    assert [i.item_id for i in resp.items] == retrieved[:5]
     assert all(np.isfinite(i.score) for i in resp.items)
     assert metrics.fallbacks.labels("ranker")._value.get() == 1
     assert metrics.nonfinite_scores._value.get() == 2
@@ -418,12 +440,14 @@ def test_the_smoke_check_rejects_a_ranker_with_nan_scores() -> None:
     ranker gives NaN for real catalog items passed and was served."""
     from recsys_platform.serving.factory import smoke_test
 
-    smoke_test(TinyBundle("1"))
-    with pytest.raises(ValueError, match="non-finite scores"):
-        smoke_test(TinyBundle("2", nan_items=frozenset({"i17"})))  # not in the top 10
+    smoke_test(tiny_bundle("1"))
+    poisoned = tiny_bundle("2")
+    poison_items(poisoned, ["i17"])  # not in the top 10
+    with pytest.raises(ValueError, match="non-finite"):
+        smoke_test(poisoned)
     metrics = ServingMetrics()
     alias = ["1"]
-    versions = {"1": TinyBundle("1"), "2": TinyBundle("2", nan_items=frozenset({"i17"}))}
+    versions = {"1": tiny_bundle("1"), "2": poisoned}
     manager = BundleManager(lambda: alias[0], versions.__getitem__, smoke_test, metrics)
     assert manager.refresh()
     alias[0] = "2"
@@ -434,13 +458,13 @@ def test_the_smoke_check_rejects_a_ranker_with_nan_scores() -> None:
 def test_an_empty_online_store_is_reported_not_served_as_cold_start() -> None:
     """Before: Redis up with no keys served known users popular items with ``degraded: []``."""
     metrics = ServingMetrics()
-    rec = Recommender(_manager({"1": TinyBundle("1")}, ["1"]),
+    rec = Recommender(_manager({"1": tiny_bundle("1")}, ["1"]),
                       Features(known=False, empty=True), None, metrics)
     resp = rec.recommend(RecommendRequest(user_id="u1", k=3))
     assert resp.degraded == ["user_features_missing"]
     assert "retrieval" in {i.source for i in resp.items}  # the bundle still retrieves
     assert metrics.fallbacks.labels("user_features_missing")._value.get() == 1
-    cold = Recommender(_manager({"1": TinyBundle("1")}, ["1"]), Features(known=False), None,
+    cold = Recommender(_manager({"1": tiny_bundle("1")}, ["1"]), Features(known=False), None,
                        ServingMetrics()).recommend(RecommendRequest(user_id="new", k=3))
     assert cold.degraded == []  # a populated store: an unknown user is a new user
 
@@ -449,22 +473,19 @@ def test_a_restart_on_a_broken_champion_serves_the_last_good_version(tmp_path: A
     """Before: a replica (re)started while the alias named a broken version served popular
     items only, and /readyz was 503, for as long as the alias stayed broken."""
     from recsys_platform.serving.bundle_manager import LastGood
+    from recsys_platform.serving.factory import smoke_test
 
-    versions = {"1": TinyBundle("1"), "2": TinyBundle("broken"),
-                "3": TinyBundle("3", fail_rank=True), "4": TinyBundle("4")}
+    versions = {"1": tiny_bundle("1"), "2": tiny_bundle("broken"), "3": _broken("3"),
+                "4": tiny_bundle("4")}
     last_good = LastGood(tmp_path / "last_good.json", "recsys-bundle")
 
     def manager(alias: list[str], metrics: ServingMetrics) -> BundleManager:
-        def load(v: str) -> TinyBundle:
+        def load(v: str) -> Bundle:
             if versions[v].version == "broken":
                 raise OSError("artifact missing")
             return versions[v]
 
-        def smoke(bundle: TinyBundle) -> None:
-            if bundle.fail_rank:
-                raise ValueError("smoke ranking failed")
-
-        built = BundleManager(lambda: alias[0], load, smoke, metrics, last_good)
+        built = BundleManager(lambda: alias[0], load, smoke_test, metrics, last_good)
         built.refresh()
         return built
 
@@ -485,7 +506,7 @@ def test_a_restart_on_a_broken_champion_serves_the_last_good_version(tmp_path: A
         assert last_good.read() == "4"
         last_good.write("1")
     assert LastGood(tmp_path / "last_good.json", "another-model").read() is None
-    def missing(version: str) -> TinyBundle:
+    def missing(version: str) -> Bundle:
         raise OSError(f"version {version}: artifact missing")
 
     nothing = BundleManager(lambda: "2", missing, lambda b: None, ServingMetrics(),

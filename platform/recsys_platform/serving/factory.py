@@ -14,7 +14,7 @@ import redis
 from recsys_core.features import HISTORY_LENGTH, USER_HISTORY
 from recsys_core.settings import Settings
 from recsys_models.bundle import Bundle
-from recsys_models.fast_rank import ranking_catalog
+from recsys_models.scoring import ranking_catalog
 from recsys_pipelines.cold_start import cold_start_file, read_lists, read_lists_file
 from recsys_platform.experiments.definition import ACTIVE_TAG, Experiment
 from recsys_platform.serving.bundle_manager import BundleManager, LastGood
@@ -58,7 +58,7 @@ def check_finite_weights(bundle: Bundle) -> None:
         raise ValueError("item embeddings hold non-finite values")
 
 
-def smoke_test(bundle: Any, users: int = SMOKE_USERS, items: int = SMOKE_ITEMS) -> None:
+def smoke_test(bundle: Bundle, users: int = SMOKE_USERS, items: int = SMOKE_ITEMS) -> None:
     """Raises unless the bundle retrieves and ranks real catalog items with finite scores.
 
     A cold user and ``users`` sample users whose histories are real catalog items (so the
@@ -67,8 +67,7 @@ def smoke_test(bundle: Any, users: int = SMOKE_USERS, items: int = SMOKE_ITEMS) 
     finite. Real bundles also must hold only finite weights (a NaN row that no sample hits
     would reach some users).
     """
-    if isinstance(bundle, Bundle):
-        check_finite_weights(bundle)
+    check_finite_weights(bundle)
     catalog = [str(i) for i in bundle.item_ids]
     if not catalog:
         raise ValueError("the bundle's catalog is empty")
@@ -169,7 +168,7 @@ def registry_arms(settings: Settings, metrics: ServingMetrics,
     return ExperimentArms(read_active, load, check, metrics, shadow_log)
 
 
-def index_new_items(bundle: Any, item_ids: Sequence[str], rows: ItemRows) -> int:
+def index_new_items(bundle: Bundle | None, item_ids: Sequence[str], rows: ItemRows) -> int:
     """Adds the items among ``item_ids`` that the bundle has never seen to its index (cold
     start), embedded from the metadata the online store holds for them (``rows``).
 
@@ -177,10 +176,9 @@ def index_new_items(bundle: Any, item_ids: Sequence[str], rows: ItemRows) -> int
     (built once per bundle), never a scan of the catalog. Items without metadata online
     (``category`` and ``published_at``) are left for a later refresh.
     """
-    if bundle is None or not hasattr(bundle, "add_items"):
+    if bundle is None:
         return 0
-    known: Any = (ranking_catalog(bundle).positions if isinstance(bundle, Bundle)
-                  else set(map(str, bundle.item_ids)))
+    known = ranking_catalog(bundle).positions
     fresh = []
     for item in dict.fromkeys(item_ids):
         if item in known:
@@ -195,8 +193,7 @@ def index_new_items(bundle: Any, item_ids: Sequence[str], rows: ItemRows) -> int
     frame["tags"] = [list(t) if t is not None else [] for t in frame["tags"]]
     frame["published_at"] = pd.to_datetime(frame["published_at"], utc=True)
     bundle.add_items(frame)
-    if isinstance(bundle, Bundle):
-        ranking_catalog(bundle)  # append their ranker inputs now, not on a request
+    ranking_catalog(bundle)  # append their ranker inputs now, not on a request
     logger.info("indexed %d new items into bundle %s", len(frame),
                 getattr(bundle, "version", "?"))
     return len(frame)
@@ -272,9 +269,8 @@ def build_recommender(settings: Settings) -> tuple[Recommender, ColdStartLists]:
     store = serving_store(settings)
     items, lists = item_sources(settings, store)
 
-    def prepare(bundle: Any) -> None:  # before a new bundle serves: no request pays for it
-        if isinstance(bundle, Bundle):
-            ranking_catalog(bundle)
+    def prepare(bundle: Bundle) -> None:  # before a new bundle serves: no request pays for it
+        ranking_catalog(bundle)
         ids = list_items(lists.lists)
         if ids:
             index_new_items(bundle, ids, items.rows(ids))

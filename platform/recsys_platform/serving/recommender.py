@@ -5,12 +5,13 @@
 something outside the process has a fallback and records it in ``degraded``; nothing here
 raises for a dependency failure.
 
-The hot path is numpy/torch only for real bundles (:mod:`recsys_models.fast_rank`): the user is
-encoded once from plain values and that encoding feeds both the user tower and the ranker; the
-candidates' item features come from one read of those items (behind a small LRU), the ranker
-gathers their static inputs pre-encoded once per bundle, and scores every candidate in one
-forward. No pandas frame is built per request. Bundles of other
-types (the unit tests' stand-ins) go through their ``encode_users``/``rank`` frame API.
+The hot path is numpy/torch only (:mod:`recsys_models.scoring`, the one ranking path): the
+user is encoded once from plain values and that encoding feeds both the user tower and the
+ranker; the candidates' item features come from one read of those items (behind a small LRU),
+the ranker gathers their item sides computed once per bundle, and scores every candidate in one
+forward. No pandas frame is built per request, except for a candidate the bundle has not
+indexed yet (scored from its metadata through :meth:`~recsys_models.bundle.Bundle.rank`, the
+same scoring's frame entry).
 """
 
 from __future__ import annotations
@@ -35,12 +36,11 @@ import pandas as pd
 from recsys_core.features import HISTORY_LENGTH, USER_HISTORY
 from recsys_core.privacy import pseudonymize
 from recsys_models.bundle import Bundle
-from recsys_models.fast_rank import (
+from recsys_models.scoring import (
     Query,
     catalog_rows,
     embed_user,
     encode_user,
-    rank_aligned,
     ranking_catalog,
     score_candidates,
 )
@@ -205,14 +205,10 @@ class Recommender:
                 self._fallback(degraded, "item_features", exc)
                 return ItemRows.empty()
 
-    def _retrieve(self, loaded: LoadedBundle, user_key: str, row: dict[str, Any], n: int,
-                  prepared_user: list[dict[str, np.ndarray]]) -> tuple[list[str], list[float]]:
-        bundle = loaded.bundle
-        if isinstance(bundle, Bundle):
-            emb = embed_user(bundle, prepared_user[0])
-        else:
-            emb = bundle.encode_users(user_frame(user_key, row))
-        ids, scores = bundle.search(emb, n)
+    @staticmethod
+    def _retrieve(bundle: Bundle, user: dict[str, np.ndarray], n: int
+                  ) -> tuple[list[str], list[float]]:
+        ids, scores = bundle.search(embed_user(bundle, user), n)
         return list(ids[0]), np.asarray(scores[0], dtype=np.float64).tolist()
 
     def prepare(self, request: RecommendRequest, budget: int | None = None) -> Prepared:
@@ -246,21 +242,20 @@ class Recommender:
         """Retrieval with ``loaded`` and the candidate list, from features already read
         (a shadow arm reuses the control's; ``count=False`` keeps it out of the metrics)."""
         encoded: dict[str, np.ndarray] | None = None
-        if loaded is not None and isinstance(loaded.bundle, Bundle):
+        if loaded is not None:
             encoded = encode_user(loaded.bundle.spec, user_key, row[USER_HISTORY], row)
         budget = budget or self.options.candidates
         cold = max(1, int(budget * self.options.cold_start_share))
         sources: list[tuple[str, list[str], list[float] | None]] = []
         neighbours: list[str] = []
-        if loaded is not None and known:
+        if loaded is not None and encoded is not None and known:
             with self._stage("retrieval"):
                 try:
-                    ids, scores = self._retrieve(loaded, user_key, row, budget - cold,
-                                                 [encoded] if encoded is not None else [])
+                    ids, scores = self._retrieve(loaded.bundle, encoded, budget - cold)
                     sources.append(("retrieval", ids, scores))
-                    if encoded is not None:  # the bundle's item-item source, if it has one
-                        neighbours = loaded.bundle.neighbour_candidates(encoded["history"][0])
-                        sources.append(("neighbours", neighbours, None))
+                    # the bundle's item-item source, if it has one
+                    neighbours = loaded.bundle.neighbour_candidates(encoded["history"][0])
+                    sources.append(("neighbours", neighbours, None))
                 except Exception as exc:
                     self._fallback(degraded, "retrieval", exc)
         for name in ("trending", "fresh", "popular"):
@@ -402,53 +397,38 @@ def served_features(user: dict[str, Any]) -> dict[str, str]:
             USER_HISTORY: json.dumps(list(user.get(USER_HISTORY) or []))}
 
 
-def user_frame(user_key: str, row: dict[str, Any]) -> pd.DataFrame:
-    """One-row user frame for the frame API of non-:class:`Bundle` rankers."""
-    return pd.DataFrame([{**row, "user_id": user_key}])
-
-
-def _frames(prepared: Prepared) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Aligned user and item rows: row i pairs the user with candidate i."""
+def _rank_unindexed(bundle: Bundle, prepared: Prepared) -> np.ndarray:
+    """Scores of a request with a candidate the bundle has not indexed yet (a cold-start list
+    item without metadata online): :meth:`Bundle.rank` on frames, its metadata from the
+    bundle's catalog where known."""
     items = prepared.items.frame([c.item_id for c in prepared.candidates])
     # Metadata comes from the bundle's own catalog (new items are added to it at index
     # refresh), so a stale cache row can never disagree with the index.
     items = items.drop(columns=[c for c in _METADATA if c in items.columns])
-    items = items.rename_axis("item_id").reset_index()
-    users = user_frame(prepared.user_key, prepared.user)
-    return users.iloc[np.zeros(len(items), dtype=np.int64)].reset_index(drop=True), items
+    users = pd.DataFrame([{**prepared.user, "user_id": prepared.user_key}])
+    ranked = bundle.rank(users, items.rename_axis("item_id").reset_index())
+    return np.asarray(ranked["score"], dtype=np.float64)
 
 
-def _rank_frames(bundle: Any, batch: list[Prepared]) -> list[np.ndarray]:
-    pairs = [_frames(p) for p in batch]
-    users = pd.concat([u for u, _ in pairs], ignore_index=True)
-    items = pd.concat([i for _, i in pairs], ignore_index=True)
-    ranked = rank_aligned(bundle, users, items) if isinstance(bundle, Bundle) else bundle.rank(
-        users, items)
-    scores = np.asarray(ranked["score"], dtype=np.float64)
-    return list(np.split(scores, np.cumsum([len(i) for _, i in pairs])[:-1]))
-
-
-def _rank_group(bundle: Any, batch: list[Prepared]) -> list[np.ndarray]:
-    """Scores of requests sharing one bundle version."""
-    if not isinstance(bundle, Bundle):
-        return _rank_frames(bundle, batch)
+def _rank_group(bundle: Bundle, batch: list[Prepared]) -> list[np.ndarray]:
+    """Scores of requests sharing one bundle version: one ranker pass over all of them."""
     catalog = ranking_catalog(bundle)
     names = bundle.spec.item_features
-    out: list[np.ndarray | None] = [None] * len(batch)
+    out: list[np.ndarray] = [np.zeros(0)] * len(batch)
     queries: list[Query] = []
-    fast: list[int] = []
+    indexed: list[int] = []
     for i, prepared in enumerate(batch):
         ids = [c.item_id for c in prepared.candidates]
         rows = catalog_rows(catalog, ids)
-        if rows is None or prepared.encoded_user is None:  # an item not indexed yet
-            out[i] = _rank_frames(bundle, [prepared])[0]
+        if rows is None or prepared.encoded_user is None:
+            out[i] = _rank_unindexed(bundle, prepared)
         else:
             features = prepared.items.numeric(ids, names) if names else None
             queries.append(Query(prepared.encoded_user, rows, features))
-            fast.append(i)
-    for i, scores in zip(fast, score_candidates(bundle, catalog, queries), strict=True):
+            indexed.append(i)
+    for i, scores in zip(indexed, score_candidates(bundle, catalog, queries), strict=True):
         out[i] = scores
-    return [s if s is not None else np.zeros(0) for s in out]
+    return out
 
 
 def rank_many(batch: list[Prepared]) -> list[np.ndarray | Exception]:

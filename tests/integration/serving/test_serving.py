@@ -187,7 +187,7 @@ def test_a_replica_serves_items_added_after_its_bundle(
     import redis
 
     from recsys_core.features import ITEM_KEY, WINDOW_END
-    from recsys_models.fast_rank import catalog_rows, ranking_catalog
+    from recsys_models.scoring import catalog_rows, ranking_catalog
     from recsys_pipelines import cold_start
     from recsys_platform.serving.factory import serving_store
     from recsys_platform.serving.schemas import RecommendRequest

@@ -1,4 +1,5 @@
-"""The serving ranker path gives exactly the scores of Bundle.rank."""
+"""The one ranking path (recsys_models.scoring): serving's catalog-gathered scoring, Bundle.rank's
+frame entry and the ranker's training graph give the same scores."""
 
 from __future__ import annotations
 
@@ -6,32 +7,71 @@ import dataclasses
 
 import numpy as np
 import pandas as pd
+import torch
 
 from recsys_models.ann import HnswIndex
-from recsys_models.fast_rank import rank_aligned
+from recsys_models.bundle import Bundle
 from tests.model.snapshots import trained_bundle
 
 
-def test_fast_rank_equals_bundle_rank() -> None:
+def _training_graph(bundle: Bundle, users: pd.DataFrame, items: pd.DataFrame) -> np.ndarray:
+    """The blended score of aligned rows through Ranker.forward, as training computes it:
+    every row encoded on its own (encode_rows), the retrieval score from both towers."""
+    from recsys_models.bundle import retrieval_scores
+    from recsys_models.data import encode_rows
+    from recsys_models.ranker import click_and_watch
+
+    frame = bundle._item_rows(items).assign(
+        user_id=users["user_id"].to_numpy(), user_history=users["user_history"].to_numpy(),
+        clicked=0, watch_time_ms=np.nan, event_time=bundle.as_of)
+    batch = encode_rows(frame, bundle.spec)
+    batch["item_hash"] = np.where(frame["item_id"].isin(bundle.known_items), batch["item_hash"], 0)
+    batch["retrieval_score"] = retrieval_scores(bundle.two_tower, batch)
+    keys = ("user_hash", "history", "user_num", "item_hash", "category", "creator", "tags",
+            "item_dense", "retrieval_score")
+    with torch.no_grad():
+        p_click, watch = click_and_watch(*bundle.ranker.eval()(
+            {k: torch.as_tensor(batch[k]) for k in keys}))
+    neighbour = (bundle.neighbours.score(batch["history"], batch["item_hash"])
+                 if bundle.neighbours is not None else None)
+    return bundle.blend.score(p_click, watch, batch["retrieval_score"], neighbour)
+
+
+def test_bundle_rank_equals_the_training_graph() -> None:
+    """Bundle.rank encodes each distinct user once and scores through the ranker's parts;
+    the scores equal Ranker.forward's on rows encoded one by one, for one user broadcast and
+    for aligned rows of several users with different histories (an evaluation frame)."""
+    from recsys_models.neighbours import fit_neighbours
+    from tests.model.snapshots import synthetic_case
+
     bundle = trained_bundle()
     ids = np.asarray(bundle.item_ids[:300])
     one = pd.DataFrame([{"user_id": "u1", "user_history": list(ids[:7])}])
     items = pd.DataFrame({"item_id": ids, "item_ctr_7d": np.linspace(0, 0.3, len(ids)),
                           "item_clicks_7d": np.arange(len(ids), dtype=float)})
-    slow = bundle.rank(one, items)
-    fast = rank_aligned(bundle, one, items)
-    np.testing.assert_allclose(fast["score"], slow["score"], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(fast["p_click"], slow["p_click"], rtol=1e-5, atol=1e-6)
-
-    two = pd.concat([one.assign(user_id="u1")] * 150 + [one.assign(user_id="u2",
-                    user_history=[list(ids[50:60])])] * 150, ignore_index=True)
-    np.testing.assert_allclose(rank_aligned(bundle, two, items)["score"],
-                               bundle.rank(two, items)["score"], rtol=1e-5, atol=1e-6)
+    broadcast = one.loc[np.zeros(len(ids), dtype=np.int64)].reset_index(drop=True)
+    np.testing.assert_allclose(bundle.rank(one, items)["score"],
+                               _training_graph(bundle, broadcast, items), rtol=1e-5, atol=1e-6)
+    # the same user id with two histories (two impressions at different times) and a second
+    # user: three distinct encodings, each row scored with its own
+    mixed = pd.DataFrame({"user_id": ["u1"] * 100 + ["u1"] * 100 + ["u2"] * 100,
+                          "user_history": [list(ids[:7])] * 100 + [list(ids[7:9])] * 100
+                          + [[]] * 100})
+    with_neighbours = dataclasses.replace(
+        bundle, neighbours=fit_neighbours(synthetic_case().train, bundle.spec),
+        blend=dataclasses.replace(bundle.blend, neighbour_weight=10.0))
+    for candidate in (bundle, with_neighbours):
+        ranked = candidate.rank(mixed, items)
+        np.testing.assert_allclose(ranked["score"], _training_graph(candidate, mixed, items),
+                                   rtol=1e-5, atol=1e-6)
+    assert (ranked["neighbour_score"] != 0).sum() > 10
+    first, second = ranked["score"].iloc[:100].to_numpy(), ranked["score"].iloc[100:200]
+    assert not np.allclose(first, second.to_numpy())  # the histories told apart
 
 
 def test_serving_fast_path_equals_frame_encoding_and_bundle_rank() -> None:
     from recsys_models.data import encode_users
-    from recsys_models.fast_rank import (
+    from recsys_models.scoring import (
         USER_VECTOR,
         Query,
         catalog_rows,
@@ -123,7 +163,7 @@ def test_tune_blend_picks_the_best_validation_weight_and_never_below_retrieval_o
 def test_per_query_item_features_and_appended_items_rank_like_bundle_rank() -> None:
     """Serving's path: a catalog encoded once per bundle without item features, each query
     carrying its candidates' features; items added later are appended, not re-encoded."""
-    from recsys_models.fast_rank import (
+    from recsys_models.scoring import (
         Query,
         catalog_rows,
         encode_user,
@@ -151,7 +191,7 @@ def test_per_query_item_features_and_appended_items_rank_like_bundle_rank() -> N
     items = pd.DataFrame({"item_id": ids, **{n: raw[:, j] for j, n in enumerate(names)}})
     slow = bundle.rank(pd.DataFrame([user]), items)["score"]
     np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-6)
-    del bundle.__dict__["_fast_rank_ranking_catalog"]  # the whole catalog encoded at once
+    del bundle.__dict__["_ranking_catalog"]  # the whole catalog encoded at once
     full = ranking_catalog(bundle)
     assert full.positions == grown.positions
     for key, tensor in full.tensors.items():
@@ -161,8 +201,8 @@ def test_per_query_item_features_and_appended_items_rank_like_bundle_rank() -> N
 def test_serving_adds_the_neighbour_candidates_the_bundle_lists() -> None:
     """POST /recommend's candidates: retrieval, then the bundle's item-item neighbours of the
     user's history (as Bundle.rank_candidates offline), then the cold-start lists."""
-    from recsys_models.fast_rank import encode_user
     from recsys_models.neighbours import fit_neighbours
+    from recsys_models.scoring import encode_user
     from recsys_platform.serving.bundle_manager import BundleManager
     from recsys_platform.serving.item_features import ItemFeatureCache, ItemRows
     from recsys_platform.serving.metrics import ServingMetrics
