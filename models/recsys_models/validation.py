@@ -25,7 +25,7 @@ from recsys_models.data import (
     encode_users,
     time_cutoff,
 )
-from recsys_models.ranker import Ranker, predict
+from recsys_models.ranker import Ranker
 from recsys_models.two_tower import TwoTowerModel, embed_item_batch
 
 
@@ -116,23 +116,24 @@ def ranker_validation_auc(ranker: Ranker, two_tower: TwoTowerModel,
 
     modes = two_tower.training, ranker.training
     two_tower.eval()
+    ranker.eval()
+    batch = val.impressions
+    probs = []
     try:
-        batch = dict(val.impressions)
-        scores = []
         for start in range(0, len(batch["item_hash"]), 8192):
             t = {k: torch.as_tensor(batch[k][start:start + 8192]) for k in (
                 "user_hash", "history", "user_num", "item_hash", "category", "creator",
                 "tags", "item_dense")}
-            u = two_tower.user_tower(t["user_hash"], t["history"], t["user_num"].float())
+            t["user_num"], t["item_dense"] = t["user_num"].float(), t["item_dense"].float()
+            u = two_tower.user_tower(t["user_hash"], t["history"], t["user_num"])
             v = two_tower.item_tower(t["item_hash"], t["category"], t["creator"], t["tags"],
-                                     t["item_dense"].float())
-            scores.append((u * v).sum(1).numpy())
-        batch["retrieval_score"] = np.concatenate(scores).astype(np.float32)
-        p_click, _ = predict(ranker, batch)
+                                     t["item_dense"])
+            click_logit, _ = ranker({**t, "retrieval_score": (u * v).sum(1)})
+            probs.append(torch.sigmoid(click_logit).numpy())
     finally:
         two_tower.train(modes[0])
         ranker.train(modes[1])
-    return float(roc_auc_score(batch["clicked"] > 0, p_click))
+    return float(roc_auc_score(batch["clicked"] > 0, np.concatenate(probs)))
 
 
 @torch.no_grad()
