@@ -161,11 +161,12 @@ def validation_recall(model: TwoTowerModel, val: ValidationSet) -> float:
 
 
 BLEND_GRID: tuple[float, ...] = (0.0, 0.3, 1.0, 3.0, 10.0, 1e6)  # 1e6: retrieval order
-# The neighbour score is a sum of EASE weights over the history (typically 0.01 .. 1 for the
-# top candidates): a wide log grid, so that it can be a tie-breaker of retrieval order
-# (retrieval weight 1e6) as well as the main term.
+# The neighbour score is scaled per history to 0 .. 1: a wide log grid, so that it can be a
+# tie-breaker of retrieval order (retrieval weight 1e6) as well as the main term; around 1e6
+# (retrieval and neighbours alone, the heads negligible) half-decade steps, where MovieLens's
+# validation lands.
 NEIGHBOUR_GRID: tuple[float, ...] = (0.0, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 1e3,
-                                     1e4, 1e5, 1e6, 1e7)
+                                     1e4, 1e5, 3e5, 1e6, 3e6, 1e7)
 
 
 @dataclass(frozen=True)

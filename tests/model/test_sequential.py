@@ -161,6 +161,19 @@ def test_early_stopping_keeps_the_best_epoch_and_stops_after_patience() -> None:
     assert abs(float(model.weight) - 0.3) < 1e-6
 
 
+def test_a_plateau_of_tiny_gains_stops_but_keeps_the_best_weights() -> None:
+    cfg = TrainConfig(epochs=10, patience=2, min_improvement=0.01)
+    model = torch.nn.Linear(1, 1)
+    progress = _Progress()
+    for score in (0.1, 0.3, 0.301, 0.302):  # +0.3% and +0.3%: below the 1% that counts
+        with torch.no_grad():
+            model.weight.fill_(score)
+        progress.after_retrieval_epoch(cfg, model, score)
+    assert progress.stopped and progress.retrieval_epochs == 4 and progress.best == 0.302
+    progress.restore_best(model)
+    assert abs(float(model.weight.detach()) - 0.302) < 1e-6
+
+
 def test_the_ranker_stops_after_its_patience_and_keeps_its_best_epoch() -> None:
     cfg = TrainConfig(epochs=1, ranker_epochs=6, ranker_patience=1)
     model = torch.nn.Linear(1, 1)
