@@ -17,6 +17,11 @@ growth ratio against the smallest size of the same run. Run it under the heavy l
     redis-server --port 6405 --save "" --appendonly no --daemonize yes
     flock /tmp/heavy.lock .venv/bin/python benchmarks/bench_scale.py --sizes 10k,100k \\
         --redis redis://127.0.0.1:6405/0 --out /tmp/scale.json
+
+Id tables sized from the training rows instead of hashed (``docs/training.md``) are a training
+setting, so an environment variable turns them on for every size, e.g.
+``RECSYS_TRAINING__ITEM_VOCAB_CAP=200000 RECSYS_TRAINING__USER_VOCAB_CAP=100000``; the table
+sizes are recorded with each size's results (``item_table_rows``, ``item_vocabulary``, ...).
 """
 
 from __future__ import annotations
@@ -127,6 +132,7 @@ def bundle_sizes(bundle: Any, out: dict[str, Any]) -> None:
     out["bundle_mib"] = sizes["bundle_bytes"] / 2**20
     out["index_mib"] = sizes["index_bytes"] / 2**20
     out["replica_memory_estimate_gib"] = sizes["replica_memory_estimate_bytes"] / 2**30
+    out |= bundle.spec.table_sizes()  # id tables: hashed, or vocabulary + tail (training.*)
 
 
 def make_champion(settings: Settings, version: str) -> None:

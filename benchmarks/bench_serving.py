@@ -133,19 +133,26 @@ class Floor:
     overlap: float = float("nan")  # share of the full top-k the cheaper path also returns
 
 
-def _timed_calls(recommender: Any, users: list[str], calls: int, cheap: bool
-                 ) -> tuple[list[float], float, list[list[str]]]:
+def _timed_calls(recommender: Any, users: list[str], calls: int, cheap: bool,
+                 log: bool = False) -> tuple[list[float], float, list[list[str]]]:
+    """Latencies, CPU ms per call (this process, all its threads) and the lists. ``log``: the
+    responses go to the impression log as a replica's do, and its flush (the Parquet write a
+    replica's flusher thread does every 5 s) is inside the measured CPU."""
     from recsys_platform.serving.schemas import RecommendRequest
 
     latencies: list[float] = []
     lists: list[list[str]] = []
+    if log and recommender.impressions is not None:
+        recommender.impressions.flush()  # what earlier calls left: not this measurement's
     c0 = time.process_time()
     for n in range(calls):
         t1 = time.perf_counter()
         response = recommender.recommend(RecommendRequest(user_id=users[n % len(users)], k=20),
-                                         log=False, cheap=cheap)
+                                         log=log, cheap=cheap)
         latencies.append(time.perf_counter() - t1)
         lists.append([i.item_id for i in response.items])
+    if log and recommender.impressions is not None:
+        recommender.impressions.flush()
     return latencies, 1000 * (time.process_time() - c0) / calls, lists
 
 
@@ -165,8 +172,8 @@ def cheaper_path(recommender: Any, users: list[str], calls: int, full_cpu_ms: fl
     return pct(latencies, 50), pct(latencies, 99), cpu_ms, overlap
 
 
-def in_process(settings: Settings, users: list[str], calls: int = 400) -> Floor:
-    """``Recommender.recommend`` in this process (full and cheaper path); prints stage means."""
+def build_in_process(settings: Settings) -> tuple[Any, Any]:
+    """The recommender and its item cache, built in this process as a replica builds them."""
     import torch
 
     from recsys_platform.serving.factory import build_recommender, warm_up
@@ -176,6 +183,12 @@ def in_process(settings: Settings, users: list[str], calls: int = 400) -> Floor:
     warm_up(recommender, 20)
     gc.collect()
     gc.freeze()
+    return recommender, cache
+
+
+def in_process(settings: Settings, recommender: Any, users: list[str], calls: int = 400
+               ) -> Floor:
+    """``Recommender.recommend`` in this process (full and cheaper path); prints stage means."""
     latencies, cpu_ms, full = _timed_calls(recommender, users, calls, cheap=False)
     floor = Floor(pct(latencies, 50), pct(latencies, 99), cpu_ms)
     print(f"in-process floor (500 candidates, k=20, c=1, {calls} calls): p50 {floor.p50:.2f} ms, "
@@ -189,9 +202,6 @@ def in_process(settings: Settings, users: list[str], calls: int = 400) -> Floor:
     floor.cheap_p50, floor.cheap_p99, floor.cheap_cpu_ms, floor.overlap = cheaper_path(
         recommender, users, calls, cpu_ms, full)
     item_refresh(settings, recommender.manager)
-    recommender.manager.stop()
-    cache.stop()
-    gc.unfreeze()
     return floor
 
 
@@ -266,6 +276,22 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds of each thread of a process, summed by thread name (Ray's C++ threads,
+    which py-spy does not see, have their own names)."""
+    by_name: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue  # the thread ended
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat.rsplit(")", 1)[1].split()
+        seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        by_name[name] = by_name.get(name, 0.0) + seconds
+    return by_name
 
 
 @dataclass
@@ -385,6 +411,24 @@ def client_session(limit: int = 256) -> aiohttp.ClientSession:
                                  timeout=aiohttp.ClientTimeout(total=30))
 
 
+async def replica_cpu(session: aiohttp.ClientSession, url: str, users: list[str],
+                      concurrency: int, seconds: float) -> tuple[Outcome, dict[str, float]]:
+    """A closed loop at ``concurrency`` and the CPU ms per 200 of the Serve processes."""
+    pids = serve_pids()
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    threads = thread_cpu(pids["replica"])
+    out = await closed_loop(session, url, users, concurrency, seconds)
+    served = max(len(out.admitted), 1)
+    cpu = {name: 1000 * (cpu_seconds(pid) - before[name]) / served
+           for name, pid in pids.items()}
+    after = thread_cpu(pids["replica"])
+    per_thread = sorted(((1000 * (v - threads.get(k, 0.0)) / served, k)
+                         for k, v in after.items()), reverse=True)
+    print(f"  replica threads at c={concurrency}, CPU ms per 200: " + ", ".join(
+        f"{name} {ms:.2f}" for ms, name in per_thread[:8] if ms >= 0.01))
+    return out, cpu
+
+
 async def closed_loops(users: list[str], floor: Floor, base: str) -> float:
     """Closed loops at c=1, 2, 4 on the full path only; CPU per request of the replica
     against the in-process floor's. Returns one replica's capacity: the most 200/s."""
@@ -392,19 +436,10 @@ async def closed_loops(users: list[str], floor: Floor, base: str) -> float:
     capacity = 0.0
     async with client_session() as session:
         await closed_loop(session, url, users, 2, 3)  # warm-up
-        replica = serve_pids()["replica"]
-        idle0 = cpu_seconds(replica)
-        await asyncio.sleep(5)
-        idle_ms_per_s = 1000 * (cpu_seconds(replica) - idle0) / 5
-        print(f"replica idle: {idle_ms_per_s:.1f} ms of CPU per second (metrics pushes, "
-              "health checks, refreshers: counted in the CPU per request below)")
+        idle_ms_per_s = await replica_idle(session)
         for c in (1, 2, 4):
-            pids = serve_pids()
-            before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-            out = await closed_loop(session, url, users, c, 8)
+            out, cpu = await replica_cpu(session, url, users, c, 8)
             served = max(len(out.admitted), 1)
-            cpu = {name: 1000 * (cpu_seconds(pid) - before[name]) / served
-                   for name, pid in pids.items()}
             capacity = max(capacity, len(out.full) / out.seconds)
             print(f"http closed loop c={c}: {out.line()}; CPU ms per 200: " + ", ".join(
                 f"{name} {ms:.2f}" for name, ms in cpu.items())
@@ -415,6 +450,71 @@ async def closed_loops(users: list[str], floor: Floor, base: str) -> float:
     print(f"one replica's capacity (most 200/s of the closed loops, full path): "
           f"{capacity:.0f} req/s")
     return capacity
+
+
+async def replica_idle(session: aiohttp.ClientSession, seconds: float = 5.0) -> float:
+    """CPU ms per second of the idle replica (printed; returned)."""
+    replica = serve_pids()["replica"]
+    idle0 = cpu_seconds(replica)
+    await asyncio.sleep(seconds)
+    idle_ms_per_s = 1000 * (cpu_seconds(replica) - idle0) / seconds
+    print(f"replica idle: {idle_ms_per_s:.1f} ms of CPU per second (metrics pushes, "
+          "health checks, refreshers: counted in the CPU per request below)")
+    return idle_ms_per_s
+
+
+def cpu_repeats(recommender: Any, users: list[str], base: str, repeats: int,
+                seconds: float = 6.0, calls: int = 300) -> None:
+    """The replica's CPU per request against the in-process pipeline's, ``repeats`` times.
+
+    CPU time (process CPU seconds / requests), not latency, and each replica measurement
+    (closed loop at c=1, 2, 4 for ``seconds``) bracketed by two in-process floors of
+    ``calls`` requests (the mean of the two is its floor): on a 2-vCPU box shared with other
+    work, what runs beside a process changes its CPU per unit of work too, so the two sides
+    of a ratio are measured seconds apart. The floor writes the impression log as a replica
+    does (:func:`_timed_calls`); the ratio without it is printed too. Prints each repeat and
+    the spread (min, median, max) per concurrency."""
+    url = f"{base}/recommend"
+    ratios: dict[int, list[float]] = {1: [], 2: [], 4: []}
+    bare: dict[int, list[float]] = {1: [], 2: [], 4: []}
+
+    def floors() -> tuple[float, float]:
+        _, logged, _ = _timed_calls(recommender, users, calls, cheap=False, log=True)
+        _, without, _ = _timed_calls(recommender, users, calls, cheap=False, log=False)
+        return logged, without
+
+    async def one_repeat() -> str:
+        parts = []
+        async with client_session() as session:
+            await closed_loop(session, url, users, 2, 2)  # warm-up
+            before = floors()
+            for c in ratios:
+                out, cpu = await replica_cpu(session, url, users, c, seconds)
+                after = floors()
+                floor_ms, bare_ms = ((a + b) / 2 for a, b in zip(before, after, strict=True))
+                ratios[c].append(cpu["replica"] / floor_ms)
+                bare[c].append(cpu["replica"] / bare_ms)
+                parts.append(f"c={c} {cpu['replica']:.2f} ms ({len(out.admitted) / out.seconds:.0f}"
+                             f" req/s) vs in-process {floor_ms:.2f} ms = {ratios[c][-1]:.2f}x "
+                             f"({bare_ms:.2f} ms without the log: {bare[c][-1]:.2f}x)")
+                before = after
+        gc.enable()
+        return "; ".join(parts)
+
+    for r in range(repeats):
+        gc.collect()
+        load = os.getloadavg()[0]
+        line = asyncio.run(one_repeat())
+        print(f"CPU repeat {r + 1}/{repeats} (load average {load:.1f} -> "
+              f"{os.getloadavg()[0]:.1f}): {line}")
+    for c, values in ratios.items():
+        v = sorted(values)
+        over = sum(x > 1.3 for x in v)
+        print(f"replica CPU per request / in-process, c={c}, {len(v)} repeats: min {v[0]:.2f}x, "
+              f"median {float(np.median(v)):.2f}x, max {v[-1]:.2f}x (target <= 1.3x): "
+              + ("MET in every repeat" if not over else f"NOT met in {over} of {len(v)}")
+              + f"; against the pipeline without its impression log: median "
+              f"{float(np.median(bare[c])):.2f}x, max {max(bare[c]):.2f}x")
 
 
 async def unloaded(users: list[str], base: str, capacity: float, seconds: float) -> float:
@@ -516,7 +616,7 @@ async def profile_replica(users: list[str], base: str, seconds: float) -> None:
     out = Path(tempfile.mkdtemp(prefix="pyspy_")) / "replica.txt"
     spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "-p",
                             str(serve_pids()["replica"]), "-d", f"{seconds:g}", "-r", "200",
-                            "-f", "raw", "-o", str(out)],
+                            "-f", "raw", "--gil", "-o", str(out)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     async with client_session() as session:
         await closed_loop(session, f"{base}/recommend", users, 2, seconds + 1)
@@ -667,6 +767,14 @@ def main() -> None:
                         help="also: p99 with a split and with a shadow experiment, next to none")
     parser.add_argument("--experiments-only", action="store_true",
                         help="only the experiments section (skips the closed loops)")
+    parser.add_argument("--port", type=int, default=PORT,
+                        help="Serve's HTTP proxy port (direct ingress: replicas from "
+                        "$RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT, 30000, up)")
+    parser.add_argument("--cpu-only", action="store_true",
+                        help="only the replica's CPU per request against the in-process floor")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="measure the floor and the replica's CPU per request this many "
+                        "times, alternating, and print the spread of the ratios")
     parser.add_argument("--proxy", action="store_true",
                         help="no direct ingress: requests go through Serve's proxy "
                         "(`recsys serve up --no-direct-ingress`)")
@@ -682,26 +790,31 @@ def main() -> None:
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_serving_"))
     workdir.mkdir(parents=True, exist_ok=True)
+    recommender: Any = None
+    cache: Any = None
     try:
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         settings, config_file, users = setup(workdir, args.redis_url)
-        floor = in_process(settings, users)
-        serve.start(http_options={"host": "127.0.0.1", "port": PORT},
+        recommender, cache = build_in_process(settings)
+        floor = in_process(settings, recommender, users)
+        serve.start(http_options={"host": "127.0.0.1", "port": args.port},
                     logging_config={"enable_access_log": False})
         experiments = args.experiments or args.experiments_only
         served_config = experiment_config(config_file) if experiments else config_file
 
         def deploy(**options: Any) -> str:
             """(Re)deploys the one replica; returns its URL once /readyz answers 200."""
+            t0 = time.perf_counter()
             serve.run(RecommenderDeployment.options(  # type: ignore[attr-defined]
                 autoscaling_config=None, num_replicas=1, **options).bind(
                     config_file=str(served_config), batch_ranker=args.batch_ranker,
                     **({} if args.hot_path_threads is None
                        else {"hot_path_threads": args.hot_path_threads})),
                 name="bench", route_prefix="/", blocking=False)
-            base = (f"http://127.0.0.1:{PORT}" if args.proxy
+            base = (f"http://127.0.0.1:{args.port}" if args.proxy
                     else replica_urls("bench", host="127.0.0.1", timeout_s=180)[0])
             wait_ready(base)
+            print(f"deployed: /readyz 200 {time.perf_counter() - t0:.1f}s after serve.run")
             return base
 
         # Admission alone first (no cheaper path: refusals only), then the cheaper path
@@ -723,6 +836,12 @@ def main() -> None:
             base = deploy(user_config={"cheap_path": False})
         if args.profile_replica:
             asyncio.run(profile_replica(users, base, args.profile_replica))
+        if args.repeats > 1 or args.cpu_only:
+            cpu_repeats(recommender, users, base, args.repeats)
+        if args.cpu_only:
+            serve.shutdown()
+            ray.shutdown()
+            return
         capacity = asyncio.run(closed_loops(users, floor, base))
         base_p99 = asyncio.run(unloaded(users, base, capacity, args.seconds))
         capacity = asyncio.run(capacity_now(users, base))
@@ -741,6 +860,9 @@ def main() -> None:
         serve.shutdown()
         ray.shutdown()
     finally:
+        if recommender is not None:
+            recommender.manager.stop()
+            cache.stop()
         if args.workdir is None:
             cleanup(workdir, args.redis_url)
             shutil.rmtree(workdir, ignore_errors=True)

@@ -151,7 +151,7 @@ def table(seconds: list[Second], before_s: float, spike_s: float) -> str:
 
 
 def plot(seconds: list[Second], before_s: float, spike_s: float, path: Path,
-         unloaded_p99: float) -> None:
+         unloaded_p99: float, low_p99: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -173,7 +173,9 @@ def plot(seconds: list[Second], before_s: float, spike_s: float, path: Path,
     axes[2].plot(x, [p99(s.out.server) for s in seconds], color="tab:purple", linewidth=0.8,
                  label="of which in the replica (Server-Timing)")
     axes[2].axhline(2 * unloaded_p99, color="grey", linestyle="--",
-                    label="2x unloaded p99")
+                    label="2x unloaded p99 (measured before)")
+    axes[2].axhline(2 * low_p99, color="grey", linestyle=":",
+                    label="2x the low phases' p99 (this run)")
     axes[2].set_ylabel("ms")
     axes[2].legend(loc="upper right", fontsize=8)
     axes[3].plot(x, [(len(s.out.refused) + s.out.bare_503) / max(s.out.sent, 1)
@@ -199,8 +201,11 @@ def main() -> None:
     parser.add_argument("--low", type=float, default=0.3, help="x capacity before and after")
     parser.add_argument("--spike", type=float, default=3.0, help="x capacity in the spike")
     parser.add_argument("--before", type=float, default=10.0)
-    parser.add_argument("--spike-s", type=float, default=60.0)
-    parser.add_argument("--after", type=float, default=80.0)
+    # A replica starts in ~8-20 s on this box (bench_serving prints it): 90 s lets the second
+    # one carry most of the spike.
+    parser.add_argument("--spike-s", type=float, default=90.0)
+    parser.add_argument("--after", type=float, default=120.0)
+    parser.add_argument("--port", type=int, default=PORT, help="Serve's HTTP proxy port")
     parser.add_argument("--plot", type=Path, help="write the timeline here (PNG)")
     parser.add_argument("--table", action="store_true",
                         help="print the per-second timeline as a Markdown table")
@@ -223,7 +228,7 @@ def main() -> None:
         serving = settings.serving.model_copy(update={"max_replicas": args.max_replicas,
                                                       "min_replicas": 1})
         options = deployment_options(serving)
-        serve.start(http_options={"host": "127.0.0.1", "port": PORT},
+        serve.start(http_options={"host": "127.0.0.1", "port": args.port},
                     logging_config={"enable_access_log": False})
         def deploy(autoscaling: dict[str, Any]) -> None:
             serve.run(RecommenderDeployment.options(  # type: ignore[attr-defined]
@@ -255,12 +260,13 @@ def main() -> None:
                     out = await bench.closed_loop(session, f"{url}/recommend", users, 2, 10)
                     capacity = len(out.full) / out.seconds
                 unloaded = await bench.open_loop(session, f"{url}/recommend", users,
-                                           args.low * capacity, 8)
+                                                 args.low * capacity, 15)
                 return capacity, p99(unloaded.admitted)
 
         capacity, unloaded_p99 = asyncio.run(measure())
         deploy(options["autoscaling_config"])
         time.sleep(2)
+        load_before = os.getloadavg()
         print(f"one replica: capacity {capacity:.0f} req/s (closed loop c=2, full path), "
               f"unloaded p99 {unloaded_p99:.1f} ms (open loop at {args.low:g}x); autoscaling "
               f"{options['autoscaling_config']}")
@@ -271,6 +277,9 @@ def main() -> None:
         in_spike = [s for i, s in enumerate(timeline)
                     if args.before <= i < args.before + args.spike_s]
         admitted = [x for s in in_spike for x in s.out.admitted]
+        # the same run's own unloaded reference: every answer of its low phases
+        low = [x for i, s in enumerate(timeline)
+               if not args.before <= i < args.before + args.spike_s for x in s.out.admitted]
         in_replica = [x for s in in_spike for x in s.out.server]
         refused_lat = [x for s in in_spike for x in s.out.refused]
         refused = sum(len(s.out.refused) + s.out.bare_503 for s in in_spike)
@@ -282,15 +291,19 @@ def main() -> None:
         print(f"spike: {sum(s.offered for s in in_spike) / len(in_spike):.0f} req/s offered "
               f"({args.spike:g}x capacity), {len(admitted) / len(in_spike):.0f} req/s served, "
               f"admitted p99 {p99(admitted):.1f} ms ({p99(admitted) / unloaded_p99:.2f}x the "
-              f"unloaded p99; in the replica from admission p99 {p99(in_replica):.1f} ms), "
+              f"unloaded p99 measured before the run, {p99(admitted) / p99(low):.2f}x the "
+              f"{p99(low):.1f} ms of this run's low phases; in the replica from admission p99 "
+              f"{p99(in_replica):.1f} ms), "
               f"{refused} refused (p50 {bench.pct(refused_lat, 50):.1f} ms, p99 "
               f"{bench.pct(refused_lat, 99):.1f} ms) of which {bare} without Retry-After; "
               f"replicas 1 -> {peak} (first >1 at t={up}s, spike from t={args.before:g}s), "
               f"back to 1 at t={down}s (spike ended t={args.before + args.spike_s:g}s); "
               f"other answers (timeouts, connection errors) "
-              f"{sum(s.out.other for s in timeline)}")
+              f"{sum(s.out.other for s in timeline)}; load average (1/5 min) "
+              f"{load_before[0]:.1f}/{load_before[1]:.1f} before the run, "
+              f"{os.getloadavg()[0]:.1f}/{os.getloadavg()[1]:.1f} after")
         if args.plot:
-            plot(timeline, args.before, args.spike_s, args.plot, unloaded_p99)
+            plot(timeline, args.before, args.spike_s, args.plot, unloaded_p99, p99(low))
             print(f"wrote {args.plot}")
         serve.shutdown()
     finally:

@@ -309,6 +309,11 @@ class TrainingSettings(_Section):
     item_buckets: int | None = Field(default=None, ge=1)
     creator_buckets: int | None = Field(default=None, ge=1)
     tag_buckets: int | None = Field(default=None, ge=1)
+    # id tables sized from the training rows: the N most frequent ids get rows of their own
+    item_vocab_cap: int | None = Field(default=None, ge=0)
+    user_vocab_cap: int | None = Field(default=None, ge=0)
+    vocab_min_count: int | None = Field(default=None, ge=1)
+    tail_buckets: int | None = Field(default=None, ge=1)  # hashed rows for rarer and new ids
 
     def overrides(self) -> dict[str, Any]:
         """The keys that are set (not None), by name."""

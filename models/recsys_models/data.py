@@ -5,15 +5,17 @@ per impression (the batch pipeline builds it from Feast's point-in-time join). E
 comes out of :func:`encode_rows` / :func:`encode_catalog` as a dict of numpy arrays, so the same
 code feeds Ray Data batches during training and pandas frames at serving time.
 
-Ids are hashed (:mod:`recsys_models.hashing`) into fixed bucket spaces (bucket 0 is reserved),
-so a new user or item never breaks the model; categories use a small vocabulary learned from
-the catalog.
+Ids become embedding-table rows (:mod:`recsys_models.hashing`): hashed into fixed bucket
+spaces (row 0 is reserved), or, with a vocabulary cap set, frequent training ids get rows of
+their own and the rest share a hashed tail; a new user or item never breaks the model.
+Categories use a small vocabulary learned from the catalog.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,16 @@ import pandas as pd
 
 from recsys_core.features import HISTORY_LENGTH, ITEM_BATCH, USER_BATCH, USER_HISTORY
 from recsys_models.errors import SnapshotNotFoundError
-from recsys_models.hashing import CREATOR_SALT, ITEM_SALT, TAG_SALT, USER_SALT, hash_ids, hash_lists
+from recsys_models.hashing import (
+    CREATOR_SALT,
+    ITEM_SALT,
+    TAG_SALT,
+    USER_SALT,
+    IdCodes,
+    build_vocabulary,
+    hash_ids,
+    hash_lists,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +55,8 @@ class EncoderSpec:
         >>> batch = encode_rows(rows, spec)
     """
 
-    user_buckets: int = 50_000  # hashed user-id embedding rows
-    item_buckets: int = 100_000  # hashed item-id embedding rows (also used for the history)
+    user_buckets: int = 50_000  # user-id embedding rows (hashed, or vocabulary + hashed tail)
+    item_buckets: int = 100_000  # item-id embedding rows (also used for the history)
     creator_buckets: int = 10_000
     tag_buckets: int = 5_000
     categories: tuple[str, ...] = ()  # vocabulary; index 0 is "unknown"
@@ -53,10 +64,46 @@ class EncoderSpec:
     item_features: tuple[str, ...] = ()  # numeric item features present in the snapshot
     history_length: int = HISTORY_LENGTH
     use_item_age: bool = True  # off when item embeddings must not depend on the query time
+    # Tables sized to the data (with_vocabularies): > 0, the N ids most frequent in the
+    # training rows (seen at least vocab_min_count times) get rows of their own, and the id
+    # table becomes 1 + vocabulary + tail_buckets rows (the tail: rarer and new ids, hashed).
+    item_vocab_cap: int = 0
+    user_vocab_cap: int = 0
+    vocab_min_count: int = 2
+    tail_buckets: int = 4_096
+    item_vocab: tuple[str, ...] = ()  # rows 1..V of the item table, most frequent first
+    user_vocab: tuple[str, ...] = ()
 
     @property
     def item_dense_dim(self) -> int:
         return STATIC_ITEM_DENSE + len(self.item_features)  # duration, age, item features
+
+    @cached_property
+    def item_codes(self) -> IdCodes:
+        """Item ids (catalog and histories) to rows of the item tables."""
+        return IdCodes(self.item_vocab, self.item_buckets, ITEM_SALT)
+
+    @cached_property
+    def user_codes(self) -> IdCodes:
+        """User ids to rows of the user-id tables."""
+        return IdCodes(self.user_vocab, self.user_buckets, USER_SALT)
+
+    def with_vocabularies(self, rows: pd.DataFrame) -> EncoderSpec:
+        """The spec with id tables sized from training ``rows`` (``user_id``, ``item_id``)
+        where a vocabulary cap is set; unchanged otherwise."""
+        changes: dict[str, Any] = {}
+        if self.item_vocab_cap:
+            vocab = build_vocabulary(rows["item_id"], self.item_vocab_cap, self.vocab_min_count)
+            changes |= {"item_vocab": vocab, "item_buckets": 1 + len(vocab) + self.tail_buckets}
+        if self.user_vocab_cap:
+            vocab = build_vocabulary(rows["user_id"], self.user_vocab_cap, self.vocab_min_count)
+            changes |= {"user_vocab": vocab, "user_buckets": 1 + len(vocab) + self.tail_buckets}
+        return replace(self, **changes) if changes else self
+
+    def table_sizes(self) -> dict[str, int]:
+        """Rows of the id tables and how many of them are vocabulary (for MLflow and logs)."""
+        return {"item_table_rows": self.item_buckets, "item_vocabulary": len(self.item_vocab),
+                "user_table_rows": self.user_buckets, "user_vocabulary": len(self.user_vocab)}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,7 +111,7 @@ class EncoderSpec:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EncoderSpec:
         data = dict(data)
-        for key in ("categories", "user_features", "item_features"):
+        for key in ("categories", "user_features", "item_features", "item_vocab", "user_vocab"):
             data[key] = tuple(data.get(key, ()))
         return cls(**data)
 
@@ -115,8 +162,8 @@ def encode_users(frame: pd.DataFrame, spec: EncoderSpec) -> Batch:
     history = frame[USER_HISTORY] if USER_HISTORY in frame.columns else pd.Series(
         [[]] * len(frame), index=frame.index)
     return {
-        "user_hash": hash_ids(frame["user_id"].to_numpy(), spec.user_buckets, USER_SALT),
-        "history": hash_lists(history, spec.history_length, spec.item_buckets, ITEM_SALT),
+        "user_hash": spec.user_codes.encode(frame["user_id"].to_numpy()),
+        "history": spec.item_codes.encode_lists(history, spec.history_length),
         "user_num": _numeric(frame, spec.user_features),
     }
 
@@ -138,7 +185,7 @@ def encode_items(
         ``item_dense`` (n, 2 + I): the ``STATIC_ITEM_DENSE`` metadata columns, then the numeric
         item features (ranker only: the item tower never reads them, see ``ItemTower``).
     """
-    item_hash = hash_ids(frame["item_id"].to_numpy(), spec.item_buckets, ITEM_SALT)
+    item_hash = spec.item_codes.encode(frame["item_id"].to_numpy())
     if known is not None:
         item_hash = np.where(known, item_hash, 0)
     zeros = pd.Series(np.zeros(len(frame)), index=frame.index)

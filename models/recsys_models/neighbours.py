@@ -44,7 +44,6 @@ import scipy.sparse as sp
 
 from recsys_core.features import USER_HISTORY
 from recsys_models.data import EncoderSpec
-from recsys_models.hashing import ITEM_SALT, hash_ids
 from recsys_models.sequences import pit_histories
 
 logger = logging.getLogger(__name__)
@@ -321,7 +320,7 @@ def fit_neighbours(rows: pd.DataFrame, spec: EncoderSpec,
         weights += transition * np.float32(cfg.transition_weight / _row_scale(transition))
         del transition
     k = min(cfg.k, len(items) - 1)
-    ids = hash_ids(items, buckets, ITEM_SALT)
+    ids = spec.item_codes.encode(items)
     src, dst, val = [], [], []
     for start in range(0, len(items), 1024):  # bounded argpartition memory
         block = weights[start:start + 1024]

@@ -30,7 +30,6 @@ import pandas as pd
 import torch
 
 from recsys_models.data import Batch, EncoderSpec, encode_items, encode_users, signed_log
-from recsys_models.hashing import ITEM_SALT, USER_SALT, hash_strings
 from recsys_models.neighbours import ItemNeighbours
 from recsys_models.ranker import Blend, Ranker, click_and_watch
 from recsys_models.two_tower import TwoTowerModel
@@ -74,13 +73,13 @@ def encode_user(spec: EncoderSpec, user_id: str, history: Sequence[Any],
     history_row = np.zeros((1, spec.history_length), dtype=np.int64)
     kept = list(history)[: spec.history_length]
     if kept:
-        history_row[0, : len(kept)] = hash_strings(kept, spec.item_buckets, ITEM_SALT)
+        history_row[0, : len(kept)] = spec.item_codes.encode_strings(kept)
     if spec.user_features:
         raw = np.array([[_as_float(features.get(n)) for n in spec.user_features]])
         user_num = signed_log(raw)
     else:
         user_num = np.zeros((1, 0), dtype=np.float32)
-    return {"user_hash": hash_strings([user_id], spec.user_buckets, USER_SALT),
+    return {"user_hash": spec.user_codes.encode_strings([user_id]),
             "history": history_row, "user_num": user_num}
 
 

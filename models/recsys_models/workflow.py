@@ -249,6 +249,7 @@ def train_evaluate_register(
     CategoryIndex(spec)  # validates the vocabulary early
     train_rows, _ = with_pit_histories(train_rows, split.holdout.iloc[:0], spec.history_length)
     fit_rows, val_rows, val_cut = _validation_split(settings, train_rows, cfg.validation_fraction)
+    spec = spec.with_vocabularies(fit_rows)  # id tables sized from the rows it trains on
     published = pd.to_datetime(catalog["published_at"], utc=True)
     validation = build_validation(fit_rows, val_rows, catalog[published < val_cut], spec,
                                   set(fit_rows["item_id"]))
@@ -287,6 +288,7 @@ def train_evaluate_register(
     if register:
         params = {"workers": workers or settings.ray.train_workers, **_flat(cfg.to_dict()),
                   **{f"spec.{k}": v for k, v in spec_overrides.items()},
+                  **{f"spec.{k}": v for k, v in spec.table_sizes().items()},
                   **{f"training.{k}": v for k, v in settings.training.overrides().items()},
                   **{f"evaluation.{k}": v for k, v in settings.evaluation.model_dump().items()},
                   **baselines.info,

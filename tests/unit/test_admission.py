@@ -148,3 +148,44 @@ def test_a_slower_replica_is_learnt_within_a_few_requests_and_relaxes_slowly() -
     for _ in range(5):  # back to normal: the estimate comes down, but slowly
         admission.done(admission.admit(), 0.005)
     assert 0.010 < admission.service_s[Mode.FULL] < slowed
+
+
+def test_service_times_measured_during_a_bundle_load_are_not_learnt() -> None:
+    """The replica's own background work (loading the next bundle) is not overload: the
+    slow requests it causes change neither the estimate nor the limit, so nothing is shed;
+    once the load is over, a slowdown is learnt again."""
+    loading = [False]
+    admission = Admission(AdmissionPolicy(initial_service_s=0.005, cheap_path=False),
+                          background_busy=lambda: loading[0])
+    limit = admission.concurrency_limit()
+    loading[0] = True
+    for _ in range(10):  # 4x slower while the load takes the GIL
+        admission.done(admission.admit(), 0.020)
+    ticket = admission.admit()  # admitted during the load, finished after it
+    loading[0] = False
+    assert ticket is not None
+    admission.done(ticket, 0.020)
+    assert admission.service_s[Mode.FULL] == 0.005 and admission.concurrency_limit() == limit
+    assert admission.unlearnt == 11 and admission.state()["unlearnt"] == 11
+    admission.done(admission.admit(), 0.020)  # no load now: a slower replica is real
+    assert admission.service_s[Mode.FULL] > 0.005
+
+
+def test_the_bundle_manager_says_while_it_loads() -> None:
+    from recsys_platform.serving.bundle_manager import BundleManager
+    from recsys_platform.serving.metrics import ServingMetrics
+
+    seen: list[bool] = []
+
+    def load(version: str) -> str:
+        seen.append(manager.loading)
+        if version == "2":
+            raise ValueError("broken")
+        return f"bundle {version}"
+
+    versions = iter(["1", "2"])
+    manager = BundleManager(lambda: next(versions), load, lambda bundle: None,
+                            ServingMetrics())
+    assert not manager.loading
+    assert manager.refresh() and not manager.refresh()  # 2 is rejected
+    assert seen == [True, True] and not manager.loading

@@ -20,7 +20,6 @@ from torch import nn
 from recsys_core import features as F
 from recsys_models.bundle import Bundle, build_bundle
 from recsys_models.data import EncoderSpec
-from recsys_models.hashing import ITEM_SALT, hash_strings
 from recsys_models.ranker import Ranker, RankerConfig
 from recsys_models.scoring import embed_user, encode_user
 from recsys_models.two_tower import TwoTowerConfig, TwoTowerModel
@@ -86,7 +85,7 @@ def break_ranker(bundle: Bundle) -> None:
 def poison_items(bundle: Bundle, item_ids: list[str]) -> None:
     """NaN ranker embedding rows for ``item_ids`` (a broken embedding row): the ranker scores
     those items NaN; retrieval (the item tower's own tables) is unaffected."""
-    rows = torch.from_numpy(hash_strings(item_ids, bundle.spec.item_buckets, ITEM_SALT))
+    rows = torch.from_numpy(bundle.spec.item_codes.encode_strings(item_ids))
     bundle.ranker.item_emb.weight[rows] = float("nan")
 
 

@@ -19,6 +19,12 @@ machine or a heavier bundle admits fewer requests at once), not a fixed count: t
 keeps its workers busy at about its capacity while the requests it admits keep close to their
 unloaded latency, instead of everyone waiting in a queue.
 
+A replica's own background work is not overload: while ``background_busy()`` says so (the
+replica loads and smoke-tests the next bundle version beside the one it serves, taking the
+GIL and a core for seconds), the service times measured are not learnt, so the estimate stays
+the replica's steady one and a hot swap sheds nothing. CPU taken by anything else (another
+replica starting on the same machine) is learnt as usual: that slowdown is real capacity lost.
+
 Under direct ingress the replica's HTTP server asks first (``ingress.AdmissionGate``, before
 Ray Serve's per-request machinery: a refusal then costs little of the replica's CPU); the
 request handler asks when no gate did (through Serve's proxy). Thread-safe: the gate runs on
@@ -60,6 +66,7 @@ class Ticket:
     mode: Mode
     predicted_s: float
     released: bool = False
+    background: bool = False  # admitted while the replica's background work ran
 
 
 class Admission:
@@ -74,11 +81,15 @@ class Admission:
     """
 
     def __init__(self, policy: AdmissionPolicy = AdmissionPolicy(),
-                 on_refuse: Callable[[], None] | None = None) -> None:
+                 on_refuse: Callable[[], None] | None = None,
+                 background_busy: Callable[[], bool] | None = None) -> None:
         if policy.queue_budget_s <= 0 or policy.workers < 1:
             raise ValueError("queue_budget_s must be > 0 and workers >= 1")
         self.policy = policy
         self.on_refuse = on_refuse  # e.g. counts the refusal in the replica's metrics
+        # True while the replica's own background work runs (a bundle load): not overload
+        self.background_busy = background_busy or (lambda: False)
+        self.unlearnt = 0  # service times not learnt (measured during background work)
         self._lock = threading.Lock()
         start = policy.initial_service_s
         self.service_s = {Mode.FULL: start, Mode.CHEAP: start / 2}
@@ -103,7 +114,7 @@ class Admission:
             else:
                 mode = None
             if mode is not None:
-                ticket = Ticket(mode, self.service_s[mode])
+                ticket = Ticket(mode, self.service_s[mode], background=self.background_busy())
                 self.pending_s += ticket.predicted_s
                 self.in_flight += 1
                 return ticket
@@ -122,12 +133,16 @@ class Admission:
             self.in_flight -= 1
             if self.in_flight == 0:
                 self.pending_s = 0.0  # no drift of the float sum
-            if service_s is not None and service_s >= 0:
-                old = self.service_s[ticket.mode]
-                a = self.policy.smoothing
-                if service_s > old:
-                    a = max(a, self.policy.rising)
-                self.service_s[ticket.mode] = (1 - a) * old + a * service_s
+            if service_s is None or service_s < 0:
+                return
+            if ticket.background or self.background_busy():
+                self.unlearnt += 1  # slowed by the replica's own background work
+                return
+            old = self.service_s[ticket.mode]
+            a = self.policy.smoothing
+            if service_s > old:
+                a = max(a, self.policy.rising)
+            self.service_s[ticket.mode] = (1 - a) * old + a * service_s
 
     def concurrency_limit(self) -> int:
         """Requests admitted at once when all take the full path (for /readyz)."""
@@ -141,7 +156,8 @@ class Admission:
                 "cheap_path": self.policy.cheap_path,
                 "service_ms_full": round(1000 * self.service_s[Mode.FULL], 3),
                 "service_ms_cheap": round(1000 * self.service_s[Mode.CHEAP], 3),
-                "concurrency_limit": self.concurrency_limit(), "in_flight": self.in_flight}
+                "concurrency_limit": self.concurrency_limit(), "in_flight": self.in_flight,
+                "background_busy": self.background_busy(), "unlearnt": self.unlearnt}
 
 
 _installed: Admission | None = None

@@ -85,6 +85,13 @@ class BundleManager:
         self._thread: threading.Thread | None = None
         self.last_error: str | None = None
         self.champion_version: str | None = None  # what the alias named at the last refresh
+        self._loading = 0  # versions being loaded and checked now
+
+    @property
+    def loading(self) -> bool:
+        """True while a version is being loaded and smoke-tested (the poller's background
+        work: it takes the GIL and a core for seconds beside the requests served)."""
+        return self._loading > 0
 
     @property
     def current(self) -> LoadedBundle | None:
@@ -102,6 +109,7 @@ class BundleManager:
 
     def _try(self, version: str) -> Any | None:
         """The loaded, checked bundle of ``version``; None (and remembered) when it fails."""
+        self._loading += 1  # one refresh at a time (the lock): no lost update
         try:
             bundle = self._load(version)
             self._smoke(bundle)
@@ -111,6 +119,8 @@ class BundleManager:
             self.last_error = f"bundle version {version} rejected: {exc}"
             logger.error(self.last_error)
             return None
+        finally:
+            self._loading -= 1
         return bundle
 
     def _swap(self, version: str, bundle: Any) -> None:
