@@ -269,6 +269,8 @@ class TrainingSettings(_Section):
     epochs: int | None = Field(default=None, ge=1)  # most retrieval epochs (early stopping)
     ranker_epochs: int | None = Field(default=None, ge=0)
     patience: int | None = Field(default=None, ge=1)  # epochs without a better validation recall
+    min_improvement: float | None = Field(default=None, ge=0)  # share that resets the patience
+    ranker_patience: int | None = Field(default=None, ge=1)  # ranker epochs w/o a better AUC
     batch_size: int | None = Field(default=None, ge=2)  # rows per step per worker
     lr: float | None = Field(default=None, gt=0)  # peak learning rate, dense parameters
     sparse_lr: float | None = Field(default=None, gt=0)  # peak learning rate, embedding tables

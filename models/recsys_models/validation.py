@@ -17,7 +17,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from recsys_models.data import Batch, EncoderSpec, encode_items, encode_users, time_cutoff
+from recsys_models.data import (
+    Batch,
+    EncoderSpec,
+    encode_items,
+    encode_rows,
+    encode_users,
+    time_cutoff,
+)
+from recsys_models.ranker import Ranker
 from recsys_models.two_tower import TwoTowerModel, embed_item_batch
 
 
@@ -30,6 +38,10 @@ class ValidationSet:
     exclude: list[np.ndarray]  # catalog positions engaged before it, per user
     items: Batch  # encode_items of the catalog
     k: int = 50
+    # encode_rows of the validation period's impressions (labels included; items unknown to
+    # training with id 0, as serving encodes them): the ranker's early stopping reads its AUC.
+    # None when they do not hold both a click and a non-click.
+    impressions: Batch | None = None
 
     @property
     def size(self) -> int:
@@ -46,8 +58,10 @@ def split_for_validation(rows: pd.DataFrame, fraction: float
 
 def build_validation(fit_rows: pd.DataFrame, val_rows: pd.DataFrame, catalog: pd.DataFrame,
                      spec: EncoderSpec, known_items: set[str], k: int = 50,
-                     max_users: int = 2000, seed: int = 7) -> ValidationSet | None:
-    """Validation queries from rows split by time (``user_history`` already point in time).
+                     max_users: int = 2000, seed: int = 7,
+                     max_impressions: int = 50_000) -> ValidationSet | None:
+    """Validation queries from rows split by time (``user_history`` already point in time),
+    and up to ``max_impressions`` of the validation rows for the ranker.
 
     Returns None when no user engages on both sides of the split.
     """
@@ -73,7 +87,53 @@ def build_validation(fit_rows: pd.DataFrame, val_rows: pd.DataFrame, catalog: pd
         users=encode_users(users, spec),
         relevant=[relevant[u] for u in users["user_id"]],
         exclude=[seen.get(u, np.zeros(0, np.int64)) for u in users["user_id"]],
-        items=encode_items(items, spec, known=known), k=k)
+        items=encode_items(items, spec, known=known), k=k,
+        impressions=_impressions(val_rows, spec, known_items, max_impressions, seed))
+
+
+def _impressions(val_rows: pd.DataFrame, spec: EncoderSpec, known_items: set[str],
+                 max_rows: int, seed: int) -> Batch | None:
+    labels = pd.to_numeric(val_rows["clicked"], errors="coerce").fillna(0)
+    if labels.nunique() < 2:
+        return None
+    rows = val_rows
+    if len(rows) > max_rows:
+        rows = rows.sample(max_rows, random_state=seed)
+    batch = encode_rows(rows.reset_index(drop=True), spec)
+    known = rows["item_id"].astype(str).isin(known_items).to_numpy()
+    batch["item_hash"] = np.where(known, batch["item_hash"], 0)
+    return batch
+
+
+@torch.no_grad()
+def ranker_validation_auc(ranker: Ranker, two_tower: TwoTowerModel,
+                          val: ValidationSet | None) -> float | None:
+    """The ranker's click AUC on the validation impressions (None without them); both
+    models' training modes are restored after."""
+    if val is None or val.impressions is None:
+        return None
+    from sklearn.metrics import roc_auc_score
+
+    modes = two_tower.training, ranker.training
+    two_tower.eval()
+    ranker.eval()
+    batch = val.impressions
+    probs = []
+    try:
+        for start in range(0, len(batch["item_hash"]), 8192):
+            t = {k: torch.as_tensor(batch[k][start:start + 8192]) for k in (
+                "user_hash", "history", "user_num", "item_hash", "category", "creator",
+                "tags", "item_dense")}
+            t["user_num"], t["item_dense"] = t["user_num"].float(), t["item_dense"].float()
+            u = two_tower.user_tower(t["user_hash"], t["history"], t["user_num"])
+            v = two_tower.item_tower(t["item_hash"], t["category"], t["creator"], t["tags"],
+                                     t["item_dense"])
+            click_logit, _ = ranker({**t, "retrieval_score": (u * v).sum(1)})
+            probs.append(torch.sigmoid(click_logit).numpy())
+    finally:
+        two_tower.train(modes[0])
+        ranker.train(modes[1])
+    return float(roc_auc_score(batch["clicked"] > 0, np.concatenate(probs)))
 
 
 @torch.no_grad()
@@ -101,11 +161,12 @@ def validation_recall(model: TwoTowerModel, val: ValidationSet) -> float:
 
 
 BLEND_GRID: tuple[float, ...] = (0.0, 0.3, 1.0, 3.0, 10.0, 1e6)  # 1e6: retrieval order
-# The neighbour score is a sum of EASE weights over the history (typically 0.01 .. 1 for the
-# top candidates): a wide log grid, so that it can be a tie-breaker of retrieval order
-# (retrieval weight 1e6) as well as the main term.
+# The neighbour score is scaled per history to 0 .. 1: a wide log grid, so that it can be a
+# tie-breaker of retrieval order (retrieval weight 1e6) as well as the main term; around 1e6
+# (retrieval and neighbours alone, the heads negligible) half-decade steps, where MovieLens's
+# validation lands.
 NEIGHBOUR_GRID: tuple[float, ...] = (0.0, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 1e3,
-                                     1e4, 1e5, 1e6, 1e7)
+                                     1e4, 1e5, 3e5, 1e6, 3e6, 1e7)
 
 
 @dataclass(frozen=True)

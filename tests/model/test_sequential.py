@@ -7,7 +7,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from recsys_models.data import EncoderSpec
+from recsys_models.data import EncoderSpec, time_split
 from recsys_models.sequences import engaged_mask, pit_histories
 from recsys_models.train import TrainConfig, _Progress, fit_local, lr_factor
 from recsys_models.two_tower import (
@@ -159,6 +159,57 @@ def test_early_stopping_keeps_the_best_epoch_and_stops_after_patience() -> None:
     assert progress.stopped and progress.best == 0.3 and progress.retrieval_epochs == 4
     progress.restore_best(model)
     assert abs(float(model.weight) - 0.3) < 1e-6
+
+
+def test_a_plateau_of_tiny_gains_stops_but_keeps_the_best_weights() -> None:
+    cfg = TrainConfig(epochs=10, patience=2, min_improvement=0.01)
+    model = torch.nn.Linear(1, 1)
+    progress = _Progress()
+    for score in (0.1, 0.3, 0.301, 0.302):  # +0.3% and +0.3%: below the 1% that counts
+        with torch.no_grad():
+            model.weight.fill_(score)
+        progress.after_retrieval_epoch(cfg, model, score)
+    assert progress.stopped and progress.retrieval_epochs == 4 and progress.best == 0.302
+    progress.restore_best(model)
+    assert abs(float(model.weight.detach()) - 0.302) < 1e-6
+
+
+def test_the_ranker_stops_after_its_patience_and_keeps_its_best_epoch() -> None:
+    cfg = TrainConfig(epochs=1, ranker_epochs=6, ranker_patience=1)
+    model = torch.nn.Linear(1, 1)
+    progress = _Progress(retrieval_epochs=1)
+    for auc in (0.70, 0.78, 0.74):
+        assert not progress.done(cfg)
+        with torch.no_grad():
+            model.weight.fill_(auc)
+        progress.after_ranker_epoch(cfg, model, auc)
+    assert progress.done(cfg) and progress.ranker_best == 0.78 and progress.ranker_epochs == 3
+    assert progress.ranker_best_state is not None
+    assert abs(float(progress.ranker_best_state["weight"]) - 0.78) < 1e-6
+    # without a validation set every ranker epoch runs
+    blind = _Progress(retrieval_epochs=1)
+    for _ in range(6):
+        assert not blind.done(cfg)
+        blind.after_ranker_epoch(cfg, model, None)
+    assert blind.done(cfg)
+
+
+def test_ranker_training_reads_the_validation_auc_and_keeps_the_best_epoch() -> None:
+    from recsys_models.validation import build_validation, ranker_validation_auc
+    from tests.model.snapshots import synthetic_case
+
+    case = synthetic_case()
+    fit_rows, val_rows, _ = time_split(case.train, 0.1)
+    validation = build_validation(fit_rows, val_rows, case.items, case.spec,
+                                  set(fit_rows["item_id"]))
+    assert validation is not None and validation.impressions is not None
+    cfg = TrainConfig(epochs=1, ranker_epochs=3, ranker_patience=1,
+                      two_tower=TwoTowerConfig(dim=16, id_dim=16, hidden=32))
+    models = fit_local(fit_rows, case.items, case.spec, cfg, validation=validation)
+    aucs = [h["val_auc"] for h in models.history if h["phase"] == 1.0]
+    assert 1 <= len(aucs) <= 3 and max(aucs) > 0.6
+    kept = ranker_validation_auc(models.ranker, models.two_tower, validation)
+    assert kept is not None and abs(kept - max(aucs)) < 1e-6
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor() -> None:

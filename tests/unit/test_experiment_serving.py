@@ -90,7 +90,10 @@ def test_a_treatment_that_fails_its_checks_routes_nobody(tmp_path: Path) -> None
 
 
 def test_shadow_logs_every_request_and_never_shows_the_treatment(tmp_path: Path) -> None:
-    exp = Experiment.new("7", "shadow", control_version="1", shadow_max_age_s=30.0)
+    # a queue for every request: the shadow thread may fall behind the 30 requests on a busy
+    # machine (dropping is the next test's subject)
+    exp = Experiment.new("7", "shadow", control_version="1", shadow_max_age_s=30.0,
+                         shadow_queue=64)
     rec, arms, served = _recommender(tmp_path, exp, treatment_bundle("7"))
     responses = [rec.recommend(RecommendRequest(user_id=f"u{n}", k=4)) for n in range(30)]
     arms.shadow.drain()

@@ -48,7 +48,8 @@ def test_worker_killed_mid_epoch_resumes_from_checkpoint(ray_cluster: Any, tmp_p
     case = synthetic_case()
     trace = tmp_path / "trace"
     # Small batches make an epoch long (hundreds of steps), so the kill lands mid-epoch.
-    cfg = TrainConfig(epochs=2, batch_size=32, shuffle_buffer=0, trace_dir=str(trace))
+    cfg = TrainConfig(epochs=2, ranker_epochs=1, batch_size=32, shuffle_buffer=0,
+                      trace_dir=str(trace))
     killed: dict[str, Any] = {}
 
     def kill_rank1_in_second_epoch() -> None:
