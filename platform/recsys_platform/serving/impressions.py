@@ -54,10 +54,6 @@ _Record = tuple[str, str, list[tuple[str, float, str]], str | None, str, str, da
                 dict[str, Any]]
 
 
-def _atomic_parquet(rows: list[dict[str, Any]], schema: pa.Schema, path: Path) -> None:
-    atomic_write_table(pa.Table.from_pylist(rows, schema=schema), path)
-
-
 def _wal_line(record: _Record) -> bytes:
     request_id, user_id, items, version, surface, device, now, extra = record
     return (json.dumps([request_id, user_id, items, version, surface, device,
@@ -68,6 +64,40 @@ def _wal_record(line: bytes) -> _Record:
     request_id, user_id, items, version, surface, device, now, *extra = json.loads(line)
     return (request_id, user_id, [(i, float(s), src) for i, s, src in items], version, surface,
             device, datetime.fromisoformat(now), extra[0] if extra else {})
+
+
+def _served_columns(records: list[_Record]) -> dict[str, list[Any]]:
+    """``SERVED_SCHEMA``'s columns of ``records``: one row per served item."""
+    columns: dict[str, list[Any]] = {name: [] for name in SERVED_SCHEMA.names}
+    per_request = ("request_id", "user_id", "bundle_version", "served_at", *_REQUEST_FIELDS)
+    for request_id, user_id, items, version, _surface, _device, now, extra in records:
+        n = len(items)
+        ids, scores, sources = zip(*items, strict=True)
+        columns["item_id"].extend(ids)
+        columns["position"].extend(range(n))
+        columns["score"].extend(scores)
+        columns["source"].extend(sources)
+        values = (request_id, user_id, version, now, *(extra.get(k) for k in _REQUEST_FIELDS))
+        for name, value in zip(per_request, values, strict=True):
+            columns[name].extend([value] * n)
+    return columns
+
+
+def _event_columns(records: list[_Record]) -> dict[str, list[Any]]:
+    """``RAW_EVENT_SCHEMA``'s columns of ``records``: one impression event per served item."""
+    columns: dict[str, list[Any]] = {name: [] for name in RAW_EVENT_SCHEMA.names}
+    for request_id, user_id, items, version, surface, device, now, _extra in records:
+        n = len(items)
+        columns["event_id"].extend([f"{request_id}-{pos}" for pos in range(n)])
+        columns["item_id"].extend([item for item, _, _ in items])
+        event_time = now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        for name, value in (("event_time", event_time), ("user_id", user_id),
+                            ("event_type", "impression"), ("watch_time_ms", None),
+                            ("item_duration_ms", None), ("surface", surface),
+                            ("device", device), ("request_id", request_id),
+                            ("model_version", version)):
+            columns[name].extend([value] * n)
+    return columns
 
 
 class _Segment:
@@ -276,49 +306,35 @@ class ImpressionLogger:
         with self._lock:
             self._files += 1
             n = self._files
-        rows = [
-            {"request_id": request_id, "user_id": user_id, "item_id": item_id, "position": pos,
-             "score": score, "source": source, "bundle_version": version, "served_at": now,
-             "surface": surface, "device": device,
-             **{k: extra.get(k) for k in _REQUEST_FIELDS}}
-            for request_id, user_id, items, version, surface, device, now, extra in records
-            for pos, (item_id, score, source) in enumerate(items)
-        ]
-        if not rows:
-            return 0
-        self._write(rows, f"{int(time.time() * 1000)}-{os.getpid()}-{self._owner}-{n}")
-        return len(rows)
+        by_day: dict[str, list[_Record]] = {}
+        for record in records:
+            if record[2]:  # a response with no items has no rows
+                by_day.setdefault(record[6].date().isoformat(), []).append(record)
+        stamp = f"{int(time.time() * 1000)}-{os.getpid()}-{self._owner}-{n}"
+        rows = 0
+        for day, day_records in by_day.items():
+            rows += self._write_day(day, day_records, stamp)
+        return rows
 
-    def _write(self, rows: list[dict[str, Any]], stamp: str) -> None:
-        by_day: dict[str, list[dict[str, Any]]] = {}
-        for row in rows:
-            by_day.setdefault(row["served_at"].date().isoformat(), []).append(row)
-        for day, day_rows in by_day.items():
-            events = [self._event(r) for r in day_rows] if self._events else []
-            if events:  # first: a failed write below re-sends events, which the ETL dedupes
-                _atomic_parquet(events, RAW_EVENT_SCHEMA, self._landing / "events"
-                                / f"date={day}" / f"served-{stamp}.parquet")
-            _atomic_parquet(day_rows, SERVED_SCHEMA, self._landing / self._folder
-                            / f"date={day}" / f"{self._folder}-{stamp}.parquet")
-            if events and self._stream is not None:
-                self._write_jsonl(events, self._stream / f"served-{day}-{stamp}.jsonl")
-
-    @staticmethod
-    def _event(row: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "event_id": f"{row['request_id']}-{row['position']}",
-            "event_time": row["served_at"].isoformat(timespec="milliseconds").replace(
-                "+00:00", "Z"),
-            "user_id": row["user_id"],
-            "item_id": row["item_id"],
-            "event_type": "impression",
-            "watch_time_ms": None,
-            "item_duration_ms": None,
-            "surface": row["surface"],
-            "device": row["device"],
-            "request_id": row["request_id"],
-            "model_version": row["bundle_version"],
-        }
+    def _write_day(self, day: str, records: list[_Record], stamp: str) -> int:
+        """Writes one day's rows column by column (a flusher thread holds the replica's GIL
+        while it builds them: per-row dicts took ~3x as long, and every request admitted
+        meanwhile waited for it)."""
+        served = _served_columns(records)
+        if self._events:  # first: a failed write below re-sends events, which the ETL dedupes
+            events = _event_columns(records)
+            atomic_write_table(pa.Table.from_pydict(events, schema=RAW_EVENT_SCHEMA),
+                               self._landing / "events" / f"date={day}"
+                               / f"served-{stamp}.parquet")
+        atomic_write_table(pa.Table.from_pydict(served, schema=SERVED_SCHEMA),
+                           self._landing / self._folder / f"date={day}"
+                           / f"{self._folder}-{stamp}.parquet")
+        if self._events and self._stream is not None:
+            names = list(events)
+            self._write_jsonl([dict(zip(names, row, strict=True))
+                               for row in zip(*events.values(), strict=True)],
+                              self._stream / f"served-{day}-{stamp}.jsonl")
+        return len(served["item_id"])
 
     @staticmethod
     def _write_jsonl(events: list[dict[str, Any]], path: Path) -> None:
