@@ -54,8 +54,25 @@ class Second:
     """What was sent in one second of scheduled send time, and what came back."""
 
     replicas: int = 0
+    ongoing: float = float("nan")  # what Serve's controller autoscales on (all replicas)
     offered: int = 0
     out: bench.Outcome = field(default_factory=lambda: bench.Outcome(seconds=1.0))
+
+
+def controller_ongoing() -> float:
+    """The ongoing requests (all replicas, averaged over the look-back) Serve's controller
+    decides on now; a private, test-only controller method: NaN where it is missing."""
+    import ray
+    from ray.serve._private.common import DeploymentID
+    from ray.serve.context import _get_global_client
+
+    try:
+        client = _get_global_client()
+        total = ray.get(client._controller._get_total_num_requests_for_deployment_for_testing
+                        .remote(DeploymentID(name="recommender", app_name=APP)))
+        return float(total)
+    except Exception:  # noqa: BLE001 - a diagnostic column only
+        return float("nan")
 
 
 def running_replicas() -> int:
@@ -82,15 +99,17 @@ async def spike_run(users: list[str], capacity: float, low: float, spike: float,
     async def watch() -> None:
         nonlocal urls, replicas_now
         while not done.is_set():
-            replicas, found = await asyncio.gather(
+            replicas, found, ongoing = await asyncio.gather(
                 asyncio.to_thread(running_replicas),
-                asyncio.to_thread(replica_urls, APP, "127.0.0.1", 5))
+                asyncio.to_thread(replica_urls, APP, "127.0.0.1", 5),
+                asyncio.to_thread(controller_ongoing))
             urls = found or urls
             replicas_now = replicas
             second = int(time.perf_counter() - start)
             while len(seconds) <= second:
                 seconds.append(Second())
             seconds[second].replicas = replicas
+            seconds[second].ongoing = ongoing
             await asyncio.sleep(1.0)
 
     async with bench.client_session(limit=512) as session:
@@ -136,14 +155,15 @@ def p99(values: list[float]) -> float:
 
 
 def table(seconds: list[Second], before_s: float, spike_s: float) -> str:
-    rows = ["| s | phase | replicas | offered req/s | 200/s (cheaper path) | admitted p99 ms | "
-            "of which in the replica (p99 ms) | 503 share | 503 p50 ms | 503 with Retry-After "
-            "| other |", "|" + "---|" * 11]
+    rows = ["| s | phase | replicas | ongoing (controller) | offered req/s | 200/s (cheaper "
+            "path) | admitted p99 ms | of which in the replica (p99 ms) | 503 share | 503 p50 ms "
+            "| 503 with Retry-After | other |", "|" + "---|" * 12]
     for i, s in enumerate(seconds):
         o = s.out
         phase = "spike" if before_s <= i < before_s + spike_s else "low"
         share = len(o.refused) + o.bare_503
-        rows.append(f"| {i} | {phase} | {s.replicas} | {s.offered} | {len(o.admitted)} "
+        rows.append(f"| {i} | {phase} | {s.replicas} | {s.ongoing:.2f} | {s.offered} | "
+                    f"{len(o.admitted)} "
                     f"({len(o.cheap)}) | {p99(o.admitted):.0f} | {p99(o.server):.0f} | "
                     f"{share / max(o.sent, 1):.0%} | {bench.pct(o.refused, 50):.0f} | "
                     f"{len(o.refused)}/{share} | {o.other} |")
@@ -206,6 +226,9 @@ def main() -> None:
     parser.add_argument("--spike-s", type=float, default=90.0)
     parser.add_argument("--after", type=float, default=120.0)
     parser.add_argument("--port", type=int, default=PORT, help="Serve's HTTP proxy port")
+    parser.add_argument("--target-ongoing", type=float, default=0.0,
+                        help="autoscaling's target_ongoing_requests for this run (default: "
+                        "serving.target_ongoing_requests)")
     parser.add_argument("--plot", type=Path, help="write the timeline here (PNG)")
     parser.add_argument("--table", action="store_true",
                         help="print the per-second timeline as a Markdown table")
@@ -225,8 +248,10 @@ def main() -> None:
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         settings, config_file, users = bench.setup(workdir, args.redis_url)
-        serving = settings.serving.model_copy(update={"max_replicas": args.max_replicas,
-                                                      "min_replicas": 1})
+        update: dict[str, Any] = {"max_replicas": args.max_replicas, "min_replicas": 1}
+        if args.target_ongoing:  # an experiment: Serve takes a float, the setting an int
+            update["target_ongoing_requests"] = args.target_ongoing
+        serving = settings.serving.model_copy(update=update)
         options = deployment_options(serving)
         serve.start(http_options={"host": "127.0.0.1", "port": args.port},
                     logging_config={"enable_access_log": False})
