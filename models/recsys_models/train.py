@@ -9,6 +9,8 @@ best epoch's weights are kept. Ranker epochs then train the ranker on every impr
 writes a checkpoint every epoch (models, optimizers, phase, best weights, per-epoch metrics) and
 a restarted worker group resumes from the last one (``FailureConfig``). Workers use DDP over
 gloo on CPU and NCCL when ``use_gpu`` (embeddings are then dense: NCCL has no sparse all-reduce).
+On CPU the sparse embedding gradients are averaged by :func:`sparse_safe_allreduce` (dense
+all-gathers), not by gloo's sparse all-reduce, which corrupted the heap of a worker.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import logging
 import os
 import random
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
@@ -31,6 +34,7 @@ from torch import Tensor, nn
 
 from recsys_core.atomic import atomic_write_text
 from recsys_models.data import Batch, EncoderSpec, encode_items, encode_rows
+from recsys_models.ddp_hooks import sparse_safe_allreduce
 from recsys_models.errors import EmptyTrainingSetError, TrainingFailedError
 from recsys_models.ranker import Ranker, RankerConfig, RankingTask
 from recsys_models.two_tower import (
@@ -272,7 +276,9 @@ def _run_epoch(loops: _Loops, progress: _Progress, two_tower: TwoTowerModel,
                ranking_batches: Callable[[], Iterable[dict[str, Tensor]]],
                on_step: Callable[[str, int, dict[str, Tensor]], None] | None = None,
                ) -> dict[str, float]:
-    """One epoch of whichever phase is current; returns its metrics record."""
+    """One epoch of whichever phase is current; returns its metrics record (with its wall
+    seconds, training and validation, as ``epoch_s``)."""
+    t0 = time.perf_counter()
     if not progress.retrieval_done(loops.cfg):
         metrics = loops.retrieval_epoch(retrieval_batches(), on_step)
         score = validation_recall(two_tower, validation) if validation is not None else None
@@ -293,6 +299,7 @@ def _run_epoch(loops: _Loops, progress: _Progress, two_tower: TwoTowerModel,
             ranker.load_state_dict(progress.ranker_best_state)
     metrics["lr_factor"] = lr_factor(loops.step, loops.total_steps, loops.cfg.warmup,
                                      loops.cfg.lr_floor)
+    metrics["epoch_s"] = time.perf_counter() - t0
     record = {"epoch": float(progress.epoch), **metrics}
     progress.epoch += 1
     return record
@@ -418,6 +425,9 @@ def train_func(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     wrapped_tt = ray.train.torch.prepare_model(two_tower)
     wrapped_rk = ray.train.torch.prepare_model(ranker)
+    for wrapped in (wrapped_tt, wrapped_rk):
+        if isinstance(wrapped, nn.parallel.DistributedDataParallel) and device.type == "cpu":
+            wrapped.register_comm_hook(None, sparse_safe_allreduce)
     catalog = _catalog_tensors(config.get("catalog"), spec, cfg)
     if catalog is not None:
         catalog = {k: v.to(device) for k, v in catalog.items()}
@@ -516,9 +526,7 @@ def fit(
     """Runs :func:`train_func` on ``num_workers`` Ray Train workers and loads the result.
 
     A worker that dies restarts the group from the last epoch's checkpoint, up to
-    ``max_failures`` times (3: on 2 CPU workers a training worker has been seen to abort in
-    SparseAdam's step with "malloc(): unaligned tcache chunk detected", once or twice in a
-    demo run; restored from the checkpoint, the run completes. Root cause still open).
+    ``max_failures`` times (Ray Train's fault tolerance; ``test_ray_train`` kills a worker).
 
     Raises:
         TrainingFailedError: Training ended without a checkpoint.
