@@ -81,6 +81,10 @@ class TrainConfig:
     train_ranker: bool = True
     max_steps_per_epoch: int | None = None  # cap (smoke runs and the DDP check)
     shuffle_buffer: int = 20_000  # Ray Data local shuffle buffer (rows)
+    # Datasets of at most this many rows per worker are read once into each worker's memory
+    # and reshuffled every epoch (a full permutation); larger ones stream from Ray Data every
+    # epoch through the local shuffle buffer.
+    in_memory_rows: int = 2_000_000
     threads_per_worker: int = 1
     trace_dir: str | None = None  # per-worker diagnostics: heartbeat, params, rows seen
 
@@ -305,12 +309,28 @@ def _run_epoch(loops: _Loops, progress: _Progress, two_tower: TwoTowerModel,
     return record
 
 
-def _numpy_batches(data: Batch, batch_size: int, seed: int) -> Iterator[dict[str, Tensor]]:
+def _numpy_batches(data: Batch, batch_size: int, seed: int, tensors: bool = True
+                   ) -> Iterator[dict[str, Any]]:
+    """Shuffled full batches of in-memory arrays (one short batch if there are fewer rows)."""
     n = len(data["item_hash"])
     order = np.random.default_rng(seed).permutation(n)
     for start in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
         idx = order[start:start + batch_size]
-        yield to_tensors({k: v[idx] for k, v in data.items()})
+        batch = {k: v[idx] for k, v in data.items()}
+        yield to_tensors(batch) if tensors else batch
+
+
+def _shard_arrays(shard: Any, world: int) -> Batch:
+    """A worker's whole dataset shard as numpy arrays. Every rank keeps the smallest rank's
+    row count, so all ranks take the same number of steps (DDP needs it)."""
+    parts = list(shard.iter_batches(batch_size=65_536, batch_format="numpy"))
+    size = torch.tensor([sum(len(p["item_hash"]) for p in parts)])
+    if world > 1:
+        torch.distributed.all_reduce(size, op=torch.distributed.ReduceOp.MIN)
+    n = int(size.item())
+    if not parts:
+        return {}
+    return {k: np.concatenate([p[k] for p in parts])[:n] for k in parts[0]}
 
 
 def fit_local(
@@ -441,8 +461,9 @@ def train_func(config: dict[str, Any]) -> None:
                           strict=True):
             opt.load_state_dict(s)
         loops.step = int(loops_state["step"])
-    retrieval_shard = ray.train.get_dataset_shard("retrieval")
-    ranking_shard = ray.train.get_dataset_shard("ranking")
+    shards = {name: ray.train.get_dataset_shard(name) for name in ("retrieval", "ranking")}
+    in_memory_names = set(config.get("in_memory", ()))  # shards small enough to hold
+    in_memory: dict[str, Batch] = {}  # read on first use (a resumed ranker phase: one)
 
     while not progress.done(cfg):
         epoch = progress.epoch
@@ -455,15 +476,20 @@ def train_func(config: dict[str, Any]) -> None:
             _trace(cfg, rank, {"pid": os.getpid(), "epoch": epoch, "task": task, "step": i,
                                "restores": restores})
 
-        def batches(shard: Any, epoch: int = epoch) -> Iterator[dict[str, Tensor]]:
-            return iter(shard.iter_torch_batches(
+        def batches(name: str, epoch: int = epoch) -> Iterator[dict[str, Tensor]]:
+            seed = cfg.seed + epoch + 1000 * rank
+            if name in in_memory_names and name not in in_memory:
+                in_memory[name] = _shard_arrays(shards[name], world)
+            data = in_memory.get(name)
+            if data:
+                return (to_tensors(b, device) for b in _numpy_batches(data, cfg.batch_size, seed,
+                                                                      tensors=False))
+            return iter(shards[name].iter_torch_batches(
                 batch_size=cfg.batch_size, drop_last=True, device=device,
-                local_shuffle_buffer_size=cfg.shuffle_buffer or None,
-                local_shuffle_seed=cfg.seed + epoch + 1000 * rank,
-            ))
+                local_shuffle_buffer_size=cfg.shuffle_buffer or None, local_shuffle_seed=seed))
 
         record = _run_epoch(loops, progress, two_tower, ranker, validation,
-                            partial(batches, retrieval_shard), partial(batches, ranking_shard),
+                            partial(batches, "retrieval"), partial(batches, "ranking"),
                             on_step)
         if world > 1:
             keys = [k for k in ("retrieval_loss", "ranker_loss") if k in record]
@@ -542,6 +568,8 @@ def fit(
         train_loop_config={
             "cfg": cfg, "spec": spec, "catalog": catalog, "validation": validation,
             "retrieval_steps": datasets["retrieval"].count() // (cfg.batch_size * num_workers),
+            "in_memory": [name for name, ds in datasets.items()
+                          if ds.count() <= cfg.in_memory_rows * num_workers],
         },
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": 1}),
