@@ -794,6 +794,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1,
                         help="with --cpu-only: measure the floor and the replica's CPU per "
                         "request this many times, alternating, and print the spread")
+    parser.add_argument("--cpu-seconds", type=float, default=6.0,
+                        help="with --cpu-only: each closed loop's length; 30 covers one period "
+                        "of the replica's pollers (bundle, experiments: every 30 s), so their "
+                        "CPU weighs as in steady state instead of 0 or 5x in a 6 s loop")
     parser.add_argument("--proxy", action="store_true",
                         help="no direct ingress: requests go through Serve's proxy "
                         "(`recsys serve up --no-direct-ingress`)")
@@ -856,7 +860,7 @@ def main() -> None:
         if args.profile_replica:
             asyncio.run(profile_replica(users, base, args.profile_replica))
         if args.cpu_only:  # at the replica's niceness from here on: nothing else after it
-            cpu_repeats(recommender, users, base, args.repeats)
+            cpu_repeats(recommender, users, base, args.repeats, args.cpu_seconds)
             serve.shutdown()
             ray.shutdown()
             return

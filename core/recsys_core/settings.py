@@ -285,6 +285,7 @@ class TrainingSettings(_Section):
     train_ranker: bool | None = None
     max_steps_per_epoch: int | None = Field(default=None, ge=1)
     threads_per_worker: int | None = Field(default=None, ge=1)
+    in_memory_rows: int | None = Field(default=None, ge=0)  # per worker; larger data streams
     # TwoTowerConfig: retrieval model
     dim: int | None = Field(default=None, ge=2)  # output embedding size
     id_dim: int | None = Field(default=None, ge=2)

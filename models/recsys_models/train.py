@@ -9,6 +9,8 @@ best epoch's weights are kept. Ranker epochs then train the ranker on every impr
 writes a checkpoint every epoch (models, optimizers, phase, best weights, per-epoch metrics) and
 a restarted worker group resumes from the last one (``FailureConfig``). Workers use DDP over
 gloo on CPU and NCCL when ``use_gpu`` (embeddings are then dense: NCCL has no sparse all-reduce).
+On CPU the sparse embedding gradients are averaged by :func:`sparse_safe_allreduce` (dense
+all-gathers), not by gloo's sparse all-reduce, which corrupted the heap of a worker.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import logging
 import os
 import random
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
@@ -31,6 +34,7 @@ from torch import Tensor, nn
 
 from recsys_core.atomic import atomic_write_text
 from recsys_models.data import Batch, EncoderSpec, encode_items, encode_rows
+from recsys_models.ddp_hooks import sparse_safe_allreduce
 from recsys_models.errors import EmptyTrainingSetError, TrainingFailedError
 from recsys_models.ranker import Ranker, RankerConfig, RankingTask
 from recsys_models.two_tower import (
@@ -77,6 +81,10 @@ class TrainConfig:
     train_ranker: bool = True
     max_steps_per_epoch: int | None = None  # cap (smoke runs and the DDP check)
     shuffle_buffer: int = 20_000  # Ray Data local shuffle buffer (rows)
+    # Datasets of at most this many rows per worker are read once into each worker's memory
+    # and reshuffled every epoch (a full permutation); larger ones stream from Ray Data every
+    # epoch through the local shuffle buffer.
+    in_memory_rows: int = 2_000_000
     threads_per_worker: int = 1
     trace_dir: str | None = None  # per-worker diagnostics: heartbeat, params, rows seen
 
@@ -272,7 +280,9 @@ def _run_epoch(loops: _Loops, progress: _Progress, two_tower: TwoTowerModel,
                ranking_batches: Callable[[], Iterable[dict[str, Tensor]]],
                on_step: Callable[[str, int, dict[str, Tensor]], None] | None = None,
                ) -> dict[str, float]:
-    """One epoch of whichever phase is current; returns its metrics record."""
+    """One epoch of whichever phase is current; returns its metrics record (with its wall
+    seconds, training and validation, as ``epoch_s``)."""
+    t0 = time.perf_counter()
     if not progress.retrieval_done(loops.cfg):
         metrics = loops.retrieval_epoch(retrieval_batches(), on_step)
         score = validation_recall(two_tower, validation) if validation is not None else None
@@ -293,17 +303,34 @@ def _run_epoch(loops: _Loops, progress: _Progress, two_tower: TwoTowerModel,
             ranker.load_state_dict(progress.ranker_best_state)
     metrics["lr_factor"] = lr_factor(loops.step, loops.total_steps, loops.cfg.warmup,
                                      loops.cfg.lr_floor)
+    metrics["epoch_s"] = time.perf_counter() - t0
     record = {"epoch": float(progress.epoch), **metrics}
     progress.epoch += 1
     return record
 
 
-def _numpy_batches(data: Batch, batch_size: int, seed: int) -> Iterator[dict[str, Tensor]]:
+def _numpy_batches(data: Batch, batch_size: int, seed: int, tensors: bool = True
+                   ) -> Iterator[dict[str, Any]]:
+    """Shuffled full batches of in-memory arrays (one short batch if there are fewer rows)."""
     n = len(data["item_hash"])
     order = np.random.default_rng(seed).permutation(n)
     for start in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
         idx = order[start:start + batch_size]
-        yield to_tensors({k: v[idx] for k, v in data.items()})
+        batch = {k: v[idx] for k, v in data.items()}
+        yield to_tensors(batch) if tensors else batch
+
+
+def _shard_arrays(shard: Any, world: int) -> Batch:
+    """A worker's whole dataset shard as numpy arrays. Every rank keeps the smallest rank's
+    row count, so all ranks take the same number of steps (DDP needs it)."""
+    parts = list(shard.iter_batches(batch_size=65_536, batch_format="numpy"))
+    size = torch.tensor([sum(len(p["item_hash"]) for p in parts)])
+    if world > 1:
+        torch.distributed.all_reduce(size, op=torch.distributed.ReduceOp.MIN)
+    n = int(size.item())
+    if not parts:
+        return {}
+    return {k: np.concatenate([p[k] for p in parts])[:n] for k in parts[0]}
 
 
 def fit_local(
@@ -418,6 +445,9 @@ def train_func(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     wrapped_tt = ray.train.torch.prepare_model(two_tower)
     wrapped_rk = ray.train.torch.prepare_model(ranker)
+    for wrapped in (wrapped_tt, wrapped_rk):
+        if isinstance(wrapped, nn.parallel.DistributedDataParallel) and device.type == "cpu":
+            wrapped.register_comm_hook(None, sparse_safe_allreduce)
     catalog = _catalog_tensors(config.get("catalog"), spec, cfg)
     if catalog is not None:
         catalog = {k: v.to(device) for k, v in catalog.items()}
@@ -431,8 +461,9 @@ def train_func(config: dict[str, Any]) -> None:
                           strict=True):
             opt.load_state_dict(s)
         loops.step = int(loops_state["step"])
-    retrieval_shard = ray.train.get_dataset_shard("retrieval")
-    ranking_shard = ray.train.get_dataset_shard("ranking")
+    shards = {name: ray.train.get_dataset_shard(name) for name in ("retrieval", "ranking")}
+    in_memory_names = set(config.get("in_memory", ()))  # shards small enough to hold
+    in_memory: dict[str, Batch] = {}  # read on first use (a resumed ranker phase: one)
 
     while not progress.done(cfg):
         epoch = progress.epoch
@@ -445,15 +476,20 @@ def train_func(config: dict[str, Any]) -> None:
             _trace(cfg, rank, {"pid": os.getpid(), "epoch": epoch, "task": task, "step": i,
                                "restores": restores})
 
-        def batches(shard: Any, epoch: int = epoch) -> Iterator[dict[str, Tensor]]:
-            return iter(shard.iter_torch_batches(
+        def batches(name: str, epoch: int = epoch) -> Iterator[dict[str, Tensor]]:
+            seed = cfg.seed + epoch + 1000 * rank
+            if name in in_memory_names and name not in in_memory:
+                in_memory[name] = _shard_arrays(shards[name], world)
+            data = in_memory.get(name)
+            if data:
+                return (to_tensors(b, device) for b in _numpy_batches(data, cfg.batch_size, seed,
+                                                                      tensors=False))
+            return iter(shards[name].iter_torch_batches(
                 batch_size=cfg.batch_size, drop_last=True, device=device,
-                local_shuffle_buffer_size=cfg.shuffle_buffer or None,
-                local_shuffle_seed=cfg.seed + epoch + 1000 * rank,
-            ))
+                local_shuffle_buffer_size=cfg.shuffle_buffer or None, local_shuffle_seed=seed))
 
         record = _run_epoch(loops, progress, two_tower, ranker, validation,
-                            partial(batches, retrieval_shard), partial(batches, ranking_shard),
+                            partial(batches, "retrieval"), partial(batches, "ranking"),
                             on_step)
         if world > 1:
             keys = [k for k in ("retrieval_loss", "ranker_loss") if k in record]
@@ -516,9 +552,7 @@ def fit(
     """Runs :func:`train_func` on ``num_workers`` Ray Train workers and loads the result.
 
     A worker that dies restarts the group from the last epoch's checkpoint, up to
-    ``max_failures`` times (3: on 2 CPU workers a training worker has been seen to abort in
-    SparseAdam's step with "malloc(): unaligned tcache chunk detected", once or twice in a
-    demo run; restored from the checkpoint, the run completes. Root cause still open).
+    ``max_failures`` times (Ray Train's fault tolerance; ``test_ray_train`` kills a worker).
 
     Raises:
         TrainingFailedError: Training ended without a checkpoint.
@@ -534,6 +568,8 @@ def fit(
         train_loop_config={
             "cfg": cfg, "spec": spec, "catalog": catalog, "validation": validation,
             "retrieval_steps": datasets["retrieval"].count() // (cfg.batch_size * num_workers),
+            "in_memory": [name for name, ds in datasets.items()
+                          if ds.count() <= cfg.in_memory_rows * num_workers],
         },
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": 1}),
