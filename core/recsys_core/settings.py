@@ -333,6 +333,10 @@ class EvaluationSettings(_Section):
     baselines: bool = True  # tuned EASE and ALS next to popularity (validation split of train)
     ease_max_items: int = Field(default=10_000, ge=1)  # EASE on the N most engaged items
     chunk_users: int = Field(default=256, ge=1)  # users at once (final list: x 500 candidates)
+    # Holdout users evaluated: all (None), or this many chosen by a hash of the user id (the
+    # same users for every model and run on one holdout), for holdouts too large to score
+    # whole in the time a run has (bench_scale at 1M items: ~64 ms per user, 15.9k users).
+    max_users: int | None = Field(default=None, ge=1)
 
 
 class Settings(BaseSettings):

@@ -271,7 +271,8 @@ class EvaluationReport:
 def evaluate_bundle(bundle: Any, train: pd.DataFrame, holdout: pd.DataFrame,
                     ks: Sequence[int] = KS, extra: dict[str, Recommender] | None = None,
                     history: list[dict[str, float]] | None = None,
-                    candidates: int = 500, chunk_users: int = CHUNK_USERS) -> EvaluationReport:
+                    candidates: int = 500, chunk_users: int = CHUNK_USERS,
+                    max_users: int | None = None) -> EvaluationReport:
     """Evaluates a :class:`~recsys_models.bundle.Bundle` and the baselines on the same holdout.
 
     Three kinds of list go through the same metric code: ``two_tower`` (retrieval order
@@ -287,9 +288,13 @@ def evaluate_bundle(bundle: Any, train: pd.DataFrame, holdout: pd.DataFrame,
     ``ranker/item_mean_watch_mae_ms``; also the ``ann/recall@100`` of the index against exact
     search for the holdout users. Users are evaluated ``chunk_users`` at a time and holdout
     rows ranked :data:`CHUNK_ROWS` at a time: memory does not grow with the holdout's users.
+    ``max_users`` (``settings.evaluation.max_users``) evaluates the rows of that many holdout
+    users only (:func:`sample_users`); ``holdout/all_users`` is then the whole holdout's count.
     """
     from recsys_models.ann import recall_vs_exact
 
+    all_users = holdout["user_id"].nunique()
+    holdout = sample_users(holdout, max_users)
     queries = holdout_queries(train, holdout)
     recommenders: dict[str, Recommender] = {
         "two_tower": bundle_recommender(bundle),
@@ -324,9 +329,26 @@ def evaluate_bundle(bundle: Any, train: pd.DataFrame, holdout: pd.DataFrame,
         metrics["ann/recall@100"] = recall_vs_exact(bundle.index, bundle.item_embeddings,
                                                     user_emb, 100)
     metrics["holdout/users"] = float(len(queries.users))
+    metrics["holdout/all_users"] = float(all_users)
     metrics["holdout/rows"] = float(len(holdout))
     return EvaluationReport(metrics, curves, calibration_curve(labels, np.clip(p, 0, 1)),
                             history or [])
+
+
+def sample_users(holdout: pd.DataFrame, max_users: int | None) -> pd.DataFrame:
+    """The holdout rows of at most ``max_users`` users (all rows when None or fewer users):
+    the users with the smallest hashes of their id, so every model and every run evaluated on
+    the same holdout sees the same users, whatever the row order."""
+    if max_users is None:
+        return holdout
+    users = pd.unique(holdout["user_id"].astype(str))
+    if len(users) <= max_users:
+        return holdout
+    hashes = pd.util.hash_array(users.astype(object))
+    keep = users[np.argsort(hashes, kind="stable")[:max_users]]
+    logger.info("evaluating %d of %d holdout users (evaluation.max_users)", max_users,
+                len(users))
+    return holdout[holdout["user_id"].astype(str).isin(set(keep))]
 
 
 def _folds(user_ids: np.ndarray) -> np.ndarray:

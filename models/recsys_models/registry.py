@@ -303,15 +303,16 @@ def promote(
         baselines = (tuned_baselines(train, protocol=settings.evaluation.holdout,
                                      ease_max_items=settings.evaluation.ease_max_items)
                      if settings.evaluation.baselines else Baselines())
-    chunk = settings.evaluation.chunk_users
+    chunk, users = settings.evaluation.chunk_users, settings.evaluation.max_users
     result.challenger_metrics = evaluate_bundle(load_alias(settings, CHALLENGER), train,
                                                 holdout, extra=baselines.recommenders,
-                                                chunk_users=chunk).metrics
+                                                chunk_users=chunk, max_users=users).metrics
     result.reasons = baseline_gate(result.challenger_metrics,
                                    settings.mlflow.popularity_margin)
     if champion is not None and champion != challenger:
         result.champion_metrics = evaluate_bundle(load_alias(settings, CHAMPION), train,
-                                                  holdout, chunk_users=chunk).metrics
+                                                  holdout, chunk_users=chunk,
+                                                  max_users=users).metrics
         result.reasons += gate(result.challenger_metrics, result.champion_metrics,
                                settings.mlflow.promotion_tolerance)
     result.promoted = force or not result.reasons

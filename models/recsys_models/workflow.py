@@ -282,7 +282,8 @@ def train_evaluate_register(
     t3 = datetime.now(UTC)
     report = evaluate_bundle(bundle, split.train_labels, split.holdout, history=trained.history,
                              extra=baselines.recommenders,
-                             chunk_users=settings.evaluation.chunk_users)
+                             chunk_users=settings.evaluation.chunk_users,
+                             max_users=settings.evaluation.max_users)
     t4 = datetime.now(UTC)
     registered = None
     if register:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -210,6 +211,22 @@ def test_ranker_training_reads_the_validation_auc_and_keeps_the_best_epoch() -> 
     assert 1 <= len(aucs) <= 3 and max(aucs) > 0.6
     kept = ranker_validation_auc(models.ranker, models.two_tower, validation)
     assert kept is not None and abs(kept - max(aucs)) < 1e-6
+
+
+def test_validation_recall_does_not_depend_on_the_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    from recsys_models import validation as v
+    from tests.model.snapshots import synthetic_case
+
+    case = synthetic_case()
+    fit_rows, val_rows, _ = time_split(case.train, 0.1)
+    val = v.build_validation(fit_rows, val_rows, case.items, case.spec,
+                             set(fit_rows["item_id"]))
+    assert val is not None and val.size > 3
+    model = TwoTowerModel(case.spec, TwoTowerConfig(dim=16, id_dim=16, hidden=32))
+    whole = v.validation_recall(model, val)  # every user in one chunk
+    n_items = len(val.items["item_hash"])
+    monkeypatch.setattr(v, "RECALL_CELLS", 3 * n_items)  # 3 users at a time
+    assert v.validation_recall(model, val) == whole
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor() -> None:

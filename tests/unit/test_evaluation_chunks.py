@@ -11,6 +11,7 @@ from recsys_models.evaluate import (
     evaluate_retrieval,
     holdout_split,
     popularity_recommender,
+    sample_users,
 )
 
 
@@ -81,3 +82,17 @@ def test_per_user_holdout_is_each_users_last_rows() -> None:
     assert after.index.tolist() == [4]
     before, after = holdout_split(frame, 0.25, "global")
     assert set(after["user_id"]) == {"b"}
+
+
+def test_max_users_keeps_whole_users_and_the_same_ones_in_any_row_order() -> None:
+    rng = np.random.default_rng(3)
+    holdout = pd.DataFrame({"user_id": [f"u{i}" for i in rng.integers(0, 50, 400)],
+                            "item_id": [f"i{i}" for i in rng.integers(0, 30, 400)]})
+    part = sample_users(holdout, 10)
+    assert part["user_id"].nunique() == 10
+    for user, rows in part.groupby("user_id"):  # every row of a kept user
+        assert len(rows) == (holdout["user_id"] == user).sum()
+    shuffled = sample_users(holdout.sample(frac=1.0, random_state=0), 10)
+    assert set(shuffled["user_id"]) == set(part["user_id"])
+    assert sample_users(holdout, None) is holdout
+    assert len(sample_users(holdout, 50)) == len(holdout)

@@ -126,7 +126,8 @@ def evaluate(
         baselines = baselines_for(s, split.train_labels)
         report = evaluate_bundle(bundle, split.train_labels, split.holdout,
                                  extra=baselines.recommenders,
-                                 chunk_users=s.evaluation.chunk_users)
+                                 chunk_users=s.evaluation.chunk_users,
+                                 max_users=s.evaluation.max_users)
     m = report.metrics
     _print_lists(f"{alias} (bundle {bundle.version}) on snapshot {split.snapshot_id}, "
                  f"{s.evaluation.holdout} holdout, {int(m['holdout/users']):,} users", m)
