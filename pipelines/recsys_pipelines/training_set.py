@@ -37,8 +37,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
-from feast import FeatureStore
+from feast import FeatureStore, FileSource
 
 from recsys_core import features as F
 from recsys_core.contracts import EVENT_SCHEMA, SERVED_SCHEMA
@@ -187,13 +188,71 @@ def feature_refs(store: FeatureStore, service: str = F.RANKING_V1) -> list[str]:
     return refs
 
 
+def view_folder(store: FeatureStore, view: str) -> Path:
+    """The offline table of ``view``: its ``FileSource`` path, relative to the Feast repo."""
+    source = store.get_feature_view(view).batch_source
+    if not isinstance(source, FileSource):
+        raise TypeError(f"view {view}: the native join reads a FileSource, not {source!r}")
+    path = Path(source.path)
+    return path if path.is_absolute() else Path(store.repo_path) / path
+
+
+def point_in_time_join(entity_df: pd.DataFrame, folder: Path, key: str, columns: list[str],
+                       ttl: timedelta | None) -> pd.DataFrame:
+    """Feast's point-in-time rule on one view's offline table, in time O(n log n) of the rows.
+
+    For each row of ``entity_df`` (``key``, ``event_timestamp``, ``_row``) takes the view's
+    newest row of the same entity with ``event_timestamp - ttl <= window_end <=
+    event_timestamp`` (a sorted as-of merge), as Feast's file offline store does (a ``ttl``
+    of None or zero: no lower bound); a row with none gets nulls. Only the entities and the
+    time range of ``entity_df`` are read.
+
+    Returns:
+        ``_row`` plus ``columns``, one row per row of ``entity_df``.
+    """
+    times = pd.to_datetime(entity_df["event_timestamp"], utc=True).astype("datetime64[ns, UTC]")
+    left = pd.DataFrame({key: entity_df[key].astype(str).to_numpy(), "_t": times.to_numpy(),
+                         "_row": entity_df["_row"].to_numpy()})
+    ttl = ttl or None  # Feast: a zero TTL means none
+    ts = pads.field(F.WINDOW_END)
+    table = None
+    if folder.is_dir() and len(left):
+        wanted = pa.array(pd.unique(left[key]), pa.string())
+        window = (ts <= pd.Timestamp(times.max())) & pads.field(key).isin(wanted)
+        if ttl is not None:
+            window = window & (ts >= pd.Timestamp(times.min() - ttl))
+        table = pads.dataset(str(folder), format="parquet").to_table(
+            columns=[key, F.WINDOW_END, *columns], filter=window)
+    if table is None or table.num_rows == 0:
+        empty = left[["_row"]].copy()
+        for column in columns:
+            empty[column] = np.nan
+        return empty
+    right = table.to_pandas()
+    right[key] = right[key].astype(str)
+    right["_t"] = pd.to_datetime(right.pop(F.WINDOW_END), utc=True).astype(
+        "datetime64[ns, UTC]")
+    # Feast keeps the last of rows with equal entity and timestamp; a stable sort does too.
+    right = right.sort_values("_t", kind="stable").drop_duplicates([key, "_t"], keep="last")
+    joined = pd.merge_asof(left.sort_values("_t", kind="stable"), right, on="_t", by=key,
+                           direction="backward", allow_exact_matches=True,
+                           tolerance=None if ttl is None else pd.Timedelta(ttl))
+    return joined[["_row", *columns]]
+
+
 def build_training_set(store: FeatureStore, impressions: pd.DataFrame,
-                       service: str = F.RANKING_V1) -> pd.DataFrame:
+                       service: str = F.RANKING_V1, engine: str = "native") -> pd.DataFrame:
     """Joins labelled impressions to their batch features as of each impression's time.
 
     Args:
         store: The platform's Feast store (definitions applied, offline tables written).
         impressions: Output of :func:`label_impressions`.
+        service: The ranking feature service whose batch views are joined.
+        engine: ``native`` (default): :func:`point_in_time_join` on each view's offline table,
+            with the views, features, sources and TTLs read from the Feast registry; it grows
+            with the rows as a sort does. ``feast``: Feast's ``get_historical_features`` (the
+            file offline store, dask), the same values, but superlinear in the rows (818 s at
+            1M items against 23 s at 10k); tests check the two are equal.
 
     Returns:
         The impressions, in their order, with one column per feature of
@@ -202,7 +261,10 @@ def build_training_set(store: FeatureStore, impressions: pd.DataFrame,
 
     Raises:
         TrainingSetError: ``impressions`` lacks a required column.
+        ValueError: ``engine`` is neither ``native`` nor ``feast``.
     """
+    if engine not in ("native", "feast"):
+        raise ValueError(f"training-set engine must be 'native' or 'feast', not {engine!r}")
     missing = [c for c in IMPRESSION_COLUMNS if c not in impressions.columns]
     if missing:
         raise TrainingSetError(missing)
@@ -219,8 +281,12 @@ def build_training_set(store: FeatureStore, impressions: pd.DataFrame,
     for view, refs in by_view.items():
         key = F.ENTITY_KEYS[F.VIEW_ENTITY[view]]
         query = entity_df[[key, "event_timestamp", "_row"]]
-        joined = store.get_historical_features(entity_df=query, features=refs).to_df()
         columns = [ref.split(":")[1] for ref in refs]
+        if engine == "feast":
+            joined = store.get_historical_features(entity_df=query, features=refs).to_df()
+        else:
+            joined = point_in_time_join(query, view_folder(store, view), key, columns,
+                                        store.get_feature_view(view).ttl)
         frame = frame.merge(joined[["_row", *columns]], on="_row", how="left")
     frame = frame.sort_values("_row").drop(columns="_row").reset_index(drop=True)
     frame = frame.rename(columns={"event_timestamp": "event_time"})
@@ -238,8 +304,6 @@ def read_served_features(landing_dir: Path) -> pd.DataFrame:
     """One row per logged request of ``landing/served``: ``request_id``, ``user_features``
     (JSON object) and ``user_history`` (JSON list); requests logged without them are left
     out."""
-    import pyarrow.dataset as pads
-
     files = sorted((landing_dir / "served").rglob("*.parquet"))
     columns = ["request_id", "user_features", F.USER_HISTORY]
     if not files:
