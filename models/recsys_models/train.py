@@ -70,6 +70,11 @@ class TrainConfig:
     # trained through (demo's world: 0.193, 0.207, 0.208, 0.207, 0.214, 0.208 from epoch 2).
     min_improvement: float = 0.01
     batch_size: int = 256  # per worker; 1024 gives demo-sized snapshots too few steps
+    # The ranker phase: rows per step per worker (None: batch_size) and a factor on both
+    # learning rates. Demo snapshot, 2 workers: 512 and 2 reach the validation AUC of 256 and 1
+    # (0.786 vs 0.785) in half the ranker steps (fit 64 s vs 82 s); 1024 and 4: AUC 0.777.
+    ranker_batch_size: int | None = 512
+    ranker_lr_scale: float = 2.0
     lr: float = 3e-3  # Adam, dense parameters (peak of the schedule)
     sparse_lr: float = 3e-2  # SparseAdam, embedding tables (peak of the schedule)
     warmup: float = 0.05  # share of the retrieval steps with a linear learning-rate warm-up
@@ -90,6 +95,11 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def batch_rows(self, task: str) -> int:
+        """Rows per step per worker of ``task`` (``retrieval`` or ``ranking``)."""
+        return (self.ranker_batch_size or self.batch_size) if task == "ranking" \
+            else self.batch_size
 
 
 @dataclass
@@ -115,17 +125,19 @@ def build_models(spec: EncoderSpec, cfg: TrainConfig) -> tuple[TwoTowerModel, Ra
     return TwoTowerModel(spec, cfg.two_tower), Ranker(spec, cfg.ranker)
 
 
-def make_optimizers(module: nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
-    """SparseAdam for sparse embedding tables, Adam for everything else."""
+def make_optimizers(module: nn.Module, cfg: TrainConfig, lr_scale: float = 1.0
+                    ) -> list[torch.optim.Optimizer]:
+    """SparseAdam for sparse embedding tables, Adam for everything else (learning rates
+    ``cfg.sparse_lr`` and ``cfg.lr``, times ``lr_scale``)."""
     sparse_ids: set[int] = set()
     for m in module.modules():
         if isinstance(m, nn.Embedding | nn.EmbeddingBag) and m.sparse:
             sparse_ids.add(id(m.weight))
     sparse = [p for p in module.parameters() if id(p) in sparse_ids]
     dense = [p for p in module.parameters() if id(p) not in sparse_ids]
-    opts: list[torch.optim.Optimizer] = [torch.optim.Adam(dense, lr=cfg.lr)]
+    opts: list[torch.optim.Optimizer] = [torch.optim.Adam(dense, lr=cfg.lr * lr_scale)]
     if sparse:
-        opts.append(torch.optim.SparseAdam(sparse, lr=cfg.sparse_lr))
+        opts.append(torch.optim.SparseAdam(sparse, lr=cfg.sparse_lr * lr_scale))
     return opts
 
 
@@ -292,6 +304,7 @@ def _run_epoch(loops: _Loops, progress: _Progress, two_tower: TwoTowerModel,
             metrics[f"val_recall@{validation.k}"] = score  # type: ignore[union-attr]
         if progress.retrieval_done(loops.cfg):
             progress.restore_best(two_tower)
+            progress.best_state = None  # it is the model's state now
     else:
         metrics = loops.ranker_epoch(ranking_batches(), on_step)
         auc = ranker_validation_auc(ranker, two_tower, validation)
@@ -309,15 +322,15 @@ def _run_epoch(loops: _Loops, progress: _Progress, two_tower: TwoTowerModel,
     return record
 
 
-def _numpy_batches(data: Batch, batch_size: int, seed: int, tensors: bool = True
-                   ) -> Iterator[dict[str, Any]]:
-    """Shuffled full batches of in-memory arrays (one short batch if there are fewer rows)."""
+def _numpy_batches(data: Batch, batch_size: int, seed: int,
+                   device: torch.device | None = None) -> Iterator[dict[str, Tensor]]:
+    """Shuffled full batches of in-memory arrays as tensors on ``device`` (one short batch if
+    there are fewer rows)."""
     n = len(data["item_hash"])
     order = np.random.default_rng(seed).permutation(n)
     for start in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
         idx = order[start:start + batch_size]
-        batch = {k: v[idx] for k, v in data.items()}
-        yield to_tensors(batch) if tensors else batch
+        yield to_tensors({k: v[idx] for k, v in data.items()}, device)
 
 
 def _shard_arrays(shard: Any, world: int) -> Batch:
@@ -363,7 +376,7 @@ def fit_local(
         seed = cfg.seed + progress.epoch
         record = _run_epoch(loops, progress, two_tower, ranker, validation,
                             partial(_numpy_batches, positives, cfg.batch_size, seed),
-                            partial(_numpy_batches, encoded, cfg.batch_size, seed))
+                            partial(_numpy_batches, encoded, cfg.batch_rows("ranking"), seed))
         history.append(record)
         logger.info("epoch %d: %s", int(record["epoch"]), record)
     return TrainedModels(two_tower.eval(), ranker.eval(), spec, cfg, history)
@@ -390,13 +403,40 @@ def _make_loops(two_tower: nn.Module, ranker: nn.Module, raw_two_tower: TwoTower
                                 full=full),
         ranker=RankingTask(ranker, raw_two_tower, cfg.ranker, catalog),
         retrieval_opts=make_optimizers(raw_two_tower, cfg),
-        ranker_opts=make_optimizers(ranker, cfg),
+        ranker_opts=make_optimizers(ranker, cfg, cfg.ranker_lr_scale),
         cfg=cfg,
         total_steps=total_steps,
     )
 
 
 # --------------------------------------------------------------------------- Ray Train worker
+
+
+def checkpoint_state(two_tower: nn.Module, ranker: nn.Module, loops: _Loops,
+                     progress: _Progress, history: list[dict[str, float]], restores: int
+                     ) -> dict[str, Any]:
+    """What a worker's checkpoint holds: both models, the optimizers, the phase bookkeeping.
+
+    Once the retrieval phase is over its optimizers are never stepped again, so the ranker
+    phase's checkpoints hold None in their place (about half the bytes: 162 MB -> 80 MB on the
+    demo snapshot), as :func:`restore_loops` expects.
+    """
+    done = progress.retrieval_done(loops.cfg)
+    return {"two_tower": two_tower.state_dict(), "ranker": ranker.state_dict(),
+            "optimizers": [None if done else o.state_dict() for o in loops.retrieval_opts]
+            + [o.state_dict() for o in loops.ranker_opts],
+            "progress": progress, "step": loops.step, "history": history,
+            "restores": restores}
+
+
+def restore_loops(loops: _Loops, state: dict[str, Any]) -> None:
+    """Puts a checkpoint's optimizer states and step count back (see
+    :func:`checkpoint_state`); the models' weights are loaded by the caller."""
+    for opt, saved in zip(loops.retrieval_opts + loops.ranker_opts, state["optimizers"],
+                          strict=True):
+        if saved is not None:  # None: a retrieval optimizer after the retrieval phase
+            opt.load_state_dict(saved)
+    loops.step = int(state["step"])
 
 
 def _trace(cfg: TrainConfig, rank: int, record: dict[str, Any]) -> None:
@@ -457,10 +497,7 @@ def train_func(config: dict[str, Any]) -> None:
     loops = _make_loops(wrapped_tt, wrapped_rk, two_tower, cfg, catalog,
                         total_steps=steps * cfg.epochs)
     if loops_state is not None:
-        for opt, s in zip(loops.retrieval_opts + loops.ranker_opts, loops_state["optimizers"],
-                          strict=True):
-            opt.load_state_dict(s)
-        loops.step = int(loops_state["step"])
+        restore_loops(loops, loops_state)
     shards = {name: ray.train.get_dataset_shard(name) for name in ("retrieval", "ranking")}
     in_memory_names = set(config.get("in_memory", ()))  # shards small enough to hold
     in_memory: dict[str, Batch] = {}  # read on first use (a resumed ranker phase: one)
@@ -481,11 +518,11 @@ def train_func(config: dict[str, Any]) -> None:
             if name in in_memory_names and name not in in_memory:
                 in_memory[name] = _shard_arrays(shards[name], world)
             data = in_memory.get(name)
+            rows = cfg.batch_rows(name)
             if data:
-                return (to_tensors(b, device) for b in _numpy_batches(data, cfg.batch_size, seed,
-                                                                      tensors=False))
+                return _numpy_batches(data, rows, seed, device)
             return iter(shards[name].iter_torch_batches(
-                batch_size=cfg.batch_size, drop_last=True, device=device,
+                batch_size=rows, drop_last=True, device=device,
                 local_shuffle_buffer_size=cfg.shuffle_buffer or None, local_shuffle_seed=seed))
 
         record = _run_epoch(loops, progress, two_tower, ranker, validation,
@@ -504,12 +541,8 @@ def train_func(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
-                torch.save({"two_tower": two_tower.state_dict(), "ranker": ranker.state_dict(),
-                            "optimizers": [o.state_dict() for o in
-                                           loops.retrieval_opts + loops.ranker_opts],
-                            "progress": progress, "step": loops.step,
-                            "history": history, "restores": restores},
-                           Path(tmp) / STATE_FILE)
+                torch.save(checkpoint_state(two_tower, ranker, loops, progress, history,
+                                            restores), Path(tmp) / STATE_FILE)
                 ckpt = Checkpoint.from_directory(tmp)
             # V2: Result.metrics is only filled from reports that carry a checkpoint.
             ray.train.report({**record, "restores": float(restores)}, checkpoint=ckpt)
@@ -563,13 +596,14 @@ def fit(
     if use_gpu:  # NCCL cannot all-reduce sparse gradients
         cfg = replace(cfg, two_tower=replace(cfg.two_tower, sparse=False),
                       ranker=replace(cfg.ranker, sparse=False))
+    rows = {name: ds.count() for name, ds in datasets.items()}
     trainer = TorchTrainer(
         train_func,
         train_loop_config={
             "cfg": cfg, "spec": spec, "catalog": catalog, "validation": validation,
-            "retrieval_steps": datasets["retrieval"].count() // (cfg.batch_size * num_workers),
-            "in_memory": [name for name, ds in datasets.items()
-                          if ds.count() <= cfg.in_memory_rows * num_workers],
+            "retrieval_steps": rows["retrieval"] // (cfg.batch_size * num_workers),
+            "in_memory": [name for name, n in rows.items()
+                          if n <= cfg.in_memory_rows * num_workers],
         },
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": 1}),
