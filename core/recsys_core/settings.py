@@ -276,8 +276,8 @@ class TrainingSettings(_Section):
     min_improvement: float | None = Field(default=None, ge=0)  # share that resets the patience
     ranker_patience: int | None = Field(default=None, ge=1)  # ranker epochs w/o a better AUC
     batch_size: int | None = Field(default=None, ge=2)  # rows per step per worker
-    ranker_batch_size: int | None = Field(default=None, ge=2)  # ranker phase; unset: batch_size
-    ranker_lr_scale: float | None = Field(default=None, gt=0)  # ranker's lr, sparse_lr times this
+    ranker_batch_size: int | None = Field(default=None, ge=2)  # ranker phase (TrainConfig: 512)
+    ranker_lr_scale: float | None = Field(default=None, gt=0)  # ranker's lr, sparse_lr x this (2)
     lr: float | None = Field(default=None, gt=0)  # peak learning rate, dense parameters
     sparse_lr: float | None = Field(default=None, gt=0)  # peak learning rate, embedding tables
     warmup: float | None = Field(default=None, ge=0, lt=1)  # share of steps warming up

@@ -211,33 +211,44 @@ def point_in_time_join(entity_df: pd.DataFrame, folder: Path, key: str, columns:
         ``_row`` plus ``columns``, one row per row of ``entity_df``.
     """
     times = pd.to_datetime(entity_df["event_timestamp"], utc=True).astype("datetime64[ns, UTC]")
-    left = pd.DataFrame({key: entity_df[key].astype(str).to_numpy(), "_t": times.to_numpy(),
+    left = pd.DataFrame({key: entity_df[key].astype(str).to_numpy(), "_t": times.array,
                          "_row": entity_df["_row"].to_numpy()})
     ttl = ttl or None  # Feast: a zero TTL means none
     ts = pads.field(F.WINDOW_END)
+    dataset = pads.dataset(str(folder), format="parquet") if folder.is_dir() else None
     table = None
-    if folder.is_dir() and len(left):
+    if dataset is not None and len(left):
         wanted = pa.array(pd.unique(left[key]), pa.string())
         window = (ts <= pd.Timestamp(times.max())) & pads.field(key).isin(wanted)
         if ttl is not None:
             window = window & (ts >= pd.Timestamp(times.min() - ttl))
-        table = pads.dataset(str(folder), format="parquet").to_table(
-            columns=[key, F.WINDOW_END, *columns], filter=window)
+        table = dataset.to_table(columns=[key, F.WINDOW_END, *columns], filter=window)
     if table is None or table.num_rows == 0:
         empty = left[["_row"]].copy()
-        for column in columns:
-            empty[column] = np.nan
+        names = dataset.schema.names if dataset is not None else []
+        for column in columns:  # nulls of the view's own type where its table says it
+            empty[column] = pa.nulls(len(empty), dataset.schema.field(column).type).to_pandas() \
+                if dataset is not None and column in names else np.nan
         return empty
-    right = table.to_pandas()
-    right[key] = right[key].astype(str)
-    right["_t"] = pd.to_datetime(right.pop(F.WINDOW_END), utc=True).astype(
-        "datetime64[ns, UTC]")
+    # The as-of pick runs on keys and times only; the features of the picked rows are then
+    # taken from the Arrow table, so unpicked rows (older days, lists) never become Python.
+    right = pd.DataFrame({key: table.column(key).to_pandas().astype(str),
+                          "_t": pd.to_datetime(table.column(F.WINDOW_END).to_pandas(), utc=True)
+                          .astype("datetime64[ns, UTC]"),
+                          "_at": np.arange(table.num_rows)})
     # Feast keeps the last of rows with equal entity and timestamp; a stable sort does too.
     right = right.sort_values("_t", kind="stable").drop_duplicates([key, "_t"], keep="last")
     joined = pd.merge_asof(left.sort_values("_t", kind="stable"), right, on="_t", by=key,
                            direction="backward", allow_exact_matches=True,
                            tolerance=None if ttl is None else pd.Timedelta(ttl))
-    return joined[["_row", *columns]]
+    matched = joined["_at"].notna().to_numpy()
+    at = np.where(matched, joined["_at"].fillna(0).to_numpy(), 0).astype(np.int64)
+    picked = table.select(columns).take(pa.array(at, mask=~matched)).to_pandas()
+    for column in picked.columns:  # unmatched list/str cells: NaN, as a pandas merge gives
+        if picked[column].dtype == object:
+            picked.loc[~matched, column] = np.nan
+    picked.insert(0, "_row", joined["_row"].to_numpy())
+    return picked
 
 
 def build_training_set(store: FeatureStore, impressions: pd.DataFrame,

@@ -136,3 +136,19 @@ def test_the_native_join_gives_what_feast_gives(
             assert [_plain(v) for v in left] == [_plain(v) for v in right], column
         else:
             pd.testing.assert_series_equal(left, right, check_dtype=False, obj=column)
+
+
+def test_impressions_at_the_same_time_all_get_their_features(
+    training: tuple[pd.DataFrame, pd.DataFrame], batch_env: BatchEnv
+) -> None:
+    # Two impressions of one user at one instant (a feed page): both rows get the user's
+    # features. Feast's file offline store keeps one entity row per (key, timestamp), so
+    # through `engine="feast"` the other would be left with nulls.
+    _, frame = training
+    seen = frame[frame[F.USER_BATCH.feature_names[0]].notna()].iloc[0]
+    rows = pd.DataFrame([seen[list(IMPRESSION_COLUMNS)]] * 2).reset_index(drop=True)
+    rows.loc[1, "item_id"] = frame["item_id"].iloc[-1]
+    both = build_training_set(feature_store.load_store(batch_env.settings), rows)
+    for column in F.USER_BATCH.feature_names:
+        assert both[column].iloc[0] == both[column].iloc[1] == seen[column], column
+    assert list(both[F.USER_HISTORY].iloc[1]) == list(seen[F.USER_HISTORY])
