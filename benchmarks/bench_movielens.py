@@ -56,7 +56,7 @@ from recsys_models.evaluate import (
     popularity_recommender,
 )
 from recsys_models.neighbours import NeighbourConfig, fit_neighbours
-from recsys_models.ranker import RankerConfig
+from recsys_models.ranker import Blend, RankerConfig
 from recsys_models.sequences import engaged_mask, pit_histories
 from recsys_models.train import TrainConfig, fit_local
 from recsys_models.two_tower import TwoTowerConfig
@@ -150,6 +150,12 @@ def two_tower_bundle(train: pd.DataFrame, items: pd.DataFrame, cfg: TrainConfig,
     return bundle, best
 
 
+def _blend_text(blend: Blend) -> str:
+    return (f"weights retrieval {blend.retrieval_weight:g}, neighbours "
+            f"{blend.neighbour_weight:g}, click head as "
+            f"{'log-odds' if blend.click_logit else 'probability'}")
+
+
 def _score(rec: Recommender, queries: HoldoutQueries) -> float:
     m, _ = evaluate_retrieval({"m": rec}, queries, (50,))
     return m["m/recall@50"]
@@ -183,13 +189,12 @@ def main() -> None:
                                                                    args.max_epochs),
                                         neighbours, val_rows)
         final_val = _score(final_recommender(bundle, 500), val_q)
-        tuned_tt.append((final_val, temperature, best, bundle.blend.retrieval_weight,
-                         bundle.blend.neighbour_weight))
+        tuned_tt.append((final_val, temperature, best, bundle.blend))
         print(f"  two-tower T={temperature}: validation recall@50 retrieval "
               f"{_score(bundle_recommender(bundle), val_q):.4f}, final list {final_val:.4f}, "
-              f"best epochs {best}, final-score weights: retrieval {tuned_tt[-1][3]:g}, "
-              f"neighbours {tuned_tt[-1][4]:g} ({time.perf_counter() - t0:.0f}s)")
-    _, temperature, epochs, weight, n_weight = max(tuned_tt)
+              f"best epochs {best}, final score: {_blend_text(bundle.blend)} "
+              f"({time.perf_counter() - t0:.0f}s)")
+    _, temperature, epochs, blend = max(tuned_tt, key=lambda t: t[:3])
     recs: dict[str, Recommender] = {}
     if has_implicit():
         als = tune("als", als_recommender, ALS_GRID, fit_rows, val_q)
@@ -200,12 +205,11 @@ def main() -> None:
     recs["popularity"] = popularity_recommender(train)
     cfg = dataclasses.replace(_config(temperature, epochs), patience=epochs + 1)
     bundle, _ = two_tower_bundle(train, ml.items, cfg, neighbours)
-    bundle.blend = dataclasses.replace(bundle.blend, retrieval_weight=weight,
-                                       neighbour_weight=n_weight)
+    bundle.blend = blend
     recs = {"final list": final_recommender(bundle, 500),
             "retrieval only": bundle_recommender(bundle), **recs}
     print(f"tuned on validation: two-tower temperature {temperature}, {epochs} epochs, "
-          f"final-score weights: retrieval {weight:g}, neighbours {n_weight:g}")
+          f"final score: {_blend_text(blend)}")
 
     queries = holdout_queries(train, warm(train, holdout))
     metrics, _ = evaluate_retrieval(recs, queries, KS)

@@ -68,12 +68,14 @@ class Blend:
     watch_scale_ms: float = 60_000.0
     retrieval_weight: float = 0.0
     neighbour_weight: float = 0.0
+    click_logit: bool = False  # the click term as log-odds (False: the probability)
 
     def score(self, p_click: np.ndarray, watch_ms: np.ndarray,
               retrieval: np.ndarray | None = None,
               neighbour: np.ndarray | None = None) -> np.ndarray:
         expected = p_click * watch_ms / self.watch_scale_ms
-        out = self.click_weight * p_click + self.watch_weight * expected
+        click = log_odds(p_click) if self.click_logit else p_click
+        out = self.click_weight * click + self.watch_weight * expected
         if self.retrieval_weight and retrieval is not None:
             out = out + self.retrieval_weight * retrieval
         if self.neighbour_weight and neighbour is not None:
@@ -156,6 +158,13 @@ class Ranker(nn.Module):
         item = self.item_side(b["item_hash"], b["category"], b["creator"], b["tags"],
                               b["item_dense"])
         return self.head(user, item, b["retrieval_score"])
+
+
+def log_odds(p: np.ndarray) -> np.ndarray:
+    """``log(p / (1 - p))`` as float32, ``p`` clipped to [1e-7, 1 - 1e-7] (float32 rounds a
+    sigmoid above ~16.6 to exactly 1)."""
+    q = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1.0 - 1e-7)
+    return np.log(q / (1.0 - q)).astype(np.float32)
 
 
 def click_and_watch(click_logit: Tensor, watch_log: Tensor) -> tuple[np.ndarray, np.ndarray]:

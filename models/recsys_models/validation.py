@@ -181,25 +181,28 @@ class BlendChoice:
 
     retrieval_weight: float
     neighbour_weight: float
-    # (retrieval weight, neighbour weight) -> mean of Recall@10 and Recall@50 on validation
-    scores: dict[tuple[float, float], float]
+    click_logit: bool
+    # (retrieval weight, neighbour weight, click logit) -> mean of Recall@10 and Recall@50
+    scores: dict[tuple[float, float, bool], float]
     users: int
 
 
 def tune_blend(bundle: Any, fit_rows: pd.DataFrame, val_rows: pd.DataFrame,
                candidates: int = 500, grid: tuple[float, ...] = BLEND_GRID,
                neighbour_grid: tuple[float, ...] = NEIGHBOUR_GRID,
+               click_scales: tuple[bool, ...] = (False, True),
                max_users: int = 1000, seed: int = 7) -> BlendChoice | None:
-    """Chooses ``bundle.blend``'s retrieval and neighbour weights on a validation split
-    (never the holdout).
+    """Chooses ``bundle.blend``'s retrieval and neighbour weights and the click head's scale
+    on a validation split (never the holdout).
 
     The final list (retrieval of ``candidates`` items, ranked by the blend) is scored on the
     validation users (queried as the holdout is: at their first validation row, items engaged
-    before excluded) for each pair of ``grid`` x ``neighbour_grid`` (only 0 when the bundle
-    has no neighbour table); the best mean of Recall@10 and Recall@50 wins and is set on the
-    bundle. The pair (largest retrieval weight, 0) is retrieval order, so on validation the
-    final list is never worse than retrieval alone. Ties go to the larger retrieval weight,
-    then the smaller neighbour weight.
+    before excluded) for each of ``grid`` x ``neighbour_grid`` x ``click_scales`` (the click
+    head as a probability, False, or as log-odds, True; the neighbour grid is only 0 when the
+    bundle has no neighbour table); the best mean of Recall@10 and Recall@50 wins and is set
+    on the bundle. The pair (largest retrieval weight, 0) is retrieval order, so on validation
+    the final list is never worse than retrieval alone. Ties go to the larger retrieval
+    weight, then the smaller neighbour weight, then the probability.
 
     Args:
         bundle: A :class:`~recsys_models.bundle.Bundle` trained on ``fit_rows`` only (its
@@ -233,21 +236,24 @@ def tune_blend(bundle: Any, fit_rows: pd.DataFrame, val_rows: pd.DataFrame,
     neighbour = ranked["neighbour_score"].to_numpy()
     if getattr(bundle, "neighbours", None) is None:
         neighbour_grid = (0.0,)
+    # Per row: is it relevant, and the share of its query's relevant items it is worth.
+    hit = np.fromiter((x in relevant[q] for x, q in zip(items, query, strict=True)),
+                      dtype=bool, count=len(items))
+    worth = hit / np.array([len(r) for r in relevant], dtype=np.float64)[query]
     start = np.searchsorted(query, np.arange(len(users)))  # rank_candidates: query-ordered
-    scores: dict[tuple[float, float], float] = {}
+    scores: dict[tuple[float, float, bool], float] = {}
     for weight in grid:
         for n_weight in neighbour_grid:
-            blend = replace(bundle.blend, retrieval_weight=weight, neighbour_weight=n_weight)
-            order = np.lexsort((-blend.score(p, watch, retrieval, neighbour), query))
-            ids = items[order]
-            end = np.searchsorted(query, np.arange(len(users)), side="right")
-            value = 0.0
-            for i, rel in enumerate(relevant):
-                top = ids[start[i]:end[i]]
-                value += (sum(x in rel for x in top[:10]) + sum(x in rel for x in top[:50])) / (
-                    2 * len(rel))
-            scores[(weight, n_weight)] = value / len(relevant)
-    pairs = sorted(scores, key=lambda wn: (-wn[0], wn[1]))
-    best = max(pairs, key=lambda wn: scores[wn])
-    bundle.blend = replace(bundle.blend, retrieval_weight=best[0], neighbour_weight=best[1])
-    return BlendChoice(best[0], best[1], scores, len(users))
+            for logit in click_scales:
+                blend = replace(bundle.blend, retrieval_weight=weight, neighbour_weight=n_weight,
+                                click_logit=logit)
+                order = np.lexsort((-blend.score(p, watch, retrieval, neighbour), query))
+                position = np.arange(len(order)) - start[query[order]]
+                got = worth[order]
+                value = got[position < 10].sum() + got[position < 50].sum()
+                scores[(weight, n_weight, logit)] = float(value / (2 * len(relevant)))
+    keys = sorted(scores, key=lambda c: (-c[0], c[1], c[2]))
+    best = max(keys, key=lambda c: scores[c])
+    bundle.blend = replace(bundle.blend, retrieval_weight=best[0], neighbour_weight=best[1],
+                           click_logit=best[2])
+    return BlendChoice(best[0], best[1], best[2], scores, len(users))

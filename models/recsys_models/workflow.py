@@ -275,8 +275,9 @@ def train_evaluate_register(
     bundle.neighbours = fit_neighbours(fit_rows, spec)
     blend = tune_blend(bundle, fit_rows, val_rows)
     if blend is not None:
-        logger.info("blend tuned on validation: retrieval weight %g, neighbour weight %g",
-                    blend.retrieval_weight, blend.neighbour_weight)
+        logger.info("blend tuned on validation: retrieval weight %g, neighbour weight %g, "
+                    "click head as %s", blend.retrieval_weight, blend.neighbour_weight,
+                    "log-odds" if blend.click_logit else "probability")
     bundle.neighbours = fit_neighbours(train_rows, spec)
     baselines = baselines_for(settings, split.train_labels)
     t3 = datetime.now(UTC)

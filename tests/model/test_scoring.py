@@ -144,20 +144,22 @@ def test_tune_blend_picks_the_best_validation_weight_and_never_below_retrieval_o
     assert choice is not None and choice.users == 60
     assert bundle.blend.retrieval_weight == choice.retrieval_weight
     assert bundle.blend.neighbour_weight == choice.neighbour_weight
-    best = choice.scores[(choice.retrieval_weight, choice.neighbour_weight)]
+    assert bundle.blend.click_logit == choice.click_logit
+    best = choice.scores[(choice.retrieval_weight, choice.neighbour_weight, choice.click_logit)]
     assert best == max(choice.scores.values())
-    assert best >= choice.scores[(1e6, 0.0)]  # retrieval order
-    assert {n for _, n in choice.scores} == {0.0}  # no neighbour table: its weight stays 0
+    assert best >= choice.scores[(1e6, 0.0, False)]  # retrieval order
+    assert {n for _, n, _ in choice.scores} == {0.0}  # no neighbour table: its weight stays 0
+    assert {c for _, _, c in choice.scores} == {False, True}
 
     from recsys_models.neighbours import fit_neighbours
 
     bundle.neighbours = fit_neighbours(fit_rows, bundle.spec)
     choice = tune_blend(bundle, fit_rows, val_rows, candidates=100, grid=(0.0, 1e6),
                         neighbour_grid=(0.0, 1.0, 1e7), max_users=60)
-    assert choice is not None and len(choice.scores) == 6
+    assert choice is not None and len(choice.scores) == 12
     assert bundle.blend.neighbour_weight == choice.neighbour_weight
-    assert choice.scores[(choice.retrieval_weight, choice.neighbour_weight)] >= choice.scores[
-        (1e6, 0.0)]
+    assert choice.scores[(choice.retrieval_weight, choice.neighbour_weight,
+                          choice.click_logit)] >= choice.scores[(1e6, 0.0, False)]
 
 
 def test_per_query_item_features_and_appended_items_rank_like_bundle_rank() -> None:
