@@ -12,9 +12,10 @@ training side by the same protocol (its last 10%), never on the holdout:
   all training rows for the best epoch count; the ranker trains after it (1 epoch, with
   never-shown negatives drawn from retrieval);
 - EASE: lambda grid; ALS: factors x regularization x alpha grid;
-- the final score's weights (retrieval score, item-item neighbour score): on the validation
-  split (the bundle's neighbour table is EASE with the tuned lambda, truncated to 50
-  neighbours per item, read from the user's serving history).
+- the final score's weights (retrieval score, item-item neighbour score) and the click head's
+  scale (probability or log-odds): on the validation split (the bundle's neighbour table is
+  EASE with the tuned lambda mixed with the transition model, ``NeighbourConfig`` defaults,
+  read from the user's serving history).
 
 The lists: ``final list`` (retrieval of 500 candidates, then the ranker and the blend:
 ``Bundle.recommend``, what ``recsys recommend`` returns), ``retrieval only`` (the two-tower's
