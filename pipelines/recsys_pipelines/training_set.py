@@ -238,7 +238,9 @@ def point_in_time_join(entity_df: pd.DataFrame, folder: Path, key: str, columns:
                           "_at": np.arange(table.num_rows)})
     # Feast keeps the last of rows with equal entity and timestamp; a stable sort does too.
     right = right.sort_values("_t", kind="stable").drop_duplicates([key, "_t"], keep="last")
-    joined = pd.merge_asof(left.sort_values("_t", kind="stable"), right, on="_t", by=key,
+    if not left["_t"].is_monotonic_increasing:  # build_training_set sorts once for all views
+        left = left.sort_values("_t", kind="stable")
+    joined = pd.merge_asof(left, right, on="_t", by=key,
                            direction="backward", allow_exact_matches=True,
                            tolerance=None if ttl is None else pd.Timedelta(ttl))
     matched = joined["_at"].notna().to_numpy()
@@ -283,6 +285,9 @@ def build_training_set(store: FeatureStore, impressions: pd.DataFrame,
     entity_df["event_timestamp"] = pd.to_datetime(entity_df["event_timestamp"], utc=True)
     entity_df["_row"] = np.arange(len(entity_df))
     frame = entity_df
+    # Sorted by time once: every view's as-of merge needs that order (the result is put back
+    # in the impressions' order by ``_row``).
+    entity_df = entity_df.sort_values("event_timestamp", kind="stable")
     by_view: dict[str, list[str]] = {}
     for ref in feature_refs(store, service):
         by_view.setdefault(ref.split(":")[0], []).append(ref)

@@ -16,6 +16,7 @@ from recsys_pipelines.training_set import (
     LABEL_WINDOW,
     build_training_set,
     label_impressions,
+    view_folder,
     write_training_snapshot,
 )
 from tests.fixtures.feast_store import BatchEnv
@@ -135,7 +136,20 @@ def test_the_native_join_gives_what_feast_gives(
         if left.dtype == object:
             assert [_plain(v) for v in left] == [_plain(v) for v in right], column
         else:
-            pd.testing.assert_series_equal(left, right, check_dtype=False, obj=column)
+            pd.testing.assert_series_equal(left, right, obj=column)
+
+
+def test_the_native_join_reads_the_folders_the_feature_tables_are_written_to(
+    batch_env: BatchEnv,
+) -> None:
+    # The native join finds a view's offline table through the Feast registry (its
+    # FileSource); the batch job writes it under feature_store.offline_dir. One folder.
+    store = feature_store.load_store(batch_env.settings)
+    views = [v.name for v in store.list_feature_views()]
+    assert F.USER_BATCH.name in views
+    for view in views:
+        assert view_folder(store, view).resolve() == (
+            feature_store.offline_dir(batch_env.settings) / view).resolve(), view
 
 
 def test_impressions_at_the_same_time_all_get_their_features(
