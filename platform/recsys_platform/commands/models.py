@@ -171,7 +171,9 @@ def recommend(
     seen: dict[str, set[str]] | None = None
     if history_from == "snapshot":
         from recsys_models.workflow import snapshot_histories
+        from recsys_platform.runtime import ensure_ray
 
+        ensure_ray(s)  # the snapshot is read through Ray Data: its cluster, started quietly
         histories, engaged = snapshot_histories(s, frame["user_id"].tolist(), snapshot)
         frame[F.USER_HISTORY] = [histories[u] for u in frame["user_id"]]
         seen = engaged if exclude_seen else None
