@@ -57,7 +57,7 @@ from recsys_models.evaluate import (
     popularity_recommender,
 )
 from recsys_models.neighbours import NeighbourConfig, fit_neighbours
-from recsys_models.ranker import Blend, RankerConfig
+from recsys_models.ranker import RankerConfig
 from recsys_models.sequences import engaged_mask, pit_histories
 from recsys_models.train import TrainConfig, fit_local
 from recsys_models.two_tower import TwoTowerConfig
@@ -151,12 +151,6 @@ def two_tower_bundle(train: pd.DataFrame, items: pd.DataFrame, cfg: TrainConfig,
     return bundle, best
 
 
-def _blend_text(blend: Blend) -> str:
-    return (f"weights retrieval {blend.retrieval_weight:g}, neighbours "
-            f"{blend.neighbour_weight:g}, click head as "
-            f"{'log-odds' if blend.click_logit else 'probability'}")
-
-
 def _score(rec: Recommender, queries: HoldoutQueries) -> float:
     m, _ = evaluate_retrieval({"m": rec}, queries, (50,))
     return m["m/recall@50"]
@@ -193,7 +187,7 @@ def main() -> None:
         tuned_tt.append((final_val, temperature, best, bundle.blend))
         print(f"  two-tower T={temperature}: validation recall@50 retrieval "
               f"{_score(bundle_recommender(bundle), val_q):.4f}, final list {final_val:.4f}, "
-              f"best epochs {best}, final score: {_blend_text(bundle.blend)} "
+              f"best epochs {best}, final score: {bundle.blend.describe()} "
               f"({time.perf_counter() - t0:.0f}s)")
     _, temperature, epochs, blend = max(tuned_tt, key=lambda t: t[:3])
     recs: dict[str, Recommender] = {}
@@ -210,7 +204,7 @@ def main() -> None:
     recs = {"final list": final_recommender(bundle, 500),
             "retrieval only": bundle_recommender(bundle), **recs}
     print(f"tuned on validation: two-tower temperature {temperature}, {epochs} epochs, "
-          f"final score: {_blend_text(blend)}")
+          f"final score: {blend.describe()}")
 
     queries = holdout_queries(train, warm(train, holdout))
     metrics, _ = evaluate_retrieval(recs, queries, KS)

@@ -88,6 +88,13 @@ class Blend:
             out = out + self.neighbour_weight * neighbour
         return np.asarray(out, dtype=np.float32)
 
+    def describe(self) -> str:
+        """The tuned part in words, e.g. ``retrieval weight 3, neighbour weight 10, click
+        head as log-odds``."""
+        scale = "log-odds" if self.click_logit else "probability"
+        return (f"retrieval weight {self.retrieval_weight:g}, neighbour weight "
+                f"{self.neighbour_weight:g}, click head as {scale}")
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -10,6 +10,7 @@ the same stop decision without communicating.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -242,16 +243,14 @@ def tune_blend(bundle: Any, fit_rows: pd.DataFrame, val_rows: pd.DataFrame,
     worth = hit / np.array([len(r) for r in relevant], dtype=np.float64)[query]
     start = np.searchsorted(query, np.arange(len(users)))  # rank_candidates: query-ordered
     scores: dict[tuple[float, float, bool], float] = {}
-    for weight in grid:
-        for n_weight in neighbour_grid:
-            for logit in click_scales:
-                blend = replace(bundle.blend, retrieval_weight=weight, neighbour_weight=n_weight,
-                                click_logit=logit)
-                order = np.lexsort((-blend.score(p, watch, retrieval, neighbour), query))
-                position = np.arange(len(order)) - start[query[order]]
-                got = worth[order]
-                value = got[position < 10].sum() + got[position < 50].sum()
-                scores[(weight, n_weight, logit)] = float(value / (2 * len(relevant)))
+    for weight, n_weight, logit in itertools.product(grid, neighbour_grid, click_scales):
+        blend = replace(bundle.blend, retrieval_weight=weight, neighbour_weight=n_weight,
+                        click_logit=logit)
+        order = np.lexsort((-blend.score(p, watch, retrieval, neighbour), query))
+        position = np.arange(len(order)) - start[query[order]]
+        got = worth[order]
+        value = got[position < 10].sum() + got[position < 50].sum()
+        scores[(weight, n_weight, logit)] = float(value / (2 * len(relevant)))
     keys = sorted(scores, key=lambda c: (-c[0], c[1], c[2]))
     best = max(keys, key=lambda c: scores[c])
     bundle.blend = replace(bundle.blend, retrieval_weight=best[0], neighbour_weight=best[1],

@@ -275,9 +275,7 @@ def train_evaluate_register(
     bundle.neighbours = fit_neighbours(fit_rows, spec)
     blend = tune_blend(bundle, fit_rows, val_rows)
     if blend is not None:
-        logger.info("blend tuned on validation: retrieval weight %g, neighbour weight %g, "
-                    "click head as %s", blend.retrieval_weight, blend.neighbour_weight,
-                    "log-odds" if blend.click_logit else "probability")
+        logger.info("blend tuned on validation: %s", bundle.blend.describe())
     bundle.neighbours = fit_neighbours(train_rows, spec)
     baselines = baselines_for(settings, split.train_labels)
     t3 = datetime.now(UTC)
@@ -321,7 +319,11 @@ def snapshot_histories(settings: Settings, users: list[str], snapshot_id: str | 
                        ) -> tuple[dict[str, list[str]], dict[str, set[str]]]:
     """Each user's latest ``length`` distinct engaged items in a training snapshot, newest
     first, and every item they engaged with there (batch scoring where there is no online
-    store, e.g. an imported MovieLens)."""
+    store, e.g. an imported MovieLens). The caller starts Ray, as for training."""
+    import ray
+
+    if not ray.is_initialized():  # Ray Data would start a cluster of its own, noisily
+        raise RayNotStartedError("snapshot_histories")
     ds = read_snapshot(snapshot_dir(settings.data_dir, snapshot_id))
     rows = _arrow_to_pandas(ds.select_columns(EVAL_COLUMNS))
     rows = rows[rows["user_id"].astype(str).isin(set(users))]
